@@ -1,0 +1,1 @@
+"""The domain layer shared by the control panel, the SMTP proxy and the worker."""

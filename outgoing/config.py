@@ -1,0 +1,181 @@
+"""One configuration loader shared by the web app, the SMTP proxy and the worker.
+
+Values come from built-in defaults, then ``instance/config.py``, then environment variables
+(12-factor: the environment always wins). A typo in ``instance/config.py`` or a malformed URL
+stops start-up with one line naming the setting, instead of a traceback minutes later.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from pathlib import Path
+from urllib.parse import urlsplit
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names it."""
+
+
+def _defaults(instance: Path) -> dict:
+    return {
+        "DATABASE_URL": f"sqlite:///{instance / 'outbound-guard.db'}",
+        # The run command starts an embedded Redis on this socket when REDIS_URL is unset.
+        "REDIS_URL": f"unix://{instance / 'redis.sock'}",
+        "SECRET_KEY": None,
+        "SMTP_LISTEN": "127.0.0.1:10025",
+        "SMTP_HOSTNAME": socket.gethostname() or "outbound-guard",
+        # A trusted listener offers AUTH without STARTTLS; only for local testing.
+        "SMTP_TRUSTED": False,
+        "SMTP_WORKERS": 0,
+        "UPSTREAM_SMTP": "127.0.0.1:10026",
+        "UPSTREAM_TIMEOUT": 30.0,
+        "PUBLIC_URL": "http://127.0.0.1:5000",
+        "PORT": 5000,
+        "NOTIFY_FROM": "outbound-guard@localhost",
+        "MAX_MESSAGE_SIZE": 25 * 1024 * 1024,
+        "BARE_LINE_ENDINGS": "normalise",
+        "REDIS_FAIL_OPEN": False,
+        "SPAM_LOCK_THRESHOLD": 5,
+        "SPAM_WINDOW_SECONDS": 600,
+        "CONFIG_REFRESH_SECONDS": 1.0,
+        "RQ_QUEUE": "outgoing",
+        "STORAGE_DIR": str(instance / "storage"),
+        "TLS_CERT": str(instance / "tls" / "cert.pem"),
+        "TLS_KEY": str(instance / "tls" / "key.pem"),
+        "RSPAMD_URL": "",
+        "UNLOCK_LINK_MAX_AGE": 86400,
+        "QUARANTINE_RETENTION_DAYS": 14,
+    }
+
+
+def known_settings() -> set[str]:
+    return set(_defaults(Path(".")))
+
+
+def instance_path(environ=None) -> Path:
+    """Where config, the SQLite file, Redis data and keys live (``INSTANCE_PATH`` overrides)."""
+    environ = os.environ if environ is None else environ
+    return Path(environ.get("INSTANCE_PATH") or PROJECT_ROOT / "instance").resolve()
+
+
+def _coerce(name: str, raw: str, default):
+    if isinstance(default, bool):
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{name}: expected true or false, got {raw!r}")
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+    if isinstance(default, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+    return raw
+
+
+def _read_instance_file(path: Path, known: set[str]) -> dict:
+    if not path.exists():
+        return {}
+    scope: dict = {}
+    try:
+        exec(compile(path.read_text(), str(path), "exec"), scope)  # noqa: S102 - operator's file
+    except Exception as exc:  # a broken config file must name itself
+        raise ConfigError(f"{path}: {type(exc).__name__}: {exc}") from None
+    values = {k: v for k, v in scope.items() if k.isupper()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting {unknown[0]}")
+    return values
+
+
+def _secret_key(instance: Path) -> str:
+    """A generated key persisted in instance/, so sessions survive restarts."""
+    path = instance / "secret_key"
+    if path.exists():
+        return path.read_text().strip()
+    key = secrets.token_urlsafe(48)
+    instance.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key)
+    return key
+
+
+def normalise_database_url(url: str) -> str:
+    """Validate DATABASE_URL; accept Heroku's ``postgres://`` spelling."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://"):]
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"DATABASE_URL: not a database URL: {url!r}") from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ConfigError(
+            f"DATABASE_URL: unsupported database {parsed.get_backend_name()!r} "
+            "(use sqlite:/// or postgresql://)"
+        )
+    return url
+
+
+def validate_redis_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"REDIS_URL: expected redis://, rediss:// or unix://, got {url!r}")
+    if parts.scheme == "unix" and not parts.path:
+        raise ConfigError(f"REDIS_URL: a unix:// URL needs a socket path, got {url!r}")
+    if parts.scheme != "unix":
+        if not parts.hostname:
+            raise ConfigError(f"REDIS_URL: no host in {url!r}")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise ConfigError(f"REDIS_URL: bad port in {url!r}") from None
+    return url
+
+
+def parse_hostport(name: str, value: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port), with an error naming the setting."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise ConfigError(f"{name}: expected host:port, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def load_config(overrides: dict | None = None, environ=None) -> dict:
+    """Defaults < instance/config.py < environment < ``overrides`` (tests)."""
+    environ = os.environ if environ is None else environ
+    instance = instance_path(environ)
+    config = _defaults(instance)
+    known = set(config)
+    config.update(_read_instance_file(instance / "config.py", known))
+    for name, default in list(config.items()):
+        if name in environ:
+            config[name] = _coerce(name, environ[name], default if default is not None else "")
+    if overrides:
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"unknown setting {unknown[0]}")
+        config.update(overrides)
+    config["DATABASE_URL"] = normalise_database_url(config["DATABASE_URL"])
+    config["REDIS_URL"] = validate_redis_url(config["REDIS_URL"])
+    parse_hostport("SMTP_LISTEN", config["SMTP_LISTEN"])
+    parse_hostport("UPSTREAM_SMTP", config["UPSTREAM_SMTP"])
+    if config["BARE_LINE_ENDINGS"] not in ("normalise", "reject"):
+        raise ConfigError("BARE_LINE_ENDINGS: expected 'normalise' or 'reject'")
+    if not config["SECRET_KEY"]:
+        config["SECRET_KEY"] = _secret_key(instance)
+    config["INSTANCE_PATH"] = str(instance)
+    return config

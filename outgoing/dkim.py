@@ -1,0 +1,174 @@
+"""DKIM keys, DNS records and signing for outgoing mail.
+
+Keys are generated with ``cryptography`` and stored as unencrypted PKCS#8 PEM; signing goes
+through dkimpy so the signature is produced by the same library that verifies it in tests.
+Ed25519 signing (RFC 8463) needs PyNaCl, which dkimpy pulls in with its ``ed25519`` extra.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass
+
+import dkim as dkimpy
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+ALGORITHMS = ("rsa", "ed25519")
+RSA_KEY_BITS = 2048
+
+# Headers signed when present, in the message's own order.
+SIGNED_HEADERS = (
+    "from", "sender", "reply-to", "subject", "date", "message-id", "to", "cc",
+    "mime-version", "content-type", "content-transfer-encoding", "content-id",
+    "content-description", "in-reply-to", "references", "list-id", "list-help",
+    "list-unsubscribe", "list-unsubscribe-post", "list-subscribe", "list-post",
+    "list-owner", "list-archive", "resent-date", "resent-from", "resent-sender",
+    "resent-to", "resent-cc", "resent-message-id",
+)
+# Signed once more than they occur, so a relay adding another copy (a second From or
+# Subject shown to the reader instead of ours) breaks the signature.
+OVERSIGNED_HEADERS = ("from", "reply-to", "subject", "date", "to", "cc")
+
+_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$", re.IGNORECASE)
+_HEADER_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+
+
+class DkimError(Exception):
+    """The message could not be signed (bad key, malformed message, missing PyNaCl)."""
+
+
+@dataclass(frozen=True)
+class DkimKeyPair:
+    """A generated key: PEM for our storage, base64 public key for the DNS record."""
+
+    private_pem: str
+    public_b64: str
+    algorithm: str
+
+
+def generate_key(algorithm: str = "rsa") -> DkimKeyPair:
+    """Make a new signing key: RSA 2048 (widely supported) or Ed25519 (short, RFC 8463)."""
+    if algorithm == "rsa":
+        private = rsa.generate_private_key(public_exponent=65537, key_size=RSA_KEY_BITS)
+        # DKIM's p= for RSA is the DER SubjectPublicKeyInfo (RFC 6376 3.6.1).
+        public = private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    elif algorithm == "ed25519":
+        private = ed25519.Ed25519PrivateKey.generate()
+        # For Ed25519, p= is the raw 32-byte public key (RFC 8463 4.2).
+        public = private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+    else:
+        raise ValueError(f"unknown DKIM algorithm {algorithm!r}; expected one of {ALGORITHMS}")
+    pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return DkimKeyPair(
+        private_pem=pem.decode("ascii"),
+        public_b64=base64.b64encode(public).decode("ascii"),
+        algorithm=algorithm,
+    )
+
+
+def valid_selector(s: str) -> bool:
+    """A selector is one or more DNS labels (RFC 6376 3.1): letters, digits, inner hyphens."""
+    if not isinstance(s, str) or not s or len(s) > 63 * 4:
+        return False
+    return all(_LABEL.match(label) for label in s.split("."))
+
+
+def txt_record(selector: str, domain: str, key: DkimKeyPair) -> tuple[str, str]:
+    """Return (record name, TXT value) to publish for ``key``.
+
+    The value is one logical string; a 2048-bit RSA value is longer than 255 characters, so
+    DNS software splits it into several quoted strings, which resolvers join again.
+    """
+    if not valid_selector(selector):
+        raise ValueError(f"invalid DKIM selector {selector!r}")
+    domain = _normalise_domain(domain)
+    if key.algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown DKIM algorithm {key.algorithm!r}")
+    name = f"{selector.lower()}._domainkey.{domain}"
+    return name, f"v=DKIM1; k={key.algorithm}; p={key.public_b64}"
+
+
+def sign(
+    message: bytes, *, domain: str, selector: str, private_pem: str, algorithm: str
+) -> bytes:
+    """Return ``message`` with a relaxed/relaxed DKIM-Signature header prepended.
+
+    The message's own bytes (CRLF line endings) are kept unchanged after the new header.
+    """
+    if not valid_selector(selector):
+        raise DkimError(f"invalid DKIM selector {selector!r}")
+    privkey, signature_algorithm = _dkimpy_key(private_pem, algorithm)
+    header_names = _header_names(message)
+    include = [h for h in header_names if h in SIGNED_HEADERS]
+    if "from" not in include:
+        raise DkimError("message has no From header; DKIM requires signing From")
+    include += list(OVERSIGNED_HEADERS)
+    try:
+        signature = dkimpy.sign(
+            message,
+            selector.encode("ascii"),
+            _normalise_domain(domain, error=DkimError).encode("ascii"),
+            privkey,
+            canonicalize=(b"relaxed", b"relaxed"),
+            signature_algorithm=signature_algorithm,
+            include_headers=[h.encode("ascii") for h in include],
+            linesep=b"\r\n",
+        )
+    except (dkimpy.DKIMException, UnicodeError) as exc:
+        raise DkimError(f"DKIM signing failed: {exc}") from exc
+    return signature + message
+
+
+def _normalise_domain(domain: str, error: type[Exception] = ValueError) -> str:
+    """Lower-case ASCII (IDNA) form, without a trailing dot, as published in DNS."""
+    try:
+        ascii_domain = domain.strip().rstrip(".").encode("idna").decode("ascii").lower()
+    except UnicodeError as exc:
+        raise error(f"invalid domain {domain!r}") from exc
+    if not ascii_domain or not all(_LABEL.match(label) for label in ascii_domain.split(".")):
+        raise error(f"invalid domain {domain!r}")
+    return ascii_domain
+
+
+def _dkimpy_key(private_pem: str, algorithm: str) -> tuple[bytes, bytes]:
+    """Convert our PKCS#8 PEM into what dkimpy expects for the algorithm."""
+    try:
+        key = serialization.load_pem_private_key(private_pem.encode("ascii"), password=None)
+    except (ValueError, TypeError, UnicodeError) as exc:
+        raise DkimError(f"unreadable DKIM private key: {exc}") from exc
+    if algorithm == "rsa" and isinstance(key, rsa.RSAPrivateKey):
+        return private_pem.encode("ascii"), b"rsa-sha256"
+    if algorithm == "ed25519" and isinstance(key, ed25519.Ed25519PrivateKey):
+        # dkimpy hands the key to PyNaCl, which wants the raw 32-byte seed in base64.
+        raw = key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        return base64.b64encode(raw), b"ed25519-sha256"
+    raise DkimError(f"private key does not match DKIM algorithm {algorithm!r}")
+
+
+def _header_names(message: bytes) -> list[str]:
+    """Lower-cased names of the header fields, in order, one entry per occurrence."""
+    names = []
+    for line in message.split(b"\n"):
+        line = line.rstrip(b"\r")
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t"):
+            continue
+        match = _HEADER_NAME.match(line)
+        if match:
+            names.append(match.group(1).decode("ascii").lower())
+    return names

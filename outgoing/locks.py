@@ -1,0 +1,111 @@
+"""Locking and unlocking outgoing users and identities.
+
+The database row is the record (with an audit event); the Redis key is what every proxy
+instance checks on the next message. Both are written here, by the one function each process
+calls, so the web app, the proxy and the worker cannot disagree about what a lock is.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+
+from outgoing import audit, jobs, redis_keys
+from outgoing.models import LOCK_AUTOMATIC, Identity, OutgoingUser, utcnow
+
+
+def _lock_key(target: OutgoingUser | Identity) -> str:
+    if isinstance(target, Identity):
+        return redis_keys.identity_lock(target.user_id, target.value)
+    return redis_keys.user_lock(target.id)
+
+
+def _kind(target: OutgoingUser | Identity) -> str:
+    return "identity" if isinstance(target, Identity) else "user"
+
+
+def _domain_id(target: OutgoingUser | Identity) -> int:
+    return target.user.domain_id if isinstance(target, Identity) else target.domain_id
+
+
+def _owner(target: OutgoingUser | Identity) -> OutgoingUser:
+    return target.user if isinstance(target, Identity) else target
+
+
+def lock(session, redis, target: OutgoingUser | Identity, *, kind: str, reason: str,
+         actor: str, now: datetime | None = None, claim_in_redis: bool = True) -> str | None:
+    """Lock ``target``; return the new lock id, or None when it was locked already.
+
+    With ``claim_in_redis`` the Redis key is set only if absent, so two proxy instances that
+    see the fifth spam at the same moment lock once, not twice.
+    """
+    now = now or utcnow()
+    lock_id = uuid.uuid4().hex
+    value = json.dumps({"lock_id": lock_id, "reason": reason, "kind": kind,
+                        "at": now.isoformat()})
+    key = _lock_key(target)
+    if claim_in_redis:
+        if not redis.set(key, value, nx=True):
+            return None
+    else:
+        redis.set(key, value)
+    target.locked = True
+    target.lock_kind = kind
+    target.lock_reason = reason[:500]
+    target.locked_at = now
+    target.lock_id = lock_id
+    audit.record(session, actor=actor, action="lock", target_type=_kind(target),
+                 target_id=target.id, domain_id=_domain_id(target), reason=reason, kind=kind,
+                 lock_id=lock_id)
+    session.commit()
+    jobs.enqueue(redis, "worker.jobs.notify_lock", _kind(target), target.id, lock_id)
+    owner = _owner(target)
+    if kind == LOCK_AUTOMATIC and owner.lock_timeout_minutes:
+        jobs.enqueue(redis, "worker.jobs.auto_unlock", _kind(target), target.id, lock_id,
+                     at=now + timedelta(minutes=owner.lock_timeout_minutes))
+    return lock_id
+
+
+def unlock(session, redis, target: OutgoingUser | Identity, *, actor: str, reason: str,
+           automatic: bool = False) -> bool:
+    """Unlock ``target``; an automatic (timed) unlock counts against the maximum."""
+    was_locked = bool(target.locked)
+    redis.delete(_lock_key(target))
+    if not was_locked:
+        return False
+    audit.record(session, actor=actor, action="unlock", target_type=_kind(target),
+                 target_id=target.id, domain_id=_domain_id(target), reason=reason,
+                 lock_id=target.lock_id, automatic=automatic)
+    target.locked = False
+    target.lock_kind = None
+    target.lock_reason = None
+    target.locked_at = None
+    target.lock_id = None
+    if automatic:
+        target.automatic_unlocks_used = (target.automatic_unlocks_used or 0) + 1
+    session.commit()
+    return True
+
+
+def reset_unlock_count(session, target: OutgoingUser | Identity, *, actor: str) -> None:
+    audit.record(session, actor=actor, action="reset_unlocks", target_type=_kind(target),
+                 target_id=target.id, domain_id=_domain_id(target),
+                 before=target.automatic_unlocks_used)
+    target.automatic_unlocks_used = 0
+    session.commit()
+
+
+def restore_redis_locks(session, redis) -> int:
+    """Write every lock the database holds back into Redis (after Redis lost its data)."""
+    count = 0
+    for model in (OutgoingUser, Identity):
+        for target in session.scalars(select(model).where(model.locked.is_(True))):
+            value = json.dumps({"lock_id": target.lock_id, "reason": target.lock_reason,
+                                "kind": target.lock_kind,
+                                "at": target.locked_at.isoformat() if target.locked_at else ""})
+            if redis.set(_lock_key(target), value, nx=True):
+                count += 1
+    return count

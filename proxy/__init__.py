@@ -1,0 +1,1 @@
+"""The SMTP proxy sidecar: authenticate, identify, limit, inspect, sign, relay."""

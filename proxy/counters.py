@@ -1,0 +1,159 @@
+"""Redis counters for connection limits, recipients per day and spam events.
+
+All keys of one outgoing user carry the hash tag ``{<user_id>}`` so they share a Redis Cluster
+slot. The limit windows of a user live in one small hash checked and counted atomically by
+``limits.lua`` in one round trip (EVALSHA via ``register_script``); the policy (windows,
+estimate, replies) is ``scoring.limits``. The clock is always passed in as ``now``.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis as AsyncRedis
+
+from scoring.limits import (
+    ALLOWED,
+    CONNECTION_WINDOWS,
+    RECIPIENTS,
+    WINDOW_SECONDS,
+    LimitDecision,
+    bucket_index,
+    check_limit,
+    ordered_windows,
+    refused,
+)
+
+LIMITS_LUA = Path(__file__).with_name("limits.lua").read_text(encoding="utf-8")
+SPAM_WINDOW = 600  # seconds: "the 5th event in the window (10 minutes) locks"
+SPAM_EVENTS_KEPT = 100  # newest events kept per key; bounds memory, far above any threshold
+
+# One registered script per client, dropped with the client.
+_scripts: weakref.WeakKeyDictionary[AsyncRedis, Any] = weakref.WeakKeyDictionary()
+
+Counts = dict[str, tuple[int, int]]
+
+
+def limits_key(user_id: int) -> str:
+    """The user's hash of window buckets."""
+    return f"og:{{{user_id}}}:limits"
+
+
+def spam_key(user_id: int, identity: str | None = None) -> str:
+    """The spam event window of a user, or of one identity behind that user."""
+    if identity is None:
+        return f"og:{{{user_id}}}:spam"
+    return f"og:{{{user_id}}}:idspam:{identity}"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _limits_script(redis: AsyncRedis) -> Any:
+    script = _scripts.get(redis)
+    if script is None:
+        script = _scripts[redis] = redis.register_script(LIMITS_LUA)
+    return script
+
+
+async def check_and_count(
+    redis: AsyncRedis, user_id: int, limits: Mapping[str, int | None], now: float
+) -> tuple[LimitDecision, Counts]:
+    """Check every window in ``limits`` (None = unlimited but still counted) and count one
+    event in each only when none is full. Also returns the counts found before this call,
+    as ``{window: (previous, current)}``, for logging and for comparing with
+    ``scoring.limits.decide``."""
+    windows = ordered_windows(limits)
+    args: list[str | int | float] = [repr(float(now))]
+    for window in windows:
+        check_limit(window, limits[window])
+        limit = limits[window]
+        args += [window, WINDOW_SECONDS[window], "" if limit is None else limit]
+    raw = await _limits_script(redis)(keys=[limits_key(user_id)], args=args)
+    counts = {
+        window: (int(raw[2 + 2 * i]), int(raw[3 + 2 * i])) for i, window in enumerate(windows)
+    }
+    if int(raw[0]) == 1:
+        return ALLOWED, counts
+    window = _text(raw[1])
+    limit = limits[window]
+    if limit is None:  # the script only reports limited windows
+        raise RuntimeError(f"limits script refused unlimited window {window!r}")
+    return refused(window, limit), counts
+
+
+async def count_connection(
+    redis: AsyncRedis, user_id: int, limits: Mapping[str, int | None], now: float
+) -> LimitDecision:
+    """Count one SMTP session in every connection window unless one is full.
+
+    ``limits`` maps "month", "week", "day", "hour", "minute" to a limit or None (missing =
+    None; pass ``{}`` when limits are disabled so usage is still counted). A refused
+    session is not counted."""
+    unknown = set(limits) - set(CONNECTION_WINDOWS)
+    if unknown:
+        raise ValueError(f"not connection windows: {sorted(unknown)}")
+    full = {window: limits.get(window) for window in CONNECTION_WINDOWS}
+    decision, _ = await check_and_count(redis, user_id, full, now)
+    return decision
+
+
+async def count_recipient(
+    redis: AsyncRedis, user_id: int, max_per_day: int | None, now: float
+) -> LimitDecision:
+    """Count one accepted recipient over the rolling 24 hours unless the maximum is reached
+    (None = unlimited, still counted). A refused recipient is not counted."""
+    decision, _ = await check_and_count(redis, user_id, {RECIPIENTS: max_per_day}, now)
+    return decision
+
+
+async def record_spam_event(
+    redis: AsyncRedis,
+    key_base: str,
+    now: float,
+    window: float = SPAM_WINDOW,
+    *,
+    max_events: int = SPAM_EVENTS_KEPT,
+) -> int:
+    """Add one spam event at ``now`` to the sorted set ``key_base`` (see ``spam_key``) and
+    return how many events fall in the last ``window`` seconds (capped at ``max_events``).
+    One atomic round trip (MULTI/EXEC pipeline)."""
+    member = f"{float(now)!r}:{secrets.token_hex(6)}"
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.zremrangebyscore(key_base, "-inf", now - window)
+        pipe.zadd(key_base, {member: now})
+        pipe.zremrangebyrank(key_base, 0, -(max_events + 1))
+        pipe.zcard(key_base)
+        pipe.expire(key_base, math.ceil(window))
+        results = await pipe.execute()
+    return int(results[3])
+
+
+def counts_from_hash(fields: Mapping[bytes | str, bytes | str | int], now: float) -> Counts:
+    """Pick every window's previous and current bucket out of a user's limits hash."""
+    values = {_text(k): int(v) for k, v in fields.items()}
+    counts = {}
+    for window, seconds in WINDOW_SECONDS.items():
+        bucket = bucket_index(now, seconds)
+        counts[window] = (
+            values.get(f"{window}:{bucket - 1}", 0),
+            values.get(f"{window}:{bucket}", 0),
+        )
+    return counts
+
+
+async def read_usage(redis: AsyncRedis, user_id: int, now: float) -> Counts:
+    """Counts of every window for ``scoring.limits.usage_report`` (read-only, one HGETALL)."""
+    return counts_from_hash(await redis.hgetall(limits_key(user_id)), now)
+
+
+def read_usage_sync(redis_sync: SyncRedis, user_id: int, now: float) -> Counts:
+    """``read_usage`` for the synchronous client of the web control panel."""
+    return counts_from_hash(redis_sync.hgetall(limits_key(user_id)), now)

@@ -1,0 +1,111 @@
+"""The proxy's in-memory view of outgoing users, reloaded when the configuration changes.
+
+The control panel bumps a version in Redis and publishes it; the proxy listens and also polls
+the version as a fallback. Lookups per connection are dictionary hits and a bisect over IP
+ranges, never a database query, and a database outage keeps the last good view serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from outgoing import redis_keys
+from outgoing.db import session_scope
+from outgoing.models import REAUTH_DOMAIN, REAUTH_USER
+from outgoing.snapshot import Snapshot, UserPolicy, load_snapshot
+from scoring.ipranges import IpRange, RangeIndex
+
+log = logging.getLogger(__name__)
+
+
+class Directory:
+    def __init__(self, sessionmaker, redis, refresh_seconds: float = 1.0,
+                 full_reload_seconds: float = 30.0):
+        self._sessionmaker = sessionmaker
+        self._redis = redis
+        self._refresh = refresh_seconds
+        self._full_reload = full_reload_seconds
+        self._loaded_at = 0.0
+        self.snapshot: Snapshot | None = None
+        self._index = RangeIndex([])
+        self._version: bytes | None = None
+        self._lock = asyncio.Lock()
+
+    def _load(self) -> Snapshot:
+        with session_scope(self._sessionmaker) as session:
+            return load_snapshot(session)
+
+    async def reload(self) -> None:
+        async with self._lock:
+            try:
+                version = await self._redis.get(redis_keys.CONFIG_VERSION)
+            except Exception:  # Redis down: still load from the database
+                version = None
+            snap = await asyncio.get_running_loop().run_in_executor(None, self._load)
+            ranges = [(IpRange(u.ip_family, u.ip_first, u.ip_last), u.id)
+                      for u in snap.ip_users if u.ip_family]
+            self._index = RangeIndex(ranges)
+            self.snapshot = snap
+            self._version = version
+            self._loaded_at = time.monotonic()
+            log.info("configuration loaded: %d outgoing users", len(snap.users))
+
+    async def watch(self) -> None:
+        """Reload on a published change, when the polled version moved, or every so often."""
+        pubsub = None
+        while True:
+            if time.monotonic() - self._loaded_at > self._full_reload:
+                try:
+                    await self.reload()
+                except Exception as exc:
+                    log.warning("periodic reload failed (%s); serving the last view", exc)
+                    self._loaded_at = time.monotonic()
+            try:
+                if pubsub is None:
+                    pubsub = self._redis.pubsub()
+                    await pubsub.subscribe(redis_keys.CONFIG_CHANNEL)
+                await pubsub.get_message(ignore_subscribe_messages=True,
+                                         timeout=self._refresh)
+                version = await self._redis.get(redis_keys.CONFIG_VERSION)
+                if version != self._version or self.snapshot is None:
+                    await self.reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("configuration refresh failed (%s); serving the last view", exc)
+                pubsub = None
+                await asyncio.sleep(self._refresh)
+
+    @property
+    def ready(self) -> bool:
+        return self.snapshot is not None
+
+    def user(self, user_id: int) -> UserPolicy | None:
+        return self.snapshot.users.get(user_id) if self.snapshot else None
+
+    def user_for_ip(self, ip: str) -> UserPolicy | None:
+        user_id = self._index.lookup(ip)
+        return self.user(user_id) if user_id is not None else None
+
+    def user_for_login(self, login: str) -> UserPolicy | None:
+        """An Authenticating User by username, else an Authenticating Domain by domain name."""
+        if not self.snapshot:
+            return None
+        login = login.strip().lower()
+        return self.snapshot.by_username.get(login) or self.snapshot.by_domain_login.get(login)
+
+    def reauthentication_target(self, ip_user: UserPolicy, mail_from: str) -> UserPolicy | None:
+        """The user an IP/range's traffic is re-attributed to, if that user permits it."""
+        if not self.snapshot or not mail_from:
+            return None
+        sender = mail_from.strip().lower()
+        target = None
+        if ip_user.reauthenticate_as == REAUTH_USER:
+            target = self.snapshot.by_username.get(sender)
+        elif ip_user.reauthenticate_as == REAUTH_DOMAIN:
+            target = self.snapshot.by_domain_login.get(sender.rpartition("@")[2])
+        if target is not None and target.reauthenticate_permitted:
+            return target
+        return None

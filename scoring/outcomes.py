@@ -1,0 +1,46 @@
+"""The SMTP reply for each outcome of the conversation, as data.
+
+Codes follow the design: authentication and locks are permanent (5xx), anything internal or
+volume-related is temporary (4xx) so the sender keeps the message and retries.
+"""
+
+from __future__ import annotations
+
+OK = "250 2.0.0 OK"
+QUEUED = "250 2.0.0 Message accepted"
+AUTH_REQUIRED = "530 5.7.0 Authentication required"
+AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
+AUTH_TEMPORARY = "454 4.7.0 Temporary authentication failure, try again later"
+TEMPORARY = "451 4.3.0 Temporary failure, please try again later"
+NEXT_HOP_DOWN = "451 4.4.1 Next hop unavailable, please try again later"
+BARE_LINE_ENDING = "550 5.6.11 Bare CR or LF in message data is not allowed"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients for one message"
+
+
+def _clean(text: str, limit: int = 200) -> str:
+    return " ".join(str(text).split())[:limit]
+
+
+def user_locked(name: str, reason: str | None) -> str:
+    why = f": {_clean(reason)}" if reason else ""
+    return f"550 5.7.1 Outgoing user {_clean(name, 100)} is locked{why}; contact your administrator"
+
+
+def identity_locked(identity: str, reason: str | None) -> str:
+    why = f": {_clean(reason)}" if reason else ""
+    return f"550 5.7.1 Sender {_clean(identity, 100)} is locked{why}; contact your administrator"
+
+
+def quarantined(quarantine_response: str, rules: tuple[str, ...] | list[str]) -> str:
+    """Rejected (550) tells the sender; Accepted (250) keeps the quarantine silent."""
+    if quarantine_response == "accept":
+        return QUEUED
+    named = ", ".join(rules[:5]) if rules else "policy"
+    return f"550 5.7.1 Message rejected as spam ({_clean(named, 120)}); it was quarantined"
+
+
+def next_hop_refused(code: int, message: str) -> str:
+    """Pass a next hop's permanent refusal on as it came; anything else becomes temporary."""
+    if 500 <= code < 600:
+        return f"{code} {_clean(message, 300)}"
+    return f"451 4.4.0 Next hop answered {code}: {_clean(message, 200)}"

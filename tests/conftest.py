@@ -1,0 +1,164 @@
+"""Shared fixtures: a real Redis, a real database (SQLite, or PostgreSQL when DATABASE_URL
+points at one), the app built by the same factory as production, and real SMTP peers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from tests.support.services import Clock, InProcessProxy, Sink, free_port
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def pytest_collection_modifyitems(items):
+    """Fast feedback first: unit, then integration, then end-to-end."""
+    order = {"unit": 0, "integration": 1, "e2e": 2}
+    items.sort(key=lambda item: order.get(item.path.parent.name, 1))
+
+
+def pytest_report_header(config):
+    return [f"redis: {os.environ.get('REDIS_URL', '(unset)')}",
+            f"database: {os.environ.get('DATABASE_URL', 'sqlite (per session)')}"]
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    url = os.environ.get("REDIS_URL")
+    if not url:
+        pytest.fail("REDIS_URL is not set: run the tests with `python3 dev.py test`")
+    return url
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    client = redis_lib.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory):
+    """A fresh database for this test session, dropped afterwards."""
+    base = os.environ.get("DATABASE_URL", "")
+    if base.startswith(("postgresql", "postgres://")):
+        base = base.replace("postgres://", "postgresql://", 1)
+        url = make_url(base)
+        name = f"og_test_{uuid.uuid4().hex[:10]}"
+        admin = create_engine(url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        yield url.set(database=name).render_as_string(hide_password=False)
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+    else:
+        path = tmp_path_factory.mktemp("db") / "test.db"
+        yield f"sqlite:///{path}"
+
+
+@pytest.fixture(scope="session")
+def migrated(database_url, tmp_path_factory):
+    """Run the real migrations once per session (the same path as `flask db upgrade`)."""
+    from flask_migrate import upgrade
+
+    instance = tmp_path_factory.mktemp("migrate-instance")
+    os.environ["INSTANCE_PATH"] = str(instance)
+    os.environ["DATABASE_URL"] = database_url
+    from webapp import create_app
+
+    app = create_app()
+    with app.app_context():
+        upgrade()
+    return database_url
+
+
+@pytest.fixture
+def instance(tmp_path, monkeypatch, migrated, redis_url):
+    """An instance folder and the environment every process of the product reads."""
+    path = tmp_path / "instance"
+    path.mkdir()
+    monkeypatch.setenv("INSTANCE_PATH", str(path))
+    monkeypatch.setenv("DATABASE_URL", migrated)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("RQ_REDIS_URL", redis_url)
+    _empty_tables(migrated)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _empty_tables(url: str) -> None:
+    from outgoing.models import Base
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for table in reversed(Base.metadata.sorted_tables):
+            conn.execute(table.delete())
+    engine.dispose()
+
+
+@pytest.fixture
+def app(instance, redis_client):
+    from webapp import create_app
+
+    app = create_app({"TESTING": True})
+    yield app
+
+
+@pytest.fixture
+def db_session(app):
+    from webapp.extensions import db
+
+    with app.app_context():
+        yield db.session
+
+
+@pytest.fixture
+def sink():
+    server = Sink().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def proxy_config(instance, sink):
+    """Configuration of a proxy whose next hop is the sink; tests may adjust it."""
+    from outgoing.config import load_config
+
+    return load_config({"SMTP_LISTEN": f"127.0.0.1:{free_port()}",
+                        "UPSTREAM_SMTP": f"127.0.0.1:{sink.port}",
+                        "UPSTREAM_TIMEOUT": 5.0, "CONFIG_REFRESH_SECONDS": 0.2})
+
+
+@pytest.fixture
+def start_proxy(proxy_config, clock, redis_client):
+    started = []
+
+    def start(**overrides) -> InProcessProxy:
+        config = dict(proxy_config, **overrides)
+        proxy = InProcessProxy(config, clock).start()
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS

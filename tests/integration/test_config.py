@@ -1,0 +1,54 @@
+"""Start-up refuses bad configuration with one line naming the setting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from outgoing.config import ConfigError, load_config
+from tests.support.services import ROOT, process_env
+
+
+def test_generated_secret_key_is_persisted(tmp_path, monkeypatch):
+    monkeypatch.setenv("INSTANCE_PATH", str(tmp_path))
+    monkeypatch.delenv("SECRET_KEY", raising=False)
+    first = load_config()["SECRET_KEY"]
+    assert first == load_config()["SECRET_KEY"]
+    assert (tmp_path / "secret_key").read_text() == first
+
+
+def test_unknown_setting_in_instance_config_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("INSTANCE_PATH", str(tmp_path))
+    (tmp_path / "config.py").write_text("SMTP_LISTN = '0.0.0.0:25'\n")
+    with pytest.raises(ConfigError, match="SMTP_LISTN"):
+        load_config()
+
+
+@pytest.mark.parametrize("name,value", [
+    ("DATABASE_URL", "mysql://nope"),
+    ("DATABASE_URL", "not a url"),
+    ("REDIS_URL", "http://127.0.0.1:6379"),
+    ("REDIS_URL", "redis://127.0.0.1:notaport"),
+    ("UPSTREAM_SMTP", "mail.example.com"),
+])
+def test_malformed_setting_is_named(tmp_path, name, value):
+    with pytest.raises(ConfigError, match=name):
+        load_config(environ={"INSTANCE_PATH": str(tmp_path), name: value})
+
+
+def test_environment_overrides_instance_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("INSTANCE_PATH", str(tmp_path))
+    (tmp_path / "config.py").write_text("SMTP_LISTEN = '127.0.0.1:2525'\n")
+    monkeypatch.setenv("SMTP_LISTEN", "127.0.0.1:2626")
+    assert load_config()["SMTP_LISTEN"] == "127.0.0.1:2626"
+
+
+def test_proxy_stops_with_one_line_for_a_bad_url(tmp_path):
+    env = process_env(INSTANCE_PATH=tmp_path, REDIS_URL="http://nope")
+    result = subprocess.run([sys.executable, "-m", "proxy"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "REDIS_URL" in result.stderr

@@ -1,0 +1,51 @@
+"""Building messages and talking SMTP to the proxy, as a customer's server would."""
+
+from __future__ import annotations
+
+import email.policy
+import smtplib
+import ssl
+from email.message import EmailMessage
+
+GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+
+def message(sender="alice@example.com", to="bob@example.org", subject="Hello",
+            body="Just saying hello.\n", **headers) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Date"] = "Sun, 29 Nov 2026 10:00:00 +0000"
+    msg["Message-ID"] = "<test@example.com>"
+    for name, value in headers.items():
+        msg[name.replace("_", "-")] = value
+    msg.set_content(body)
+    return msg.as_bytes(policy=email.policy.SMTP)
+
+
+def client(port: int, *, starttls: bool = True) -> smtplib.SMTP:
+    smtp = smtplib.SMTP("127.0.0.1", port, timeout=15)
+    smtp.ehlo("client.example.com")
+    if starttls:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        smtp.starttls(context=context)
+        smtp.ehlo("client.example.com")
+    return smtp
+
+
+def send(smtp: smtplib.SMTP, data: bytes, sender="alice@example.com",
+         rcpts=("bob@example.org",)) -> tuple[int, bytes]:
+    """MAIL, RCPT, DATA by hand, returning the final reply instead of raising."""
+    code, reply = smtp.mail(sender)
+    if code != 250:
+        smtp.rset()
+        return code, reply
+    for rcpt in rcpts:
+        code, reply = smtp.rcpt(rcpt)
+        if code not in (250, 251):
+            smtp.rset()
+            return code, reply
+    return smtp.data(data)

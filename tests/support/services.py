@@ -1,0 +1,166 @@
+"""Real services for tests: an SMTP sink as next hop, the proxy, the worker, the web server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiosmtpd.controller import Controller
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+
+
+@dataclass
+class SinkHandler:
+    """The next hop: keeps every message it accepted; can be told to refuse."""
+
+    messages: list[Received] = field(default_factory=list)
+    refuse_with: str | None = None
+
+    async def handle_DATA(self, server, session, envelope):
+        if self.refuse_with:
+            return self.refuse_with
+        self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
+                                      envelope.original_content or b""))
+        return "250 2.0.0 sink took it"
+
+    def wait_for(self, count: int, timeout: float = 15.0) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.messages
+
+
+class Sink:
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.handler = SinkHandler()
+        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port)
+
+    def start(self) -> Sink:
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        if self.controller._thread is not None:
+            self.controller.stop()
+
+
+class Clock:
+    """An injectable clock for the proxy: tests move time instead of sleeping."""
+
+    def __init__(self, now: float | None = None):
+        self.now = now if now is not None else time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class InProcessProxy:
+    """The real proxy server loop in a thread, so a test can inject a clock."""
+
+    def __init__(self, config: dict, clock: Clock):
+        from proxy.server import listening_socket
+
+        self.config = config
+        self.clock = clock
+        host, _, port = config["SMTP_LISTEN"].rpartition(":")
+        self.port = int(port)
+        self.sock = listening_socket(host, self.port, reuse_port=False)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self._stop: asyncio.Event | None = None
+
+    def _run(self) -> None:
+        from proxy import server
+
+        asyncio.set_event_loop(self.loop)
+
+        async def main():
+            self._stop = asyncio.Event()
+            task = asyncio.create_task(server.serve(self.config, self.sock, clock=self.clock,
+                                                    install_signals=False))
+            await self._stop.wait()
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+        self.loop.run_until_complete(main())
+
+    def start(self) -> InProcessProxy:
+        self.thread.start()
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def process_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def start_process(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    fh = open(log, "wb")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_worker_burst(env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
+    """A real RQ worker, in burst mode with the scheduler, as the Procfile runs it."""
+    return subprocess.run([str(Path(sys.executable).parent / "rq"), "worker", "--burst",
+                           "--with-scheduler", "outgoing"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,133 @@
+"""DKIM signing must produce signatures that a real verifier accepts, and only for our bytes."""
+
+import dkim
+import pytest
+
+from outgoing.dkim import DkimError, generate_key, sign, txt_record, valid_selector
+
+MESSAGE = (
+    b"From: Alice <alice@shop.example.com>\r\n"
+    b"To: bob@example.org\r\n"
+    b"Subject: Your order\r\n"
+    b"Date: Tue, 04 Mar 2025 09:15:00 +0000\r\n"
+    b"Message-ID: <order-1@shop.example.com>\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"\r\n"
+    b"Thank you for your order.\r\n"
+)
+
+
+def _needs_nacl(algorithm):
+    if algorithm == "ed25519":
+        pytest.importorskip("nacl", reason="dkimpy signs and verifies Ed25519 through PyNaCl")
+
+
+def _signed(algorithm, message=MESSAGE):
+    _needs_nacl(algorithm)
+    key = generate_key(algorithm)
+    name, value = txt_record("s2025", "shop.example.com", key)
+    signed = sign(
+        message,
+        domain="shop.example.com",
+        selector="s2025",
+        private_pem=key.private_pem,
+        algorithm=algorithm,
+    )
+
+    def dns(qname, timeout=5):
+        """Answers only the record we published, as a resolver would."""
+        return value.encode("ascii") if qname == f"{name}.".encode("ascii") else None
+
+    return signed, dns
+
+
+@pytest.mark.parametrize("algorithm", ["rsa", "ed25519"])
+def test_signed_message_verifies_against_published_txt_record(algorithm):
+    signed, dns = _signed(algorithm)
+
+    assert dkim.verify(signed, dnsfunc=dns)
+
+
+@pytest.mark.parametrize("algorithm", ["rsa", "ed25519"])
+def test_signature_header_is_prepended_and_message_bytes_kept(algorithm):
+    signed, _ = _signed(algorithm)
+
+    assert signed.startswith(b"DKIM-Signature: ")
+    assert signed.endswith(MESSAGE)
+    assert b"c=relaxed/relaxed" in signed
+    header = signed[: len(signed) - len(MESSAGE)]
+    assert b"\n" not in header.replace(b"\r\n", b"")
+
+
+@pytest.mark.parametrize("algorithm", ["rsa", "ed25519"])
+def test_changed_body_fails_verification(algorithm):
+    signed, dns = _signed(algorithm)
+
+    tampered = signed.replace(b"Thank you for your order.", b"Pay to this account instead.")
+
+    assert not dkim.verify(tampered, dnsfunc=dns)
+
+
+@pytest.mark.parametrize("algorithm", ["rsa", "ed25519"])
+def test_changed_subject_fails_verification(algorithm):
+    signed, dns = _signed(algorithm)
+
+    tampered = signed.replace(b"Subject: Your order", b"Subject: Urgent invoice")
+
+    assert not dkim.verify(tampered, dnsfunc=dns)
+
+
+def test_added_subject_above_the_signed_one_fails_verification():
+    """Verifiers read the bottom-most Subject; signing it once more catches one added above."""
+    signed, dns = _signed("rsa")
+
+    tampered = signed.replace(b"Subject: Your order", b"Subject: Urgent\r\nSubject: Your order")
+
+    assert not dkim.verify(tampered, dnsfunc=dns)
+
+
+def test_rsa_txt_record_names_selector_under_domainkey():
+    key = generate_key("rsa")
+
+    name, value = txt_record("s2025", "Shop.Example.com.", key)
+
+    assert name == "s2025._domainkey.shop.example.com"
+    assert value == f"v=DKIM1; k=rsa; p={key.public_b64}"
+
+
+def test_ed25519_txt_record_carries_32_byte_public_key():
+    key = generate_key("ed25519")
+
+    _, value = txt_record("mail", "example.com", key)
+
+    assert value.startswith("v=DKIM1; k=ed25519; p=")
+    assert len(key.public_b64) == 44  # base64 of 32 bytes
+
+
+def test_key_of_other_algorithm_is_refused_when_signing():
+    key = generate_key("ed25519")
+
+    with pytest.raises(DkimError):
+        sign(MESSAGE, domain="example.com", selector="s", private_pem=key.private_pem,
+             algorithm="rsa")
+
+
+def test_message_without_from_cannot_be_signed():
+    key = generate_key("rsa")
+
+    with pytest.raises(DkimError):
+        sign(b"To: bob@example.org\r\n\r\nhi\r\n", domain="example.com", selector="s",
+             private_pem=key.private_pem, algorithm="rsa")
+
+
+@pytest.mark.parametrize("selector", ["s1", "mail-2025", "a.b", "X9"])
+def test_dns_label_selectors_are_valid(selector):
+    assert valid_selector(selector)
+
+
+@pytest.mark.parametrize(
+    "selector", ["", "-s1", "s1-", "a..b", "s_1", "sel ector", "a" * 64, "s1.", "sél"]
+)
+def test_selectors_breaking_dns_label_rules_are_invalid(selector):
+    assert not valid_selector(selector)

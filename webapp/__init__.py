@@ -1,0 +1,68 @@
+"""The control panel: ``create_app()`` builds it from the shared configuration."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import redis
+from flask import Flask
+
+from outgoing.config import ConfigError, known_settings, load_config
+from outgoing.db import engine_options, install_sqlite_pragmas
+from webapp.extensions import csrf, db, htmx, login_manager, migrate
+
+MIGRATIONS = str(Path(__file__).resolve().parent.parent / "migrations")
+
+
+def create_app(overrides: dict | None = None) -> Flask:
+    overrides = dict(overrides or {})
+    known = known_settings()
+    flask_overrides = {k: overrides.pop(k) for k in list(overrides) if k not in known}
+    try:
+        config = load_config(overrides)
+    except ConfigError as exc:
+        print(f"outbound-guard: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    app = Flask(__name__, instance_path=config["INSTANCE_PATH"], instance_relative_config=True)
+    app.config.update(config)
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI=config["DATABASE_URL"],
+        SQLALCHEMY_ENGINE_OPTIONS=engine_options(config["DATABASE_URL"]),
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=config["PUBLIC_URL"].startswith("https://"),
+        WTF_CSRF_TIME_LIMIT=None,
+    )
+    app.config.update(flask_overrides)
+    Path(config["INSTANCE_PATH"]).mkdir(parents=True, exist_ok=True)
+
+    db.init_app(app)
+    with app.app_context():
+        install_sqlite_pragmas(db.engine)
+    migrate.init_app(app, db, directory=MIGRATIONS, render_as_batch=True)
+    login_manager.init_app(app)
+    login_manager.login_view = "auth.login"
+    login_manager.login_message_category = "info"
+    csrf.init_app(app)
+    htmx.init_app(app)
+    app.extensions["og_redis"] = redis.from_url(config["REDIS_URL"], socket_timeout=5,
+                                                socket_connect_timeout=5)
+
+    from webapp import auth, cli, users
+
+    app.register_blueprint(auth.bp)
+    app.register_blueprint(users.bp)
+    cli.init_app(app)
+
+    @app.get("/")
+    def index():
+        from flask import redirect, url_for
+
+        return redirect(url_for("users.index"))
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    return app
