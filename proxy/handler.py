@@ -24,17 +24,14 @@ from outgoing import locks, redis_keys
 from outgoing.db import session_scope
 from outgoing.models import LOCK_AUTOMATIC, Identity, OutgoingUser
 from outgoing.passwords import verify_password
-from outgoing.quarantine import quarantine_message
 from outgoing.snapshot import UserPolicy
-from outgoing.storage import FileStore
 from proxy import counters
+from proxy.content import ContentPipeline, Message
 from proxy.directory import Directory
-from proxy.relay import relay
 from scoring import identity as identities
 from scoring import outcomes
 from scoring.locks import lock_reason, should_lock
-from scoring.message import normalise_line_endings, parse_headers, remove_headers, subject_of
-from scoring.spam import score_message
+from scoring.message import normalise_line_endings, parse_headers
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +70,8 @@ class OutboundHandler:
         self.redis_sync = redis_sync
         self.sessionmaker = sessionmaker
         self.clock = clock
-        self.store = FileStore(config["STORAGE_DIR"])
-        host, _, port = config["UPSTREAM_SMTP"].rpartition(":")
-        self.upstream = (host.strip("[]"), int(port))
+        self.content = ContentPipeline(config=config, sessionmaker=sessionmaker, redis=redis,
+                                       redis_sync=redis_sync, clock=clock)
         self._verified: dict[tuple[int, str], bytes] = {}
 
     # -- helpers ---------------------------------------------------------------------------
@@ -178,6 +174,9 @@ class OutboundHandler:
         if lock is not None:
             reason = json.loads(lock).get("reason")
             return outcomes.user_locked(user.name, reason)
+        refusal = await self.content.check_sender(user, address)
+        if refusal:
+            return refusal
         if user.id not in state.counted_user_ids:
             decision = await counters.count_connection(self.redis, user.id, user.limits,
                                                        self.clock())
@@ -241,42 +240,22 @@ class OutboundHandler:
         else:
             log.info("no identity found for user %s; attributing to the user", user.name)
 
-        verdict = score_message(data, mail_from=envelope.mail_from or "",
-                                rcpt_tos=list(envelope.rcpt_tos))
-        if verdict.is_spam:
-            return await self._quarantine(session, envelope, user, identity, data, headers,
-                                          verdict)
-
-        if found.remove_headers:
-            data = remove_headers(data, set(found.remove_headers))
-        result = await relay(host=self.upstream[0], port=self.upstream[1],
-                             mail_from=envelope.mail_from or "", rcpt_tos=envelope.rcpt_tos,
-                             data=data, timeout=self.config["UPSTREAM_TIMEOUT"],
-                             local_hostname=self.config["SMTP_HOSTNAME"])
-        if result.refused:
-            log.warning("next hop refused %d recipient(s): %s", len(result.refused),
-                        result.refused)
-        return result.reply if not result.delivered else outcomes.QUEUED
-
-    async def _quarantine(self, session, envelope, user, identity, data, headers, verdict):
-        reason = "spam: " + ", ".join(verdict.rules)
-
-        def store():
-            with session_scope(self.sessionmaker) as db:
-                quarantine_message(
-                    db, self.store, domain_id=user.domain_id, user_id=user.id,
-                    mail_from=envelope.mail_from or "", rcpt_tos=list(envelope.rcpt_tos),
-                    data=data, subject=subject_of(headers), identity=identity,
-                    client_ip=_client_ip(session), reason=reason, score=verdict.score,
-                    rules=verdict.rules)
-
-        await self._in_thread(store)
-        # The message is durable now; counting spam must not turn that into a 4xx.
-        try:
-            await self._count_spam(user, identity)
-        except Exception:
-            log.exception("could not count spam or lock %s", user.name)
-        return outcomes.quarantined(user.quarantine_response, verdict.rules)
+        msg = Message(user=user, mail_from=envelope.mail_from or "",
+                      rcpt_tos=tuple(envelope.rcpt_tos), data=data, headers=tuple(headers),
+                      identity=identity, client_ip=_client_ip(session),
+                      remove_headers=found.remove_headers)
+        inspection = await self.content.inspect(msg)
+        if inspection.reject:
+            return inspection.reject
+        if inspection.spam is not None:
+            await self.content.quarantine(msg, inspection.spam)
+            # The message is durable now; counting spam must not turn that into a 4xx.
+            try:
+                await self._count_spam(user, identity)
+            except Exception:
+                log.exception("could not count spam or lock %s", user.name)
+            return outcomes.quarantined(user.quarantine_response, inspection.spam.rules)
+        return await self.content.deliver(msg)
 
     async def _count_spam(self, user: UserPolicy, identity: str | None) -> None:
         now = self.clock()

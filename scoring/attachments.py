@@ -436,8 +436,8 @@ class _Walk:
         if self.block_macros and document and _container_macros(names):
             return _macros(label)
         for info in infos:
-            if info.is_dir():
-                continue
+            if info.filename.endswith("/"):
+                continue  # a directory entry (is_dir() fails on an empty name)
             member_label = label if document else f"{label}/{info.filename}"
             ext = unwanted_extension(info.filename) if self.block_unwanted else None
             if ext is not None:

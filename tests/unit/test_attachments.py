@@ -233,6 +233,14 @@ def test_executable_name_inside_a_zip_is_rejected():
     assert (verdict.reason, verdict.filename) == (REASON_UNWANTED, "setup.zip/setup.exe")
 
 
+def test_zip_member_without_a_name_is_still_inspected():
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(zipfile.ZipInfo(""), fixture("pe_stub.pdf"))
+    verdict = inspect_attachments(with_attachment("odd.zip", buf.getvalue()), **BOTH)
+    assert (verdict.reason, verdict.filename) == (REASON_UNWANTED, "odd.zip/")
+
+
 def test_declared_executable_content_type_is_rejected():
     verdict = inspect_attachments(
         with_attachment("tool.bin", b"bytes", ctype="application/x-msdownload"), **BOTH)
