@@ -22,3 +22,8 @@ def user_spam(user_id: int) -> str:
 
 def identity_spam(user_id: int, identity: str) -> str:
     return f"og:{{{user_id}}}:idspam:{identity.lower()}"
+
+
+def user_limits(user_id: int) -> str:
+    """The user's hash of limit-window buckets (see proxy/limits.lua)."""
+    return f"og:{{{user_id}}}:limits"

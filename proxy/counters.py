@@ -15,17 +15,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from redis import Redis as SyncRedis
 from redis.asyncio import Redis as AsyncRedis
 
+from outgoing import redis_keys
+from outgoing.redis_keys import user_limits as limits_key
 from scoring.limits import (
     ALLOWED,
     CONNECTION_WINDOWS,
     RECIPIENTS,
     WINDOW_SECONDS,
     LimitDecision,
-    bucket_index,
     check_limit,
+    counts_from_hash,
     ordered_windows,
     refused,
 )
@@ -40,16 +41,11 @@ _scripts: weakref.WeakKeyDictionary[AsyncRedis, Any] = weakref.WeakKeyDictionary
 Counts = dict[str, tuple[int, int]]
 
 
-def limits_key(user_id: int) -> str:
-    """The user's hash of window buckets."""
-    return f"og:{{{user_id}}}:limits"
-
-
 def spam_key(user_id: int, identity: str | None = None) -> str:
     """The spam event window of a user, or of one identity behind that user."""
     if identity is None:
-        return f"og:{{{user_id}}}:spam"
-    return f"og:{{{user_id}}}:idspam:{identity}"
+        return redis_keys.user_spam(user_id)
+    return redis_keys.identity_spam(user_id, identity)
 
 
 def _text(value: bytes | str) -> str:
@@ -136,24 +132,6 @@ async def record_spam_event(
     return int(results[3])
 
 
-def counts_from_hash(fields: Mapping[bytes | str, bytes | str | int], now: float) -> Counts:
-    """Pick every window's previous and current bucket out of a user's limits hash."""
-    values = {_text(k): int(v) for k, v in fields.items()}
-    counts = {}
-    for window, seconds in WINDOW_SECONDS.items():
-        bucket = bucket_index(now, seconds)
-        counts[window] = (
-            values.get(f"{window}:{bucket - 1}", 0),
-            values.get(f"{window}:{bucket}", 0),
-        )
-    return counts
-
-
 async def read_usage(redis: AsyncRedis, user_id: int, now: float) -> Counts:
     """Counts of every window for ``scoring.limits.usage_report`` (read-only, one HGETALL)."""
     return counts_from_hash(await redis.hgetall(limits_key(user_id)), now)
-
-
-def read_usage_sync(redis_sync: SyncRedis, user_id: int, now: float) -> Counts:
-    """``read_usage`` for the synchronous client of the web control panel."""
-    return counts_from_hash(redis_sync.hgetall(limits_key(user_id)), now)

@@ -186,3 +186,16 @@ def usage_report(
         remaining = None if limit is None else max(0, math.floor(limit - value))
         rows.append(WindowUsage(window, seconds, value, limit, remaining, resets_at))
     return tuple(rows)
+
+
+def counts_from_hash(fields: Mapping[bytes | str, bytes | str | int], now: float) -> Counts:
+    """Pick every window's previous and current bucket out of a user's limits hash."""
+    values = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in fields.items()}
+    counts = {}
+    for window, seconds in WINDOW_SECONDS.items():
+        bucket = bucket_index(now, seconds)
+        counts[window] = (
+            values.get(f"{window}:{bucket - 1}", 0),
+            values.get(f"{window}:{bucket}", 0),
+        )
+    return counts

@@ -8,13 +8,13 @@ import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
+from outgoing.usage import read_usage_sync
 from proxy.counters import (
     check_and_count,
     count_connection,
     count_recipient,
     limits_key,
     read_usage,
-    read_usage_sync,
     record_spam_event,
     spam_key,
 )

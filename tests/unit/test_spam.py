@@ -146,7 +146,7 @@ def test_malformed_messages_get_a_verdict_not_an_exception(raw):
     assert set(verdict.rules) <= set(RULE_SCORES)
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50, deadline=None, database=None)
 @given(raw=st.binary(max_size=4096), mail_from=st.text(max_size=80),
        rcpts=st.lists(st.text(max_size=40), max_size=25))
 def test_arbitrary_bytes_and_envelopes_never_raise(raw, mail_from, rcpts):
