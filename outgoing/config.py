@@ -49,6 +49,23 @@ def _defaults(instance: Path) -> dict:
         "RSPAMD_URL": "",
         "UNLOCK_LINK_MAX_AGE": 86400,
         "QUARANTINE_RETENTION_DAYS": 14,
+        "AUTH_FAILURE_LIMIT": 10,
+        "AUTH_FAILURE_WINDOW_SECONDS": 600.0,
+        "AUTH_BLOCK_SECONDS": 900.0,
+        "IDENTITY_FLUSH_SECONDS": 2.0,
+        # Content stage (proxy/content.py): next-hop login, connection reuse, engines, stores.
+        "UPSTREAM_USERNAME": "",
+        "UPSTREAM_PASSWORD": "",
+        "UPSTREAM_POOL_SIZE": 4,
+        "RSPAMD_TIMEOUT": 2.0,
+        "SPAM_THRESHOLD": 5.0,
+        "RDAP_URL": "",
+        "RDAP_TIMEOUT": 3.0,
+        "RDAP_CACHE_SECONDS": 86400,
+        "RDAP_NEGATIVE_CACHE_SECONDS": 3600,
+        "NEWLY_REGISTERED_LIST": "",
+        "MESSAGE_STORE": "file",
+        "ARCHIVE_RETENTION_DAYS": 0,
     }
 
 

@@ -27,3 +27,43 @@ def identity_spam(user_id: int, identity: str) -> str:
 def user_limits(user_id: int) -> str:
     """The user's hash of limit-window buckets (see proxy/limits.lua)."""
     return f"og:{{{user_id}}}:limits"
+
+
+def identity_counts(user_id: int) -> str:
+    """Messages and spam per identity not yet written to the database: a hash of
+    ``m:<identity>`` and ``s:<identity>`` counters, emptied by the proxy's flusher."""
+    return f"og:{{{user_id}}}:idcounts"
+
+
+IDENTITY_COUNTS_PATTERN = "og:{*}:idcounts"  # SCAN pattern for counts left by a stopped proxy
+
+
+def identity_count_field(kind: str, identity: str) -> str:
+    """``kind`` is "m" (message) or "s" (spam)."""
+    return f"{kind}:{identity.lower()}"
+
+
+# Failed AUTH throttling. Rare writes and one read per AUTH, all in one hash slot so one
+# transaction records a failure for the address and the username together, also on Redis
+# Cluster. A subject is "ip:<address>" or "user:<username>".
+AUTH_BLOCKS = "og:{auth}:blocks"  # sorted set: subject -> blocked until (epoch seconds)
+
+MAX_AUTH_LOGIN = 320  # longer usernames cannot exist; their subject is cut to this length
+
+
+def auth_subject_ip(client_ip: str) -> str:
+    return f"ip:{client_ip.lower()}"
+
+
+def auth_subject_user(login: str) -> str:
+    return f"user:{login.strip().lower()[:MAX_AUTH_LOGIN]}"
+
+
+def auth_failures(subject: str) -> str:
+    """Sorted set of the subject's recent failed AUTH attempts (member: unique, score: when)."""
+    return f"og:{{auth}}:fails:{subject}"
+
+
+def auth_block_info(subject: str) -> str:
+    """JSON {since, until, failures} of a block, for the control panel."""
+    return f"og:{{auth}}:block:{subject}"

@@ -7,12 +7,16 @@ last good picture.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from outgoing.models import KIND_DOMAIN, KIND_IP, KIND_USER, Domain, OutgoingUser
+from scoring.identity import CompiledRules, compile_usable_rules
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class UserPolicy:
     ip_family: int | None = None
     ip_first: int | None = None
     ip_last: int | None = None
+    # The header rules compiled once per configuration load, not once per message.
+    identity_rules: CompiledRules = field(default_factory=CompiledRules, compare=False)
 
 
 @dataclass
@@ -58,17 +64,26 @@ class Snapshot:
     domains: dict[str, int]
 
 
+def _positive(value: int | None) -> int | None:
+    """A limit of 0 or empty means "no limit"."""
+    return value if value and value > 0 else None
+
+
 def _policy(user: OutgoingUser) -> UserPolicy:
+    headers = tuple(HeaderRule(h.header_name, h.regex or None, bool(h.remove_header))
+                    for h in user.identification_headers)
+    rules, problems = compile_usable_rules(headers)
+    for problem in problems:
+        log.warning("outgoing user %s: ignoring %s", user.name, problem)
     return UserPolicy(
         id=user.id, kind=user.kind, name=user.name, domain_id=user.domain_id,
         domain=user.domain.name, password_hash=user.password_hash,
         identification_method=user.identification_method,
-        headers=tuple(HeaderRule(h.header_name, h.regex or None, bool(h.remove_header))
-                      for h in user.identification_headers),
+        headers=headers,
         automatic_lock=bool(user.automatic_lock),
         lock_identities_automatically=bool(user.lock_identities_automatically),
-        limits={k: v for k, v in user.limits.items() if v},
-        maximum_recipients_per_day=user.maximum_recipients_per_day,
+        limits={k: v for k, v in user.limits.items() if _positive(v)},
+        maximum_recipients_per_day=_positive(user.maximum_recipients_per_day),
         dkim_selector=user.dkim_selector, quarantine_response=user.quarantine_response,
         message_archiving=bool(user.message_archiving),
         block_macro_attachments=bool(user.block_macro_attachments),
@@ -79,6 +94,7 @@ def _policy(user: OutgoingUser) -> UserPolicy:
         ip_family=user.ip_family,
         ip_first=int(user.ip_first, 16) if user.ip_first else None,
         ip_last=int(user.ip_last, 16) if user.ip_last else None,
+        identity_rules=rules,
     )
 
 

@@ -16,8 +16,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None,
                         help="processes sharing the port (default: SMTP_WORKERS or the cores)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
+    level = os.environ.get("LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level,
                         format="%(asctime)s smtp %(levelname)s %(name)s: %(message)s")
+    if level != "DEBUG":
+        # aiosmtpd logs every command line at INFO: a dozen log lines per message, and
+        # addresses in them. Its warnings and errors still show.
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
     try:
         config = load_config()
     except ConfigError as exc:

@@ -12,6 +12,7 @@ import math
 import secrets
 import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from scoring.limits import (
     RECIPIENTS,
     WINDOW_SECONDS,
     LimitDecision,
+    bucket_index,
     check_limit,
     counts_from_hash,
     ordered_windows,
@@ -59,6 +61,65 @@ def _limits_script(redis: AsyncRedis) -> Any:
     return script
 
 
+@dataclass(frozen=True)
+class LimitCheck:
+    """What one run of ``limits.lua`` found and did."""
+
+    decision: LimitDecision
+    counts: Counts  # {window: (previous, current)} before this call
+    counted: frozenset[str]  # windows counted by this call
+    lock: str | None = None  # the lock's JSON when the user is locked (nothing counted)
+    fields: Mapping[str, str] = field(default_factory=dict)  # window -> hash field counted
+
+
+async def run_limits(
+    redis: AsyncRedis,
+    user_id: int,
+    required: Mapping[str, int | None],
+    now: float,
+    *,
+    optional: Mapping[str, int | None] | None = None,
+    check_lock: bool = False,
+    give_back: str | None = None,
+) -> LimitCheck:
+    """One round trip: give back ``give_back`` (a hash field reserved earlier and unused),
+    stop if the user is locked (``check_lock``), check every ``required`` window and count one
+    event in each unless one is full, and count ``optional`` windows only where they fit.
+    A limit of None is unlimited but still counted."""
+    optional = optional or {}
+    overlap = set(required) & set(optional)
+    if overlap:
+        raise ValueError(f"windows both required and optional: {sorted(overlap)}")
+    windows = ordered_windows({**required, **optional})
+    limits = {**required, **optional}
+    args: list[str | int | float] = [repr(float(now)), give_back or ""]
+    for window in windows:
+        check_limit(window, limits[window])
+        limit = limits[window]
+        args += [window, WINDOW_SECONDS[window], "" if limit is None else limit,
+                 1 if window in optional else 0]
+    keys = [limits_key(user_id)]
+    if check_lock:
+        keys.append(redis_keys.user_lock(user_id))
+    raw = await _limits_script(redis)(keys=keys, args=args)
+    lock = _text(raw[2])
+    if lock:
+        return LimitCheck(ALLOWED, {}, frozenset(), lock=lock)
+    counts = {
+        window: (int(raw[3 + 3 * i]), int(raw[4 + 3 * i])) for i, window in enumerate(windows)
+    }
+    counted = frozenset(window for i, window in enumerate(windows) if int(raw[5 + 3 * i]))
+    fields = {window: f"{window}:{bucket_index(now, WINDOW_SECONDS[window])}"
+              for window in counted}
+    if int(raw[0]) == 1:
+        return LimitCheck(ALLOWED, counts, counted, fields=fields)
+    window = _text(raw[1])
+    limit = limits[window]
+    if limit is None:  # the script only reports limited windows
+        raise RuntimeError(f"limits script refused unlimited window {window!r}")
+    return LimitCheck(refused(window, limit), counts, counted, fields=fields)
+
+
 async def check_and_count(
     redis: AsyncRedis, user_id: int, limits: Mapping[str, int | None], now: float
 ) -> tuple[LimitDecision, Counts]:
@@ -66,23 +127,37 @@ async def check_and_count(
     event in each only when none is full. Also returns the counts found before this call,
     as ``{window: (previous, current)}``, for logging and for comparing with
     ``scoring.limits.decide``."""
-    windows = ordered_windows(limits)
-    args: list[str | int | float] = [repr(float(now))]
-    for window in windows:
-        check_limit(window, limits[window])
-        limit = limits[window]
-        args += [window, WINDOW_SECONDS[window], "" if limit is None else limit]
-    raw = await _limits_script(redis)(keys=[limits_key(user_id)], args=args)
-    counts = {
-        window: (int(raw[2 + 2 * i]), int(raw[3 + 2 * i])) for i, window in enumerate(windows)
-    }
-    if int(raw[0]) == 1:
-        return ALLOWED, counts
-    window = _text(raw[1])
-    limit = limits[window]
-    if limit is None:  # the script only reports limited windows
-        raise RuntimeError(f"limits script refused unlimited window {window!r}")
-    return refused(window, limit), counts
+    result = await run_limits(redis, user_id, limits, now)
+    return result.decision, result.counts
+
+
+async def check_mail(
+    redis: AsyncRedis,
+    user_id: int,
+    now: float,
+    *,
+    connection_limits: Mapping[str, int | None] | None,
+    maximum_recipients_per_day: int | None,
+    give_back: str | None = None,
+) -> LimitCheck:
+    """The MAIL stage in one round trip: the user's lock, the connection windows (pass None
+    when this session was counted already; ``{}`` counts without limits) and one recipient
+    reserved in advance when it fits, so a one-recipient message needs no second round trip.
+    The reserved field is in ``fields[RECIPIENTS]``; give it back when no RCPT used it."""
+    required: dict[str, int | None] = {}
+    if connection_limits is not None:
+        unknown = set(connection_limits) - set(CONNECTION_WINDOWS)
+        if unknown:
+            raise ValueError(f"not connection windows: {sorted(unknown)}")
+        required = {window: connection_limits.get(window) for window in CONNECTION_WINDOWS}
+    return await run_limits(redis, user_id, required, now,
+                            optional={RECIPIENTS: maximum_recipients_per_day},
+                            check_lock=True, give_back=give_back)
+
+
+async def give_back(redis: AsyncRedis, user_id: int, field_name: str, now: float) -> None:
+    """Return one reserved event (e.g. a recipient reserved at MAIL that no RCPT used)."""
+    await run_limits(redis, user_id, {}, now, give_back=field_name)
 
 
 async def count_connection(

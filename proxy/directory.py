@@ -3,6 +3,9 @@
 The control panel bumps a version in Redis and publishes it; the proxy listens and also polls
 the version as a fallback. Lookups per connection are dictionary hits and a bisect over IP
 ranges, never a database query, and a database outage keeps the last good view serving.
+Only when a login is unknown to that view does the proxy ask whether the database is
+reachable at all (at most once a second), to tell "no such user" (535) from "cannot know
+right now" (454).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+
+from sqlalchemy import text
 
 from outgoing import redis_keys
 from outgoing.db import session_scope
@@ -32,6 +37,9 @@ class Directory:
         self._index = RangeIndex([])
         self._version: bytes | None = None
         self._lock = asyncio.Lock()
+        self._probed_at = float("-inf")
+        self._reachable = True
+        self._probe: asyncio.Future | None = None
 
     def _load(self) -> Snapshot:
         with session_scope(self._sessionmaker) as session:
@@ -81,6 +89,26 @@ class Directory:
     @property
     def ready(self) -> bool:
         return self.snapshot is not None
+
+    def _ping(self) -> bool:
+        try:
+            with session_scope(self._sessionmaker) as session:
+                session.execute(text("SELECT 1 FROM outgoing_users LIMIT 1"))
+            return True
+        except Exception as exc:
+            log.warning("database unreachable: %s", exc)
+            return False
+
+    async def database_reachable(self, max_age: float = 1.0) -> bool:
+        """Can the database be read now? Asked only on failure paths, answered from a probe
+        at most ``max_age`` seconds old, one probe at a time however many ask."""
+        if time.monotonic() - self._probed_at < max_age:
+            return self._reachable
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().run_in_executor(None, self._ping)
+        reachable = await asyncio.shield(self._probe)
+        self._reachable, self._probed_at = reachable, time.monotonic()
+        return reachable
 
     def user(self, user_id: int) -> UserPolicy | None:
         return self.snapshot.users.get(user_id) if self.snapshot else None

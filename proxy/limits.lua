@@ -1,13 +1,20 @@
 -- Check every sliding window of one outgoing user and, only if none would be exceeded,
--- count one event in each. Atomic (one script), one round trip, one key per user.
+-- count one event in each. Atomic (one script), one round trip, one key per user, plus the
+-- user's lock key when asked, so MAIL needs a single round trip for the lock and all limits.
 --
 -- KEYS[1]  og:{<user_id>}:limits -- one hash per user, fields "<window>:<bucket index>"
+-- KEYS[2]  optional: og:{<user_id>}:lock -- when it exists nothing is counted and its value
+--          is returned
 -- ARGV[1]  now, float epoch seconds (injected by the caller, never Redis TIME)
--- ARGV[2..] triples: window name, window seconds, limit ("" = unlimited, still counted)
---          in checking order; the first full window is reported.
+-- ARGV[2]  a field to give one event back first ("" for none), e.g. a recipient reserved at
+--          MAIL that no RCPT used; never taken below zero
+-- ARGV[3..] quads: window name, window seconds, limit ("" = unlimited, still counted),
+--          optional ("1": counted only when it fits, never refuses; "0": required)
+--          in checking order; the first full required window is reported.
 --
--- Returns { allowed (1/0), full window name or "", then per window in argument order the
--- previous and current bucket counts as they were before this call }.
+-- Returns { allowed (1/0), full window name or "", lock value or "", then per window in
+-- argument order the previous and current bucket counts as they were before this call and
+-- 1/0 for counted }.
 --
 -- The estimate is scoring/limits.py's: previous * (1 - elapsed / seconds) + current,
 -- same operations in the same order so both sides agree to the last bit.
@@ -18,41 +25,59 @@
 local key = KEYS[1]
 local now = tonumber(ARGV[1])
 
+if ARGV[2] ~= "" then
+  local held = tonumber(redis.call("HGET", key, ARGV[2]) or "0")
+  if held > 0 then
+    redis.call("HINCRBY", key, ARGV[2], -1)
+  end
+end
+
+if KEYS[2] then
+  local lock = redis.call("GET", KEYS[2])
+  if lock then
+    return { 0, "", lock }
+  end
+end
+
 local stored = redis.call("HGETALL", key)
 local values = {}
 for i = 1, #stored, 2 do
   values[stored[i]] = tonumber(stored[i + 1])
 end
 
-local names, current_fields, keep = {}, {}, {}
-local result = { 1, "" }
+local names, windows, keep = {}, {}, {}
+local result = { 1, "", "" }
 local longest = 0
-for i = 2, #ARGV, 3 do
+for i = 3, #ARGV, 4 do
   local name = ARGV[i]
   local seconds = tonumber(ARGV[i + 1])
   local limit = tonumber(ARGV[i + 2])
+  local optional = ARGV[i + 3] == "1"
   local bucket = math.floor(now / seconds)
   local current_field = string.format("%s:%d", name, bucket)
   local previous_field = string.format("%s:%d", name, bucket - 1)
   local previous = values[previous_field] or 0
   local current = values[current_field] or 0
+  local fits = true
   names[name] = true
   keep[current_field] = true
   keep[previous_field] = true
-  current_fields[#current_fields + 1] = current_field
   if seconds > longest then
     longest = seconds
   end
-  if limit ~= nil and result[1] == 1 then
+  if limit ~= nil then
     local elapsed = now - bucket * seconds
     local estimate = previous * (1 - elapsed / seconds) + current
-    if estimate + 1 > limit then
-      result[1] = 0
-      result[2] = name
-    end
+    fits = estimate + 1 <= limit
   end
+  if not fits and not optional and result[1] == 1 then
+    result[1] = 0
+    result[2] = name
+  end
+  windows[#windows + 1] = { field = current_field, fits = fits, optional = optional }
   result[#result + 1] = previous
   result[#result + 1] = current
+  result[#result + 1] = 0
 end
 
 local stale = {}
@@ -67,12 +92,19 @@ if #stale > 0 then
 end
 
 if result[1] == 1 then
-  for _, field in ipairs(current_fields) do
-    redis.call("HINCRBY", key, field, 1)
+  local counted = false
+  for i, window in ipairs(windows) do
+    if window.fits or not window.optional then
+      redis.call("HINCRBY", key, window.field, 1)
+      result[3 + 3 * i] = 1
+      counted = true
+    end
   end
-  local ttl = 2 * longest
-  if redis.call("TTL", key) < ttl then
-    redis.call("EXPIRE", key, ttl)
+  if counted then
+    local ttl = 2 * longest
+    if redis.call("TTL", key) < ttl then
+      redis.call("EXPIRE", key, ttl)
+    end
   end
 end
 

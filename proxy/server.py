@@ -1,4 +1,9 @@
-"""Run the proxy: one asyncio loop per process, N processes sharing the port (SO_REUSEPORT)."""
+"""Run the proxy: one asyncio loop per process, N processes sharing the port (SO_REUSEPORT).
+
+Each process loads the configuration and starts listening; when the database is down at
+start-up it listens anyway (answering 4xx) and keeps trying in the background.
+The parent process only supervises: a worker that dies is started again.
+"""
 
 from __future__ import annotations
 
@@ -11,21 +16,32 @@ import time
 
 import redis
 import redis.asyncio as aioredis
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, Session
 
-from outgoing import locks
+from outgoing import jobs, locks
 from outgoing.config import parse_hostport
 from outgoing.db import make_sessionmaker, session_scope
 from proxy.directory import Directory
 from proxy.handler import OutboundHandler
+from proxy.identities import IdentityFlusher
 from proxy.tls import server_context
 
 log = logging.getLogger("proxy")
 
+# Commands a client may send per connection before it is cut off with 421: generous for real
+# mail (MAIL, RCPT, DATA are bounded by the message limits), tight for the junk commands.
+COMMAND_CALL_LIMITS = {
+    "AUTH": 10, "HELO": 20, "EHLO": 20, "STARTTLS": 3, "VRFY": 20, "EXPN": 20, "HELP": 20,
+    "NOOP": 1000, "*": 1_000_000,
+}
+
 
 def listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP spelled out: asyncio turns Nagle off only on sockets that say they are TCP,
+    # and with Nagle on every multi-line reply (EHLO) waits ~40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -35,10 +51,93 @@ def listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
+class QuietSession(Session):
+    """aiosmtpd sets the deprecated ``login_data`` on every successful AUTH and logs a
+    warning each time; we never read it, so store it without the noise."""
+
+    @property
+    def login_data(self):
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value) -> None:
+        self._login_data = value
+
+
 class LimitedSMTP(SMTP):
-    """aiosmtpd's SMTP with a bounded command line and a clean answer to abusive input."""
+    """aiosmtpd's SMTP with a bounded command line, multi-line replies sent in one write,
+    and a word to the handler when the connection ends (to give back what the session
+    reserved)."""
 
     command_size_limit = 512
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._held_lines: list[bytes] = []
+
+    async def push(self, status):
+        """aiosmtpd sends each line of a reply on its own (EHLO: seven writes, each a
+        syscall and, under TLS, a record); hold "250-" lines and send them with the last."""
+        if isinstance(status, str):
+            status = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
+        if status[3:4] == b"-" and status[:3].isdigit():
+            self._held_lines.append(status)
+            return
+        if self._held_lines:
+            status = b"\r\n".join([*self._held_lines, status])
+            self._held_lines = []
+        await super().push(status)
+
+    def _session_ended(self) -> None:
+        closed = getattr(self.event_handler, "session_closed", None)
+        if closed is not None and getattr(self, "session", None) is not None:
+            try:
+                closed(self.session)
+            except Exception:
+                log.exception("session_closed failed")
+
+    def _create_session(self):
+        session = QuietSession(self.loop)
+        replaced = getattr(self.event_handler, "session_replaced", None)
+        if replaced is not None and getattr(self, "session", None) is not None:
+            replaced(self.session, session)  # STARTTLS: a new session, the same connection
+        return session
+
+    def connection_lost(self, error):
+        self._session_ended()
+        super().connection_lost(error)
+
+
+async def _load(directory: Directory, sessionmaker, redis_sync) -> bool:
+    """Load the configuration, then put the locks the database holds back into Redis (in
+    case Redis lost its data). False when the database cannot be read yet."""
+    try:
+        await directory.reload()
+    except Exception as exc:
+        log.warning("cannot load configuration yet (%s); retrying", exc)
+        return False
+
+    def restore():
+        # Also make sure the worker's periodic chains (sweep, retention, reports) exist.
+        jobs.ensure_periodic(redis_sync)
+        with session_scope(sessionmaker) as db:
+            return locks.restore_redis_locks(db, redis_sync)
+
+    try:
+        restored = await asyncio.get_running_loop().run_in_executor(None, restore)
+        if restored:
+            log.info("restored %d locks into Redis", restored)
+    except Exception as exc:
+        log.warning("could not restore locks into Redis: %s", exc)
+    return True
+
+
+async def _keep_loaded(directory: Directory, sessionmaker, redis_sync) -> None:
+    """Retry the first load until the database answers, then follow configuration changes."""
+    while not directory.ready:
+        await asyncio.sleep(1)
+        await _load(directory, sessionmaker, redis_sync)
+    await directory.watch()
 
 
 async def serve(config: dict, sock: socket.socket, clock=time.time,
@@ -49,23 +148,11 @@ async def serve(config: dict, sock: socket.socket, clock=time.time,
     redis_sync = redis.from_url(config["REDIS_URL"], socket_timeout=5,
                                 socket_connect_timeout=5)
     directory = Directory(sessionmaker, redis_async, config["CONFIG_REFRESH_SECONDS"])
-    while True:
-        try:
-            await directory.reload()
-            break
-        except Exception as exc:
-            log.warning("cannot load configuration yet (%s); retrying", exc)
-            await asyncio.sleep(1)
-    try:
-        with session_scope(sessionmaker) as db:
-            restored = locks.restore_redis_locks(db, redis_sync)
-        if restored:
-            log.info("restored %d locks into Redis", restored)
-    except Exception as exc:
-        log.warning("could not restore locks into Redis: %s", exc)
-
+    flusher = IdentityFlusher(redis_async, sessionmaker, clock,
+                              float(config.get("IDENTITY_FLUSH_SECONDS", 2.0)))
     handler = OutboundHandler(config=config, directory=directory, redis=redis_async,
-                              redis_sync=redis_sync, sessionmaker=sessionmaker, clock=clock)
+                              redis_sync=redis_sync, sessionmaker=sessionmaker, clock=clock,
+                              flusher=flusher)
     tls = server_context(config["TLS_CERT"], config["TLS_KEY"], config["SMTP_HOSTNAME"])
     trusted = config["SMTP_TRUSTED"]
 
@@ -74,11 +161,14 @@ async def serve(config: dict, sock: socket.socket, clock=time.time,
                            ident="Outbound Guard", tls_context=tls,
                            require_starttls=False, auth_require_tls=not trusted,
                            data_size_limit=config["MAX_MESSAGE_SIZE"],
-                           enable_SMTPUTF8=True, timeout=300)
+                           enable_SMTPUTF8=True, timeout=300,
+                           command_call_limit=dict(COMMAND_CALL_LIMITS))
 
+    await _load(directory, sessionmaker, redis_sync)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(factory, sock=sock)
-    watcher = asyncio.create_task(directory.watch())
+    tasks = [asyncio.create_task(_keep_loaded(directory, sessionmaker, redis_sync)),
+             asyncio.create_task(flusher.run())]
     stop = asyncio.Event()
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -88,39 +178,77 @@ async def serve(config: dict, sock: socket.socket, clock=time.time,
     try:
         await stop.wait()
     finally:
-        watcher.cancel()
+        for task in tasks:
+            task.cancel()
         server.close()
-        await server.wait_closed()
+        try:
+            await asyncio.wait_for(server.wait_closed(), timeout=5)
+        except (TimeoutError, asyncio.CancelledError):
+            pass
+        try:
+            await asyncio.wait_for(handler.close(), timeout=10)
+        except Exception as exc:
+            log.warning("shutdown: %s", exc)
         await redis_async.aclose()
         redis_sync.close()
+        sessionmaker.kw["bind"].dispose()
+
+
+def _child(config: dict, host: str, port: int) -> None:
+    """A worker process: its own socket on the shared port, its own loop."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    code = 0
+    try:
+        sock = listening_socket(host, port, reuse_port=True)
+        asyncio.run(serve(config, sock))
+    except BaseException:
+        log.exception("SMTP proxy worker %d failed", os.getpid())
+        code = 1
+    finally:
+        os._exit(code)
 
 
 def run(config: dict, workers: int) -> None:
-    """Start ``workers`` processes on one listening port; the parent only supervises."""
+    """Start ``workers`` processes on one listening port; the parent only supervises and
+    starts a worker again when one dies (at most once a second)."""
     host, port = parse_hostport("SMTP_LISTEN", config["SMTP_LISTEN"])
     if workers <= 1:
         sock = listening_socket(host, port, reuse_port=False)
         asyncio.run(serve(config, sock))
         return
-    children = []
-    for _ in range(workers):
+    stopping = False
+
+    def spawn() -> int:
         pid = os.fork()
         if pid == 0:
-            sock = listening_socket(host, port, reuse_port=True)
-            try:
-                asyncio.run(serve(config, sock))
-            finally:
-                os._exit(0)
-        children.append(pid)
+            _child(config, host, port)
+        return pid
+
+    children = {spawn() for _ in range(workers)}
 
     def forward(signum, _frame):
-        for child in children:
+        nonlocal stopping
+        stopping = True
+        for child in list(children):
             try:
-                os.kill(child, signum)
+                os.kill(child, signal.SIGTERM)
             except ProcessLookupError:
                 pass
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    for child in children:
-        os.waitpid(child, 0)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        children.discard(pid)
+        if not stopping:
+            log.error("SMTP proxy worker %d exited (status %d); starting another", pid,
+                      status)
+            time.sleep(1)
+            if not stopping:
+                children.add(spawn())

@@ -116,9 +116,9 @@ class CompiledRules:
 
 @dataclass(frozen=True)
 class IdentityResult:
-    """The identity found (None: attribute the message to the outgoing user), where it came
-    from ("envelope_sender", "auth_user", "header:<Name>", or "header" when no rule matched)
-    and the header names to strip before relaying (compare case-insensitively)."""
+    """The identity found, normalised (None: attribute the message to the outgoing user),
+    where it came from ("envelope_sender", "auth_user", "header:<Name>", or "header" when no
+    rule matched) and the header names to strip before relaying (compare case-insensitively)."""
 
     value: str | None
     source: str
@@ -145,6 +145,22 @@ def compile_rules(rules: Iterable[HeaderRule | Sequence[Any] | Any]) -> Compiled
     return CompiledRules(tuple(compiled))
 
 
+def compile_usable_rules(
+    rules: Iterable[HeaderRule | Sequence[Any] | Any],
+) -> tuple[CompiledRules, tuple[str, ...]]:
+    """Like ``compile_rules`` but a bad rule is left out instead of failing them all: the
+    proxy compiles every user's rules once per configuration load, and one stored bad pattern
+    must not stop the others. Returns the rules and a problem text per rule left out."""
+    compiled: list[CompiledRule] = []
+    problems: list[str] = []
+    for position, rule in enumerate(rules, start=1):
+        try:
+            compiled.extend(compile_rules([rule]).rules)
+        except (ValueError, TypeError) as error:
+            problems.append(str(error).replace("header 1:", f"header {position}:", 1))
+    return CompiledRules(tuple(compiled)), tuple(problems)
+
+
 def _without_surrogates(value: str) -> str:
     """Lone surrogates (from surrogateescape decoding) can be neither stored nor given to RE2."""
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
@@ -160,13 +176,23 @@ def _clean(value: str | None) -> str | None:
     return value or None
 
 
+def normalise_identity(value: str | None) -> str | None:
+    """The one spelling of an identity everywhere (Redis keys, the database, replies):
+    cleaned as above and lower-cased, so "Alice@Example.com" and "alice@example.com" are
+    one sender. None when nothing is left."""
+    cleaned = _clean(value)
+    if cleaned is None:
+        return None
+    return cleaned.lower()[:MAX_IDENTITY].strip() or None
+
+
 def _from_header(value: str, regex: Any) -> str | None:
     if regex is None:
-        return _clean(value)
+        return normalise_identity(value)
     match = regex.search(_without_surrogates(value).replace("\r\n", ""))
     if match is None:
         return None
-    return _clean(match.group(1) if regex.groups else match.group(0))
+    return normalise_identity(match.group(1) if regex.groups else match.group(0))
 
 
 def extract_identity(
@@ -183,9 +209,9 @@ def extract_identity(
     listed for removal, whether or not it gave the identity: the setting means that header
     must not reach recipients."""
     if method == ENVELOPE_SENDER:
-        return IdentityResult(_clean(mail_from), ENVELOPE_SENDER)
+        return IdentityResult(normalise_identity(mail_from), ENVELOPE_SENDER)
     if method == AUTH_USER:
-        return IdentityResult(_clean(auth_user), AUTH_USER)
+        return IdentityResult(normalise_identity(auth_user), AUTH_USER)
     if method != HEADER:
         raise ValueError(f"unknown identification method {method!r}")
 

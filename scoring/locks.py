@@ -1,4 +1,5 @@
-"""When spam locks a sender, and whether a timed unlock may undo a lock."""
+"""When spam locks a sender, whether a timed unlock may undo a lock, and when failed SMTP
+AUTH attempts block a client address or a username for a while."""
 
 from __future__ import annotations
 
@@ -6,6 +7,14 @@ from dataclasses import dataclass
 
 SPAM_THRESHOLD = 5
 SPAM_WINDOW_SECONDS = 600
+
+# Failed AUTH: this many failures inside the window block the client address (or the
+# username) for the block time. Counted per address and per username separately, so one
+# attacking address cannot lock a customer out from everywhere, and many addresses guessing
+# one password are still stopped.
+AUTH_FAILURE_LIMIT = 10
+AUTH_FAILURE_WINDOW_SECONDS = 600
+AUTH_BLOCK_SECONDS = 900
 
 
 def should_lock(spam_in_window: int, *, enabled: bool, threshold: int = SPAM_THRESHOLD) -> bool:
@@ -33,3 +42,17 @@ def auto_unlock_decision(*, locked: bool, current_lock_id: str | None, job_lock_
         return AutoUnlock(False, f"all {maximum_unlocks} automatic unlocks used; "
                                  "an administrator must unlock")
     return AutoUnlock(True, f"automatic unlock {unlocks_used + 1} of {maximum_unlocks}")
+
+
+def auth_block_until(failures_in_window: int, now: float, *, limit: int = AUTH_FAILURE_LIMIT,
+                     block_seconds: float = AUTH_BLOCK_SECONDS) -> float | None:
+    """The moment a block ends when this failure reaches the limit, else None. A limit of
+    0 or None means AUTH failures are never blocked."""
+    if not limit or failures_in_window < limit:
+        return None
+    return now + block_seconds
+
+
+def auth_blocked(until: float | None, now: float) -> bool:
+    """Is a block that ends at ``until`` still in force at ``now``?"""
+    return until is not None and now < until

@@ -8,17 +8,20 @@ import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
+from outgoing import redis_keys
 from outgoing.usage import read_usage_sync
 from proxy.counters import (
     check_and_count,
+    check_mail,
     count_connection,
     count_recipient,
+    give_back,
     limits_key,
     read_usage,
     record_spam_event,
     spam_key,
 )
-from scoring.limits import CONNECTION_WINDOWS, DAY, MONTH, WEEK, decide
+from scoring.limits import CONNECTION_WINDOWS, DAY, MONTH, RECIPIENTS, WEEK, decide
 
 T0 = 700 * MONTH  # starts a bucket of every window
 USER = 42
@@ -285,3 +288,76 @@ def test_unknown_connection_window_is_refused_before_touching_redis():
         return await r.dbsize()
 
     assert run(scenario) == 0
+
+
+def test_mail_check_counts_the_session_and_reserves_one_recipient_in_one_call(clean_db):
+    async def scenario(r):
+        first = await check_mail(r, USER, T0 + 1, connection_limits={"hour": 5},
+                                 maximum_recipients_per_day=10)
+        return first, await read_usage(r, USER, T0 + 2)
+
+    check, usage = run(scenario)
+    assert check.decision.allowed and check.lock is None
+    assert check.fields[RECIPIENTS] == f"recipients:{T0 // DAY}"
+    assert usage["hour"] == (0, 1) and usage["recipients"] == (0, 1)
+
+
+def test_mail_check_reports_the_lock_and_counts_nothing(clean_db):
+    clean_db.set(redis_keys.user_lock(USER), '{"reason": "spam"}')
+
+    async def scenario(r):
+        check = await check_mail(r, USER, T0, connection_limits={},
+                                 maximum_recipients_per_day=None)
+        return check, await read_usage(r, USER, T0)
+
+    check, usage = run(scenario)
+    assert check.lock == '{"reason": "spam"}'
+    assert set(usage.values()) == {(0, 0)}
+
+
+def test_full_recipient_window_does_not_refuse_mail_and_reserves_nothing(clean_db):
+    async def scenario(r):
+        for i in range(2):
+            await count_recipient(r, USER, 2, T0 + i)
+        return await check_mail(r, USER, T0 + 5, connection_limits={"minute": 9},
+                                maximum_recipients_per_day=2)
+
+    check = run(scenario)
+    assert check.decision.allowed and RECIPIENTS not in check.fields
+    assert check.counted == frozenset(CONNECTION_WINDOWS)
+
+
+def test_full_connection_window_refuses_mail_and_reserves_nothing(clean_db):
+    async def scenario(r):
+        await count_connection(r, USER, {"minute": 1}, T0)
+        check = await check_mail(r, USER, T0 + 1, connection_limits={"minute": 1},
+                                 maximum_recipients_per_day=None)
+        return check, await read_usage(r, USER, T0 + 2)
+
+    check, usage = run(scenario)
+    assert (check.decision.allowed, check.decision.window) == (False, "minute")
+    assert check.counted == frozenset() and usage["recipients"] == (0, 0)
+
+
+def test_given_back_reservation_never_goes_below_zero(clean_db):
+    async def scenario(r):
+        check = await check_mail(r, USER, T0, connection_limits=None,
+                                 maximum_recipients_per_day=None)
+        field_name = check.fields[RECIPIENTS]
+        for _ in range(3):
+            await give_back(r, USER, field_name, T0 + 1)
+        return await read_usage(r, USER, T0 + 2)
+
+    assert run(scenario)["recipients"] == (0, 0)
+
+
+def test_give_back_rides_along_with_the_next_mail_check(clean_db):
+    async def scenario(r):
+        first = await check_mail(r, USER, T0, connection_limits=None,
+                                 maximum_recipients_per_day=None)
+        await check_mail(r, USER, T0 + 1, connection_limits=None,
+                         maximum_recipients_per_day=None,
+                         give_back=first.fields[RECIPIENTS])
+        return await read_usage(r, USER, T0 + 2)
+
+    assert run(scenario)["recipients"] == (0, 1)

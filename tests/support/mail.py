@@ -24,8 +24,12 @@ def message(sender="alice@example.com", to="bob@example.org", subject="Hello",
     return msg.as_bytes(policy=email.policy.SMTP)
 
 
-def client(port: int, *, starttls: bool = True) -> smtplib.SMTP:
-    smtp = smtplib.SMTP("127.0.0.1", port, timeout=15)
+def client(port: int, *, starttls: bool = True, host: str = "127.0.0.1",
+           source: str | None = None) -> smtplib.SMTP:
+    """An SMTP client; ``source`` binds it to another local address (any 127.x.y.z works on
+    Linux), so one machine can play several customers' servers."""
+    smtp = smtplib.SMTP(host, port, timeout=15,
+                        source_address=(source, 0) if source else None)
     smtp.ehlo("client.example.com")
     if starttls:
         context = ssl.create_default_context()

@@ -23,17 +23,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None,
+                  host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before listening")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            with socket.create_connection((host, port), timeout=0.2):
                 return
         except OSError:
             time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+    raise TimeoutError(f"nothing listening on {host}:{port}")
 
 
 @dataclass
@@ -79,6 +80,90 @@ class Sink:
             self.controller.stop()
 
 
+class RedisServer:
+    """A redis-server process of a test's own, to stop and start again (Redis outages)."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+
+class TcpForwarder:
+    """A TCP relay to a real server (e.g. PostgreSQL) that a test can cut and restore, to
+    play a network outage of that server without touching the server itself."""
+
+    def __init__(self, target_host: str, target_port: int):
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self._server = None
+        self._writers: set = set()
+
+    async def _pipe(self, reader, writer):
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def _accept(self, reader, writer):
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update((writer, up_writer))
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        self._writers.difference_update((writer, up_writer))
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
+
+    def start(self) -> TcpForwarder:
+        async def listen():
+            self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port,
+                                                      reuse_address=True)
+        self._call(listen())
+        return self
+
+    def cut(self) -> None:
+        """Refuse new connections and drop the open ones."""
+        async def close():
+            if self._server is not None:
+                self._server.close()
+                self._server = None
+            for writer in list(self._writers):
+                writer.transport.abort()
+            self._writers.clear()
+        self._call(close())
+
+    def stop(self) -> None:
+        self.cut()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+
+
 class Clock:
     """An injectable clock for the proxy: tests move time instead of sleeping."""
 
@@ -101,8 +186,9 @@ class InProcessProxy:
         self.config = config
         self.clock = clock
         host, _, port = config["SMTP_LISTEN"].rpartition(":")
+        self.host = host.strip("[]")  # "[::1]:port" listens on IPv6
         self.port = int(port)
-        self.sock = listening_socket(host, self.port, reuse_port=False)
+        self.sock = listening_socket(self.host, self.port, reuse_port=False)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self._stop: asyncio.Event | None = None
@@ -127,7 +213,7 @@ class InProcessProxy:
 
     def start(self) -> InProcessProxy:
         self.thread.start()
-        wait_for_port(self.port)
+        wait_for_port(self.port, host=self.host)
         return self
 
     def stop(self) -> None:

@@ -194,3 +194,27 @@ def test_bad_header_name_is_rejected(name):
 
 def test_good_header_name_passes_the_form_check():
     assert validate_header_name("X-Client-ID") is None
+
+
+def test_identities_are_lower_cased_by_every_method():
+    from scoring.identity import normalise_identity
+
+    assert extract_identity("envelope_sender", mail_from="Alice@Example.COM", auth_user=None,
+                            headers=[], rules=NO_RULES).value == "alice@example.com"
+    assert extract_identity("auth_user", mail_from="", auth_user="Customer-17", headers=[],
+                            rules=NO_RULES).value == "customer-17"
+    assert by_header([("X-Id", "ACME")], [("X-Id", None, False)]).value == "acme"
+    assert normalise_identity("  ") is None
+    assert len(normalise_identity("\u0130" * 300)) <= MAX_IDENTITY
+
+
+def test_one_bad_stored_rule_is_left_out_and_the_others_still_work():
+    from scoring.identity import compile_usable_rules
+
+    rules, problems = compile_usable_rules([("X-Bad", "(?<=x)y", False),
+                                            ("X-Good", r"id-(\d+)", True)])
+    assert [r.header_name for r in rules.rules] == ["X-Good"]
+    assert len(problems) == 1 and problems[0].startswith("identification header 1:")
+    result = extract_identity("header", mail_from="", auth_user=None,
+                              headers=[("X-Good", "id-7")], rules=rules)
+    assert result.value == "7"

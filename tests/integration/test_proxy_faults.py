@@ -1,0 +1,340 @@
+"""Faults and hostile input over real sockets: Redis and the database going away and coming
+back, malformed AUTH, pipelined floods, 10,000 recipients, overlong lines. The proxy answers
+each with a clear 4xx/5xx, shows no Python error, keeps running, and relays nothing it should
+not."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import ssl
+import time
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from tests.support import data
+from tests.support.mail import GTUBE, client, message, send
+from tests.support.services import RedisServer, TcpForwarder
+
+PASSWORD = "Alice-pass-123"
+
+
+@pytest.fixture
+def alice(instance):
+    return data.add_user("example.com", "user", "alice@example.com", PASSWORD)
+
+
+@pytest.fixture
+def own_redis():
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+def plain(login: str, password: str) -> str:
+    return base64.b64encode(f"\0{login}\0{password}".encode()).decode()
+
+
+def mail_code(port: int) -> int:
+    """MAIL in a new authenticated session (AUTH itself needs no Redis)."""
+    with client(port) as smtp:
+        assert smtp.docmd("AUTH", f"PLAIN {plain('alice@example.com', PASSWORD)}")[0] == 235
+        code = smtp.mail("alice@example.com")[0]
+        if code == 250:
+            assert smtp.rcpt("bob@example.org")[0] == 250
+            code = smtp.data(message())[0]
+        return code
+
+
+def eventually(fn, expected, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    value = fn()
+    while value != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+        value = fn()
+    return value
+
+
+# -- Redis ----------------------------------------------------------------------------------
+
+def test_redis_outage_gives_451_and_the_proxy_recovers_when_redis_returns(
+        alice, start_proxy, own_redis, sink):
+    proxy = start_proxy(REDIS_URL=own_redis.url)
+    assert mail_code(proxy.port) == 250
+    own_redis.stop()
+    assert mail_code(proxy.port) == 451
+    assert len(sink.handler.messages) == 1
+    own_redis.start()  # same port, empty data
+    assert eventually(lambda: mail_code(proxy.port), 250) == 250
+    assert len(sink.handler.messages) == 2
+
+
+def test_redis_outage_with_fail_open_lets_mail_through_unchecked(alice, start_proxy,
+                                                                 own_redis, sink):
+    proxy = start_proxy(REDIS_URL=own_redis.url, REDIS_FAIL_OPEN=True)
+    own_redis.stop()
+    assert mail_code(proxy.port) == 250
+    assert len(sink.handler.messages) == 1
+
+
+def test_failed_logins_are_still_throttled_while_redis_is_down(alice, start_proxy,
+                                                               own_redis):
+    proxy = start_proxy(REDIS_URL=own_redis.url, AUTH_FAILURE_LIMIT=3)
+    own_redis.stop()
+    for _ in range(3):
+        with client(proxy.port) as smtp:
+            assert smtp.docmd("AUTH", f"PLAIN {plain('alice@example.com', 'guess')}")[0] == 535
+    with client(proxy.port) as smtp:
+        assert smtp.docmd("AUTH", f"PLAIN {plain('alice@example.com', PASSWORD)}")[0] == 454
+
+
+# -- database --------------------------------------------------------------------------------
+
+@pytest.fixture
+def database_behind_a_cable(migrated):
+    """The test database reached through a TCP relay the test can cut (PostgreSQL only:
+    SQLite is a local file and has no outage of this kind)."""
+    url = make_url(os.environ["DATABASE_URL"])
+    if url.get_backend_name() != "postgresql":
+        pytest.skip("a database outage needs a networked database (run with PostgreSQL)")
+    relay = TcpForwarder(url.host or "127.0.0.1", url.port or 5432).start()
+    yield relay, url.set(host="127.0.0.1", port=relay.port).render_as_string(
+        hide_password=False)
+    relay.stop()
+
+
+def test_database_outage_keeps_cached_configuration_serving(alice, start_proxy, sink,
+                                                            redis_client,
+                                                            database_behind_a_cable):
+    relay, url = database_behind_a_cable
+    data.add_user("example.com", "ip", "127.0.0.5")
+    proxy = start_proxy(DATABASE_URL=url)
+    assert mail_code(proxy.port) == 250  # alice's password is now known to this process
+    relay.cut()
+    from outgoing.changes import announce_config_change
+
+    announce_config_change(redis_client)  # a reload is attempted, fails, the view stays
+    time.sleep(0.5)
+    assert mail_code(proxy.port) == 250
+    with client(proxy.port, source="127.0.0.5") as smtp:
+        assert send(smtp, message())[0] == 250
+    with client(proxy.port) as smtp:
+        code, reply = smtp.docmd("AUTH", f"PLAIN {plain('carol@example.com', 'Carol-123')}")
+        assert (code, reply[:5]) == (454, b"4.7.0")
+        # A spam message cannot be quarantined now: 451, never 250.
+        assert smtp.docmd("AUTH", f"PLAIN {plain('alice@example.com', PASSWORD)}")[0] == 235
+        assert send(smtp, message(body=GTUBE))[0] == 451
+    assert len(sink.handler.messages) == 3
+
+    relay.start()
+
+    def unknown_login() -> int:
+        with client(proxy.port) as smtp:
+            return smtp.docmd("AUTH", f"PLAIN {plain('carol@example.com', 'Carol-123')}")[0]
+
+    assert eventually(unknown_login, 535) == 535
+
+
+# -- malformed AUTH ----------------------------------------------------------------------------
+
+def assert_clean(reply: bytes) -> None:
+    text = reply.decode("utf-8", "replace")
+    assert "Traceback" not in text and "Error: (" not in text and "Exception" not in text
+
+
+@pytest.mark.parametrize(("argument", "expected"), [
+    ("PLAIN %%%not-base64%%%", 501),
+    ("PLAIN " + base64.b64encode(b"no separators at all").decode(), 501),
+    ("PLAIN " + base64.b64encode(b"\0\0password").decode(), 501),
+    ("PLAIN " + base64.b64encode(b"a\0b\0c\0d").decode(), 501),
+    ("PLAIN " + base64.b64encode(b"\0\xff\xfe\0\xff").decode(), 535),
+    ("PLAIN " + "QUFB" * 150, 500),  # longer than a command line may be
+    ("LOGIN %%%", 501),
+    ("CRAM-MD5", 504),
+    ("PLAIN a b c", 501),
+])
+def test_malformed_auth_gets_a_clear_error_and_the_session_goes_on(alice, start_proxy,
+                                                                   argument, expected):
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        code, reply = smtp.docmd("AUTH", argument)
+        assert code == expected
+        assert_clean(reply)
+        assert smtp.docmd("AUTH", f"PLAIN {plain('alice@example.com', PASSWORD)}")[0] == 235
+
+
+def test_auth_login_answers_that_are_too_long_or_aborted(alice, start_proxy):
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        assert smtp.docmd("AUTH", "LOGIN")[0] == 334
+        code, reply = smtp.docmd("A" * 1500)
+        assert code == 500 and reply.startswith(b"5.5.2 Line too long")
+        assert smtp.docmd("AUTH", "LOGIN")[0] == 334
+        assert smtp.docmd("*")[0] == 501
+        assert smtp.noop()[0] == 250
+
+
+# -- floods and long lines ------------------------------------------------------------------
+
+class RawClient:
+    """A client that writes whatever it likes, as fast as it likes, over STARTTLS."""
+
+    def __init__(self, port: int):
+        plain_sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.file = plain_sock.makefile("rb")
+        self.expect(220)
+        plain_sock.sendall(b"EHLO flood.example\r\n")
+        self.expect(250)
+        plain_sock.sendall(b"STARTTLS\r\n")
+        self.expect(220)
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        self.sock = context.wrap_socket(plain_sock)
+        self.file = self.sock.makefile("rb")
+        self.send(b"EHLO flood.example\r\n")
+        self.expect(250)
+
+    def send(self, raw: bytes) -> None:
+        self.sock.sendall(raw)
+
+    def reply(self) -> tuple[int, bytes]:
+        lines = []
+        while True:
+            line = self.file.readline()
+            if not line:
+                return -1, b"".join(lines)
+            lines.append(line)
+            if line[3:4] != b"-":
+                return int(line[:3]), b"".join(lines)
+
+    def expect(self, code: int) -> bytes:
+        got, text = self.reply()
+        assert got == code, text
+        return text
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_pipelined_transaction_is_answered_in_order(alice, start_proxy, sink):
+    proxy = start_proxy()
+    raw = RawClient(proxy.port)
+    raw.send(f"AUTH PLAIN {plain('alice@example.com', PASSWORD)}\r\n"
+             "MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n".encode()
+             + message().replace(b"\n.", b"\n..") + b".\r\nQUIT\r\n")
+    assert [raw.reply()[0] for _ in range(6)] == [235, 250, 250, 354, 250, 221]
+    raw.close()
+    assert len(sink.handler.messages) == 1
+
+
+def test_a_flood_of_junk_commands_is_cut_off_with_421_and_others_are_served(alice,
+                                                                           start_proxy):
+    proxy = start_proxy()
+    raw = RawClient(proxy.port)
+    raw.send(b"NOOP\r\n" * 1200)
+    codes = []
+    while True:
+        code, text = raw.reply()
+        if code != 250:
+            break
+        codes.append(code)
+    assert len(codes) == 1000
+    assert code == 421 and b"NOOP sent too many times" in text
+    assert raw.reply()[0] == -1  # and the connection is closed
+    raw.close()
+    assert mail_code(proxy.port) == 250
+
+
+def test_ten_thousand_recipients_get_452_after_the_thousandth(alice, start_proxy, sink):
+    proxy = start_proxy()
+    raw = RawClient(proxy.port)
+    raw.send(f"AUTH PLAIN {plain('alice@example.com', PASSWORD)}\r\n"
+             "MAIL FROM:<alice@example.com>\r\n".encode())
+    raw.expect(235)
+    raw.expect(250)
+    raw.send(b"".join(f"RCPT TO:<r{n}@example.org>\r\n".encode() for n in range(10_000)))
+    codes = [raw.reply()[0] for _ in range(10_000)]
+    assert codes[:1000] == [250] * 1000
+    assert set(codes[1000:]) == {452}
+    raw.send(b"DATA\r\n")
+    raw.expect(354)
+    raw.send(message() + b".\r\n")
+    raw.expect(250)
+    raw.close()
+    assert len(sink.handler.wait_for(1)[0].rcpt_tos) == 1000
+
+
+def test_bare_line_feeds_in_a_message_reach_the_next_hop_as_crlf(alice, start_proxy, sink):
+    proxy = start_proxy()
+    raw = RawClient(proxy.port)
+    raw.send(f"AUTH PLAIN {plain('alice@example.com', PASSWORD)}\r\n"
+             "MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n".encode())
+    assert [raw.reply()[0] for _ in range(4)] == [235, 250, 250, 354]
+    raw.send(b"Subject: bare\r\n\r\nline one\nline two\rline three\r\n.\r\n")
+    raw.expect(250)
+    raw.close()
+    assert sink.handler.wait_for(1)[0].data.endswith(
+        b"\r\n\r\nline one\r\nline two\r\nline three\r\n")
+
+
+def test_overlong_command_line_gets_500_and_the_session_goes_on(alice, start_proxy):
+    proxy = start_proxy()
+    raw = RawClient(proxy.port)
+    raw.send(b"MAIL FROM:<" + b"a" * 5000 + b"@example.com>\r\n")
+    assert raw.expect(500).startswith(b"500 Command line too long")
+    raw.send(b"NOOP\r\n")
+    raw.expect(250)
+    raw.close()
+
+
+def test_message_line_over_1000_bytes_is_refused_and_not_relayed(alice, start_proxy, sink):
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        body = "x" * 1200 + "\n"
+        code, reply = send(smtp, message(body=body).replace(b"=\r\n", b""))
+        assert code == 500 and b"Line too long" in reply
+        assert send(smtp, message())[0] == 250
+    assert len(sink.handler.messages) == 1
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(child) for child in text.split()]
+
+
+def test_worker_processes_share_the_port_and_a_dead_one_is_replaced(alice, sink, tmp_path):
+    import signal
+    import sys
+
+    from tests.support.services import (
+        free_port,
+        process_env,
+        start_process,
+        stop_process,
+        wait_for_port,
+    )
+
+    port = free_port()
+    env = process_env(SMTP_LISTEN=f"127.0.0.1:{port}", UPSTREAM_SMTP=f"127.0.0.1:{sink.port}")
+    proc = start_process([sys.executable, "-m", "proxy", "--workers", "2"], env,
+                         tmp_path / "proxy.log")
+    try:
+        wait_for_port(port, proc=proc)
+        assert eventually(lambda: len(_children(proc.pid)), 2) == 2
+        first, second = _children(proc.pid)
+        os.kill(first, signal.SIGKILL)
+        assert eventually(lambda: len(set(_children(proc.pid)) - {first}), 2) == 2
+        for _ in range(4):
+            assert mail_code(port) == 250
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0
+    assert b"starting another" in (tmp_path / "proxy.log").read_bytes()

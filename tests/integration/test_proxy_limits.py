@@ -1,0 +1,180 @@
+"""Connection and recipient limits through the real proxy, with the clock injected: each
+window, counting once per SMTP session, recipients over a rolling day, "no limit" values, and
+two proxy instances sharing one Redis."""
+
+from __future__ import annotations
+
+import pytest
+
+from outgoing.usage import read_usage_sync
+from scoring.limits import CONNECTION_WINDOWS, MONTH
+from tests.support import data
+from tests.support.mail import client, message, send
+from tests.support.services import free_port
+
+PASSWORD = "Alice-pass-123"
+T0 = 700 * MONTH  # starts a bucket of every window, so estimates are exact
+
+
+@pytest.fixture
+def at_t0(clock):
+    clock.now = T0
+    return clock
+
+
+def session(port: int, *, messages: int = 1, rcpts=("bob@example.org",)) -> int:
+    """One SMTP session as alice; the reply code of the first refused step, or 250."""
+    with client(port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        for _ in range(messages):
+            code, _ = send(smtp, message(), rcpts=rcpts)
+            if code != 250:
+                return code
+    return 250
+
+
+def usage(redis_client, user_id: int, now: float, window: str) -> tuple[int, int]:
+    return read_usage_sync(redis_client, user_id, now)[window]
+
+
+@pytest.mark.parametrize("window", list(CONNECTION_WINDOWS))
+def test_each_connection_window_refuses_the_fourth_session_at_a_limit_of_three(
+        window, instance, start_proxy, at_t0, redis_client, sink):
+    alice = data.add_user("example.com", "user", "alice@example.com", PASSWORD,
+                          connection_limits_enabled=True, **{f"limit_per_{window}": 3})
+    proxy = start_proxy()
+    for _ in range(3):
+        assert session(proxy.port, messages=2) == 250  # two messages, one session counted
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        code, reply = smtp.mail("alice@example.com")
+    assert code == 451
+    assert reply.decode() == (f"4.7.1 Outgoing connection limit per {window} (3) reached, "
+                              "try again later")
+    assert usage(redis_client, alice, at_t0(), window) == (0, 3)  # the refusal is not counted
+    at_t0.advance(2 * CONNECTION_WINDOWS[window])
+    assert session(proxy.port) == 250
+    assert len(sink.handler.messages) == 7
+
+
+def test_a_limited_session_may_send_many_messages(instance, start_proxy, at_t0, redis_client,
+                                                  sink):
+    alice = data.add_user("example.com", "user", "alice@example.com", PASSWORD,
+                          connection_limits_enabled=True, limit_per_minute=1)
+    proxy = start_proxy()
+    assert session(proxy.port, messages=5) == 250
+    assert session(proxy.port) == 451
+    assert usage(redis_client, alice, at_t0(), "minute") == (0, 1)
+
+
+def test_limits_are_not_enforced_while_connection_limits_are_disabled(
+        instance, start_proxy, at_t0, redis_client, sink):
+    alice = data.add_user("example.com", "user", "alice@example.com", PASSWORD,
+                          connection_limits_enabled=False, limit_per_minute=1)
+    proxy = start_proxy()
+    for _ in range(3):
+        assert session(proxy.port) == 250
+    assert usage(redis_client, alice, at_t0(), "minute") == (0, 3)  # still counted
+
+
+def test_zero_or_empty_limits_mean_no_limit(instance, start_proxy, at_t0, sink):
+    data.add_user("example.com", "user", "alice@example.com", PASSWORD,
+                  connection_limits_enabled=True, limit_per_minute=0, limit_per_hour=None,
+                  maximum_recipients_per_day=0)
+    proxy = start_proxy()
+    for _ in range(3):
+        assert session(proxy.port, rcpts=("a@example.org", "b@example.org")) == 250
+
+
+def test_ip_users_connection_limit_counts_each_session_once(instance, start_proxy, at_t0,
+                                                            sink):
+    data.add_user("example.com", "ip", "127.0.0.5", connection_limits_enabled=True,
+                  limit_per_hour=2)
+    proxy = start_proxy()
+    for _ in range(2):
+        with client(proxy.port, source="127.0.0.5") as smtp:
+            assert send(smtp, message())[0] == 250
+            assert send(smtp, message())[0] == 250
+    with client(proxy.port, source="127.0.0.5") as smtp:
+        assert smtp.mail("alice@example.com")[0] == 451
+
+
+def test_recipients_per_rolling_day_refuse_with_452_and_free_up_later(
+        instance, start_proxy, at_t0, redis_client, sink):
+    alice = data.add_user("example.com", "user", "alice@example.com", PASSWORD,
+                          maximum_recipients_per_day=3)
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        assert send(smtp, message(), rcpts=("a@example.org", "b@example.org"))[0] == 250
+        assert smtp.mail("alice@example.com")[0] == 250
+        assert smtp.rcpt("c@example.org")[0] == 250
+        code, reply = smtp.rcpt("d@example.org")
+        assert code == 452
+        assert reply.decode() == ("4.5.3 Maximum number of recipients per day (3) reached, "
+                                  "try again later")
+        assert smtp.data(message())[0] == 250  # the accepted recipient still gets it
+    assert usage(redis_client, alice, at_t0(), "recipients") == (0, 3)
+    at_t0.advance(36 * 3600)  # yesterday's 3 weigh half now: 1.5 + 1 fits, once
+    assert session(proxy.port) == 250
+    assert session(proxy.port) == 452
+    at_t0.advance(48 * 3600)
+    assert session(proxy.port, rcpts=("a@example.org", "b@example.org", "c@example.org")) == 250
+    assert [len(m.rcpt_tos) for m in sink.handler.messages] == [2, 1, 1, 3]
+
+
+def test_a_transaction_abandoned_before_rcpt_counts_no_recipient(instance, start_proxy,
+                                                                 at_t0, redis_client, sink):
+    alice = data.add_user("example.com", "user", "alice@example.com", PASSWORD,
+                          maximum_recipients_per_day=1)
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        assert smtp.mail("alice@example.com")[0] == 250
+        smtp.rset()
+        assert smtp.mail("alice@example.com")[0] == 250
+        smtp.rset()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        assert smtp.mail("alice@example.com")[0] == 250
+    # ... and the connection ended there.
+    assert session(proxy.port) == 250
+    assert usage(redis_client, alice, at_t0(), "recipients") == (0, 1)
+    assert session(proxy.port) == 452
+
+
+def test_two_proxy_instances_sharing_one_redis_enforce_one_limit(instance, start_proxy,
+                                                                 at_t0, sink):
+    data.add_user("example.com", "user", "alice@example.com", PASSWORD,
+                  connection_limits_enabled=True, limit_per_hour=3,
+                  maximum_recipients_per_day=5)
+    first = start_proxy()
+    second = start_proxy(SMTP_LISTEN=f"127.0.0.1:{free_port()}")
+    assert [session(p.port) for p in (first, second, first)] == [250, 250, 250]
+    assert session(second.port) == 451
+    assert session(first.port) == 451
+    at_t0.advance(2 * 3600)
+    # 3 recipients counted by either instance; 2 more fit, the third does not...
+    assert session(second.port, rcpts=("a@example.org", "b@example.org", "c@example.org")) \
+        == 452
+    # ... and the two accepted ones count, on the other instance too.
+    assert session(first.port) == 452
+    assert len(sink.handler.messages) == 3
+
+
+def test_a_recipient_reserved_before_starttls_is_given_back_after_it(instance, start_proxy,
+                                                                     at_t0, redis_client,
+                                                                     sink):
+    import ssl
+
+    ip_user = data.add_user("example.com", "ip", "127.0.0.5", maximum_recipients_per_day=1)
+    proxy = start_proxy()
+    with client(proxy.port, starttls=False, source="127.0.0.5") as smtp:
+        assert smtp.mail("alice@example.com")[0] == 250  # reserves the only recipient
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        smtp.starttls(context=context)
+        smtp.ehlo("client.example.com")
+        assert send(smtp, message())[0] == 250
+    assert usage(redis_client, ip_user, at_t0(), "recipients") == (0, 1)

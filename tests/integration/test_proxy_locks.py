@@ -1,0 +1,109 @@
+"""Locks at the proxy: a locked user is refused at MAIL, a locked identity after DATA, both
+with 550 5.7.1 naming the lock; locks and unlocks from the control panel apply to the very
+next message."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from outgoing.models import Identity, OutgoingUser
+from tests.support import data
+from tests.support.mail import GTUBE, client, message, send
+from tests.support.web import csrf_token, log_in
+
+PASSWORD = "Alice-pass-123"
+
+
+@pytest.fixture
+def alice(instance):
+    return data.add_user("example.com", "user", "alice@example.com", PASSWORD)
+
+
+@pytest.fixture
+def admin(app):
+    web = app.test_client()
+    data.add_admin("root@example.net", "Root-pass-123")
+    log_in(web, "root@example.net", "Root-pass-123")
+    web.token = csrf_token(web, "/outgoing/users")
+    return web
+
+
+def add_identity(user_id: int, value: str) -> int:
+    def create(session):
+        row = Identity(user_id=user_id, value=value)
+        session.add(row)
+        session.flush()
+        return row.id
+    return data.query(create)
+
+
+def test_manual_user_lock_and_unlock_from_the_panel_apply_to_the_next_message(
+        alice, admin, start_proxy, sink):
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        assert send(smtp, message())[0] == 250
+        response = admin.post(f"/outgoing/users/{alice}/lock",
+                              data={"csrf_token": admin.token, "reason": "stolen password"})
+        assert response.status_code in (200, 302)
+        code, reply = smtp.mail("alice@example.com")
+        assert code == 550
+        assert reply.startswith(b"5.7.1 Outgoing user alice@example.com is locked")
+        assert b"stolen password" in reply
+        admin.post(f"/outgoing/users/{alice}/unlock", data={"csrf_token": admin.token})
+        assert send(smtp, message())[0] == 250
+    assert len(sink.handler.messages) == 2
+
+
+def test_locked_identity_is_refused_after_data_and_others_of_the_user_still_send(
+        alice, admin, start_proxy, sink):
+    shop = add_identity(alice, "shop@example.com")
+    response = admin.post(f"/outgoing/identities/{shop}/lock",
+                          data={"csrf_token": admin.token, "reason": "phishing"})
+    assert response.status_code in (200, 302)
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        assert smtp.mail("Shop@Example.com")[0] == 250  # the user is not locked
+        assert smtp.rcpt("bob@example.org")[0] == 250
+        code, reply = smtp.data(message(sender="shop@example.com"))
+        assert code == 550
+        assert reply.startswith(b"5.7.1 Sender shop@example.com is locked: phishing")
+        assert send(smtp, message(sender="news@example.com"), sender="news@example.com")[0] \
+            == 250
+        admin.post(f"/outgoing/identities/{shop}/unlock", data={"csrf_token": admin.token})
+        assert send(smtp, message(), sender="shop@example.com")[0] == 250
+    assert [m.mail_from for m in sink.handler.messages] == ["news@example.com",
+                                                           "shop@example.com"]
+
+
+def test_fifth_spam_from_one_identity_locks_that_identity_only(instance, start_proxy, clock,
+                                                              sink):
+    alice = data.add_user("example.com", "user", "alice@example.com", PASSWORD,
+                          automatic_lock=False, lock_identities_automatically=True)
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        for _ in range(5):
+            assert send(smtp, message(body=GTUBE), sender="spam@example.com")[0] == 550
+            clock.advance(30)
+        code, reply = send(smtp, message(), sender="spam@example.com")
+        assert code == 550 and b"Sender spam@example.com is locked: 5 spam messages" in reply
+        assert send(smtp, message(sender="ok@example.com"), sender="ok@example.com")[0] == 250
+    locked = data.query(lambda s: [(i.value, i.lock_kind) for i in s.scalars(
+        select(Identity).where(Identity.user_id == alice, Identity.locked.is_(True)))])
+    assert locked == [("spam@example.com", "automatic")]
+    assert not data.query(lambda s: s.get(OutgoingUser, alice).locked)
+
+
+def test_identity_locks_are_off_when_lock_identities_automatically_is_off(
+        instance, start_proxy, clock, sink):
+    data.add_user("example.com", "user", "alice@example.com", PASSWORD,
+                  automatic_lock=False, lock_identities_automatically=False)
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        for _ in range(6):
+            assert send(smtp, message(body=GTUBE), sender="spam@example.com")[0] == 550
+        assert send(smtp, message(), sender="spam@example.com")[0] == 250

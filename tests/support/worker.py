@@ -1,0 +1,120 @@
+"""Set-up for worker tests: locks and quarantined messages as data, and a real worker run.
+
+Time is data here: a lock whose ``locked_at`` lies an hour in the past has timed out for the
+real worker, so no test sleeps or moves a clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from datetime import datetime, timedelta
+
+import redis as redis_lib
+from sqlalchemy import select, update
+
+from outgoing import locks
+from outgoing.models import (
+    LOCK_AUTOMATIC,
+    Domain,
+    Identity,
+    OutgoingUser,
+    QuarantinedMessage,
+    utcnow,
+)
+from tests.support import data
+from tests.support.mail import message
+from tests.support.services import process_env, run_worker_burst
+
+PUBLIC_URL = "http://panel.example.test"
+LINK = re.compile(re.escape(PUBLIC_URL) + r"/unlock/(\S+)")
+
+
+def worker_env(sink, **extra) -> dict:
+    """The environment of a worker whose next hop is ``sink`` (call after ``instance``)."""
+    return process_env(UPSTREAM_SMTP=f"127.0.0.1:{sink.port}", PUBLIC_URL=PUBLIC_URL, **extra)
+
+
+def burst(sink, **extra) -> subprocess.CompletedProcess:
+    """One real ``rq worker --burst --with-scheduler outgoing`` run; fails the test on error."""
+    result = run_worker_burst(worker_env(sink, **extra))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def redis_client():
+    return redis_lib.from_url(os.environ["REDIS_URL"])
+
+
+def set_domain(name: str, **fields) -> int:
+    def change(session):
+        session.execute(update(Domain).where(Domain.name == name).values(**fields))
+        return session.scalar(select(Domain.id).where(Domain.name == name))
+    return data.query(change)
+
+
+def add_identity(user_id: int, value: str) -> int:
+    def add(session):
+        identity = Identity(user_id=user_id, value=value)
+        session.add(identity)
+        session.flush()
+        return identity.id
+    return data.query(add)
+
+
+def lock(kind: str, target_id: int, *, minutes_ago: float = 0, lock_kind: str = LOCK_AUTOMATIC,
+         reason: str = "5 spam messages in 10 minutes") -> str:
+    """Lock through ``outgoing.locks.lock`` (which enqueues the worker's jobs), dated back."""
+    client = redis_client()
+
+    def do(session):
+        model = Identity if kind == "identity" else OutgoingUser
+        target = session.get(model, target_id)
+        return locks.lock(session, client, target, kind=lock_kind, reason=reason,
+                          actor="proxy", now=utcnow() - timedelta(minutes=minutes_ago))
+    try:
+        return data.query(do)
+    finally:
+        client.close()
+
+
+def unlock(kind: str, target_id: int, actor: str = "admin@example.net") -> None:
+    client = redis_client()
+
+    def do(session):
+        model = Identity if kind == "identity" else OutgoingUser
+        locks.unlock(session, client, session.get(model, target_id), actor=actor,
+                     reason="checked by hand")
+    try:
+        data.query(do)
+    finally:
+        client.close()
+
+
+def target(kind: str, target_id: int):
+    model = Identity if kind == "identity" else OutgoingUser
+    return data.query(lambda s: s.get(model, target_id))
+
+
+def add_spam(domain: str, user_id: int | None, *, subject: str = "Cheap pills",
+             rcpts=("victim@example.org",), mail_from: str = "alice@example.com",
+             identity: str | None = None, received_at: datetime | None = None,
+             client_ip: str | None = "192.0.2.10", raw: bytes | None = None) -> int:
+    """A quarantined message whose body lives in the row (the database store)."""
+    body = raw or message(sender=mail_from, to=rcpts[0], subject=subject,
+                          body="Buy now.\n")
+
+    def add(session):
+        domain_id = session.scalar(select(Domain.id).where(Domain.name == domain))
+        row = QuarantinedMessage(
+            domain_id=domain_id, user_id=user_id, mail_from=mail_from,
+            rcpt_tos=json.dumps(list(rcpts)), subject=subject, size=len(body),
+            storage_key="db:", body=body, identity=identity, client_ip=client_ip,
+            reason="classified as spam (GTUBE)", score=1000.0, rules='["GTUBE"]',
+            received_at=received_at or utcnow())
+        session.add(row)
+        session.flush()
+        return row.id
+    return data.query(add)
