@@ -1,8 +1,21 @@
 """Durable message storage for the quarantine and the archive.
 
-``put`` returns only once the bytes are on disk (written to a temporary file, fsynced, renamed
-and the directory fsynced), because the proxy answers 250 for a quarantined message only after
-this. Another store (S3-compatible, or the database) only has to offer the same three calls.
+A stored message is a database row (``QuarantinedMessage`` or ``ArchivedMessage``) plus its
+body. Where the body lives is told by the row's ``storage_key``:
+
+- a plain relative path (``quarantine/2026/11/29/<uuid>.eml``): a file under ``STORAGE_DIR``
+  (:class:`FileStore`, the default, ``MESSAGE_STORE = "file"``);
+- ``db:``: the row's own ``body`` column (:class:`DatabaseStore`, ``MESSAGE_STORE =
+  "database"``), for deployments where the proxy, the worker and the control panel run on
+  different hosts and share only the database (PostgreSQL).
+
+Reading and deleting dispatch on the key, so switching ``MESSAGE_STORE`` never strands the
+messages stored before. Another store (S3-compatible) only needs ``attach`` / ``read`` /
+``discard`` and a key prefix of its own (``s3:``).
+
+Durability: ``FileStore.put`` returns only once the bytes are on disk (temporary file,
+fsync, rename, fsync of the directory); a database body is durable when its row's
+transaction commits. The proxy answers 250 for a quarantined message only after both.
 """
 
 from __future__ import annotations
@@ -12,8 +25,17 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+DB_PREFIX = "db:"
+STORES = ("file", "database")
+
+
+class StorageError(Exception):
+    """The store is misconfigured or a body cannot be read."""
+
 
 class FileStore:
+    """Bodies as files under one folder (``STORAGE_DIR``)."""
+
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
 
@@ -47,3 +69,59 @@ class FileStore:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    # -- the store interface -----------------------------------------------------------------
+    def attach(self, row, data: bytes, area: str) -> None:
+        """Write ``data`` durably and point ``row`` at it (before the row is committed)."""
+        key = self.new_key(area)
+        self.put(key, data)
+        row.storage_key = key
+
+    def discard(self, key: str) -> None:
+        """Forget a body whose row is gone (or was never committed)."""
+        self.delete(key)
+
+
+class DatabaseStore:
+    """Bodies in the row's ``body`` column: durable with the row's commit."""
+
+    def attach(self, row, data: bytes, area: str) -> None:
+        row.body = bytes(data)
+        row.storage_key = DB_PREFIX
+
+    def discard(self, key: str) -> None:
+        """Nothing to do: the body went with its row."""
+
+
+def store_for(config: dict):
+    """The store new messages go to, as ``MESSAGE_STORE`` says."""
+    kind = (config.get("MESSAGE_STORE") or "file").strip().lower()
+    if kind == "file":
+        return FileStore(config["STORAGE_DIR"])
+    if kind == "database":
+        return DatabaseStore()
+    raise StorageError(f"MESSAGE_STORE: expected one of {', '.join(STORES)}, got {kind!r}")
+
+
+def read_body(config: dict, row) -> bytes:
+    """The stored bytes of ``row`` (quarantined or archived), wherever they live.
+
+    Needs the row's session to be open when the body is in the database (the column is
+    deferred, loaded on first access).
+    """
+    key = row.storage_key or ""
+    if key.startswith(DB_PREFIX):
+        if row.body is None:
+            raise StorageError(f"message {row.id} has no body in the database")
+        return bytes(row.body)
+    try:
+        return FileStore(config["STORAGE_DIR"]).get(key)
+    except (OSError, ValueError) as exc:
+        raise StorageError(f"message {row.id}: cannot read {key!r}: {exc}") from exc
+
+
+def discard_body(config: dict, key: str) -> None:
+    """Delete a body after its row was deleted (files only; database bodies went with it)."""
+    if not key or key.startswith(DB_PREFIX):
+        return
+    FileStore(config["STORAGE_DIR"]).delete(key)

@@ -1,27 +1,58 @@
-"""The content stages of a message: inspect, quarantine, and deliver (sign, relay, archive).
+"""The content stages of a message: check the sender's domain (MAIL), inspect (attachments,
+spam), quarantine, and deliver (sign, relay, archive).
 
 The handler decides who sent a message and whether they may; this module decides what
 happens to the message itself. Every path that answers 250 has either handed the message to
 the next hop or stored it durably in the quarantine first.
+
+Stages and what each says:
+
+- ``check_sender``: "Reject messages from newly registered domains" -> 550 5.7.1 at MAIL.
+- ``inspect``: attachments ("Block attachments with macros for senders", "Block potentially
+  unwanted attachments") -> 550 5.7.1 naming the file; then the spam verdict (rspamd when
+  ``RSPAMD_URL`` is set, the built-in scorer otherwise or when rspamd fails).
+- ``quarantine``: body + row durable, then the ARF job is enqueued (an enqueue failure is
+  logged and never changes the reply: the message is already safe).
+- ``deliver``: identity headers removed, DKIM-signed with the user's selector and the
+  domain's key, relayed; 250 only when the next hop accepted. Recipients the next hop refused
+  while others were accepted get a delivery status notification (DSN) to the envelope sender
+  from the worker, since one reply after DATA cannot speak per recipient. An archive copy is
+  filed afterwards when "Message archiving for senders" is on; a failure to archive is logged
+  but cannot turn the accepted message into a 4xx (the sender would send it twice).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 
+import httpx
+
+from outgoing.archive import archive_message
 from outgoing.db import session_scope
+from outgoing.dkim import DkimError, SigningKey, load_signing_key, sign_with
+from outgoing.jobs import enqueue
 from outgoing.quarantine import quarantine_message
 from outgoing.snapshot import UserPolicy
-from outgoing.storage import FileStore
-from proxy.relay import relay
+from outgoing.storage import store_for
+from proxy import rspamd
+from proxy.relay import Relay, Upstream
+from proxy.sender_domains import RegistrationDates
 from scoring import outcomes
-from scoring.message import remove_headers, subject_of
+from scoring.attachments import AttachmentVerdict, inspect_attachments
+from scoring.message import header_block, remove_headers, subject_of
+from scoring.newdomains import newly_registered_verdict, registrable_domain
 from scoring.spam import SpamVerdict, score_message
 
 log = logging.getLogger(__name__)
+
+ABUSE_REPORT_JOB = "worker.jobs.send_abuse_report"
+DSN_JOB = "worker.content_jobs.send_delivery_report"
+DKIM_KEY_TTL = 60.0  # seconds a loaded (or missing) key is trusted before asking again
 
 
 @dataclass(frozen=True)
@@ -44,6 +75,22 @@ class Inspection:
     spam: SpamVerdict | None = None  # set when the message belongs in the quarantine
 
 
+def local_checks(data: bytes, *, mail_from: str, rcpt_tos: list[str], block_macros: bool,
+                 block_unwanted: bool, builtin_spam: bool,
+                 threshold: float) -> tuple[AttachmentVerdict | None, SpamVerdict | None]:
+    """The CPU-bound part of ``inspect`` in one call, so it costs one thread hop."""
+    attachments = None
+    if block_macros or block_unwanted:
+        attachments = inspect_attachments(data, block_macros=block_macros,
+                                          block_unwanted=block_unwanted)
+        if attachments.blocked:
+            return attachments, None
+    spam = None
+    if builtin_spam:
+        spam = score_message(data, mail_from=mail_from, rcpt_tos=rcpt_tos, threshold=threshold)
+    return attachments, spam
+
+
 class ContentPipeline:
     def __init__(self, *, config: dict, sessionmaker, redis, redis_sync, clock):
         self.config = config
@@ -51,47 +98,168 @@ class ContentPipeline:
         self.redis = redis
         self.redis_sync = redis_sync
         self.clock = clock
-        self.store = FileStore(config["STORAGE_DIR"])
-        host, _, port = config["UPSTREAM_SMTP"].rpartition(":")
-        self.upstream = (host.strip("[]"), int(port))
+        self.store = store_for(config)
+        self.relay = Relay(Upstream.from_config(config))
+        self.upstream = (self.relay.upstream.host, self.relay.upstream.port)
+        self.dates = RegistrationDates(config, redis)
+        self.rspamd_url = (config.get("RSPAMD_URL") or "").strip()
+        self._http: httpx.AsyncClient | None = None
+        self._keys: dict[tuple[int, str], tuple[float, SigningKey | None]] = {}
 
     async def _in_thread(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(None, partial(fn, *args, **kwargs))
 
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC).replace(tzinfo=None)
+
+    async def close(self) -> None:
+        await self.relay.close()
+        await self.dates.close()
+        if self._http is not None:
+            await self._http.aclose()
+
+    # -- MAIL ------------------------------------------------------------------------------
     async def check_sender(self, user: UserPolicy, mail_from: str) -> str | None:
         """MAIL-time checks of the sender's domain; a reply refuses it."""
-        return None
+        if not user.reject_newly_registered_domains:
+            return None
+        domain = registrable_domain(mail_from or "")
+        if domain is None:
+            return None
+        registered = await self.dates.registered_at(domain)
+        return newly_registered_verdict(domain, registered, self.clock())
 
+    # -- DATA ------------------------------------------------------------------------------
     async def inspect(self, msg: Message) -> Inspection:
-        verdict = score_message(msg.data, mail_from=msg.mail_from, rcpt_tos=list(msg.rcpt_tos))
-        if verdict.is_spam:
-            return Inspection(spam=verdict)
-        return Inspection()
+        user = msg.user
+        attachments, spam = await self._in_thread(
+            local_checks, msg.data, mail_from=msg.mail_from, rcpt_tos=list(msg.rcpt_tos),
+            block_macros=user.block_macro_attachments,
+            block_unwanted=user.block_unwanted_attachments,
+            builtin_spam=not self.rspamd_url, threshold=self.config["SPAM_THRESHOLD"])
+        if attachments is not None and attachments.blocked:
+            log.info("refused a message of %s: attachment %r (%s)", user.name,
+                     attachments.filename, attachments.reason)
+            return Inspection(reject=attachments.reply)
+        if spam is None:
+            spam = await self._rspamd_or_builtin(msg)
+        return Inspection(spam=spam) if spam.is_spam else Inspection()
+
+    async def _rspamd_or_builtin(self, msg: Message) -> SpamVerdict:
+        if self._http is None:
+            self._http = httpx.AsyncClient()
+        try:
+            return await rspamd.check(
+                self._http, self.rspamd_url, msg.data, mail_from=msg.mail_from,
+                rcpt_tos=msg.rcpt_tos, client_ip=msg.client_ip, user=msg.user.name,
+                timeout=self.config["RSPAMD_TIMEOUT"])
+        except rspamd.RspamdError as exc:
+            log.warning("%s; using the built-in scorer", exc)
+        return await self._in_thread(score_message, msg.data, mail_from=msg.mail_from,
+                                     rcpt_tos=list(msg.rcpt_tos),
+                                     threshold=self.config["SPAM_THRESHOLD"])
 
     async def quarantine(self, msg: Message, verdict: SpamVerdict) -> None:
         """Store durably; returns only when the message is safe in the quarantine."""
-        reason = "spam: " + ", ".join(verdict.rules)
+        reason = f"spam ({verdict.engine}): " + (", ".join(verdict.rules) or "score")
 
-        def store():
+        def store() -> int:
             with session_scope(self.sessionmaker) as db:
-                quarantine_message(
+                row = quarantine_message(
                     db, self.store, domain_id=msg.user.domain_id, user_id=msg.user.id,
                     mail_from=msg.mail_from, rcpt_tos=list(msg.rcpt_tos), data=msg.data,
                     subject=subject_of(list(msg.headers)), identity=msg.identity,
                     client_ip=msg.client_ip, reason=reason, score=verdict.score,
-                    rules=verdict.rules)
+                    rules=verdict.rules, received_at=self._now())
+                row_id = row.id
+            try:
+                enqueue(self.redis_sync, ABUSE_REPORT_JOB, row_id)
+            except Exception:
+                log.exception("quarantined message %s: could not enqueue its abuse report",
+                              row_id)
+            return row_id
 
-        await self._in_thread(store)
+        row_id = await self._in_thread(store)
+        log.info("quarantined message %s of %s (%s, score %s)", row_id, msg.user.name,
+                 reason, verdict.score)
 
-    async def deliver(self, msg: Message) -> str:
-        """Strip identity headers and relay; the reply is the next hop's verdict."""
+    # -- after DATA ------------------------------------------------------------------------
+    def _load_key(self, domain_id: int, selector: str) -> SigningKey | None:
+        with session_scope(self.sessionmaker) as db:
+            return load_signing_key(db, domain_id, selector)
+
+    async def signing_key(self, user: UserPolicy) -> SigningKey | None:
+        """The user's DKIM key, cached per (domain, selector) for ``DKIM_KEY_TTL`` seconds; a
+        database outage keeps serving the last key it had."""
+        selector = (user.dkim_selector or "").strip().lower()
+        if not selector:
+            return None
+        cache_key = (user.domain_id, selector)
+        cached = self._keys.get(cache_key)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        try:
+            key = await self._in_thread(self._load_key, user.domain_id, selector)
+        except Exception:
+            if cached is not None:
+                log.warning("could not reload the DKIM key %s of %s; using the cached one",
+                            selector, user.domain, exc_info=True)
+                return cached[1]
+            raise
+        if key is None:
+            log.warning("%s has DKIM selector %r but %s has no key for it; relaying unsigned",
+                        user.name, selector, user.domain)
+        self._keys[cache_key] = (time.monotonic() + DKIM_KEY_TTL, key)
+        return key
+
+    async def prepare(self, msg: Message) -> bytes:
+        """The bytes to relay: identity headers removed, then DKIM-signed."""
         data = remove_headers(msg.data, set(msg.remove_headers)) if msg.remove_headers \
             else msg.data
-        result = await relay(host=self.upstream[0], port=self.upstream[1],
-                             mail_from=msg.mail_from, rcpt_tos=list(msg.rcpt_tos), data=data,
-                             timeout=self.config["UPSTREAM_TIMEOUT"],
-                             local_hostname=self.config["SMTP_HOSTNAME"])
+        key = await self.signing_key(msg.user)
+        if key is None:
+            return data
+        try:
+            return await self._in_thread(sign_with, data, key)
+        except DkimError as exc:
+            log.warning("not DKIM-signing a message of %s: %s", msg.user.name, exc)
+            return data
+
+    async def deliver(self, msg: Message) -> str:
+        """Sign and relay; the reply is the next hop's verdict."""
+        data = await self.prepare(msg)
+        result = await self.relay.send(mail_from=msg.mail_from, rcpt_tos=list(msg.rcpt_tos),
+                                       data=data)
+        if not result.delivered:
+            return result.reply
         if result.refused:
-            log.warning("next hop refused %d recipient(s): %s", len(result.refused),
-                        result.refused)
-        return outcomes.QUEUED if result.delivered else result.reply
+            await self._in_thread(self._report_refused, msg, data, result.refused)
+        if msg.user.message_archiving:
+            try:
+                await self._in_thread(self._archive, msg, data)
+            except Exception:
+                log.exception("relayed a message of %s but could not archive it",
+                              msg.user.name)
+        return outcomes.QUEUED
+
+    def _archive(self, msg: Message, data: bytes) -> None:
+        with session_scope(self.sessionmaker) as db:
+            archive_message(db, self.store, domain_id=msg.user.domain_id, user_id=msg.user.id,
+                            mail_from=msg.mail_from, rcpt_tos=list(msg.rcpt_tos), data=data,
+                            subject=subject_of(list(msg.headers)), received_at=self._now())
+
+    def _report_refused(self, msg: Message, data: bytes,
+                        refused: dict[str, tuple[int, str]]) -> None:
+        """Tell the sender which recipients the next hop refused (after the others were
+        accepted), through a DSN the worker sends; never for a null sender."""
+        log.warning("next hop refused %d of %d recipient(s) of a message of %s: %s",
+                    len(refused), len(msg.rcpt_tos), msg.user.name, refused)
+        if not msg.mail_from or msg.mail_from == "<>":
+            return
+        head, _ = header_block(data)
+        try:
+            enqueue(self.redis_sync, DSN_JOB, msg.mail_from,
+                    [[rcpt, code, text] for rcpt, (code, text) in refused.items()],
+                    head[:64 * 1024], self._now().isoformat(), self.config["SMTP_HOSTNAME"])
+        except Exception:
+            log.exception("could not enqueue the delivery report to %s", msg.mail_from)

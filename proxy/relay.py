@@ -1,36 +1,199 @@
-"""Hand a message to the next hop with aiosmtplib and report exactly what it said."""
+"""Hand a message to the next hop with aiosmtplib and report exactly what it said.
+
+One :class:`Relay` per proxy process keeps a few idle connections to the next hop (STARTTLS
+whenever the next hop offers it, AUTH when ``UPSTREAM_USERNAME`` is set), because the TLS
+handshake and EHLO cost more than the transaction itself. A reused connection that turns out
+to be dead before DATA is replaced once by a fresh one; once DATA has started, nothing is
+retried here: the sender gets 451 and retries, so a message is never sent twice by us.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from dataclasses import dataclass, field
 
 import aiosmtplib
 
+from scoring import outcomes
+
+log = logging.getLogger(__name__)
+
+# An idle connection older than this is closed instead of reused (next hops often drop idle
+# clients after a minute or so; Postfix's default is 300 s).
+IDLE_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Upstream:
+    host: str
+    port: int
+    timeout: float
+    local_hostname: str | None = None
+    username: str = ""
+    password: str = ""
+    pool_size: int = 4
+
+    @classmethod
+    def from_config(cls, config: dict) -> Upstream:
+        host, _, port = config["UPSTREAM_SMTP"].rpartition(":")
+        return cls(host=host.strip("[]"), port=int(port), timeout=config["UPSTREAM_TIMEOUT"],
+                   local_hostname=config.get("SMTP_HOSTNAME") or None,
+                   username=config.get("UPSTREAM_USERNAME") or "",
+                   password=config.get("UPSTREAM_PASSWORD") or "",
+                   pool_size=max(0, int(config.get("UPSTREAM_POOL_SIZE") or 0)))
+
 
 @dataclass(frozen=True)
 class RelayResult:
-    delivered: bool
-    reply: str
+    delivered: bool  # the next hop took the message for at least one recipient
+    reply: str  # the one reply the client gets after DATA
     refused: dict[str, tuple[int, str]] = field(default_factory=dict)
+    accepted: tuple[str, ...] = ()
+
+
+class _Retry(Exception):
+    """A reused connection died before the transaction started: try a fresh one."""
+
+
+def _all_refused(refused: dict[str, tuple[int, str]]) -> str:
+    """Nothing accepted: a temporary refusal anywhere keeps the whole message temporary, so
+    the sender retries instead of bouncing a recipient that would have worked later."""
+    codes = [code for code, _ in refused.values()]
+    first_temp = next(((c, m) for c, m in refused.values() if c < 500), None)
+    if first_temp is not None or not codes:
+        code, message = first_temp or (451, "no recipient accepted")
+        return outcomes.next_hop_refused(code, message)
+    code, message = next(iter(refused.values()))
+    return outcomes.next_hop_refused(code, message)
+
+
+def _needs_utf8(mail_from: str, rcpt_tos: list[str]) -> bool:
+    return any(not s.isascii() for s in [mail_from, *rcpt_tos])
+
+
+class Relay:
+    def __init__(self, upstream: Upstream):
+        self.upstream = upstream
+        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
+        self.connections_opened = 0  # for the benchmark and the logs
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        up = self.upstream
+        client = aiosmtplib.SMTP(hostname=up.host, port=up.port, timeout=up.timeout,
+                                 local_hostname=up.local_hostname, start_tls=None,
+                                 validate_certs=False)
+        await client.connect()
+        try:
+            if up.username:
+                await client.login(up.username, up.password)
+        except BaseException:
+            client.close()
+            raise
+        self.connections_opened += 1
+        return client
+
+    async def _acquire(self) -> tuple[aiosmtplib.SMTP, bool]:
+        now = time.monotonic()
+        while self._idle:
+            client, since = self._idle.pop()
+            if client.is_connected and now - since < IDLE_SECONDS:
+                return client, True
+            client.close()
+        return await self._connect(), False
+
+    def _release(self, client: aiosmtplib.SMTP) -> None:
+        if client.is_connected and len(self._idle) < self.upstream.pool_size:
+            self._idle.append((client, time.monotonic()))
+        else:
+            client.close()
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for client, _ in idle:
+            try:
+                await asyncio.wait_for(client.quit(), 2)
+            except Exception:  # closing anyway
+                client.close()
+
+    async def send(self, *, mail_from: str, rcpt_tos: list[str], data: bytes) -> RelayResult:
+        """Deliver to the next hop; ``delivered`` only when it took the message for someone."""
+        for _attempt in range(2):
+            try:
+                client, reused = await self._acquire()
+            except aiosmtplib.SMTPAuthenticationError as exc:
+                log.error("next hop refused our login (UPSTREAM_USERNAME): %s %s", exc.code,
+                          exc.message)
+                return RelayResult(False, outcomes.NEXT_HOP_DOWN)
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                log.warning("next hop %s:%s unavailable: %s", self.upstream.host,
+                            self.upstream.port, exc)
+                return RelayResult(False, outcomes.NEXT_HOP_DOWN)
+            try:
+                return await self._transaction(client, reused, mail_from, rcpt_tos, data)
+            except _Retry:
+                continue
+        return RelayResult(False, outcomes.NEXT_HOP_DOWN)
+
+    async def _transaction(self, client: aiosmtplib.SMTP, reused: bool, mail_from: str,
+                           rcpt_tos: list[str], data: bytes) -> RelayResult:
+        options = []
+        encoding = "ascii"
+        if _needs_utf8(mail_from, rcpt_tos):
+            if not client.supports_extension("smtputf8"):
+                self._release(client)
+                return RelayResult(False, "550 5.6.7 The next hop does not accept "
+                                          "internationalised addresses (SMTPUTF8)")
+            options.append("SMTPUTF8")
+            encoding = "utf-8"
+        if client.supports_extension("size"):
+            options.append(f"SIZE={len(data)}")
+        if not data.isascii() and client.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        started = False
+        try:
+            await client.mail(mail_from, options=options, encoding=encoding)
+            refused: dict[str, tuple[int, str]] = {}
+            accepted = []
+            for rcpt in rcpt_tos:
+                try:
+                    await client.rcpt(rcpt, encoding=encoding)
+                    accepted.append(rcpt)
+                except aiosmtplib.SMTPRecipientRefused as exc:
+                    refused[rcpt] = (exc.code, exc.message)
+            if not accepted:
+                await self._reset(client)
+                return RelayResult(False, _all_refused(refused), refused)
+            started = True
+            response = await client.data(data)
+        except aiosmtplib.SMTPResponseException as exc:
+            # A real answer (MAIL or DATA refused): the connection is still good after RSET.
+            await self._reset(client)
+            return RelayResult(False, outcomes.next_hop_refused(exc.code, exc.message))
+        except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
+            client.close()
+            if reused and not started and not isinstance(exc, ValueError):
+                raise _Retry() from exc
+            log.warning("relay to next hop failed%s: %s",
+                        " during DATA" if started else "", exc)
+            return RelayResult(False, outcomes.NEXT_HOP_DOWN)
+        self._release(client)
+        reply = f"250 2.0.0 Accepted by next hop: {response.message}"[:400]
+        return RelayResult(True, " ".join(reply.split()), refused, tuple(accepted))
+
+    async def _reset(self, client: aiosmtplib.SMTP) -> None:
+        try:
+            await client.rset()
+        except Exception:  # a broken connection is simply not reused
+            client.close()
+            return
+        self._release(client)
 
 
 async def relay(*, host: str, port: int, mail_from: str, rcpt_tos: list[str], data: bytes,
                 timeout: float, local_hostname: str | None = None) -> RelayResult:
-    """Deliver to the next hop; ``delivered`` only when it took the message for someone."""
-    from scoring import outcomes
-
-    try:
-        errors, response = await aiosmtplib.send(
-            data, sender=mail_from, recipients=rcpt_tos, hostname=host, port=port,
-            timeout=timeout, local_hostname=local_hostname, validate_certs=False,
-        )
-    except aiosmtplib.SMTPRecipientsRefused as exc:
-        first = exc.recipients[0]
-        return RelayResult(False, outcomes.next_hop_refused(first.code, first.message),
-                           {r.recipient: (r.code, r.message) for r in exc.recipients})
-    except aiosmtplib.SMTPResponseException as exc:
-        return RelayResult(False, outcomes.next_hop_refused(exc.code, exc.message))
-    except (aiosmtplib.SMTPException, OSError, TimeoutError):
-        return RelayResult(False, outcomes.NEXT_HOP_DOWN)
-    refused = {rcpt: (resp.code, resp.message) for rcpt, resp in errors.items()}
-    return RelayResult(True, f"250 2.0.0 Accepted by next hop: {response}"[:400], refused)
+    """One delivery on a connection of its own (no reuse), for callers without a Relay."""
+    one = Relay(Upstream(host=host, port=port, timeout=timeout, local_hostname=local_hostname,
+                         pool_size=0))
+    return await one.send(mail_from=mail_from, rcpt_tos=rcpt_tos, data=data)

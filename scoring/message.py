@@ -87,3 +87,79 @@ def parse_headers(raw: bytes, max_headers: int = 1000) -> list[tuple[str, str]]:
             pass
         decoded.append((name, value))
     return decoded
+
+
+@dataclass(frozen=True)
+class Part:
+    content_type: str
+    filename: str | None
+    size: int
+    text: str | None  # decoded text of text/* parts (HTML as its source), else None
+
+
+@dataclass(frozen=True)
+class MessageView:
+    """What the control panel shows of a stored message: nothing in it is ever rendered as
+    HTML, only shown as text (templates escape it)."""
+
+    headers: list[tuple[str, str]]
+    parts: list[Part]
+    truncated: bool
+    error: str | None = None
+
+
+def _decoded(value: str) -> str:
+    from email.header import decode_header, make_header
+
+    try:
+        return str(make_header(decode_header(value)))
+    except Exception:  # undecodable encoded-words stay as they came
+        return value
+
+
+def readable(raw: bytes, *, max_parts: int = 100, max_text: int = 256 * 1024,
+             max_header: int = 8192) -> MessageView:
+    """Headers and parts of a message for reading, bounded in parts, text and header size;
+    never raises (a message the parser cannot read comes back with ``error``)."""
+    from email.parser import BytesParser
+    from email.policy import compat32
+
+    try:
+        msg = BytesParser(policy=compat32).parsebytes(bytes(raw))
+    except Exception as exc:  # a defined result for any input (deep nesting too)
+        return MessageView(parse_headers(raw), [], True, f"unreadable MIME: {exc}")
+    headers = [(str(k), _decoded(str(v))[:max_header]) for k, v in msg.items()]
+    parts: list[Part] = []
+    budget = max_text
+    truncated = False
+    try:
+        walker = msg.walk()
+        for part in walker:
+            if part.is_multipart():
+                continue
+            if len(parts) >= max_parts:
+                truncated = True
+                break
+            ctype = part.get_content_type()
+            try:
+                filename = part.get_filename()
+                filename = _decoded(filename)[:300] if filename else None
+            except Exception:
+                filename = None
+            try:
+                payload = part.get_payload(decode=True) or b""
+            except Exception:
+                payload = b""
+            text = None
+            if ctype.startswith("text/") and budget > 0:
+                charset = part.get_content_charset() or "utf-8"
+                try:
+                    text = payload[:budget].decode(charset, "replace")
+                except LookupError:
+                    text = payload[:budget].decode("utf-8", "replace")
+                truncated = truncated or len(payload) > budget
+                budget -= min(len(payload), budget)
+            parts.append(Part(ctype, filename, len(payload), text))
+    except RecursionError:
+        truncated = True
+    return MessageView(headers, parts, truncated)

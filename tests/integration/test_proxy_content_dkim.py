@@ -1,0 +1,93 @@
+"""DKIM signing of relayed mail with the user's selector and the domain's key."""
+
+from __future__ import annotations
+
+import dkim
+import pytest
+from sqlalchemy import select
+
+from outgoing.dkim import generate_key, txt_record
+from outgoing.models import DkimKey, Domain
+from tests.support import data
+from tests.support.mail import client, message, send
+
+PASSWORD = "Alice-pass-123"
+
+
+def publish_key(domain: str, selector: str, algorithm: str):
+    key = generate_key(algorithm)
+
+    def add(session):
+        domain_id = session.scalar(select(Domain.id).where(Domain.name == domain))
+        session.add(DkimKey(domain_id=domain_id, selector=selector, algorithm=algorithm,
+                            private_key_pem=key.private_pem, public_key_b64=key.public_b64))
+
+    data.query(add)
+    name, value = txt_record(selector, domain, key)
+    records = {name: value}
+
+    def dns(qname, timeout=5):
+        text = qname.decode() if isinstance(qname, bytes) else qname
+        return records.get(text.rstrip("."), "").encode()
+
+    return dns
+
+
+def relay_one(start_proxy, sink, body=b"", **headers) -> bytes:
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        code, reply = send(smtp, message(**headers) + body)
+    assert code == 250, reply
+    return sink.handler.wait_for(1)[0].data
+
+
+@pytest.mark.parametrize("algorithm", ["rsa", "ed25519"])
+def test_relayed_message_carries_a_signature_that_verifies_against_the_txt_record(
+        instance, start_proxy, sink, algorithm):
+    data.add_user("example.com", "user", "alice@example.com", PASSWORD, dkim_selector="og1")
+    dns = publish_key("example.com", "og1", algorithm)
+    relayed = relay_one(start_proxy, sink)
+    assert relayed.startswith(b"DKIM-Signature:")
+    assert b"d=example.com" in relayed and b"s=og1" in relayed
+    assert b"c=relaxed/relaxed" in relayed
+    assert dkim.verify(relayed, dnsfunc=dns)
+
+
+def test_tampering_with_a_signed_message_breaks_the_signature(instance, start_proxy, sink):
+    data.add_user("example.com", "user", "alice@example.com", PASSWORD, dkim_selector="og1")
+    dns = publish_key("example.com", "og1", "rsa")
+    relayed = relay_one(start_proxy, sink)
+    assert dkim.verify(relayed, dnsfunc=dns)
+    assert not dkim.verify(relayed.replace(b"Just saying hello.", b"Just saying goodbye"),
+                           dnsfunc=dns)
+    assert not dkim.verify(relayed.replace(b"Subject: Hello", b"Subject: Invoice"),
+                           dnsfunc=dns)
+
+
+def test_identity_header_is_removed_before_signing(instance, start_proxy, sink):
+    from outgoing.models import IdentificationHeader, OutgoingUser
+
+    user_id = data.add_user("example.com", "user", "alice@example.com", PASSWORD,
+                            dkim_selector="og1", identification_method="header")
+    data.query(lambda s: s.add(IdentificationHeader(user_id=user_id, position=0,
+                                                    header_name="X-Sender-Id",
+                                                    remove_header=True)))
+    assert data.query(lambda s: s.get(OutgoingUser, user_id).identification_method) == "header"
+    dns = publish_key("example.com", "og1", "rsa")
+    relayed = relay_one(start_proxy, sink, X_Sender_Id="customer-42")
+    assert b"X-Sender-Id" not in relayed and b"customer-42" not in relayed
+    assert dkim.verify(relayed, dnsfunc=dns)
+
+
+def test_selector_without_a_key_relays_unsigned(instance, start_proxy, sink):
+    data.add_user("example.com", "user", "alice@example.com", PASSWORD, dkim_selector="nokey")
+    relayed = relay_one(start_proxy, sink)
+    assert b"DKIM-Signature" not in relayed
+
+
+def test_user_without_selector_relays_unsigned(instance, start_proxy, sink):
+    data.add_user("example.com", "user", "alice@example.com", PASSWORD)
+    publish_key("example.com", "og1", "rsa")
+    relayed = relay_one(start_proxy, sink)
+    assert b"DKIM-Signature" not in relayed

@@ -1,0 +1,239 @@
+"""The reliable relay: 250 only when the next hop took the message, its refusals passed back,
+451 when it is down or dies mid-transfer, TLS and AUTH to it, no SMTP smuggling, SIZE."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import re
+
+import pytest
+from rq import Queue
+from sqlalchemy import func, select
+
+from outgoing.models import ArchivedMessage
+from proxy.tls import server_context
+from tests.support import data
+from tests.support.content import NextHop
+from tests.support.mail import client, message, send
+from tests.support.services import process_env, run_worker_burst
+
+PASSWORD = "Alice-pass-123"
+
+
+@pytest.fixture
+def alice(instance):
+    return data.add_user("example.com", "user", "alice@example.com", PASSWORD,
+                         message_archiving=True)
+
+
+@pytest.fixture
+def hop():
+    server = NextHop().start()
+    yield server
+    server.stop()
+
+
+def proxy_to(start_proxy, hop, **config):
+    return start_proxy(UPSTREAM_SMTP=f"127.0.0.1:{hop.port}", **config)
+
+
+def submit(proxy, msg=None, rcpts=("bob@example.org",)) -> tuple[int, bytes]:
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        return send(smtp, msg or message(), rcpts=rcpts)
+
+
+def archived() -> int:
+    return data.query(lambda s: s.scalar(select(func.count(ArchivedMessage.id))))
+
+
+def test_next_hop_offering_starttls_gets_the_message_over_tls(alice, start_proxy, tmp_path):
+    tls = server_context(str(tmp_path / "hop.pem"), str(tmp_path / "hop.key"), "127.0.0.1")
+    hop = NextHop(tls_context=tls).start()
+    try:
+        assert submit(proxy_to(start_proxy, hop))[0] == 250
+        assert hop.handler.tls_transactions == [True]
+    finally:
+        hop.stop()
+
+
+def test_next_hop_demanding_auth_gets_our_login(alice, start_proxy, tmp_path):
+    tls = server_context(str(tmp_path / "hop.pem"), str(tmp_path / "hop.key"), "127.0.0.1")
+    hop = NextHop(tls_context=tls, username="relay", password="Relay-secret-1").start()
+    try:
+        proxy = proxy_to(start_proxy, hop, UPSTREAM_USERNAME="relay",
+                         UPSTREAM_PASSWORD="Relay-secret-1")
+        assert submit(proxy)[0] == 250
+        assert hop.handler.logins == ["relay"]
+        assert len(hop.handler.messages) == 1
+    finally:
+        hop.stop()
+
+
+def test_wrong_next_hop_password_gives_451_and_nothing_is_archived(alice, start_proxy,
+                                                                   tmp_path):
+    tls = server_context(str(tmp_path / "hop.pem"), str(tmp_path / "hop.key"), "127.0.0.1")
+    hop = NextHop(tls_context=tls, username="relay", password="Relay-secret-1").start()
+    try:
+        proxy = proxy_to(start_proxy, hop, UPSTREAM_USERNAME="relay", UPSTREAM_PASSWORD="nope")
+        code, reply = submit(proxy)
+        assert code == 451
+        assert hop.handler.messages == [] and archived() == 0
+    finally:
+        hop.stop()
+
+
+def test_connections_to_the_next_hop_are_reused(alice, start_proxy, hop):
+    proxy = proxy_to(start_proxy, hop)
+    for _ in range(3):
+        assert submit(proxy)[0] == 250
+    assert len(hop.handler.messages) == 3
+    assert hop.handler.ehlo_count == 1
+
+
+def test_without_a_pool_every_message_opens_its_own_connection(alice, start_proxy, hop):
+    proxy = proxy_to(start_proxy, hop, UPSTREAM_POOL_SIZE=0)
+    for _ in range(3):
+        assert submit(proxy)[0] == 250
+    assert hop.handler.ehlo_count == 3
+
+
+def test_next_hop_restarted_between_messages_costs_no_message(alice, start_proxy):
+    first = NextHop().start()
+    proxy = proxy_to(start_proxy, first)
+    assert submit(proxy)[0] == 250
+    first.stop()
+    second = NextHop(port=first.port).start()
+    try:
+        assert submit(proxy)[0] == 250
+        assert len(second.handler.messages) == 1
+    finally:
+        second.stop()
+
+
+def test_recipient_refused_by_next_hop_is_passed_back_when_it_was_the_only_one(
+        alice, start_proxy, hop):
+    hop.handler.refuse_rcpt["nobody@example.org"] = "550 5.1.1 No such user here"
+    code, reply = submit(proxy_to(start_proxy, hop), rcpts=("nobody@example.org",))
+    assert code == 550
+    assert b"5.1.1 No such user here" in reply
+    assert hop.handler.messages == [] and archived() == 0
+
+
+def test_temporary_refusal_of_every_recipient_gives_451(alice, start_proxy, hop):
+    hop.handler.refuse_rcpt["nobody@example.org"] = "550 5.1.1 No such user here"
+    hop.handler.refuse_rcpt["full@example.org"] = "452 4.2.2 Mailbox full"
+    code, _ = submit(proxy_to(start_proxy, hop),
+                     rcpts=("nobody@example.org", "full@example.org"))
+    assert code == 451
+
+
+def test_partial_refusal_answers_250_and_mails_a_delivery_report_to_the_sender(
+        alice, start_proxy, hop, redis_client):
+    hop.handler.refuse_rcpt["nobody@example.org"] = "550 5.1.1 No such user here"
+    code, _ = submit(proxy_to(start_proxy, hop), rcpts=("bob@example.org", "nobody@example.org"))
+    assert code == 250
+    assert [m.rcpt_tos for m in hop.handler.messages] == [["bob@example.org"]]
+    jobs = Queue("outgoing", connection=redis_client).jobs
+    assert [job.func_name for job in jobs] == ["worker.content_jobs.send_delivery_report"]
+
+    result = run_worker_burst(process_env(UPSTREAM_SMTP=f"127.0.0.1:{hop.port}"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = hop.handler.wait_for(2)[1]
+    assert report.mail_from == "<>"  # a bounce comes from the null sender
+    assert report.rcpt_tos == ["alice@example.com"]
+    parsed = email.message_from_bytes(report.data, policy=email.policy.default)
+    assert parsed.get_content_type() == "multipart/report"
+    assert parsed.get_param("report-type") == "delivery-status"
+    assert b"Final-Recipient: rfc822; nobody@example.org" in report.data
+    assert b"Status: 5.1.1" in report.data
+    assert b"Subject: Hello" in report.data  # the original's headers come along
+
+
+def test_next_hop_answering_4xx_to_data_gives_451_and_nothing_is_archived(alice, start_proxy,
+                                                                         hop):
+    hop.handler.refuse_data = "451 4.3.0 Try again later"
+    code, reply = submit(proxy_to(start_proxy, hop))
+    assert code == 451
+    assert archived() == 0
+
+
+def test_next_hop_dying_mid_transfer_gives_451_and_the_retry_delivers_exactly_once(
+        alice, start_proxy, hop):
+    proxy = proxy_to(start_proxy, hop)
+    hop.handler.abort_next_data = 1
+    code, _ = submit(proxy)
+    assert code == 451
+    assert hop.handler.messages == [] and archived() == 0
+    # The sender keeps the message and retries; the next hop now takes it, once.
+    assert submit(proxy)[0] == 250
+    assert len(hop.handler.messages) == 1
+    assert archived() == 1
+
+
+def test_next_hop_timing_out_gives_451(alice, start_proxy, hop):
+    hop.handler.stall_data = 3.0
+    code, _ = submit(proxy_to(start_proxy, hop, UPSTREAM_TIMEOUT=0.5))
+    assert code == 451
+    assert archived() == 0
+
+
+def raw_data(smtp, payload: bytes) -> tuple[int, bytes]:
+    """MAIL, RCPT, then DATA with ``payload`` sent byte for byte (smtplib would fix it)."""
+    assert smtp.mail("alice@example.com")[0] == 250
+    assert smtp.rcpt("bob@example.org")[0] == 250
+    assert smtp.docmd("DATA")[0] == 354
+    smtp.send(payload)
+    return smtp.getreply()
+
+
+SMUGGLED = (b"MAIL FROM:<evil@example.com>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\n"
+            b"From: ceo@example.com\r\nSubject: smuggled\r\n\r\nsmuggled body\r\n")
+
+
+@pytest.mark.parametrize("fake_end", [b"\n.\r\n", b"\r\n.\n", b"\n.\n", b"\r.\r\n"])
+def test_fake_end_of_data_neither_ends_data_early_nor_passes_through(
+        alice, start_proxy, hop, fake_end):
+    proxy = proxy_to(start_proxy, hop)
+    payload = (b"From: alice@example.com\r\nSubject: one\r\nDate: Sun, 29 Nov 2026 10:00:00 +0000"
+               b"\r\nMessage-ID: <one@example.com>\r\n\r\nfirst line" + fake_end + SMUGGLED
+               + b".\r\n")
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        code, _ = raw_data(smtp, payload)
+        assert code == 250
+        # Exactly one reply came for the one message: the conversation is still in step.
+        assert smtp.noop()[0] == 250
+    assert len(hop.handler.messages) == 1
+    relayed = hop.handler.messages[0]
+    assert relayed.mail_from == "alice@example.com" and relayed.rcpt_tos == ["bob@example.org"]
+    assert b"smuggled body" in relayed.data  # inside the one message, as text
+    assert re.search(rb"\r(?!\n)|(?<!\r)\n", relayed.data) is None  # CRLF only
+
+
+def test_bare_line_endings_are_refused_when_configured(alice, start_proxy, hop):
+    proxy = proxy_to(start_proxy, hop, BARE_LINE_ENDINGS="reject")
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        code, reply = raw_data(smtp, b"Subject: one\r\n\r\nfirst\n.\r\n" + SMUGGLED + b".\r\n")
+        assert smtp.noop()[0] == 250
+    assert code == 550 and reply.startswith(b"5.6.11")
+    assert hop.handler.messages == []
+
+
+def test_message_size_is_advertised_and_a_declared_size_above_it_refused(alice, start_proxy,
+                                                                          hop):
+    proxy = proxy_to(start_proxy, hop, MAX_MESSAGE_SIZE=20_000)
+    with client(proxy.port) as smtp:
+        assert smtp.esmtp_features["size"] == "20000"
+        smtp.login("alice@example.com", PASSWORD)
+        code, _ = smtp.mail("alice@example.com", options=["SIZE=50000"])
+    assert code == 552
+
+
+def test_message_larger_than_the_limit_gets_552_and_is_not_relayed(alice, start_proxy, hop):
+    proxy = proxy_to(start_proxy, hop, MAX_MESSAGE_SIZE=20_000)
+    code, _ = submit(proxy, message(body=("y" * 70 + "\n") * 1000))
+    assert code == 552
+    assert hop.handler.messages == []

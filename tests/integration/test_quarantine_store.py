@@ -1,0 +1,139 @@
+"""The quarantine's promise: stored durably before the reply, kept across restarts, reported
+(ARF job), released by the worker, expired by retention."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from rq import Queue
+from sqlalchemy import select
+
+from outgoing.config import load_config
+from outgoing.db import make_sessionmaker, session_scope
+from outgoing.jobs import enqueue
+from outgoing.models import QuarantinedMessage, utcnow
+from outgoing.quarantine import quarantine_message
+from outgoing.storage import DB_PREFIX, read_body, store_for
+from outgoing.users import get_or_create_domain
+from tests.support import data
+from tests.support.mail import GTUBE, client, message, send
+from tests.support.services import process_env, run_worker_burst
+
+PASSWORD = "Alice-pass-123"
+
+
+def add_alice(**settings) -> int:
+    return data.add_user("example.com", "user", "alice@example.com", PASSWORD, **settings)
+
+
+def submit(proxy, msg: bytes) -> tuple[int, bytes]:
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        return send(smtp, msg)
+
+
+def stored_rows() -> list[QuarantinedMessage]:
+    return data.query(lambda s: list(s.scalars(select(QuarantinedMessage)
+                                               .order_by(QuarantinedMessage.id))))
+
+
+def body_of(row_id: int, config: dict) -> bytes:
+    return data.query(lambda s: read_body(config, s.get(QuarantinedMessage, row_id)))
+
+
+def test_quarantined_message_survives_a_proxy_restart_and_can_be_released(
+        instance, start_proxy, sink, redis_client):
+    add_alice(quarantine_response="accept")
+    first = start_proxy()
+    assert submit(first, message(subject="Cheap", body=GTUBE))[0] == 250
+    first.stop()
+    second = start_proxy()
+    [row] = stored_rows()
+    assert GTUBE.encode() in body_of(row.id, second.config)
+    assert submit(second, message())[0] == 250  # the restarted proxy relays as before
+
+    enqueue(redis_client, "worker.quarantine_jobs.release_quarantined", row.id)
+    result = run_worker_burst(process_env(UPSTREAM_SMTP=f"127.0.0.1:{sink.port}"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    released = [m for m in sink.handler.wait_for(2) if b"Subject: Cheap" in m.data]
+    assert len(released) == 1 and released[0].rcpt_tos == ["bob@example.org"]
+    assert stored_rows()[0].released_at is not None
+
+
+def test_every_quarantined_message_enqueues_its_abuse_report(instance, start_proxy, sink,
+                                                             redis_client):
+    add_alice()
+    proxy = start_proxy()
+    assert submit(proxy, message(body=GTUBE))[0] == 550
+    [row] = stored_rows()
+    jobs = [job for job in Queue("outgoing", connection=redis_client).jobs
+            if job.func_name == "worker.jobs.send_abuse_report"]
+    assert [job.args for job in jobs] == [(row.id,)]
+
+
+@pytest.mark.parametrize("response,code", [("reject", 550), ("accept", 250)])
+def test_failing_to_enqueue_the_report_does_not_change_the_reply(instance, start_proxy, sink,
+                                                                  redis_client, response,
+                                                                  code):
+    add_alice(quarantine_response=response)
+    proxy = start_proxy()
+    redis_client.set("rq:queue:outgoing", "not a queue")  # every enqueue now fails
+    assert submit(proxy, message(body=GTUBE))[0] == code
+    assert len(stored_rows()) == 1
+
+
+def test_database_store_keeps_the_body_in_the_row(instance, start_proxy, sink):
+    add_alice()
+    proxy = start_proxy(MESSAGE_STORE="database")
+    assert submit(proxy, message(body=GTUBE))[0] == 550
+    [row] = stored_rows()
+    assert row.storage_key == DB_PREFIX
+    assert GTUBE.encode() in body_of(row.id, proxy.config)
+    assert not (instance / "storage").exists()
+
+
+def test_unknown_message_store_stops_with_a_clear_error(instance):
+    from outgoing.storage import StorageError
+
+    with pytest.raises(StorageError, match="MESSAGE_STORE"):
+        store_for(load_config({"MESSAGE_STORE": "s3"}))
+
+
+def hold(config: dict, *, days_ago: float, subject: str) -> tuple[int, str]:
+    factory = make_sessionmaker(config["DATABASE_URL"])
+
+    with session_scope(factory) as db:
+        domain = get_or_create_domain(db, "example.com")
+        row = quarantine_message(db, store_for(config), domain_id=domain.id, user_id=None,
+                                 mail_from="alice@example.com", rcpt_tos=["bob@example.org"],
+                                 data=message(subject=subject, body=GTUBE), subject=subject,
+                                 identity=None, client_ip="192.0.2.1", reason="spam",
+                                 score=1000, rules=["GTUBE"],
+                                 received_at=utcnow() - timedelta(days=days_ago))
+        row_id, key = row.id, row.storage_key
+    factory.kw["bind"].dispose()
+    return row_id, key
+
+
+def test_retention_job_removes_messages_older_than_fourteen_days(instance, redis_client):
+    config = load_config()
+    old_id, old_key = hold(config, days_ago=15, subject="old")
+    new_id, new_key = hold(config, days_ago=13, subject="recent")
+    enqueue(redis_client, "worker.quarantine_jobs.expire_stored_messages")
+    result = run_worker_burst(process_env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [row.id for row in stored_rows()] == [new_id]
+    if old_key != DB_PREFIX:  # bodies in files (MESSAGE_STORE=file) go with their rows
+        storage = instance / "storage"
+        assert not (storage / old_key).exists() and (storage / new_key).exists()
+
+
+def test_retention_follows_the_configured_days(instance, app):
+    config = load_config()
+    hold(config, days_ago=3, subject="three days")
+    keep_id, _ = hold(config, days_ago=1, subject="yesterday")
+    app.config["QUARANTINE_RETENTION_DAYS"] = 2
+    result = app.test_cli_runner().invoke(args=["quarantine", "expire"])
+    assert result.exit_code == 0 and "removed 1" in result.output
+    assert [row.id for row in stored_rows()] == [keep_id]

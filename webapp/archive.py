@@ -1,0 +1,98 @@
+"""Outgoing > Archive: copies of relayed messages of senders with "Message archiving for
+senders" on, filed under the envelope sender's domain. Search by sender, recipient, subject
+and date; read safely; download as ``.eml``. Domain admins see their domain's archive only.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from flask import Blueprint, Response, abort, current_app, render_template, request
+from flask_login import login_required
+from sqlalchemy import select
+
+from outgoing.archive import ArchiveSearch, search_query
+from outgoing.models import ArchivedMessage
+from outgoing.storage import StorageError, read_body
+from scoring.message import readable
+from webapp import scope
+from webapp.extensions import db, htmx
+from webapp.quarantine import VIEW_CSP
+
+bp = Blueprint("archive", __name__, url_prefix="/outgoing/archive")
+
+PAGE_SIZE = 50
+
+
+def message_or_404(message_id: int) -> ArchivedMessage:
+    row = db.session.scalar(scope.restrict(select(ArchivedMessage), ArchivedMessage)
+                            .where(ArchivedMessage.id == message_id))
+    if row is None:
+        abort(404)
+    return row
+
+
+def _date(name: str) -> tuple[datetime | None, str | None]:
+    value = request.args.get(name, "").strip()
+    if not value:
+        return None, None
+    try:
+        return datetime.strptime(value, "%Y-%m-%d"), None
+    except ValueError:
+        return None, f"{value} is not a date (YYYY-MM-DD)."
+
+
+@bp.get("")
+@login_required
+def index():
+    date_from, error_from = _date("from")
+    date_to, error_to = _date("to")
+    criteria = ArchiveSearch(
+        sender=request.args.get("sender", "").strip()[:320],
+        recipient=request.args.get("recipient", "").strip()[:320],
+        subject=request.args.get("subject", "").strip()[:200],
+        date_from=date_from,
+        # "to" is a whole day: everything before the next midnight.
+        date_to=date_to + timedelta(days=1) if date_to else None)
+    offset = max(0, request.args.get("offset", 0, type=int))
+    query = scope.restrict(search_query(criteria), ArchivedMessage)
+    rows = list(db.session.scalars(query.offset(offset).limit(PAGE_SIZE + 1)))
+    more = len(rows) > PAGE_SIZE
+    args = {k: v for k, v in request.args.items() if k != "offset" and v}
+    context = dict(rows=rows[:PAGE_SIZE], criteria=criteria, args=args,
+                   errors=[e for e in (error_from, error_to) if e],
+                   next_offset=offset + PAGE_SIZE if more else None,
+                   title="Archive")
+    if htmx and htmx.target == "archive-rows":
+        return render_template("archive/_rows.html", **context)
+    return render_template("archive/index.html", **context)
+
+
+@bp.get("/<int:message_id>")
+@login_required
+def view(message_id: int):
+    row = message_or_404(message_id)
+    try:
+        shown = readable(read_body(current_app.config, row))
+        problem = shown.error
+    except StorageError as exc:
+        current_app.logger.warning("%s", exc)
+        shown, problem = None, "The stored message cannot be read."
+    response = Response(render_template("archive/view.html", row=row, shown=shown,
+                                        problem=problem,
+                                        title=f"Archived message {row.id}"))
+    response.headers["Content-Security-Policy"] = VIEW_CSP
+    return response
+
+
+@bp.get("/<int:message_id>/download")
+@login_required
+def download(message_id: int):
+    row = message_or_404(message_id)
+    try:
+        data = read_body(current_app.config, row)
+    except StorageError:
+        abort(404)
+    return Response(data, mimetype="message/rfc822", headers={
+        "Content-Disposition": f'attachment; filename="archived-{row.id}.eml"',
+        "X-Content-Type-Options": "nosniff"})

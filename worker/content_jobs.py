@@ -1,0 +1,108 @@
+"""RQ jobs of the content stage: delivery reports for recipients the next hop refused, and
+the daily import of the newly registered domains list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import secrets
+import time
+from datetime import UTC, datetime
+from email.utils import format_datetime, make_msgid
+
+from outgoing.newdomains import import_file
+from worker import context, mail
+
+log = logging.getLogger(__name__)
+
+_STATUS = re.compile(r"^\s*([245]\.\d{1,3}\.\d{1,3})\b")
+
+
+def _line(value: object, limit: int = 400) -> str:
+    return " ".join(str(value).split())[:limit]
+
+
+def _status(code: int, text: str) -> str:
+    """The enhanced status code the next hop gave, else one derived from its reply code."""
+    found = _STATUS.match(text or "")
+    if found:
+        return found.group(1)
+    return "5.0.0" if code >= 500 else "4.0.0"
+
+
+def build_delivery_report(*, sender: str, reporter: str, reporting_mta: str,
+                          refused: list[list], original_headers: bytes,
+                          arrival: datetime) -> bytes:
+    """An RFC 3464 ``multipart/report; report-type=delivery-status`` message (CRLF)."""
+    boundary = "=_og_dsn_" + secrets.token_hex(12)
+    names = ", ".join(_line(rcpt, 200) for rcpt, _, _ in refused)
+    human = (
+        "Your message was delivered to some of its recipients, but the next mail server\r\n"
+        "refused the following ones, so it was NOT delivered to them:\r\n\r\n"
+        + "".join(f"  {_line(rcpt, 300)}: {int(code)} {_line(text)}\r\n"
+                  for rcpt, code, text in refused)
+        + "\r\nThe headers of your message follow.\r\n"
+    )
+    status_fields = (f"Reporting-MTA: dns; {_line(reporting_mta, 200)}\r\n"
+                     f"Arrival-Date: {format_datetime(arrival)}\r\n")
+    for rcpt, code, text in refused:
+        status_fields += (
+            f"\r\nFinal-Recipient: rfc822; {_line(rcpt, 300)}\r\n"
+            f"Action: failed\r\n"
+            f"Status: {_status(int(code), str(text))}\r\n"
+            f"Diagnostic-Code: smtp; {int(code)} {_line(text)}\r\n")
+    headers = original_headers.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n").rstrip(b"\r\n")
+    head = (
+        f"From: Mail Delivery System <{reporter}>\r\n"
+        f"To: {_line(sender, 320)}\r\n"
+        f"Subject: Undelivered mail: refused for {_line(names, 150)}\r\n"
+        f"Date: {format_datetime(datetime.now(UTC))}\r\n"
+        f"Message-ID: {make_msgid(domain=reporter.rpartition('@')[2] or None)}\r\n"
+        "Auto-Submitted: auto-replied\r\n"
+        "MIME-Version: 1.0\r\n"
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"\r\n'
+    )
+    body = (
+        f"--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Transfer-Encoding: 8bit\r\n\r\n{human}\r\n"
+        f"--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n{status_fields}\r\n"
+        f"--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+    ).encode()
+    return head.encode() + b"\r\n" + body + headers + f"\r\n\r\n--{boundary}--\r\n".encode()
+
+
+def send_delivery_report(sender: str, refused: list[list], original_headers: bytes,
+                         arrival_iso: str, reporting_mta: str) -> str:
+    """Mail a DSN for ``refused`` ([[recipient, code, text], ...]) to the envelope sender,
+    from the null sender (RFC 5321 6.1: a bounce never bounces)."""
+    config, redis = context.config(), context.redis_client()
+    arrival = datetime.fromisoformat(arrival_iso).replace(tzinfo=UTC)
+    report = build_delivery_report(sender=sender, reporter=config["NOTIFY_FROM"],
+                                   reporting_mta=reporting_mta, refused=refused,
+                                   original_headers=original_headers, arrival=arrival)
+    marker = "dsn:" + hashlib.sha256(repr((sender, refused, original_headers,
+                                           arrival_iso)).encode()).hexdigest()
+    try:
+        sent = mail.send_once(config, redis, marker, report, sender="", to=[sender])
+    except mail.MailRefused as exc:
+        return f"delivery report to {sender} refused: {exc}"
+    return f"delivery report sent to {sender}" if sent else "delivery report already sent"
+
+
+def import_newly_registered(due: str | None = None, path: str | None = None) -> str:
+    """Load ``NEWLY_REGISTERED_LIST`` (or ``path``) into Redis; the daily job."""
+    config = context.config()
+    path = path or (config.get("NEWLY_REGISTERED_LIST") or "").strip()
+    if not path:
+        return "no NEWLY_REGISTERED_LIST configured"
+    now = time.time()
+    try:
+        result = import_file(context.redis_client(), path, registered_at=now, now=now)
+    except OSError as exc:  # a missing feed is the operator's to fix, not RQ's to retry
+        log.error("cannot import the newly registered domains list %s: %s", path, exc)
+        return f"cannot read {path}: {exc}"
+    log.info("imported %s: %d domains, %d lines skipped, %d expired", path, result.added,
+             result.skipped, result.dropped)
+    return f"{result.added} domains imported, {result.skipped} skipped, {result.dropped} expired"

@@ -1,0 +1,136 @@
+"""RQ jobs of the outgoing quarantine and the archive: Release, and retention.
+
+Release goes through the worker rather than the web request because the next hop may be slow
+or down: RQ retries a job that failed temporarily, and the control panel stays quick. A
+released message is prepared as the proxy would have relayed it (identity headers marked
+"remove" dropped, DKIM-signed with the user's selector), relayed with smtplib (STARTTLS when
+offered, AUTH when configured), archived when the user archives, and marked released.
+"""
+
+from __future__ import annotations
+
+import logging
+import smtplib
+import ssl
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+
+from outgoing.archive import archive_message, expire_archive
+from outgoing.db import session_scope
+from outgoing.dkim import DkimError, load_signing_key, sign_with
+from outgoing.models import IdentificationHeader, OutgoingUser, QuarantinedMessage, utcnow
+from outgoing.quarantine import expire_quarantine, recipients
+from outgoing.storage import read_body, store_for
+from scoring.message import parse_headers, remove_headers, subject_of
+from worker import context
+
+log = logging.getLogger(__name__)
+
+
+class RelayRefused(Exception):
+    """The next hop refused every recipient permanently; retrying will not help."""
+
+
+def relay_sync(config: dict, *, mail_from: str, rcpt_tos: list[str],
+               data: bytes) -> dict[str, tuple[int, bytes]]:
+    """Relay to ``UPSTREAM_SMTP`` like the proxy does; returns the refused recipients.
+
+    Raises on temporary failures (so RQ retries) and :class:`RelayRefused` when nothing was
+    accepted for a permanent reason.
+    """
+    host, _, port = config["UPSTREAM_SMTP"].rpartition(":")
+    with smtplib.SMTP(host.strip("[]"), int(port), timeout=config["UPSTREAM_TIMEOUT"],
+                      local_hostname=config["SMTP_HOSTNAME"]) as smtp:
+        smtp.ehlo()
+        if smtp.has_extn("starttls"):
+            context_ = ssl.create_default_context()
+            context_.check_hostname = False
+            context_.verify_mode = ssl.CERT_NONE
+            smtp.starttls(context=context_)
+            smtp.ehlo()
+        if config.get("UPSTREAM_USERNAME"):
+            smtp.login(config["UPSTREAM_USERNAME"], config.get("UPSTREAM_PASSWORD") or "")
+        options = ["SMTPUTF8"] if any(not a.isascii() for a in [mail_from, *rcpt_tos]) else []
+        try:
+            return smtp.sendmail(mail_from, rcpt_tos, data, mail_options=options)
+        except smtplib.SMTPRecipientsRefused as exc:
+            if all(code >= 500 for code, _ in exc.recipients.values()):
+                raise RelayRefused(f"next hop refused every recipient: {exc.recipients}") \
+                    from exc
+            raise
+        except smtplib.SMTPResponseException as exc:
+            if exc.smtp_code >= 500:
+                raise RelayRefused(f"next hop refused the message: {exc.smtp_code} "
+                                   f"{exc.smtp_error!r}") from exc
+            raise
+
+
+def prepared_for_relay(db, user: OutgoingUser | None, data: bytes) -> bytes:
+    """What the proxy would have relayed: identity headers removed, then DKIM-signed."""
+    if user is None:
+        return data
+    names = {h.header_name for h in db.scalars(
+        select(IdentificationHeader).where(IdentificationHeader.user_id == user.id))
+        if h.remove_header}
+    if names:
+        data = remove_headers(data, names)
+    if user.dkim_selector:
+        key = load_signing_key(db, user.domain_id, user.dkim_selector)
+        if key is not None:
+            try:
+                data = sign_with(data, key)
+            except DkimError as exc:
+                log.warning("releasing unsigned: %s", exc)
+    return data
+
+
+def release_quarantined(message_id: int) -> str:
+    """Relay a quarantined message to the next hop and mark it released (once)."""
+    config, redis = context.config(), context.redis_client()
+    claim = f"og:release:{message_id}"
+    with session_scope(context.sessionmaker()) as db:
+        row = db.get(QuarantinedMessage, message_id)
+        if row is None:
+            return "message no longer in the quarantine"
+        if row.released_at is not None:
+            return "already released"
+        if not redis.set(claim, 1, nx=True, ex=3600):
+            return "a release of this message is already under way"
+        try:
+            user = db.get(OutgoingUser, row.user_id) if row.user_id else None
+            data = prepared_for_relay(db, user, read_body(config, row))
+            rcpts = recipients(row)
+            try:
+                refused = relay_sync(config, mail_from=row.mail_from, rcpt_tos=rcpts,
+                                     data=data)
+            except RelayRefused as exc:
+                log.warning("release of quarantined message %s refused: %s", message_id, exc)
+                return f"not released: {exc}"
+            row.released_at = utcnow()
+            db.commit()
+        finally:
+            redis.delete(claim)
+        if user is not None and user.message_archiving:
+            try:
+                archive_message(db, store_for(config), domain_id=row.domain_id,
+                                user_id=user.id, mail_from=row.mail_from, rcpt_tos=rcpts,
+                                data=data, subject=subject_of(parse_headers(data)))
+            except Exception:
+                log.exception("released message %s was relayed but not archived", message_id)
+    note = f"released to {len(rcpts) - len(refused)} recipient(s)"
+    if refused:
+        note += f"; refused: {', '.join(sorted(refused))}"
+    return note
+
+
+def expire_stored_messages(due: str | None = None) -> str:
+    """Retention: quarantined messages after ``QUARANTINE_RETENTION_DAYS``, archived ones
+    after ``ARCHIVE_RETENTION_DAYS`` (when set). Takes the periodic run's due time."""
+    config = context.config()
+    now = (datetime.fromisoformat(due).astimezone(UTC).replace(tzinfo=None) if due
+           else utcnow())
+    with session_scope(context.sessionmaker()) as db:
+        quarantined = expire_quarantine(db, config, now)
+        archived = expire_archive(db, config, now)
+    return f"removed {quarantined} quarantined and {archived} archived message(s)"
