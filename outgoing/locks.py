@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 
 from outgoing import audit, jobs, redis_keys
-from outgoing.models import LOCK_AUTOMATIC, Identity, OutgoingUser, utcnow
+from outgoing.models import LOCK_AUTOMATIC, Identity, OutgoingUser, QuarantinedMessage, utcnow
 
 
 def _lock_key(target: OutgoingUser | Identity) -> str:
@@ -66,6 +66,8 @@ def lock(session, redis, target: OutgoingUser | Identity, *, kind: str, reason: 
     if kind == LOCK_AUTOMATIC and owner.lock_timeout_minutes:
         jobs.enqueue(redis, "worker.jobs.auto_unlock", _kind(target), target.id, lock_id,
                      at=now + timedelta(minutes=owner.lock_timeout_minutes))
+        # The sweep catches timed unlocks whose job was lost; make sure it is scheduled.
+        jobs.ensure_periodic(redis)
     return lock_id
 
 
@@ -88,6 +90,24 @@ def unlock(session, redis, target: OutgoingUser | Identity, *, actor: str, reaso
         target.automatic_unlocks_used = (target.automatic_unlocks_used or 0) + 1
     session.commit()
     return True
+
+
+def triggering_spam(session, target: OutgoingUser | Identity, *, window_seconds: int,
+                    limit: int = 10) -> list[QuarantinedMessage]:
+    """The quarantined messages of ``target`` in the spam window before its lock, newest
+    first: what an administrator needs to see to judge the lock."""
+    if target.locked_at is None:
+        return []
+    row = QuarantinedMessage
+    query = select(row).where(
+        row.received_at >= target.locked_at - timedelta(seconds=window_seconds),
+        row.received_at <= target.locked_at + timedelta(seconds=60))
+    if isinstance(target, Identity):
+        query = query.where(row.user_id == target.user_id, row.identity == target.value)
+    else:
+        query = query.where(row.user_id == target.id)
+    return list(session.scalars(query.order_by(row.received_at.desc(), row.id.desc())
+                                .limit(limit)))
 
 
 def reset_unlock_count(session, target: OutgoingUser | Identity, *, actor: str) -> None:

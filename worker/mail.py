@@ -7,6 +7,12 @@ import smtplib
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
+SENT_MARKER_SECONDS = 14 * 86400
+
+
+class MailRefused(Exception):
+    """The next hop refused the message for good (5xx): sending it again cannot help."""
+
 
 def compose(*, sender: str, to: str, subject: str, body: str) -> EmailMessage:
     msg = EmailMessage()
@@ -21,14 +27,46 @@ def compose(*, sender: str, to: str, subject: str, body: str) -> EmailMessage:
 
 
 def send(config: dict, message: EmailMessage | bytes, *, sender: str, to: list[str]) -> None:
-    """Raises on any failure, so RQ retries the job."""
+    """Raise MailRefused on a permanent refusal, anything else on a transient failure (so
+    RQ retries the job)."""
     host, _, port = config["UPSTREAM_SMTP"].rpartition(":")
     # CRLF line endings: smtplib sends bytes as given, and SMTP lines end in CRLF.
     data = (message.as_bytes(policy=email.policy.SMTP) if isinstance(message, EmailMessage)
             else message)
-    with smtplib.SMTP(host.strip("[]"), int(port), timeout=config["UPSTREAM_TIMEOUT"]) as smtp:
-        smtp.ehlo(config["SMTP_HOSTNAME"])
-        if smtp.has_extn("starttls"):
-            smtp.starttls()
+    try:
+        with smtplib.SMTP(host.strip("[]"), int(port),
+                          timeout=config["UPSTREAM_TIMEOUT"]) as smtp:
             smtp.ehlo(config["SMTP_HOSTNAME"])
-        smtp.sendmail(sender, to, data)
+            if smtp.has_extn("starttls"):
+                smtp.starttls()
+                smtp.ehlo(config["SMTP_HOSTNAME"])
+            if config.get("UPSTREAM_USERNAME") and smtp.has_extn("auth"):
+                smtp.login(config["UPSTREAM_USERNAME"], config.get("UPSTREAM_PASSWORD") or "")
+            smtp.sendmail(sender, to, data)
+    except smtplib.SMTPRecipientsRefused as exc:
+        if all(code >= 500 for code, _ in exc.recipients.values()):
+            raise MailRefused(f"{', '.join(to)} refused: {exc.recipients}") from exc
+        raise
+    except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as exc:
+        if exc.smtp_code >= 500:
+            raise MailRefused(f"refused with {exc.smtp_code} {exc.smtp_error!r}") from exc
+        raise
+
+
+def send_once(config: dict, redis, marker: str, message: EmailMessage | bytes, *,
+              sender: str, to: list[str]) -> bool:
+    """Send unless ``marker`` says it was sent already; True when sent now.
+
+    The marker is claimed before sending and released if sending fails, so a retried job
+    neither mails twice nor loses the mail. (A crash between the next hop's 250 and the end
+    of the job is the one case left where a retry could mail twice.)
+    """
+    key = f"og:sent:{marker}"
+    if not redis.set(key, 1, nx=True, ex=SENT_MARKER_SECONDS):
+        return False
+    try:
+        send(config, message, sender=sender, to=to)
+    except BaseException:
+        redis.delete(key)
+        raise
+    return True

@@ -1,0 +1,151 @@
+"""Timed unlocks by the real worker: after the lock timeout, at most the maximum number of
+times, never undoing a newer lock, and caught up by the sweep after an outage.
+
+Lock time is data: a lock dated 31 minutes back has outlived a 30-minute timeout, for the
+worker's real clock, with nothing patched and nobody sleeping.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from rq import Queue
+from rq.job import Job
+from sqlalchemy import select, update
+
+from outgoing import jobs, locks, redis_keys
+from outgoing.models import LOCK_MANUAL, AuditEvent, OutgoingUser
+from tests.support import data, worker
+
+TIMEOUT = 30
+
+
+@pytest.fixture
+def alice(instance, redis_client):
+    user_id = data.add_user("example.com", "user", "alice@example.com", "Alice-pass-123",
+                            lock_timeout_minutes=TIMEOUT, maximum_unlocks_by_timeout=2)
+    worker.set_domain("example.com", abuse_report_address="postmaster@example.com")
+    return user_id
+
+
+def audit(action: str) -> list[AuditEvent]:
+    return data.query(lambda s: list(s.scalars(select(AuditEvent).where(
+        AuditEvent.action == action).order_by(AuditEvent.id))))
+
+
+def test_lock_is_lifted_after_the_timeout_and_counted(alice, sink, redis_client):
+    worker.lock("user", alice, minutes_ago=TIMEOUT + 1)
+    worker.burst(sink)
+
+    alice_now = worker.target("user", alice)
+    assert not alice_now.locked and alice_now.automatic_unlocks_used == 1
+    assert redis_client.get(redis_keys.user_lock(alice)) is None
+    [event] = audit("unlock")
+    assert event.actor == "worker" and json.loads(event.detail)["automatic"] is True
+
+
+def test_lock_stays_until_the_timeout_has_passed(alice, sink):
+    worker.lock("user", alice, minutes_ago=TIMEOUT - 1)
+    worker.burst(sink)
+    assert worker.target("user", alice).locked
+
+
+def test_automatic_unlocks_stop_at_the_maximum_and_the_alert_says_so(alice, sink):
+    for used in (1, 2):
+        worker.lock("user", alice, minutes_ago=TIMEOUT + 1)
+        worker.burst(sink)
+        assert worker.target("user", alice).automatic_unlocks_used == used
+        assert not worker.target("user", alice).locked
+
+    lock_id = worker.lock("user", alice, minutes_ago=TIMEOUT + 1)
+    worker.burst(sink)
+
+    third = worker.target("user", alice)
+    assert third.locked and third.lock_id == lock_id and third.automatic_unlocks_used == 2
+    [declined] = audit("auto_unlock_declined")
+    assert "administrator must unlock" in json.loads(declined.detail)["reason"]
+    alerts = [m for m in sink.handler.messages if m.rcpt_tos == ["postmaster@example.com"]]
+    assert len(alerts) == 3
+    last = alerts[-1].data.decode()
+    assert "a manual unlock is needed: all 2 automatic unlocks have been used" in last
+    assert "Automatic unlocks used: 2 of 2" in last
+
+
+def test_old_timed_unlock_does_not_undo_a_newer_lock(alice, sink):
+    old_lock = worker.lock("user", alice, minutes_ago=TIMEOUT + 1)
+    worker.unlock("user", alice)  # an administrator unlocks ...
+    new_lock = worker.lock("user", alice)  # ... and spam locks alice again right away
+    assert new_lock != old_lock
+
+    worker.burst(sink)  # the old lock's timed unlock is due and runs now
+
+    alice_now = worker.target("user", alice)
+    assert alice_now.locked and alice_now.lock_id == new_lock
+    assert alice_now.automatic_unlocks_used == 0
+    assert [e.actor for e in audit("unlock")] == ["admin@example.net"]
+
+
+def test_manual_lock_is_never_lifted_by_the_timeout(alice, sink):
+    worker.lock("user", alice, minutes_ago=TIMEOUT + 1, lock_kind=LOCK_MANUAL,
+                reason="locked by ops@example.com")
+    worker.burst(sink)
+    assert worker.target("user", alice).locked
+
+
+def test_raised_timeout_postpones_the_scheduled_unlock(alice, sink, redis_client):
+    worker.lock("user", alice, minutes_ago=TIMEOUT + 1)
+    data.query(lambda s: s.execute(update(OutgoingUser).where(OutgoingUser.id == alice)
+                                   .values(lock_timeout_minutes=TIMEOUT * 4)))
+    worker.burst(sink)
+    assert worker.target("user", alice).locked
+    registry = Queue("outgoing", connection=redis_client).scheduled_job_registry
+    later = [job for job in Job.fetch_many(registry.get_job_ids(), redis_client)
+             if job.func_name == "worker.jobs.auto_unlock"]
+    assert len(later) == 1
+
+
+def test_sweep_unlocks_what_expired_while_jobs_were_lost(alice, sink, redis_client):
+    """The worker was down and Redis came back empty: the scheduled unlock is gone."""
+    worker.lock("user", alice, minutes_ago=TIMEOUT + 1)
+    redis_client.flushdb()
+    # Back up: the proxy restores the locks into Redis and (like the web app) the periodic
+    # jobs; then a worker starts.
+    data.query(lambda s: locks.restore_redis_locks(s, redis_client))
+    jobs.ensure_periodic(redis_client)
+    assert redis_client.get(redis_keys.user_lock(alice)) is not None
+
+    result = worker.burst(sink)
+
+    assert "sweep-locks" in result.stderr + result.stdout
+    alice_now = worker.target("user", alice)
+    assert not alice_now.locked and alice_now.automatic_unlocks_used == 1
+    assert redis_client.get(redis_keys.user_lock(alice)) is None
+
+
+def test_sweep_also_respects_the_maximum(alice, sink, redis_client):
+    data.query(lambda s: s.execute(update(OutgoingUser).where(OutgoingUser.id == alice)
+                                   .values(automatic_unlocks_used=2)))
+    worker.lock("user", alice, minutes_ago=TIMEOUT + 1)
+    redis_client.flushdb()
+    data.query(lambda s: locks.restore_redis_locks(s, redis_client))
+    jobs.ensure_periodic(redis_client)
+    worker.burst(sink)
+    assert worker.target("user", alice).locked
+
+
+def test_web_app_start_schedules_the_sweep_which_unlocks_expired_identity(instance, redis_client,
+                                                                          sink):
+    user_id = data.add_user("example.com", "domain", "example.com", "Domain-pass-123",
+                            lock_timeout_minutes=TIMEOUT)
+    identity_id = worker.add_identity(user_id, "news@example.com")
+    worker.lock("identity", identity_id, minutes_ago=TIMEOUT + 5)
+    redis_client.flushdb()
+    data.query(lambda s: locks.restore_redis_locks(s, redis_client))
+    from webapp import create_app
+
+    create_app()  # as gunicorn does at start
+
+    worker.burst(sink)
+    assert not worker.target("identity", identity_id).locked
+    assert redis_client.get(redis_keys.identity_lock(user_id, "news@example.com")) is None

@@ -1,0 +1,260 @@
+"""A lock makes the real worker mail the sender and the domain; the alert's link unlocks once.
+
+Real Redis, a real ``rq worker --burst --with-scheduler`` process, the aiosmtpd sink as next
+hop, and the real web app (Flask's test client) behind the link.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import re
+import time
+from datetime import timedelta
+
+import pytest
+from rq import Queue
+from rq.job import Job
+from sqlalchemy import select
+
+from outgoing import redis_keys
+from outgoing.jobs import enqueue
+from outgoing.models import AuditEvent, LockTemplate, OutgoingUser, utcnow
+from outgoing.tokens import make_unlock_token
+from tests.support import data, worker
+from tests.support.worker import LINK, PUBLIC_URL
+
+ADMIN, ADMIN_PW = "ops@example.com", "Ops-pass-123"
+
+
+@pytest.fixture
+def alice(instance, redis_client):
+    user_id = data.add_user("example.com", "user", "alice@example.com", "Alice-pass-123",
+                            lock_timeout_minutes=30, maximum_unlocks_by_timeout=3)
+    worker.set_domain("example.com", abuse_report_address="postmaster@example.com")
+    return user_id
+
+
+def parsed(received):
+    return email.message_from_bytes(received.data, policy=email.policy.default)
+
+
+def mail_to(sink, address):
+    found = [parsed(m) for m in sink.handler.messages if m.rcpt_tos == [address]]
+    assert len(found) == 1, [m.rcpt_tos for m in sink.handler.messages]
+    return found[0]
+
+
+def token_of(alert) -> str:
+    return LINK.search(alert.get_content()).group(1)
+
+
+def csrf_from(html: str) -> str:
+    return re.search(r'name="csrf_token" (?:type="hidden" )?value="([^"]+)"', html).group(1)
+
+
+def log_in(client, email_addr=ADMIN, password=ADMIN_PW):
+    token = csrf_from(client.get("/login").get_data(as_text=True))
+    response = client.post("/login", data={"email": email_addr, "password": password,
+                                           "csrf_token": token})
+    assert response.status_code == 302
+
+
+def locked_and_alerted(sink, alice) -> str:
+    """Lock alice, run the worker, return the unlock token of the alert."""
+    worker.lock("user", alice)
+    worker.burst(sink)
+    return token_of(mail_to(sink, "postmaster@example.com"))
+
+
+def confirm(client, token):
+    page = client.get(f"/unlock/{token}")
+    return client.post(f"/unlock/{token}",
+                       data={"csrf_token": csrf_from(page.get_data(as_text=True))})
+
+
+def test_lock_mails_rendered_template_to_sender_and_alert_with_link_to_domain(alice, sink):
+    def use_template(session):
+        template = LockTemplate(
+            name="firm", subject="Paused: {{ user }}",
+            body="Dear {{ user }}, we stopped your mail because {{ reason }}. "
+                 "Back at {{ unlock_time }} ({{ automatic_unlocks_used }}/{{ max_unlocks }}).\n")
+        session.get(OutgoingUser, alice).lock_template = template
+    data.query(use_template)
+    locked_at = utcnow()
+    for n, rcpt in enumerate(("victim1@example.org", "victim2@example.net")):
+        worker.add_spam("example.com", alice, subject=f"Cheap pills {n}", rcpts=(rcpt,),
+                        received_at=locked_at - timedelta(minutes=2 - n))
+    worker.add_spam("example.com", alice, subject="Old news",
+                    received_at=locked_at - timedelta(days=2))
+
+    worker.lock("user", alice)
+    worker.burst(sink)
+
+    assert len(sink.handler.messages) == 2
+    notice = mail_to(sink, "alice@example.com")
+    assert notice["Subject"] == "Paused: alice@example.com"
+    body = notice.get_content()
+    assert "because 5 spam messages in 10 minutes" in body
+    assert "(0/3)" in body and "UTC" in body
+
+    alert = mail_to(sink, "postmaster@example.com")
+    text = alert.get_content()
+    assert alert["Subject"] == "[Outbound Guard] Locked: Authenticating User alice@example.com"
+    assert "Why:    5 spam messages in 10 minutes" in text
+    assert "Since:  " in text and "when the lock timeout expires" in text
+    assert "Automatic unlocks used: 0 of 3" in text
+    assert "Subject: Cheap pills 0" in text and "To: victim1@example.org" in text
+    assert "Subject: Cheap pills 1" in text and "To: victim2@example.net" in text
+    assert "Old news" not in text
+    assert f"{PUBLIC_URL}/unlock/" in text
+
+
+def test_running_the_worker_again_sends_nothing_twice(alice, sink):
+    lock_id = worker.lock("user", alice)
+    worker.burst(sink)
+    enqueue(worker.redis_client(), "worker.jobs.notify_lock", "user", alice, lock_id)
+    worker.burst(sink)
+    assert len(sink.handler.messages) == 2
+
+
+def test_refused_alert_is_retried_and_arrives_once_the_next_hop_takes_it(alice, sink,
+                                                                         redis_client):
+    worker.lock("user", alice)
+    sink.handler.refuse_with = "451 4.3.0 try again later"
+    worker.burst(sink)
+    assert sink.handler.messages == []
+    registry = Queue("outgoing", connection=redis_client).scheduled_job_registry
+    retries = [job.id for job in Job.fetch_many(registry.get_job_ids(), redis_client)
+               if job.func_name == "worker.jobs.notify_lock"]
+    assert len(retries) == 1
+
+    sink.handler.refuse_with = None
+    # The retry is due a few seconds later; making it due now is what waiting would do.
+    redis_client.zadd(registry.key, {retries[0]: 0}, xx=True)
+    worker.burst(sink)
+    assert sorted(m.rcpt_tos[0] for m in sink.handler.messages) == [
+        "alice@example.com", "postmaster@example.com"]
+
+
+def test_identity_lock_tells_the_identity_and_names_it_in_the_alert(instance, redis_client,
+                                                                    sink):
+    user_id = data.add_user("example.com", "domain", "example.com", "Domain-pass-123")
+    worker.set_domain("example.com", abuse_report_address="postmaster@example.com")
+    identity_id = worker.add_identity(user_id, "news@example.com")
+    worker.add_spam("example.com", user_id, identity="news@example.com",
+                    mail_from="news@example.com", subject="Newsletter blast")
+    worker.add_spam("example.com", user_id, identity="other@example.com",
+                    mail_from="other@example.com", subject="Not this one")
+
+    worker.lock("identity", identity_id)
+    worker.burst(sink)
+
+    assert "news@example.com" in mail_to(sink, "news@example.com")["Subject"]
+    text = mail_to(sink, "postmaster@example.com").get_content()
+    assert "identity news@example.com of example.com" in text
+    assert "Newsletter blast" in text and "Not this one" not in text
+
+
+def test_alert_link_opens_confirmation_and_only_the_post_unlocks(alice, sink, app,
+                                                                 redis_client):
+    data.add_admin(ADMIN, ADMIN_PW, domain="example.com")
+    token = locked_and_alerted(sink, alice)
+    client = app.test_client()
+
+    assert client.get(f"/unlock/{token}").status_code == 302  # to the login page
+    log_in(client)
+    page = client.get(f"/unlock/{token}")
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200
+    assert "Unlock Authenticating User alice@example.com?" in html
+    assert "5 spam messages in 10 minutes" in html
+    assert worker.target("user", alice).locked  # a bare GET changes nothing
+
+    done = client.post(f"/unlock/{token}", data={"csrf_token": csrf_from(html)})
+    assert done.status_code == 200 and "can send mail again" in done.get_data(as_text=True)
+    assert not worker.target("user", alice).locked
+    assert redis_client.get(redis_keys.user_lock(alice)) is None
+    event = data.query(lambda s: s.scalars(select(AuditEvent).where(
+        AuditEvent.action == "unlock")).one())
+    assert event.actor == ADMIN and event.target_id == alice
+
+
+def test_second_use_of_a_link_is_refused(alice, sink, app):
+    data.add_admin(ADMIN, ADMIN_PW, domain="example.com")
+    token = locked_and_alerted(sink, alice)
+    client = app.test_client()
+    log_in(client)
+    assert confirm(client, token).status_code == 200
+
+    worker.lock("user", alice)  # locked again; the old link must not lift the new lock
+    again = client.get(f"/unlock/{token}")
+    assert again.status_code == 410
+    assert "already been used" in again.get_data(as_text=True)
+    assert client.post(f"/unlock/{token}", data={
+        "csrf_token": csrf_from(client.get("/outgoing/users").get_data(as_text=True))},
+    ).status_code == 410
+    assert worker.target("user", alice).locked
+
+
+def test_expired_link_is_refused(alice, sink, app):
+    data.add_admin(ADMIN, ADMIN_PW, domain="example.com")
+    lock_id = worker.lock("user", alice)
+    secret = app.config["SECRET_KEY"]
+    stale = make_unlock_token(secret, kind="user", target_id=alice, lock_id=lock_id,
+                              now=time.time() - app.config["UNLOCK_LINK_MAX_AGE"] - 60)
+    client = app.test_client()
+    log_in(client)
+    response = client.get(f"/unlock/{stale}")
+    assert response.status_code == 410 and "expired" in response.get_data(as_text=True)
+    assert worker.target("user", alice).locked
+
+
+def test_tampered_link_is_refused_and_unlocks_nothing(alice, sink, app):
+    data.add_admin(ADMIN, ADMIN_PW, domain="example.com")
+    token = locked_and_alerted(sink, alice)
+    payload, _, signature = token.partition(".")
+    forged = payload[:-2] + ("AA" if not payload.endswith("AA") else "BB") + "." + signature
+    client = app.test_client()
+    log_in(client)
+    csrf = csrf_from(client.get("/outgoing/users").get_data(as_text=True))
+    for bad in (forged, token[:-3], "not-a-token"):
+        assert client.get(f"/unlock/{bad}").status_code == 400
+        assert client.post(f"/unlock/{bad}", data={"csrf_token": csrf}).status_code == 400
+    assert worker.target("user", alice).locked
+
+
+def test_post_without_csrf_token_does_not_unlock(alice, sink, app):
+    data.add_admin(ADMIN, ADMIN_PW, domain="example.com")
+    token = locked_and_alerted(sink, alice)
+    client = app.test_client()
+    log_in(client)
+    assert client.post(f"/unlock/{token}").status_code == 400
+    assert worker.target("user", alice).locked
+    assert confirm(client, token).status_code == 200  # the link itself is still good
+
+
+def test_admin_of_another_domain_cannot_use_the_link(alice, sink, app):
+    data.add_admin("ops@other.example", "Other-pass-123", domain="other.example")
+    token = locked_and_alerted(sink, alice)
+    client = app.test_client()
+    log_in(client, "ops@other.example", "Other-pass-123")
+    assert client.get(f"/unlock/{token}").status_code == 404
+    csrf = csrf_from(client.get("/outgoing/users").get_data(as_text=True))
+    assert client.post(f"/unlock/{token}", data={"csrf_token": csrf}).status_code == 404
+    assert worker.target("user", alice).locked
+
+
+def test_link_of_a_lock_that_ended_and_was_replaced_is_refused(alice, sink, app):
+    data.add_admin(ADMIN, ADMIN_PW)  # a super admin may act on every domain
+    token = locked_and_alerted(sink, alice)
+    worker.unlock("user", alice)
+    client = app.test_client()
+    log_in(client)
+    ended = client.get(f"/unlock/{token}")
+    assert ended.status_code == 409 and "already ended" in ended.get_data(as_text=True)
+
+    worker.lock("user", alice)
+    replaced = client.get(f"/unlock/{token}")
+    assert replaced.status_code == 409 and "locked again" in replaced.get_data(as_text=True)
+    assert worker.target("user", alice).locked

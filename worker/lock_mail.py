@@ -1,0 +1,136 @@
+"""What a lock says, and to whom: the lock template to the sender, an alert to the domain.
+
+Pure text building from loaded rows; sending and idempotency are the job's business.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from outgoing.lock_templates import RenderedTemplate, render_lock_template
+from outgoing.models import LOCK_AUTOMATIC, Identity, OutgoingUser, QuarantinedMessage
+
+
+def owner_of(target: OutgoingUser | Identity) -> OutgoingUser:
+    return target.user if isinstance(target, Identity) else target
+
+
+def kind_of(target: OutgoingUser | Identity) -> str:
+    return "identity" if isinstance(target, Identity) else "user"
+
+
+def describe(target: OutgoingUser | Identity) -> str:
+    """``identity x of user y`` or ``Authenticating User y``: who, as an admin reads it."""
+    owner = owner_of(target)
+    if isinstance(target, Identity):
+        return f"identity {target.value} of {owner.name}"
+    return f"{owner.kind_label} {owner.name}"
+
+
+def sender_address(target: OutgoingUser | Identity) -> str | None:
+    """Who is told of the lock: the identity if it is an address, else the user's contact
+    (or the username, when it is an address)."""
+    owner = owner_of(target)
+    candidates = [target.value] if isinstance(target, Identity) else []
+    candidates += [owner.contact_email, owner.name]
+    for value in candidates:
+        if value and "@" in value and not any(c.isspace() for c in value):
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class Outlook:
+    """When the lock ends by itself, or why only an administrator can end it."""
+
+    unlock_at: datetime | None
+    manual_reason: str | None
+
+
+def outlook(target: OutgoingUser | Identity) -> Outlook:
+    owner = owner_of(target)
+    used = target.automatic_unlocks_used or 0
+    maximum = owner.maximum_unlocks_by_timeout or 0
+    if target.lock_kind != LOCK_AUTOMATIC:
+        return Outlook(None, "this lock was set by an administrator")
+    if not owner.lock_timeout_minutes:
+        return Outlook(None, "no lock timeout is set")
+    if used >= maximum:
+        return Outlook(None, f"all {maximum} automatic unlocks have been used")
+    return Outlook(target.locked_at + timedelta(minutes=owner.lock_timeout_minutes), None)
+
+
+def template_context(target: OutgoingUser | Identity) -> dict:
+    owner = owner_of(target)
+    return {
+        "user": owner.name,
+        "identity": target.value if isinstance(target, Identity) else "",
+        "reason": target.lock_reason or "",
+        "lock_time": target.locked_at,
+        "unlock_time": outlook(target).unlock_at,
+        "domain": owner.domain.name,
+        "automatic_unlocks_used": target.automatic_unlocks_used or 0,
+        "max_unlocks": owner.maximum_unlocks_by_timeout or 0,
+    }
+
+
+def sender_notice(target: OutgoingUser | Identity) -> RenderedTemplate:
+    template = owner_of(target).lock_template
+    return render_lock_template(template.subject if template else None,
+                                template.body if template else None, template_context(target))
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M UTC") if moment else "-"
+
+
+def _recipients(row: QuarantinedMessage) -> str:
+    try:
+        rcpts = json.loads(row.rcpt_tos or "[]")
+    except ValueError:
+        rcpts = []
+    shown = ", ".join(str(r) for r in rcpts[:5])
+    return shown + (f" and {len(rcpts) - 5} more" if len(rcpts) > 5 else "")
+
+
+def alert(target: OutgoingUser | Identity, spam: list[QuarantinedMessage], link: str,
+          link_hours: int) -> tuple[str, str]:
+    """Subject and body of the administrator's alert."""
+    owner = owner_of(target)
+    who = describe(target)
+    ahead = outlook(target)
+    if ahead.unlock_at:
+        until = (f"{_when(ahead.unlock_at)}, when the lock timeout expires and it is unlocked "
+                 "automatically")
+    else:
+        until = f"a manual unlock is needed: {ahead.manual_reason}"
+    lines = [
+        f"Outbound Guard has locked outgoing mail from {who} (domain {owner.domain.name}).",
+        "",
+        f"Why:    {target.lock_reason or 'not recorded'}",
+        f"Since:  {_when(target.locked_at)}",
+        f"Until:  {until}",
+        f"Automatic unlocks used: {target.automatic_unlocks_used or 0} of "
+        f"{owner.maximum_unlocks_by_timeout or 0}",
+        "",
+    ]
+    if spam:
+        lines.append("The quarantined messages that led to the lock (newest first):")
+        for row in spam:
+            lines += [f"- {_when(row.received_at)}  from {row.mail_from or '<>'}",
+                      f"  Subject: {row.subject or '(no subject)'}",
+                      f"  To: {_recipients(row) or '(none)'}"]
+            if row.reason:
+                lines.append(f"  Verdict: {row.reason}")
+    else:
+        lines.append("No quarantined messages were recorded in the minutes before the lock.")
+    lines += [
+        "",
+        "Unlock, after you have checked the sender (you will be asked to log in and confirm;",
+        f"the link works once and for {link_hours} hours):",
+        link,
+        "",
+    ]
+    return f"[Outbound Guard] Locked: {who}", "\n".join(lines)
