@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 import redis
-from flask import Flask
+from flask import Flask, render_template, request
+from flask_wtf.csrf import CSRFError
 
 from outgoing.config import ConfigError, known_settings, load_config
 from outgoing.db import engine_options, install_sqlite_pragmas
@@ -49,11 +50,35 @@ def create_app(overrides: dict | None = None) -> Flask:
     app.extensions["og_redis"] = redis.from_url(config["REDIS_URL"], socket_timeout=5,
                                                 socket_connect_timeout=5)
 
-    from webapp import auth, cli, users
+    from webapp import (
+        audit_log,
+        auth,
+        cli,
+        dkim_keys,
+        domains,
+        identities,
+        lock_templates,
+        ui,
+        unlock,
+        user_settings,
+        users,
+    )
 
     app.register_blueprint(auth.bp)
     app.register_blueprint(users.bp)
+    app.register_blueprint(user_settings.bp)
+    app.register_blueprint(identities.bp)
+    app.register_blueprint(domains.bp)
+    app.register_blueprint(lock_templates.bp)
+    app.register_blueprint(dkim_keys.bp)
+    app.register_blueprint(audit_log.bp)
+    app.register_blueprint(unlock.bp)
+    app.register_blueprint(__import__("webapp.auth_blocks", fromlist=["bp"]).bp)
+    app.register_blueprint(__import__("webapp.quarantine", fromlist=["bp"]).bp)
+    app.register_blueprint(__import__("webapp.archive", fromlist=["bp"]).bp)
     cli.init_app(app)
+    ui.init_app(app)
+    _error_pages(app)
 
     @app.get("/")
     def index():
@@ -66,3 +91,28 @@ def create_app(overrides: dict | None = None) -> Flask:
         return {"status": "ok"}
 
     return app
+
+
+def _error_pages(app: Flask) -> None:
+    """Clear pages (or, for HTMX, a short text the page shows) instead of bare errors."""
+
+    def page(status: int, heading: str, message: str):
+        if request.headers.get("HX-Request"):
+            return message, status
+        return render_template("error.html", status=status, heading=heading,
+                               message=message, title=heading), status
+
+    @app.errorhandler(404)
+    def not_found(_exc):
+        return page(404, "Not found", "There is nothing here, or it is not yours to see.")
+
+    @app.errorhandler(CSRFError)
+    def csrf_failed(_exc):
+        return page(400, "Form expired", "The form was open too long or came from elsewhere. "
+                                         "Reload the page and try again.")
+
+    @app.errorhandler(redis.RedisError)
+    def redis_down(exc):
+        app.logger.error("Redis unavailable: %s", exc)
+        return page(503, "Temporarily unavailable",
+                    "Redis cannot be reached, so the change was not made. Try again shortly.")

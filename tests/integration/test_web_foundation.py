@@ -106,7 +106,7 @@ def test_domain_admin_cannot_add_a_user_to_another_domain(web):
         "csrf_token": csrf_token(web, "/outgoing/users"), "kind": "user",
         "domain": "two.example", "username": "eve@two.example",
         "password": "Eve-pass-12345", "confirm_password": "Eve-pass-12345"})
-    assert response.status_code == 400
+    assert response.status_code == 404
     assert data.query(lambda s: s.scalar(select(OutgoingUser).where(
         OutgoingUser.name == "eve@two.example"))) is None
 

@@ -1,0 +1,91 @@
+"""Outgoing > Manage Identities: the list, adding one by hand, lock / unlock / reset."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from sqlalchemy import select
+
+from outgoing.models import AuditEvent, Identity
+from tests.integration.test_panel_users import ROOT, ROOT_PW, Panel, text
+from tests.support import data
+
+
+@pytest.fixture
+def root(app):
+    data.add_admin(ROOT, ROOT_PW)
+    return Panel(app.test_client()).login(ROOT, ROOT_PW)
+
+
+@pytest.fixture
+def bob(root):
+    return data.add_user("example.com", "user", "bob@example.com", "Bob-pass-12345")
+
+
+def identity_id(value: str) -> int:
+    return data.query(lambda s: s.scalar(select(Identity.id).where(Identity.value == value)))
+
+
+def test_an_identity_added_by_hand_is_listed_with_every_column(root, bob):
+    response = root.post("/outgoing/identities", {"user": "BOB@example.com",
+                                                  "value": "shop-42"})
+    assert response.status_code == 302
+    assert response.headers["Location"] == f"/outgoing/identities?user={bob}"
+    html = text(root.get(response.headers["Location"]))
+    headers = re.findall(r'<th scope="col">([^<]+)</th>', html)
+    assert headers == ["Domain", "User", "Identity", "Lock time", "Reason", "Locked",
+                       "Automatic unlocks"]
+    row = re.search(rf'<tr id="identity-{identity_id("shop-42")}".*?</tr>', html, re.S).group(0)
+    for cell in ("example.com", "bob@example.com", "shop-42", "Unlocked", "0 / 3"):
+        assert cell in row
+    assert data.query(lambda s: s.scalar(select(AuditEvent.action).where(
+        AuditEvent.target_type == "identity"))) == "create"
+
+
+@pytest.mark.parametrize("user, value, message", [
+    ("nobody@example.com", "x", "No outgoing user is called nobody@example.com."),
+    ("bob@example.com", "", "Enter the identity"),
+    ("bob@example.com", "two\x01lines", "An identity is one line of printable text."),
+])
+def test_adding_an_identity_explains_what_is_wrong(root, bob, user, value, message):
+    response = root.post("/outgoing/identities", {"user": user, "value": value}, htmx=True)
+    assert response.status_code == 400
+    body = text(response)
+    assert body.lstrip().startswith('<section class="card" id="add-identity"')
+    assert message in body
+
+
+def test_the_same_identity_is_added_once_per_user(root, bob):
+    root.post("/outgoing/identities", {"user": "bob@example.com", "value": "shop-42"})
+    response = root.post("/outgoing/identities", {"user": "bob@example.com", "value": "shop-42"})
+    assert response.status_code == 400
+    assert "already has the identity shop-42" in text(response)
+
+
+def test_identities_lock_unlock_and_reset_in_place(root, bob, redis_client):
+    root.post("/outgoing/identities", {"user": "bob@example.com", "value": "Shop-42"})
+    ident = identity_id("Shop-42")
+    row = text(root.post(f"/outgoing/identities/{ident}/lock", htmx=True,
+                         **{"HX-Prompt": "spam run"}))
+    assert row.lstrip().startswith(f'<tr id="identity-{ident}"')
+    assert "Manual" in row and "spam run" in row
+    assert redis_client.exists(f"og:{{{bob}}}:idlock:shop-42")
+    data.query(lambda s: setattr(s.get(Identity, ident), "automatic_unlocks_used", 2))
+    assert "0 / 3" in text(root.post(f"/outgoing/identities/{ident}/reset", htmx=True))
+    row = text(root.post(f"/outgoing/identities/{ident}/unlock", htmx=True))
+    assert "Unlocked" in row and not redis_client.exists(f"og:{{{bob}}}:idlock:shop-42")
+
+
+def test_identities_are_searched_by_prefix_and_filtered_by_user(root, bob):
+    carol = data.add_user("example.com", "user", "carol@example.com", "Carol-pass-1234")
+    for user, value in [("bob@example.com", "alpha@x.example"),
+                        ("bob@example.com", "beta@x.example"),
+                        ("carol@example.com", "alpha2@y.example")]:
+        root.post("/outgoing/identities", {"user": user, "value": value})
+
+    def values(url):
+        return re.findall(r'<td class="strong">([^<]+)</td>', text(root.get(url)))
+    assert values("/outgoing/identities?q=alpha") == ["alpha2@y.example", "alpha@x.example"]
+    assert values(f"/outgoing/identities?user={carol}") == ["alpha2@y.example"]
+    assert values(f"/outgoing/identities?user={bob}&q=b") == ["beta@x.example"]

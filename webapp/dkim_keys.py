@@ -1,0 +1,102 @@
+"""DKIM: generate a signing key per selector and show the TXT record to publish.
+
+The private key is stored for the proxy and never shown; the public half is shown as the
+exact record for ``<selector>._domainkey.<domain>``. The selectors listed here are the
+choices of the "DKIM Selector" setting.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
+from flask_login import current_user, login_required
+from sqlalchemy import func, select
+
+from outgoing import audit, dkim
+from outgoing.models import DkimKey, OutgoingUser
+from webapp import scope
+from webapp.extensions import db
+from webapp.forms.dkim import HELP, DkimKeyForm
+from webapp.forms.users import RowActionForm
+from webapp.services import actor, announce_change
+
+bp = Blueprint("dkim_keys", __name__, url_prefix="/outgoing/dkim")
+
+
+def record_of(key: DkimKey, domain_name: str) -> tuple[str, str]:
+    pair = dkim.DkimKeyPair(private_pem="", public_b64=key.public_key_b64,
+                            algorithm=key.algorithm)
+    return dkim.txt_record(key.selector, domain_name, pair)
+
+
+@bp.get("")
+@login_required
+def own():
+    if current_user.is_super:
+        flash("Choose the domain whose DKIM keys you want to manage.", "info")
+        return redirect(url_for("domains.index"))
+    return redirect(url_for("dkim_keys.index", domain_id=current_user.domain_id))
+
+
+def _render(domain, form: DkimKeyForm, status: int = 200, created: int | None = None):
+    keys = list(db.session.scalars(select(DkimKey).where(DkimKey.domain_id == domain.id)
+                                   .order_by(DkimKey.selector)))
+    in_use = dict(db.session.execute(
+        select(OutgoingUser.dkim_selector, func.count())
+        .where(OutgoingUser.domain_id == domain.id, OutgoingUser.dkim_selector.is_not(None))
+        .group_by(OutgoingUser.dkim_selector)).all())
+    rows = [(key, *record_of(key, domain.name), in_use.get(key.selector, 0)) for key in keys]
+    return render_template("dkim/index.html", domain=domain, form=form, rows=rows, help=HELP,
+                           created=created, action_form=RowActionForm(),
+                           title=f"DKIM keys of {domain.name}"), status
+
+
+@bp.route("/<int:domain_id>", methods=["GET", "POST"])
+@login_required
+def index(domain_id: int):
+    domain = scope.domain_or_404(domain_id)
+    form = DkimKeyForm()
+    if request.method == "GET":
+        return _render(domain, form, created=request.args.get("created", type=int))
+    if not form.validate_on_submit():
+        return _render(domain, form, 400)
+    if db.session.scalar(select(DkimKey.id).where(DkimKey.domain_id == domain.id,
+                                                  DkimKey.selector == form.selector.data)):
+        form.selector.errors.append(f"{domain.name} already has a key for the selector "
+                                    f"{form.selector.data}; choose another selector.")
+        return _render(domain, form, 400)
+    pair = dkim.generate_key(form.algorithm.data)
+    key = DkimKey(domain_id=domain.id, selector=form.selector.data, algorithm=pair.algorithm,
+                  private_key_pem=pair.private_pem, public_key_b64=pair.public_b64)
+    db.session.add(key)
+    db.session.flush()
+    name, _value = dkim.txt_record(key.selector, domain.name, pair)
+    audit.record(db.session, actor=actor(), action="create", target_type="dkim_key",
+                 target_id=key.id, domain_id=domain.id, name=name,
+                 after={"selector": key.selector, "algorithm": key.algorithm})
+    db.session.commit()
+    announce_change()
+    flash(f"Created a key for {key.selector}. Publish the TXT record below at {name}, then "
+          "choose the selector in the users' DKIM Selector setting.", "success")
+    return redirect(url_for("dkim_keys.index", domain_id=domain.id, created=key.id))
+
+
+@bp.post("/keys/<int:key_id>/delete")
+@login_required
+def delete(key_id: int):
+    key = scope.dkim_key_or_404(key_id)
+    if not RowActionForm().validate_on_submit():
+        abort(400)
+    users = db.session.scalar(select(func.count()).select_from(OutgoingUser).where(
+        OutgoingUser.domain_id == key.domain_id, OutgoingUser.dkim_selector == key.selector))
+    if users:
+        flash(f"{users} outgoing user(s) sign with {key.selector}; choose another DKIM "
+              "Selector for them first.", "error")
+        return redirect(url_for("dkim_keys.index", domain_id=key.domain_id))
+    audit.record(db.session, actor=actor(), action="delete", target_type="dkim_key",
+                 target_id=key.id, domain_id=key.domain_id, name=key.selector,
+                 before={"selector": key.selector, "algorithm": key.algorithm})
+    db.session.delete(key)
+    db.session.commit()
+    announce_change()
+    flash(f"Deleted the key of {key.selector}. Remove its TXT record from DNS too.", "success")
+    return redirect(url_for("dkim_keys.index", domain_id=key.domain_id))

@@ -1,0 +1,48 @@
+"""Forms of the Domains page (admin level) and Outgoing > Settings (domain level)."""
+
+from email_validator import EmailNotValidError, validate_email
+from flask_wtf import FlaskForm
+from wtforms import BooleanField, StringField
+from wtforms.validators import InputRequired, Length, ValidationError
+
+from outgoing.users import normalise_domain
+
+SETTINGS_HELP = {
+    "abuse_report_address": "The administrator's contact: abuse reports (ARF) about "
+                            "quarantined mail and lock alerts with unlock links go here. "
+                            "Leave empty to send none.",
+    "quarantine_report_enabled": "Mail the address above a summary of the outgoing "
+                                 "quarantine once a day.",
+}
+
+
+class DomainForm(FlaskForm):
+    name = StringField("Domain name", validators=[InputRequired("Enter a domain name."),
+                                                  Length(max=253)])
+
+    def validate_name(self, field):
+        try:
+            field.data = normalise_domain(field.data)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+
+
+class DomainSettingsForm(FlaskForm):
+    abuse_report_address = StringField("Abuse report address", validators=[Length(max=320)],
+                                       render_kw={"type": "email", "autocomplete": "email"})
+    quarantine_report_enabled = BooleanField("Daily quarantine report")
+
+    def validate_abuse_report_address(self, field):
+        text = (field.data or "").strip()
+        if not text:
+            field.data = None
+            return
+        try:
+            field.data = validate_email(text, check_deliverability=False).normalized
+        except EmailNotValidError as exc:
+            raise ValidationError(
+                f"Enter an email address such as abuse@example.com ({exc}).") from None
+
+    def validate_quarantine_report_enabled(self, field):
+        if field.data and not (self.abuse_report_address.data or "").strip():
+            raise ValidationError("The daily report needs an Abuse report address to go to.")

@@ -1,0 +1,25 @@
+"""Forms of Outgoing > Manage Identities."""
+
+from flask_wtf import FlaskForm
+from wtforms import StringField
+from wtforms.validators import InputRequired, Length, ValidationError
+
+from scoring.identity import MAX_IDENTITY
+
+
+class AddIdentityForm(FlaskForm):
+    """Add an identity by hand, e.g. to lock a sender before it next sends."""
+
+    user = StringField("Outgoing user", validators=[
+        InputRequired("Enter the IP/Range, username or domain of an outgoing user."),
+        Length(max=320)])
+    value = StringField("Identity", validators=[
+        InputRequired("Enter the identity, e.g. an address or a customer id."),
+        Length(max=MAX_IDENTITY, message=f"An identity is at most {MAX_IDENTITY} characters.")])
+
+    def validate_value(self, field):
+        field.data = (field.data or "").strip()
+        if not field.data:
+            raise ValidationError("Enter the identity, e.g. an address or a customer id.")
+        if any(not c.isprintable() for c in field.data):
+            raise ValidationError("An identity is one line of printable text.")

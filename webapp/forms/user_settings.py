@@ -1,0 +1,194 @@
+"""The Outgoing User Settings form: every setting of DESIGN.md, labelled with its name.
+
+Which fields a user has depends on its type (see ``for_kind``); choices that depend on the
+database (lock templates, DKIM selectors) are filled in by the route.
+"""
+
+from flask_wtf import FlaskForm
+from wtforms import (
+    BooleanField,
+    FieldList,
+    Form,
+    FormField,
+    IntegerField,
+    PasswordField,
+    SelectField,
+    StringField,
+)
+from wtforms.validators import InputRequired, Length, NumberRange, Optional, ValidationError
+
+from outgoing.models import (
+    ID_AUTH_USER,
+    ID_ENVELOPE_SENDER,
+    ID_HEADER,
+    KIND_DOMAIN,
+    KIND_IP,
+    KIND_USER,
+    QUARANTINE_ACCEPT,
+    QUARANTINE_REJECT,
+    REAUTH_DOMAIN,
+    REAUTH_NONE,
+    REAUTH_USER,
+)
+from scoring.identity import MAX_HEADER_NAME, MAX_PATTERN, validate_header_name, validate_regex
+from webapp.forms import choices
+
+MAX_HEADERS = 20
+WEEK_MINUTES = 7 * 24 * 60
+
+# One line of help per setting, in our words.
+HELP = {
+    "ip_range": "The address, CIDR block or range this user sends from. It cannot be "
+                "changed: add a new user for another range.",
+    "username": "The SMTP AUTH login of this user. It cannot be changed.",
+    "password": "Leave empty to keep the current password; a new one needs at least 10 "
+                "characters mixing letters, digits or symbols.",
+    "password_domain": "The SMTP AUTH password of this domain (the login is the domain "
+                       "name). It is not tied to any other account. Leave empty to keep it.",
+    "confirm_password": "Type the new password again.",
+    "domain": "The customer domain this user belongs to; its settings, DKIM keys and "
+              "contact apply.",
+    "identification_method": "How we tell the senders behind this user apart. Header is "
+                             "recommended: a per-customer header makes spammers far "
+                             "easier to find and stop.",
+    "headers": "Headers searched in order; the first one present gives the identity.",
+    "automatic_lock": "Stop this user after about 5 spam messages within 10 minutes. Leave "
+                      "off for an IP or range that is a shared smarthost.",
+    "lock_identities_automatically": "Stop just the sender (identity) after about 5 spam "
+                                     "messages within 10 minutes, leaving others sending.",
+    "lock_timeout_minutes": "Minutes an automatic lock lasts before sending resumes "
+                            "(1 minute to 1 week, 10080).",
+    "maximum_unlocks_by_timeout": "How often a lock may lift itself (0 to 100); after that "
+                                  "an administrator has to unlock.",
+    "lock_template_id": "The message the sender receives when their mail is locked.",
+    "connection_limits_enabled": "Cap SMTP connections per period, spam or not, to stop "
+                                 "sudden bulk mailing.",
+    "limit_per_month": "Connections allowed in any 30 days; empty means no cap.",
+    "limit_per_week": "Connections allowed in any 7 days; empty means no cap.",
+    "limit_per_day": "Connections allowed in any 24 hours; empty means no cap.",
+    "limit_per_hour": "Connections allowed in any hour; empty means no cap.",
+    "limit_per_minute": "Connections allowed in any minute; empty means no cap.",
+    "dkim_selector": "Sign this user's mail with the domain's key of this selector (create "
+                     "keys on the DKIM page and publish their TXT record first).",
+    "maximum_recipients_per_day": "Recipients this user may address in any 24 hours; empty "
+                                  "means no cap.",
+    "quarantine_response": "What the sending server hears when a message is quarantined: a "
+                           "bounce (550) or a silent accept (250).",
+    "message_archiving": "Keep a copy of every message in the archive of the envelope "
+                         "sender's domain.",
+    "block_macro_attachments": "Reject messages carrying office documents that contain "
+                               "macros.",
+    "block_unwanted_attachments": "Reject messages carrying executables and other risky "
+                                  "attachment types.",
+    "reject_newly_registered_domains": "Reject mail whose sender domain was registered less "
+                                       "than a day ago.",
+    "reauthenticate_as": "Hand this range's mail to the user or domain matching the envelope "
+                         "sender, when that one permits it; its settings then apply.",
+    "reauthenticate_permitted": "Let authorised IP ranges relay mail on behalf of this "
+                                "user, under this user's settings and limits.",
+}
+
+IDENTIFICATION_CHOICES = [
+    (ID_ENVELOPE_SENDER, "Envelope Sender"),
+    (ID_AUTH_USER, "Authentication User"),
+    (ID_HEADER, "Header"),
+]
+QUARANTINE_CHOICES = [(QUARANTINE_REJECT, "Rejected (550)"), (QUARANTINE_ACCEPT, "Accepted (250)")]
+REAUTH_CHOICES = [
+    (REAUTH_NONE, "Do not re-authenticate"),
+    (REAUTH_USER, "Authenticating User matching the envelope sender"),
+    (REAUTH_DOMAIN, "Authenticating Domain matching the envelope sender's domain"),
+]
+
+
+class HeaderRowForm(Form):
+    """One identification header: its name, an optional RE2 pattern, and whether to strip it."""
+
+    header_name = StringField("Header name", validators=[Length(max=MAX_HEADER_NAME * 2)])
+    regex = StringField("Regular expression", validators=[Length(max=MAX_PATTERN * 2)])
+    remove_header = BooleanField("Remove header")
+
+    def validate_header_name(self, field):
+        problem = validate_header_name(field.data or "")
+        if problem:
+            raise ValidationError(problem)
+
+    def validate_regex(self, field):
+        problem = validate_regex((field.data or "").strip())
+        if problem:
+            raise ValidationError(problem)
+
+
+def _limit(label: str) -> IntegerField:
+    return IntegerField(label, validators=[Optional(), NumberRange(
+        min=1, max=1_000_000_000, message="Enter a whole number of at least 1, or leave empty.")])
+
+
+class UserSettingsForm(FlaskForm):
+    ip_range = StringField("IP/Range", render_kw={"readonly": True})
+    username = StringField("Username", render_kw={"readonly": True})
+    password = PasswordField("Password", validators=[Length(max=1024)],
+                             render_kw={"autocomplete": "new-password"})
+    confirm_password = PasswordField("Confirm Password", validators=[Length(max=1024)],
+                                     render_kw={"autocomplete": "new-password"})
+    domain = StringField("Domain", validators=[Length(max=253)])
+    identification_method = SelectField("Identification Method",
+                                        choices=choices(IDENTIFICATION_CHOICES))
+    headers = FieldList(FormField(HeaderRowForm), max_entries=MAX_HEADERS)
+    automatic_lock = BooleanField("Automatic lock")
+    lock_identities_automatically = BooleanField("Lock Identities Automatically")
+    lock_timeout_minutes = IntegerField("User and Identity Lock timeout", validators=[
+        InputRequired("Enter the lock timeout in minutes."),
+        NumberRange(min=1, max=WEEK_MINUTES,
+                    message=f"Enter 1 to {WEEK_MINUTES} minutes (one week).")])
+    maximum_unlocks_by_timeout = IntegerField("Maximum unlocks by timeout", validators=[
+        InputRequired("Enter how many automatic unlocks are allowed."),
+        NumberRange(min=0, max=100, message="Enter a number from 0 to 100.")])
+    lock_template_id = SelectField("Lock Template", choices=[], validate_choice=False)
+    connection_limits_enabled = BooleanField("Enable outgoing connection limits")
+    limit_per_month = _limit("Limit per month")
+    limit_per_week = _limit("Limit per week")
+    limit_per_day = _limit("Limit per day")
+    limit_per_hour = _limit("Limit per hour")
+    limit_per_minute = _limit("Limit per minute")
+    dkim_selector = SelectField("DKIM Selector", choices=[], validate_choice=False)
+    maximum_recipients_per_day = _limit("Maximum number of recipients per day")
+    quarantine_response = SelectField("Quarantine Response", choices=choices(QUARANTINE_CHOICES))
+    message_archiving = BooleanField("Message archiving for senders")
+    block_macro_attachments = BooleanField("Block attachments with macros for senders")
+    block_unwanted_attachments = BooleanField("Block potentially unwanted attachments")
+    reject_newly_registered_domains = BooleanField(
+        "Reject messages from newly registered domains")
+    reauthenticate_as = SelectField("Re-authenticate as", choices=choices(REAUTH_CHOICES))
+    reauthenticate_permitted = BooleanField("Re-authenticate permitted")
+
+
+# Fields each type of user does not have.
+NOT_FOR = {
+    KIND_IP: ("username", "password", "confirm_password", "reauthenticate_permitted"),
+    KIND_USER: ("ip_range", "reauthenticate_as"),
+    KIND_DOMAIN: ("ip_range", "username", "reauthenticate_as"),
+}
+
+
+def for_kind(form: UserSettingsForm, kind: str) -> UserSettingsForm:
+    for name in NOT_FOR[kind]:
+        delattr(form, name)
+    return form
+
+
+SECTIONS = (
+    ("Authentication", ("ip_range", "username", "password", "confirm_password", "domain")),
+    ("Identification", ("identification_method",)),
+    ("Locks", ("automatic_lock", "lock_identities_automatically", "lock_timeout_minutes",
+               "maximum_unlocks_by_timeout", "lock_template_id")),
+    ("Limits", ("connection_limits_enabled", "limit_per_month", "limit_per_week",
+                "limit_per_day", "limit_per_hour", "limit_per_minute",
+                "maximum_recipients_per_day")),
+    ("Delivery and content", ("dkim_selector", "quarantine_response", "message_archiving",
+                              "block_macro_attachments", "block_unwanted_attachments",
+                              "reject_newly_registered_domains")),
+    ("Re-authentication", ("reauthenticate_as", "reauthenticate_permitted")),
+)
+
+KIND_NAMES = {KIND_IP: "IP/Range", KIND_USER: "Username", KIND_DOMAIN: "Domain"}
