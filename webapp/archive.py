@@ -7,17 +7,15 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from flask import Blueprint, Response, abort, current_app, render_template, request
+from flask import Blueprint, abort, render_template, request
 from flask_login import login_required
 from sqlalchemy import select
 
 from outgoing.archive import ArchiveSearch, search_query
 from outgoing.models import ArchivedMessage
-from outgoing.storage import StorageError, read_body
-from scoring.message import readable
 from webapp import scope
 from webapp.extensions import db, htmx
-from webapp.quarantine import VIEW_CSP
+from webapp.stored_messages import download_response, view_response
 
 bp = Blueprint("archive", __name__, url_prefix="/outgoing/archive")
 
@@ -72,27 +70,10 @@ def index():
 @login_required
 def view(message_id: int):
     row = message_or_404(message_id)
-    try:
-        shown = readable(read_body(current_app.config, row))
-        problem = shown.error
-    except StorageError as exc:
-        current_app.logger.warning("%s", exc)
-        shown, problem = None, "The stored message cannot be read."
-    response = Response(render_template("archive/view.html", row=row, shown=shown,
-                                        problem=problem,
-                                        title=f"Archived message {row.id}"))
-    response.headers["Content-Security-Policy"] = VIEW_CSP
-    return response
+    return view_response(row, "archive/view.html", f"Archived message {row.id}")
 
 
 @bp.get("/<int:message_id>/download")
 @login_required
 def download(message_id: int):
-    row = message_or_404(message_id)
-    try:
-        data = read_body(current_app.config, row)
-    except StorageError:
-        abort(404)
-    return Response(data, mimetype="message/rfc822", headers={
-        "Content-Disposition": f'attachment; filename="archived-{row.id}.eml"',
-        "X-Content-Type-Options": "nosniff"})
+    return download_response(message_or_404(message_id), f"archived-{message_id}.eml")

@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 import click
 from flask import (
     Blueprint,
-    Response,
     abort,
     current_app,
     flash,
@@ -32,20 +31,16 @@ from outgoing.jobs import enqueue
 from outgoing.models import QuarantinedMessage
 from outgoing.newdomains import import_file
 from outgoing.quarantine import expire_quarantine, recipients, remove_messages, rules_of
-from outgoing.storage import StorageError, read_body
-from scoring.message import readable
 from webapp import scope
 from webapp.extensions import db, htmx
 from webapp.services import actor, redis_client
+from webapp.stored_messages import download_response, view_response
 
 bp = Blueprint("quarantine", __name__, url_prefix="/outgoing/quarantine")
 
 RELEASE_JOB = "worker.quarantine_jobs.release_quarantined"
 PAGE_SIZE = 50
 MAX_BULK = 500
-# The view never renders message HTML; this header is the second lock on that door.
-VIEW_CSP = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; " \
-           "form-action 'self'; frame-ancestors 'none'"
 
 
 def message_or_404(message_id: int) -> QuarantinedMessage:
@@ -100,29 +95,13 @@ def index():
 @login_required
 def view(message_id: int):
     row = message_or_404(message_id)
-    try:
-        shown = readable(read_body(current_app.config, row))
-        problem = shown.error
-    except StorageError as exc:
-        current_app.logger.warning("%s", exc)
-        shown, problem = None, "The stored message cannot be read."
-    response = Response(render_template("quarantine/view.html", row=row, shown=shown,
-                                        problem=problem, title=f"Quarantined message {row.id}"))
-    response.headers["Content-Security-Policy"] = VIEW_CSP
-    return response
+    return view_response(row, "quarantine/view.html", f"Quarantined message {row.id}")
 
 
 @bp.get("/<int:message_id>/download")
 @login_required
 def download(message_id: int):
-    row = message_or_404(message_id)
-    try:
-        data = read_body(current_app.config, row)
-    except StorageError:
-        abort(404)
-    return Response(data, mimetype="message/rfc822", headers={
-        "Content-Disposition": f'attachment; filename="quarantined-{row.id}.eml"',
-        "X-Content-Type-Options": "nosniff"})
+    return download_response(message_or_404(message_id), f"quarantined-{message_id}.eml")
 
 
 def _release(rows: list[QuarantinedMessage]) -> int:
