@@ -24,7 +24,7 @@ from outgoing.db import make_sessionmaker, session_scope
 from proxy.directory import Directory
 from proxy.handler import OutboundHandler
 from proxy.identities import IdentityFlusher
-from proxy.tls import server_context
+from proxy.tls import ensure_certificate, server_context
 
 log = logging.getLogger("proxy")
 
@@ -213,6 +213,7 @@ def run(config: dict, workers: int) -> None:
     """Start ``workers`` processes on one listening port; the parent only supervises and
     starts a worker again when one dies (at most once a second)."""
     host, port = parse_hostport("SMTP_LISTEN", config["SMTP_LISTEN"])
+    ensure_certificate(config["TLS_CERT"], config["TLS_KEY"], config["SMTP_HOSTNAME"])
     if workers <= 1:
         sock = listening_socket(host, port, reuse_port=False)
         asyncio.run(serve(config, sock))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import fcntl
+import os
 import ssl
 from pathlib import Path
 
@@ -13,9 +15,20 @@ from cryptography.x509.oid import NameOID
 
 
 def ensure_certificate(cert_path: str, key_path: str, hostname: str) -> None:
+    """Make a self-signed pair once. Proxy processes start together, so creation holds an
+    exclusive lock and the files appear by rename: nobody ever reads a key of another cert."""
     cert_file, key_file = Path(cert_path), Path(key_path)
     if cert_file.exists() and key_file.exists():
         return
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(key_file.parent / ".tls.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if cert_file.exists() and key_file.exists():
+            return
+        _write_self_signed(cert_file, key_file, hostname)
+
+
+def _write_self_signed(cert_file: Path, key_file: Path, hostname: str) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64])])
     now = datetime.datetime.now(datetime.UTC)
@@ -28,12 +41,15 @@ def ensure_certificate(cert_path: str, key_path: str, hostname: str) -> None:
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname[:64])]), False)
         .sign(key, hashes.SHA256())
     )
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key_file.chmod(0o600)
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    tmp_key = key_file.with_suffix(".tmp")
+    tmp_key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    tmp_key.chmod(0o600)
+    tmp_cert = cert_file.with_suffix(".tmp")
+    tmp_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    os.replace(tmp_key, key_file)
+    os.replace(tmp_cert, cert_file)
 
 
 def server_context(cert_path: str, key_path: str, hostname: str) -> ssl.SSLContext:

@@ -91,6 +91,10 @@ def instance(tmp_path, monkeypatch, migrated, redis_url):
     monkeypatch.setenv("REDIS_URL", redis_url)
     monkeypatch.setenv("RQ_REDIS_URL", redis_url)
     _empty_tables(migrated)
+    # Every test starts from an empty Redis too: throttles, windows and locks must not leak.
+    client = redis_lib.from_url(redis_url)
+    client.flushdb()
+    client.close()
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

@@ -22,7 +22,7 @@ PASSWORD = "Alice-pass-123"
 
 
 @pytest.fixture
-def alice(instance):
+def alice(instance, redis_client):
     return data.add_user("example.com", "user", "alice@example.com", PASSWORD)
 
 
