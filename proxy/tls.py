@@ -41,12 +41,12 @@ def _write_self_signed(cert_file: Path, key_file: Path, hostname: str) -> None:
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname[:64])]), False)
         .sign(key, hashes.SHA256())
     )
-    tmp_key = key_file.with_suffix(".tmp")
+    tmp_key = key_file.with_name(key_file.name + ".tmp")
     tmp_key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                           serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()))
     tmp_key.chmod(0o600)
-    tmp_cert = cert_file.with_suffix(".tmp")
+    tmp_cert = cert_file.with_name(cert_file.name + ".tmp")
     tmp_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     os.replace(tmp_key, key_file)
     os.replace(tmp_cert, cert_file)
