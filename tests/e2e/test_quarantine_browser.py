@@ -9,19 +9,13 @@ import pytest
 
 from outgoing.changes import announce_config_change
 from tests.support import data
+from tests.support.browser import login
 from tests.support.mail import GTUBE, client, send
 
 pytestmark = pytest.mark.browser
 
 ADMIN, ADMIN_PW = "ops@example.com", "Ops-pass-12345"
 ALICE_PW = "Alice-pass-123"
-
-
-def login(page, base: str, email_addr: str, password: str) -> None:
-    page.goto(f"{base}/login")
-    page.get_by_label("Email").fill(email_addr)
-    page.get_by_label("Password").fill(password)
-    page.get_by_role("button", name="Log in").click()
 
 
 def wait_until_known(port: int, timeout: float = 10) -> None:

@@ -11,19 +11,13 @@ from sqlalchemy import select, update
 
 from outgoing.models import Domain, QuarantinedMessage
 from tests.support import data
+from tests.support.browser import login
 from tests.support.mail import GTUBE, client, message, send
 
 pytestmark = pytest.mark.browser
 
 ADMIN, ADMIN_PW = "admin@example.net", "Admin-pass-123"
 ALICE_PW = "Alice-pass-123"
-
-
-def login(page, base: str, email_addr: str, password: str) -> None:
-    page.goto(f"{base}/login")
-    page.get_by_label("Email").fill(email_addr)
-    page.get_by_label("Password").fill(password)
-    page.get_by_role("button", name="Log in").click()
 
 
 def test_admin_adds_alice_who_sends_then_spams_is_locked_notified_and_unlocked(
