@@ -16,7 +16,6 @@ import time
 
 import redis
 import redis.asyncio as aioredis
-from aiosmtpd.smtp import SMTP, Session
 
 from outgoing import jobs, locks
 from outgoing.config import parse_hostport
@@ -24,17 +23,10 @@ from outgoing.db import make_sessionmaker, session_scope
 from proxy.directory import Directory
 from proxy.handler import OutboundHandler
 from proxy.identities import IdentityFlusher
+from proxy.protocol import COMMAND_CALL_LIMITS, protocol_factory
 from proxy.tls import ensure_certificate, server_context
 
 log = logging.getLogger("proxy")
-
-# Commands a client may send per connection before it is cut off with 421: generous for real
-# mail (MAIL, RCPT, DATA are bounded by the message limits), tight for the junk commands.
-COMMAND_CALL_LIMITS = {
-    "AUTH": 10, "HELO": 20, "EHLO": 20, "STARTTLS": 3, "VRFY": 20, "EXPN": 20, "HELP": 20,
-    "NOOP": 1000, "*": 1_000_000,
-}
-
 
 def listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -49,63 +41,6 @@ def listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     sock.listen(1024)
     sock.setblocking(False)
     return sock
-
-
-class QuietSession(Session):
-    """aiosmtpd sets the deprecated ``login_data`` on every successful AUTH and logs a
-    warning each time; we never read it, so store it without the noise."""
-
-    @property
-    def login_data(self):
-        return self._login_data
-
-    @login_data.setter
-    def login_data(self, value) -> None:
-        self._login_data = value
-
-
-class LimitedSMTP(SMTP):
-    """aiosmtpd's SMTP with a bounded command line, multi-line replies sent in one write,
-    and a word to the handler when the connection ends (to give back what the session
-    reserved)."""
-
-    command_size_limit = 512
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._held_lines: list[bytes] = []
-
-    async def push(self, status):
-        """aiosmtpd sends each line of a reply on its own (EHLO: seven writes, each a
-        syscall and, under TLS, a record); hold "250-" lines and send them with the last."""
-        if isinstance(status, str):
-            status = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
-        if status[3:4] == b"-" and status[:3].isdigit():
-            self._held_lines.append(status)
-            return
-        if self._held_lines:
-            status = b"\r\n".join([*self._held_lines, status])
-            self._held_lines = []
-        await super().push(status)
-
-    def _session_ended(self) -> None:
-        closed = getattr(self.event_handler, "session_closed", None)
-        if closed is not None and getattr(self, "session", None) is not None:
-            try:
-                closed(self.session)
-            except Exception:
-                log.exception("session_closed failed")
-
-    def _create_session(self):
-        session = QuietSession(self.loop)
-        replaced = getattr(self.event_handler, "session_replaced", None)
-        if replaced is not None and getattr(self, "session", None) is not None:
-            replaced(self.session, session)  # STARTTLS: a new session, the same connection
-        return session
-
-    def connection_lost(self, error):
-        self._session_ended()
-        super().connection_lost(error)
 
 
 async def _load(directory: Directory, sessionmaker, redis_sync) -> bool:
@@ -156,13 +91,12 @@ async def serve(config: dict, sock: socket.socket, clock=time.time,
     tls = server_context(config["TLS_CERT"], config["TLS_KEY"], config["SMTP_HOSTNAME"])
     trusted = config["SMTP_TRUSTED"]
 
-    def factory():
-        return LimitedSMTP(handler, hostname=config["SMTP_HOSTNAME"],
-                           ident="Outbound Guard", tls_context=tls,
-                           require_starttls=False, auth_require_tls=not trusted,
-                           data_size_limit=config["MAX_MESSAGE_SIZE"],
-                           enable_SMTPUTF8=True, timeout=300,
-                           command_call_limit=dict(COMMAND_CALL_LIMITS))
+    factory = protocol_factory(handler, hostname=config["SMTP_HOSTNAME"],
+                               ident="Outbound Guard", tls_context=tls,
+                               require_starttls=False, auth_require_tls=not trusted,
+                               data_size_limit=config["MAX_MESSAGE_SIZE"],
+                               enable_SMTPUTF8=True, timeout=300,
+                               command_call_limit=dict(COMMAND_CALL_LIMITS))
 
     await _load(directory, sessionmaker, redis_sync)
     loop = asyncio.get_running_loop()
