@@ -75,6 +75,10 @@ class Inspection:
     spam: SpamVerdict | None = None  # set when the message belongs in the quarantine
 
 
+# Messages up to this size are checked on the event loop itself (see ContentPipeline._off_loop).
+INLINE_CHECK_BYTES = 32 * 1024
+
+
 def local_checks(data: bytes, *, mail_from: str, rcpt_tos: list[str], block_macros: bool,
                  block_unwanted: bool, builtin_spam: bool,
                  threshold: float) -> tuple[AttachmentVerdict | None, SpamVerdict | None]:
@@ -109,6 +113,15 @@ class ContentPipeline:
     async def _in_thread(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(None, partial(fn, *args, **kwargs))
 
+    async def _off_loop(self, size: int, fn, *args, **kwargs):
+        """Run a CPU-bound check of a message of ``size`` bytes: in a thread when the message
+        is big, so one large attachment cannot stall every other session of this process;
+        inline when it is small, where the checks take a fraction of a millisecond and the
+        hop to a thread and back would cost more than it saves."""
+        if size <= INLINE_CHECK_BYTES:
+            return fn(*args, **kwargs)
+        return await self._in_thread(fn, *args, **kwargs)
+
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC).replace(tzinfo=None)
 
@@ -132,8 +145,9 @@ class ContentPipeline:
     # -- DATA ------------------------------------------------------------------------------
     async def inspect(self, msg: Message) -> Inspection:
         user = msg.user
-        attachments, spam = await self._in_thread(
-            local_checks, msg.data, mail_from=msg.mail_from, rcpt_tos=list(msg.rcpt_tos),
+        attachments, spam = await self._off_loop(
+            len(msg.data), local_checks, msg.data, mail_from=msg.mail_from,
+            rcpt_tos=list(msg.rcpt_tos),
             block_macros=user.block_macro_attachments,
             block_unwanted=user.block_unwanted_attachments,
             builtin_spam=not self.rspamd_url, threshold=self.config["SPAM_THRESHOLD"])
@@ -155,9 +169,9 @@ class ContentPipeline:
                 timeout=self.config["RSPAMD_TIMEOUT"])
         except rspamd.RspamdError as exc:
             log.warning("%s; using the built-in scorer", exc)
-        return await self._in_thread(score_message, msg.data, mail_from=msg.mail_from,
-                                     rcpt_tos=list(msg.rcpt_tos),
-                                     threshold=self.config["SPAM_THRESHOLD"])
+        return await self._off_loop(len(msg.data), score_message, msg.data,
+                                    mail_from=msg.mail_from, rcpt_tos=list(msg.rcpt_tos),
+                                    threshold=self.config["SPAM_THRESHOLD"])
 
     async def quarantine(self, msg: Message, verdict: SpamVerdict) -> None:
         """Store durably; returns only when the message is safe in the quarantine."""
