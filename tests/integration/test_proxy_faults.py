@@ -280,6 +280,21 @@ def test_bare_line_feeds_in_a_message_reach_the_next_hop_as_crlf(alice, start_pr
         b"\r\n\r\nline one\r\nline two\r\nline three\r\n")
 
 
+@pytest.mark.parametrize("path", ["<", "<<>>", "(<", "<a@"])
+def test_malformed_paths_get_a_clean_5xx_and_the_session_goes_on(alice, start_proxy, sink, path):
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        assert smtp.docmd("AUTH", f"PLAIN {plain('alice@example.com', PASSWORD)}")[0] == 235
+        code, reply = smtp.docmd(f"MAIL FROM:{path}")
+        assert code in (501, 553), reply
+        assert_clean(reply)
+        assert smtp.mail("alice@example.com")[0] == 250
+        code, reply = smtp.docmd(f"RCPT TO:{path}")
+        assert code in (501, 553), reply
+        assert_clean(reply)
+        assert smtp.rcpt("bob@example.org")[0] == 250
+
+
 def test_overlong_command_line_gets_500_and_the_session_goes_on(alice, start_proxy):
     proxy = start_proxy()
     raw = RawClient(proxy.port)
