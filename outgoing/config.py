@@ -13,6 +13,8 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from scoring.retry import parse_delays
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -66,6 +68,11 @@ def _defaults(instance: Path) -> dict:
         "NEWLY_REGISTERED_LIST": "",
         "MESSAGE_STORE": "file",
         "ARCHIVE_RETENTION_DAYS": 0,
+        # Recipients the next hop refused with 4xx while it took the others: the worker
+        # retries them after these delays (seconds, the last repeats) until the message is
+        # DEFER_GIVE_UP_SECONDS old, then mails the sender a delivery report.
+        "DEFER_RETRY_SECONDS": "300,900,1800,3600,7200,14400",
+        "DEFER_GIVE_UP_SECONDS": 5 * 86400,
     }
 
 
@@ -192,6 +199,10 @@ def load_config(overrides: dict | None = None, environ=None) -> dict:
     parse_hostport("UPSTREAM_SMTP", config["UPSTREAM_SMTP"])
     if config["BARE_LINE_ENDINGS"] not in ("normalise", "reject"):
         raise ConfigError("BARE_LINE_ENDINGS: expected 'normalise' or 'reject'")
+    try:
+        parse_delays(config["DEFER_RETRY_SECONDS"])
+    except ValueError as exc:
+        raise ConfigError(f"DEFER_RETRY_SECONDS: {exc}") from None
     if not config["SECRET_KEY"]:
         config["SECRET_KEY"] = _secret_key(instance)
     config["INSTANCE_PATH"] = str(instance)

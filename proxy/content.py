@@ -14,11 +14,13 @@ Stages and what each says:
 - ``quarantine``: body + row durable, then the ARF job is enqueued (an enqueue failure is
   logged and never changes the reply: the message is already safe).
 - ``deliver``: identity headers removed, DKIM-signed with the user's selector and the
-  domain's key, relayed; 250 only when the next hop accepted. Recipients the next hop refused
-  while others were accepted get a delivery status notification (DSN) to the envelope sender
-  from the worker, since one reply after DATA cannot speak per recipient. An archive copy is
-  filed afterwards when "Message archiving for senders" is on; a failure to archive is logged
-  but cannot turn the accepted message into a 4xx (the sender would send it twice).
+  domain's key, relayed; 250 only when the next hop accepted. One reply after DATA cannot
+  speak per recipient, so when the next hop took some recipients and refused others, those it
+  refused for now (4xx) are handed to the worker to retry (``scoring/retry.py``), and those it
+  refused for good get a delivery status notification (DSN) to the envelope sender. An
+  archive copy is filed afterwards when "Message archiving for senders" is on; a failure to
+  archive is logged but cannot turn the accepted message into a 4xx (the sender would send it
+  twice).
 """
 
 from __future__ import annotations
@@ -46,12 +48,14 @@ from scoring import outcomes
 from scoring.attachments import AttachmentVerdict, inspect_attachments
 from scoring.message import header_block, remove_headers, subject_of
 from scoring.newdomains import newly_registered_verdict, registrable_domain
+from scoring.retry import next_attempt_at, parse_delays
 from scoring.spam import SpamVerdict, score_message
 
 log = logging.getLogger(__name__)
 
 ABUSE_REPORT_JOB = "worker.jobs.send_abuse_report"
 DSN_JOB = "worker.content_jobs.send_delivery_report"
+RETRY_JOB = "worker.content_jobs.retry_deferred_recipients"
 DKIM_KEY_TTL = 60.0  # seconds a loaded (or missing) key is trusted before asking again
 
 
@@ -247,7 +251,7 @@ class ContentPipeline:
         if not result.delivered:
             return result.reply
         if result.refused:
-            await self._in_thread(self._report_refused, msg, data, result.refused)
+            await self._in_thread(self._after_partial_refusal, msg, data, result.refused)
         if msg.user.message_archiving:
             try:
                 await self._in_thread(self._archive, msg, data)
@@ -262,12 +266,35 @@ class ContentPipeline:
                             mail_from=msg.mail_from, rcpt_tos=list(msg.rcpt_tos), data=data,
                             subject=subject_of(list(msg.headers)), received_at=self._now())
 
-    def _report_refused(self, msg: Message, data: bytes,
-                        refused: dict[str, tuple[int, str]]) -> None:
-        """Tell the sender which recipients the next hop refused (after the others were
-        accepted), through a DSN the worker sends; never for a null sender."""
+    def _after_partial_refusal(self, msg: Message, data: bytes,
+                               refused: dict[str, tuple[int, str]]) -> None:
+        """The next hop took the message for some recipients: retry the ones it refused for
+        now (the worker holds the relayed bytes), report the ones it refused for good."""
         log.warning("next hop refused %d of %d recipient(s) of a message of %s: %s",
                     len(refused), len(msg.rcpt_tos), msg.user.name, refused)
+        final = {r: reply for r, reply in refused.items() if reply[0] >= 500}
+        later = [r for r, reply in refused.items() if reply[0] < 500]
+        if later:
+            now = self._now()
+            due = next_attempt_at(attempt=1, arrival=now, now=now,
+                                  delays=parse_delays(self.config["DEFER_RETRY_SECONDS"]),
+                                  give_up_seconds=self.config["DEFER_GIVE_UP_SECONDS"])
+            try:
+                if due is None:
+                    raise ValueError("DEFER_GIVE_UP_SECONDS leaves no time to retry")
+                enqueue(self.redis_sync, RETRY_JOB, msg.mail_from, later, data, now.isoformat(),
+                        1, at=None if due <= now else due, retry=None)
+            except Exception:
+                log.exception("could not hand %d deferred recipient(s) to the worker; "
+                              "reporting them to the sender", len(later))
+                final.update({r: refused[r] for r in later})
+        if final:
+            self._report_refused(msg, data, final)
+
+    def _report_refused(self, msg: Message, data: bytes,
+                        refused: dict[str, tuple[int, str]]) -> None:
+        """Tell the sender which recipients will not get the message, through a DSN the
+        worker sends; never for a null sender."""
         if not msg.mail_from or msg.mail_from == "<>":
             return
         head, _ = header_block(data)

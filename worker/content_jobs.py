@@ -1,5 +1,5 @@
-"""RQ jobs of the content stage: delivery reports for recipients the next hop refused, and
-the daily import of the newly registered domains list.
+"""RQ jobs of the content stage: delivery reports for recipients the next hop refused, retries
+of the ones it refused for now, and the daily import of the newly registered domains list.
 """
 
 from __future__ import annotations
@@ -8,12 +8,17 @@ import hashlib
 import logging
 import re
 import secrets
+import smtplib
 import time
 from datetime import UTC, datetime
 from email.utils import format_datetime, make_msgid
 
+from outgoing.jobs import enqueue
 from outgoing.newdomains import import_file
+from scoring.message import header_block
+from scoring.retry import next_attempt_at, parse_delays
 from worker import context, mail
+from worker.quarantine_jobs import RelayRefused, relay_sync
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +94,67 @@ def send_delivery_report(sender: str, refused: list[list], original_headers: byt
     except mail.MailRefused as exc:
         return f"delivery report to {sender} refused: {exc}"
     return f"delivery report sent to {sender}" if sent else "delivery report already sent"
+
+
+def _text(reply) -> str:
+    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+
+
+def _try_relay(config: dict, mail_from: str, rcpt_tos: list[str],
+               data: bytes) -> dict[str, tuple[int, str]]:
+    """Relay once; the recipients that did not get it, each with the reply that said so
+    (a next hop that cannot be reached or answers 4xx to the message defers them all)."""
+    try:
+        refused = relay_sync(config, mail_from=mail_from, rcpt_tos=rcpt_tos, data=data)
+    except RelayRefused as exc:
+        cause = exc.__cause__
+        if isinstance(cause, smtplib.SMTPRecipientsRefused):
+            refused = cause.recipients
+        else:
+            code = getattr(cause, "smtp_code", 554)
+            return {r: (code, _text(getattr(cause, "smtp_error", str(exc)))) for r in rcpt_tos}
+    except smtplib.SMTPRecipientsRefused as exc:
+        refused = exc.recipients
+    except smtplib.SMTPResponseException as exc:
+        return {r: (exc.smtp_code, _text(exc.smtp_error)) for r in rcpt_tos}
+    except (smtplib.SMTPException, OSError) as exc:
+        return {r: (451, f"4.4.1 next hop unreachable: {exc}") for r in rcpt_tos}
+    return {r: (int(code), _text(text)) for r, (code, text) in refused.items()}
+
+
+def retry_deferred_recipients(mail_from: str, rcpt_tos: list[str], data: bytes,
+                              arrival_iso: str, attempt: int) -> str:
+    """Try again the recipients the next hop refused for now; those it now refuses for good,
+    or still refuses when the message reaches DEFER_GIVE_UP_SECONDS, get a delivery report.
+
+    Enqueued without RQ's own retries: a failed attempt is answered here, by scheduling the
+    next one, and an RQ retry after a partial success would deliver twice."""
+    config, redis = context.config(), context.redis_client()
+    arrival = datetime.fromisoformat(arrival_iso)
+    refused = _try_relay(config, mail_from, list(rcpt_tos), data)
+    final = {r: reply for r, reply in refused.items() if reply[0] >= 500}
+    later = [r for r, reply in refused.items() if reply[0] < 500]
+    now = datetime.now(UTC).replace(tzinfo=None)
+    outcome = f"attempt {attempt}: {len(rcpt_tos) - len(refused)} of {len(rcpt_tos)} delivered"
+    if later:
+        due = next_attempt_at(attempt=attempt + 1, arrival=arrival, now=now,
+                              delays=parse_delays(config["DEFER_RETRY_SECONDS"]),
+                              give_up_seconds=config["DEFER_GIVE_UP_SECONDS"])
+        if due is None:
+            log.warning("giving up on %d recipient(s) of a message from %s after %d attempts",
+                        len(later), mail_from, attempt)
+            final.update({r: refused[r] for r in later})
+            outcome += f", gave up on {len(later)}"
+        else:
+            enqueue(redis, "worker.content_jobs.retry_deferred_recipients", mail_from, later,
+                    data, arrival_iso, attempt + 1, at=due, retry=None)  # never a hot loop
+            outcome += f", {len(later)} deferred again until {due.isoformat()}"
+    if final and mail_from and mail_from != "<>":
+        head, _ = header_block(data)
+        send_delivery_report(mail_from, [[r, code, text] for r, (code, text) in final.items()],
+                             head[:64 * 1024], arrival_iso, config["SMTP_HOSTNAME"])
+        outcome += f", reported {len(final)} to the sender"
+    return outcome
 
 
 def import_newly_registered(due: str | None = None, path: str | None = None) -> str:

@@ -32,6 +32,8 @@ def test_unknown_setting_in_instance_config_is_named(tmp_path, monkeypatch):
     ("REDIS_URL", "http://127.0.0.1:6379"),
     ("REDIS_URL", "redis://127.0.0.1:notaport"),
     ("UPSTREAM_SMTP", "mail.example.com"),
+    ("DEFER_RETRY_SECONDS", "5 minutes"),
+    ("DEFER_RETRY_SECONDS", ""),
 ])
 def test_malformed_setting_is_named(tmp_path, name, value):
     with pytest.raises(ConfigError, match=name):

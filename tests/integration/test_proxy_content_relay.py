@@ -6,9 +6,12 @@ from __future__ import annotations
 import email
 import email.policy
 import re
+import time
 
 import pytest
 from rq import Queue
+from rq.job import Job
+from rq.registry import ScheduledJobRegistry
 from sqlalchemy import func, select
 
 from outgoing.models import ArchivedMessage
@@ -149,6 +152,83 @@ def test_partial_refusal_answers_250_and_mails_a_delivery_report_to_the_sender(
     assert b"Final-Recipient: rfc822; nobody@example.org" in report.data
     assert b"Status: 5.1.1" in report.data
     assert b"Subject: Hello" in report.data  # the original's headers come along
+
+
+RETRY_JOB = "worker.content_jobs.retry_deferred_recipients"
+
+
+def queued(redis_client) -> list[str]:
+    return [job.func_name for job in Queue("outgoing", connection=redis_client).jobs]
+
+
+def scheduled_retries(redis_client) -> list[tuple[Job, float]]:
+    """Retry jobs waiting in RQ's scheduled registry, with when each is due (epoch seconds)."""
+    registry = ScheduledJobRegistry("outgoing", connection=redis_client)
+    jobs = [Job.fetch(job_id, connection=redis_client) for job_id in registry.get_job_ids()]
+    return [(job, registry.get_scheduled_time(job).timestamp()) for job in jobs
+            if job.func_name == RETRY_JOB]
+
+
+def test_a_recipient_refused_for_now_is_retried_by_the_worker_and_delivered(
+        alice, start_proxy, hop, redis_client):
+    hop.handler.refuse_rcpt["busy@example.org"] = "452 4.2.2 Mailbox full, try later"
+    proxy = proxy_to(start_proxy, hop, DEFER_RETRY_SECONDS="0,3600")
+    code, _ = submit(proxy, rcpts=("bob@example.org", "busy@example.org"))
+    assert code == 250
+    assert [m.rcpt_tos for m in hop.handler.messages] == [["bob@example.org"]]
+    assert queued(redis_client) == ["worker.content_jobs.retry_deferred_recipients"]
+
+    hop.handler.refuse_rcpt.clear()  # the mailbox has room again
+    result = run_worker_burst(process_env(UPSTREAM_SMTP=f"127.0.0.1:{hop.port}"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, retried = hop.handler.wait_for(2)
+    assert retried.rcpt_tos == ["busy@example.org"]
+    assert retried.mail_from == "alice@example.com"
+    assert retried.data == first.data  # the very bytes relayed the first time (DKIM intact)
+    assert len(hop.handler.messages) == 2  # no delivery report: nothing was lost
+    assert queued(redis_client) == []
+
+
+def test_a_recipient_still_refused_is_retried_later_and_then_reported(alice, start_proxy, hop,
+                                                                      redis_client):
+    hop.handler.refuse_rcpt["busy@example.org"] = "452 4.2.2 Mailbox full, try later"
+    proxy = proxy_to(start_proxy, hop, DEFER_RETRY_SECONDS="0,3600")
+    assert submit(proxy, rcpts=("bob@example.org", "busy@example.org"))[0] == 250
+
+    env = process_env(UPSTREAM_SMTP=f"127.0.0.1:{hop.port}", DEFER_RETRY_SECONDS="0,3600")
+    result = run_worker_burst(env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(hop.handler.messages) == 1  # still refused: nothing sent, nothing reported
+    ((job, due),) = scheduled_retries(redis_client)
+    assert job.args[1] == ["busy@example.org"] and job.args[4] == 2  # the second attempt
+    assert 3500 < due - time.time() <= 3600
+
+    # Past the give-up age the next attempt reports the recipient to the sender instead.
+    ScheduledJobRegistry("outgoing", connection=redis_client).remove(job)
+    Queue("outgoing", connection=redis_client).enqueue_job(job)
+    result = run_worker_burst(dict(env, DEFER_GIVE_UP_SECONDS="0"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = hop.handler.wait_for(2)[1]
+    assert report.mail_from == "<>" and report.rcpt_tos == ["alice@example.com"]
+    assert b"Final-Recipient: rfc822; busy@example.org" in report.data
+    assert b"Status: 4.2.2" in report.data
+    assert scheduled_retries(redis_client) == []
+
+
+def test_partial_refusal_reports_the_final_ones_and_retries_the_temporary_ones(
+        alice, start_proxy, hop, redis_client):
+    hop.handler.refuse_rcpt["nobody@example.org"] = "550 5.1.1 No such user here"
+    hop.handler.refuse_rcpt["busy@example.org"] = "452 4.2.2 Mailbox full, try later"
+    code, _ = submit(proxy_to(start_proxy, hop),
+                     rcpts=("bob@example.org", "nobody@example.org", "busy@example.org"))
+    assert code == 250
+    jobs = Queue("outgoing", connection=redis_client).jobs
+    assert sorted(job.func_name for job in jobs) == [
+        "worker.content_jobs.send_delivery_report"]  # the retry waits 300 s: scheduled
+    assert [r for r, _, _ in jobs[0].args[1]] == ["nobody@example.org"]
+    ((retry, due),) = scheduled_retries(redis_client)
+    assert 200 < due - time.time() <= 300
+    assert retry.args[1] == ["busy@example.org"]
 
 
 def test_next_hop_answering_4xx_to_data_gives_451_and_nothing_is_archived(alice, start_proxy,
