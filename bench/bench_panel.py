@@ -6,10 +6,10 @@ app (Flask test client: routing, queries, template rendering) and prints the med
 percentile per page. Figures are printed, never asserted; the target is a median under 50 ms.
 
 Run (SQLite, a temporary file):
-    REDIS_URL=redis://127.0.0.1:6379/4 /tmp/probe-venv/bin/python bench/bench_panel.py
+    REDIS_URL=redis://127.0.0.1:6379/4 .venv/bin/python bench/bench_panel.py
 
 Run (PostgreSQL; a database is created for the run and dropped after):
-    REDIS_URL=redis://127.0.0.1:6379/4 /tmp/probe-venv/bin/python bench/bench_panel.py \\
+    REDIS_URL=redis://127.0.0.1:6379/4 .venv/bin/python bench/bench_panel.py \\
         --database-url postgresql://postgres@127.0.0.1:5432/postgres
 
 Options: --users N --identities N --domains N --runs N (defaults 100000, 1000000, 1000, 30),
@@ -104,14 +104,17 @@ def load(engine, args) -> dict:
     with engine.begin() as conn:
         for start in range(0, len(users), CHUNK):
             conn.execute(insert(OutgoingUser), users[start:start + CHUNK])
-        user_ids = list(conn.scalars(select(OutgoingUser.id).order_by(OutgoingUser.id)))
+        owners = conn.execute(select(OutgoingUser.id, OutgoingUser.domain_id)
+                              .order_by(OutgoingUser.id)).all()
+        user_ids = [user_id for user_id, _ in owners]
+        domain_of = dict(owners)
     print(f"  {len(users):,} users in {time.perf_counter() - started:.1f} s", flush=True)
     per_user = max(1, args.identities // len(user_ids))
     batch = []
     with engine.begin() as conn:
         for n in range(args.identities):
             user_id = user_ids[n // per_user % len(user_ids)]
-            batch.append({"user_id": user_id,
+            batch.append({"user_id": user_id, "domain_id": domain_of[user_id],
                           "value": f"{_word(n * 7 + 3)}.{n % per_user}@s{n // per_user}.example",
                           "locked": n % 1009 == 0})
             if len(batch) == CHUNK:
@@ -125,9 +128,10 @@ def load(engine, args) -> dict:
     print(f"  {args.identities:,} identities, loaded in {time.perf_counter() - started:.1f} s",
           flush=True)
     middle = users[len(users) // 2]
-    domain_user = next(u for u in users if u["domain_id"] == domain_ids["customer0500.example"]
+    domain = f"customer{args.domains // 2:04d}.example"  # the domain admin's, mid-range
+    domain_user = next(u for u in users if u["domain_id"] == domain_ids[domain]
                        and u["kind"] == "user")
-    return {"domain": "customer0500.example", "user_prefix": middle["name"][:4],
+    return {"domain": domain, "user_prefix": middle["name"][:4],
             "user_name": domain_user["name"], "ip": "10.0.3.7"}
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime
 
+from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from outgoing.models import Identity
+from outgoing.models import Identity, OutgoingUser
 from scoring.identity import MAX_IDENTITY, normalise_identity
 
 Counts = Mapping[str, tuple[int, int]]  # identity -> (messages, spam)
@@ -40,9 +41,13 @@ def record_counts(session, user_id: int, counts: Counts, now: datetime) -> int:
         before = rows.get(value, (0, 0))
         rows[value] = (before[0] + max(messages, 0), before[1] + max(spam, 0))
     ordered = sorted(rows.items())  # one order for every writer: no deadlocks between them
+    domain_id = session.scalar(select(OutgoingUser.domain_id).where(OutgoingUser.id == user_id))
+    if domain_id is None:  # the user was deleted since: its identities went with it
+        return 0
     for start in range(0, len(ordered), BATCH):
         stmt = _insert(session).values([
-            {"user_id": user_id, "value": value, "message_count": messages,
+            {"user_id": user_id, "domain_id": domain_id, "value": value,
+             "message_count": messages,
              "spam_count": spam, "first_seen": now, "last_seen": now, "locked": False,
              "automatic_unlocks_used": 0}
             for value, (messages, spam) in ordered[start:start + BATCH]

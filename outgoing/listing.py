@@ -177,8 +177,7 @@ def identities_page(session, *, domain_id: int | None = None, user_id: int | Non
         if user_id is not None:
             query = query.where(Identity.user_id == user_id)
         if domain_id is not None:
-            query = query.where(Identity.user_id.in_(
-                select(OutgoingUser.id).where(OutgoingUser.domain_id == domain_id)))
+            query = query.where(Identity.domain_id == domain_id)
         if cursor is not None:
             query = query.where(_after(Identity.value, Identity.id, cursor, backwards))
         return _ordered(query, Identity.value, Identity.id, backwards)

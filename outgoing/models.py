@@ -20,6 +20,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
+    select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -195,13 +197,20 @@ class IdentificationHeader(Base):
 
 
 class Identity(LockState, Base):
-    """Who, behind an outgoing user, actually sent: created on first sight."""
+    """Who, behind an outgoing user, actually sent: created on first sight.
+
+    ``domain_id`` repeats the user's domain so that one domain's identities (a domain admin's
+    Manage Identities) page in index order however many there are; it is filled in from the
+    user on insert and follows the user when the user moves to another domain."""
 
     __tablename__ = "identities"
-    __table_args__ = (UniqueConstraint("user_id", "value", name="uq_identities_user_value"),)
+    __table_args__ = (UniqueConstraint("user_id", "value", name="uq_identities_user_value"),
+                      Index("ix_identities_domain_value", "domain_id", "value", "id"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("outgoing_users.id", ondelete="CASCADE"))
+    domain_id: Mapped[int] = mapped_column(
+        ForeignKey("domains.id", ondelete="CASCADE", name="fk_identities_domain_id"))
     value: Mapped[str] = mapped_column(String(255), index=True)
     message_count: Mapped[int] = mapped_column(Integer, default=0)
     spam_count: Mapped[int] = mapped_column(Integer, default=0)
@@ -209,6 +218,13 @@ class Identity(LockState, Base):
     last_seen: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
     user: Mapped[OutgoingUser] = relationship(lazy="joined")
+
+
+@event.listens_for(Identity, "before_insert")
+def _identity_domain(mapper, connection, target: Identity) -> None:
+    if target.domain_id is None:
+        target.domain_id = connection.scalar(
+            select(OutgoingUser.domain_id).where(OutgoingUser.id == target.user_id))
 
 
 class LockTemplate(Base):

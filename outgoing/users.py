@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from outgoing.models import (
     KIND_DOMAIN,
@@ -17,6 +17,7 @@ from outgoing.models import (
     KIND_USER,
     Domain,
     IdentificationHeader,
+    Identity,
     OutgoingUser,
 )
 from outgoing.passwords import hash_password
@@ -216,6 +217,8 @@ def apply_settings(session, user: OutgoingUser, values: Mapping, *,
                                           f"{domain.name} already has.")
         user.domain = domain
         user.domain_id = domain.id
+        session.execute(update(Identity).where(Identity.user_id == user.id)
+                        .values(domain_id=domain.id))
     for name in SETTINGS:
         if name in values:
             setattr(user, name, values[name])

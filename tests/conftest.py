@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -45,9 +46,10 @@ def redis_client(redis_url):
     client.close()
 
 
-@pytest.fixture(scope="session")
-def database_url(tmp_path_factory):
-    """A fresh database for this test session, dropped afterwards."""
+@contextmanager
+def fresh_database(folder):
+    """A new, empty database: on the PostgreSQL server of DATABASE_URL when it names one
+    (dropped afterwards), else a SQLite file in ``folder``."""
     base = os.environ.get("DATABASE_URL", "")
     if base.startswith(("postgresql", "postgres://")):
         base = base.replace("postgres://", "postgresql://", 1)
@@ -56,13 +58,21 @@ def database_url(tmp_path_factory):
         admin = create_engine(url, isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
-        yield url.set(database=name).render_as_string(hide_password=False)
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        try:
+            yield url.set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            admin.dispose()
     else:
-        path = tmp_path_factory.mktemp("db") / "test.db"
-        yield f"sqlite:///{path}"
+        yield f"sqlite:///{folder / 'test.db'}"
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory):
+    """A fresh database for this test session, dropped afterwards."""
+    with fresh_database(tmp_path_factory.mktemp("db")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import time
 import pytest
 from sqlalchemy import select
 
-from outgoing.models import AuditEvent, DkimKey, LockTemplate, OutgoingUser
+from outgoing.models import AuditEvent, DkimKey, Identity, LockTemplate, OutgoingUser
 from outgoing.passwords import verify_password
 from outgoing.redis_keys import user_limits
 from scoring.limits import WINDOW_SECONDS, bucket_index
@@ -314,9 +314,14 @@ def test_a_super_admin_moves_a_user_to_another_domain_if_its_range_fits(root, ip
     response = root.post(f"/outgoing/users/{ip_user}", settings(domain="other.example"))
     assert response.status_code == 400
     assert "overlaps 192.0.2.128/25" in text(response)
+    data.query(lambda s: s.add(Identity(user_id=ip_user, value="shop@example.com")))
     response = root.post(f"/outgoing/users/{ip_user}", settings(domain="third.example"))
     assert response.status_code == 302
-    assert load(ip_user).domain.name == "third.example"
+    moved = load(ip_user)
+    assert moved.domain.name == "third.example"
+    # Its identities go along: the new domain's admin sees them in Manage Identities.
+    assert data.query(lambda s: s.scalars(select(Identity.domain_id).where(
+        Identity.user_id == ip_user)).all()) == [moved.domain_id]
 
 
 def test_the_page_shows_current_usage_of_every_limit_window(root, bob, redis_client):
