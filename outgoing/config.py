@@ -58,7 +58,10 @@ def _defaults(instance: Path) -> dict:
         # Content stage (proxy/content.py): next-hop login, connection reuse, engines, stores.
         "UPSTREAM_USERNAME": "",
         "UPSTREAM_PASSWORD": "",
-        "UPSTREAM_POOL_SIZE": 4,
+        # Idle next-hop connections each proxy process keeps for reuse (closed after 30 s).
+        # It never raises the number of connections open at once, which is the number of
+        # messages in flight; too few means closing and reopening them under load.
+        "UPSTREAM_POOL_SIZE": 16,
         "RSPAMD_TIMEOUT": 2.0,
         "SPAM_THRESHOLD": 5.0,
         "RDAP_URL": "",
