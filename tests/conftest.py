@@ -14,7 +14,7 @@ import redis as redis_lib
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from tests.support.services import Clock, InProcessProxy, Sink, free_port
+from tests.support.services import Clock, InProcessProxy, Sink
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
@@ -152,9 +152,10 @@ def proxy_config(instance, sink):
     """Configuration of a proxy whose next hop is the sink; tests may adjust it."""
     from outgoing.config import load_config
 
-    return load_config({"SMTP_LISTEN": f"127.0.0.1:{free_port()}",
-                        "UPSTREAM_SMTP": f"127.0.0.1:{sink.port}",
-                        "UPSTREAM_TIMEOUT": 5.0, "CONFIG_REFRESH_SECONDS": 0.2})
+    config = load_config({"UPSTREAM_SMTP": f"127.0.0.1:{sink.port}",
+                          "UPSTREAM_TIMEOUT": 5.0, "CONFIG_REFRESH_SECONDS": 0.2})
+    config["SMTP_LISTEN"] = "127.0.0.1:0"  # any free port: InProcessProxy learns it on bind
+    return config
 
 
 @pytest.fixture

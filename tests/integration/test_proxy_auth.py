@@ -19,7 +19,6 @@ from outgoing.models import LOCK_MANUAL, OutgoingUser
 from outgoing.usage import read_usage_sync
 from tests.support import data
 from tests.support.mail import client, message, send
-from tests.support.services import free_port
 
 PASSWORD = "Alice-pass-123"
 
@@ -28,11 +27,6 @@ def sessions_of(redis_client, user_id: int, now: float) -> int:
     """Sessions counted for a user today: who the proxy attributed the mail to."""
     previous, current = read_usage_sync(redis_client, user_id, now)["day"]
     return previous + current
-
-
-def another_port() -> str:
-    """Where a second proxy instance listens."""
-    return f"127.0.0.1:{free_port()}"
 
 
 def plain(login: str, password: str) -> str:
@@ -66,7 +60,7 @@ def test_ipv6_client_is_matched_by_its_own_address_before_a_wider_range(
     network = data.add_user("net.example", "ip", "::/64")
     loopback = data.add_user("host.example", "ip", "::1")
     everything_v4 = data.add_user("v4.example", "ip", "0.0.0.0/0")
-    proxy = start_proxy(SMTP_LISTEN=f"[::1]:{free_port()}")
+    proxy = start_proxy(SMTP_LISTEN="[::1]:0")
     with client(proxy.port, host="::1") as smtp:
         assert send(smtp, message())[0] == 250
     assert sessions_of(redis_client, loopback, clock()) == 1
@@ -76,7 +70,7 @@ def test_ipv6_client_is_matched_by_its_own_address_before_a_wider_range(
 
 def test_ipv6_range_alone_authenticates_an_ipv6_client(instance, start_proxy, sink):
     data.add_user("net.example", "ip", "::-::ff")
-    proxy = start_proxy(SMTP_LISTEN=f"[::1]:{free_port()}")
+    proxy = start_proxy(SMTP_LISTEN="[::1]:0")
     with client(proxy.port, host="::1") as smtp:
         assert send(smtp, message())[0] == 250
     assert len(sink.handler.messages) == 1
@@ -84,7 +78,7 @@ def test_ipv6_range_alone_authenticates_an_ipv6_client(instance, start_proxy, si
 
 def test_ipv4_ranges_do_not_admit_an_ipv6_client(instance, start_proxy, sink):
     data.add_user("v4.example", "ip", "0.0.0.0/0")
-    proxy = start_proxy(SMTP_LISTEN=f"[::1]:{free_port()}")
+    proxy = start_proxy(SMTP_LISTEN="[::1]:0")
     with client(proxy.port, host="::1") as smtp:
         assert smtp.mail("alice@example.com")[0] == 530
     assert sink.handler.messages == []
@@ -170,7 +164,7 @@ def test_self_signed_certificate_is_made_on_first_start_and_kept(instance, start
     assert presented == stored
     assert stored.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == \
         "relay.test.example"
-    again = start_proxy(SMTP_HOSTNAME="relay.test.example", SMTP_LISTEN=another_port())
+    again = start_proxy(SMTP_HOSTNAME="relay.test.example", SMTP_LISTEN="127.0.0.1:0")
     assert _peer_certificate(again.port) == stored
 
 
@@ -267,7 +261,7 @@ def test_ten_failures_for_one_username_from_many_addresses_block_that_username(
 
 
 def test_block_is_shared_by_every_proxy_instance(alice, start_proxy):
-    first, second = start_proxy(), start_proxy(SMTP_LISTEN=another_port())
+    first, second = start_proxy(), start_proxy(SMTP_LISTEN="127.0.0.1:0")
     for n in range(10):
         port = (first, second)[n % 2].port
         assert login_code(port, "alice@example.com", "wrong", source="127.0.0.2") == 535

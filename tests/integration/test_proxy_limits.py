@@ -10,7 +10,6 @@ from outgoing.usage import read_usage_sync
 from scoring.limits import CONNECTION_WINDOWS, MONTH
 from tests.support import data
 from tests.support.mail import client, message, send
-from tests.support.services import free_port
 
 PASSWORD = "Alice-pass-123"
 T0 = 700 * MONTH  # starts a bucket of every window, so estimates are exact
@@ -149,7 +148,7 @@ def test_two_proxy_instances_sharing_one_redis_enforce_one_limit(instance, start
                   connection_limits_enabled=True, limit_per_hour=3,
                   maximum_recipients_per_day=5)
     first = start_proxy()
-    second = start_proxy(SMTP_LISTEN=f"127.0.0.1:{free_port()}")
+    second = start_proxy(SMTP_LISTEN="127.0.0.1:0")
     assert [session(p.port) for p in (first, second, first)] == [250, 250, 250]
     assert session(second.port) == 451
     assert session(first.port) == 451

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -17,7 +18,31 @@ from aiosmtpd.controller import Controller
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port() -> int:
+    """A free port for a test server that must be told its port before it binds.
+
+    Taken below the kernel's ephemeral range: a port the kernel handed out (bind to port 0)
+    may be handed out again, between our check and the server's bind, to one of the many
+    outgoing connections the tests make, and then the server fails with EADDRINUSE."""
+    ephemeral = _ephemeral_ports()
+    for _ in range(200):
+        port = random.randrange(10000, 65000)
+        if port in ephemeral:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -183,12 +208,14 @@ class InProcessProxy:
     def __init__(self, config: dict, clock: Clock):
         from proxy.server import listening_socket
 
-        self.config = config
         self.clock = clock
         host, _, port = config["SMTP_LISTEN"].rpartition(":")
         self.host = host.strip("[]")  # "[::1]:port" listens on IPv6
-        self.port = int(port)
-        self.sock = listening_socket(self.host, self.port, reuse_port=False)
+        # Port 0 binds any free port (no race with another socket taking a port chosen
+        # before); the proxy is then told where it really listens.
+        self.sock = listening_socket(self.host, int(port), reuse_port=False)
+        self.port = self.sock.getsockname()[1]
+        self.config = dict(config, SMTP_LISTEN=f"{host}:{self.port}")
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self._stop: asyncio.Event | None = None
