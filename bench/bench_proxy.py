@@ -418,18 +418,19 @@ REUSED = "connections reused: "
 
 
 def why_it_scales(label: str, one: dict, many: dict, workers: int) -> str:
-    """The proxy's own CPU per message with 1 and N processes, and the bound on the rate ratio
-    that the load generator, sink and Redis set by sharing the same cores: one process runs
-    at most 1 / p1 messages a second, N at most cores / (pN + others)."""
+    """The proxy's own CPU per message with 1 and N processes, and the ceiling that the load
+    generator, sink and Redis set by sharing the same cores: N processes can take at most
+    cores / (proxy CPU + their CPU per message) messages a second."""
     cores = os.cpu_count() or 1
-    ceiling = cores * one["cpu_ms"] / (many["cpu_ms"] + many["others_ms"])
+    ceiling = cores * 1000 / (many["cpu_ms"] + many["others_ms"])
     return (f"why {label} scales as it does: proxy CPU per message {one['cpu_ms']:.2f} ms with"
-            f" 1 proc, {many['cpu_ms']:.2f} ms with {workers}; messages per proxy core-second "
-            f"{one['rate'] / one['server_cores']:.0f} and "
-            f"{many['rate'] / many['server_cores']:.0f}. The load generator, sink and Redis "
-            f"take {many['others_ms']:.2f} ms per message of the same {cores} cores, so the "
-            f"ratio is at most {cores} x {one['cpu_ms']:.2f} / ({many['cpu_ms']:.2f} + "
-            f"{many['others_ms']:.2f}) = {ceiling:.2f} here")
+            f" 1 proc ({one['server_cores']:.2f} cores busy), {many['cpu_ms']:.2f} ms with "
+            f"{workers}; messages per proxy core-second {one['rate'] / one['server_cores']:.0f}"
+            f" and {many['rate'] / many['server_cores']:.0f}. The load generator, sink and "
+            f"Redis take {many['others_ms']:.2f} ms per message of the same {cores} cores, so "
+            f"{workers} procs can take at most {cores} / ({many['cpu_ms']:.2f} + "
+            f"{many['others_ms']:.2f}) ms = {ceiling:.0f} msg/s here (measured "
+            f"{many['rate']:.0f}), {ceiling / one['rate']:.2f}x what 1 proc took")
 
 
 def command_stats(client) -> dict[str, int]:
