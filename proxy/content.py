@@ -274,22 +274,30 @@ class ContentPipeline:
                     len(refused), len(msg.rcpt_tos), msg.user.name, refused)
         final = {r: reply for r, reply in refused.items() if reply[0] >= 500}
         later = [r for r, reply in refused.items() if reply[0] < 500]
-        if later:
-            now = self._now()
-            due = next_attempt_at(attempt=1, arrival=now, now=now,
-                                  delays=parse_delays(self.config["DEFER_RETRY_SECONDS"]),
-                                  give_up_seconds=self.config["DEFER_GIVE_UP_SECONDS"])
-            try:
-                if due is None:
-                    raise ValueError("DEFER_GIVE_UP_SECONDS leaves no time to retry")
-                enqueue(self.redis_sync, RETRY_JOB, msg.mail_from, later, data, now.isoformat(),
-                        1, at=None if due <= now else due, retry=None)
-            except Exception:
-                log.exception("could not hand %d deferred recipient(s) to the worker; "
-                              "reporting them to the sender", len(later))
-                final.update({r: refused[r] for r in later})
+        if later and not self._defer(msg, data, later):
+            final.update({r: refused[r] for r in later})
         if final:
             self._report_refused(msg, data, final)
+
+    def _defer(self, msg: Message, data: bytes, rcpt_tos: list[str]) -> bool:
+        """Hand recipients to the worker's retries; False when that cannot be done (they are
+        then reported to the sender instead)."""
+        now = self._now()
+        due = next_attempt_at(attempt=1, arrival=now, now=now,
+                              delays=parse_delays(self.config["DEFER_RETRY_SECONDS"]),
+                              give_up_seconds=self.config["DEFER_GIVE_UP_SECONDS"])
+        if due is None:
+            log.warning("DEFER_GIVE_UP_SECONDS leaves no time to retry; reporting %d "
+                        "recipient(s) to the sender", len(rcpt_tos))
+            return False
+        try:
+            enqueue(self.redis_sync, RETRY_JOB, msg.mail_from, rcpt_tos, data, now.isoformat(),
+                    1, at=None if due <= now else due, retry=None)
+        except Exception:
+            log.exception("could not hand %d deferred recipient(s) to the worker; reporting "
+                          "them to the sender", len(rcpt_tos))
+            return False
+        return True
 
     def _report_refused(self, msg: Message, data: bytes,
                         refused: dict[str, tuple[int, str]]) -> None:

@@ -73,7 +73,8 @@ class LimitedSMTP(SMTP):
         parser (about 0.1 ms each). A plain ``<dot-atom@domain>`` yields the same address
         and rest with one regex; anything else (quoted local parts, comments, UTF-8, source
         routes, the null path) still goes to aiosmtpd's parser, which fails on some junk
-        (``MAIL FROM:<`` raises IndexError): that is a syntax error (501), not a crash."""
+        (``MAIL FROM:<`` raises IndexError): that is a malformed address (553), not a 451
+        from an internal error."""
         match = _PLAIN_PATH.fullmatch(arg)
         if match is None or self.local_part_limit:
             try:

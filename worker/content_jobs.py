@@ -146,9 +146,14 @@ def retry_deferred_recipients(mail_from: str, rcpt_tos: list[str], data: bytes,
             final.update({r: refused[r] for r in later})
             outcome += f", gave up on {len(later)}"
         else:
-            enqueue(redis, "worker.content_jobs.retry_deferred_recipients", mail_from, later,
-                    data, arrival_iso, attempt + 1, at=due, retry=None)  # never a hot loop
-            outcome += f", {len(later)} deferred again until {due.isoformat()}"
+            try:
+                enqueue(redis, "worker.content_jobs.retry_deferred_recipients", mail_from,
+                        later, data, arrival_iso, attempt + 1, at=due, retry=None)
+                outcome += f", {len(later)} deferred again until {due.isoformat()}"
+            except Exception:  # the sender must hear of them rather than nobody
+                log.exception("cannot schedule the next attempt; reporting %d recipient(s)",
+                              len(later))
+                final.update({r: refused[r] for r in later})
     if final and mail_from and mail_from != "<>":
         head, _ = header_block(data)
         send_delivery_report(mail_from, [[r, code, text] for r, (code, text) in final.items()],
