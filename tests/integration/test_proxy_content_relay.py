@@ -176,7 +176,7 @@ def test_a_recipient_refused_for_now_is_retried_by_the_worker_and_delivered(
     code, _ = submit(proxy, rcpts=("bob@example.org", "busy@example.org"))
     assert code == 250
     assert [m.rcpt_tos for m in hop.handler.messages] == [["bob@example.org"]]
-    assert queued(redis_client) == ["worker.content_jobs.retry_deferred_recipients"]
+    assert queued(redis_client) == [RETRY_JOB]
 
     hop.handler.refuse_rcpt.clear()  # the mailbox has room again
     result = run_worker_burst(process_env(UPSTREAM_SMTP=f"127.0.0.1:{hop.port}"))
@@ -213,6 +213,20 @@ def test_a_recipient_still_refused_is_retried_later_and_then_reported(alice, sta
     assert b"Final-Recipient: rfc822; busy@example.org" in report.data
     assert b"Status: 4.2.2" in report.data
     assert scheduled_retries(redis_client) == []
+
+
+def test_a_next_hop_that_is_down_at_the_retry_defers_the_recipients_again(
+        alice, start_proxy, hop, redis_client):
+    hop.handler.refuse_rcpt["busy@example.org"] = "452 4.2.2 Mailbox full, try later"
+    proxy = proxy_to(start_proxy, hop, DEFER_RETRY_SECONDS="0,3600")
+    assert submit(proxy, rcpts=("bob@example.org", "busy@example.org"))[0] == 250
+    hop.stop()  # nothing answers on its port now
+    result = run_worker_burst(process_env(UPSTREAM_SMTP=f"127.0.0.1:{hop.port}",
+                                          DEFER_RETRY_SECONDS="0,3600"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    ((job, due),) = scheduled_retries(redis_client)
+    assert job.args[1] == ["busy@example.org"] and job.args[4] == 2
+    assert 3500 < due - time.time() <= 3600
 
 
 def test_partial_refusal_reports_the_final_ones_and_retries_the_temporary_ones(
