@@ -314,7 +314,7 @@ def test_a_super_admin_moves_a_user_to_another_domain_if_its_range_fits(root, ip
     response = root.post(f"/outgoing/users/{ip_user}", settings(domain="other.example"))
     assert response.status_code == 400
     assert "overlaps 192.0.2.128/25" in text(response)
-    data.query(lambda s: s.add(Identity(user_id=ip_user, value="shop@example.com")))
+    data.add_identity(ip_user, "shop@example.com")
     response = root.post(f"/outgoing/users/{ip_user}", settings(domain="third.example"))
     assert response.status_code == 302
     moved = load(ip_user)

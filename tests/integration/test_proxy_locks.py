@@ -29,15 +29,6 @@ def admin(app):
     return web
 
 
-def add_identity(user_id: int, value: str) -> int:
-    def create(session):
-        row = Identity(user_id=user_id, value=value)
-        session.add(row)
-        session.flush()
-        return row.id
-    return data.query(create)
-
-
 def test_manual_user_lock_and_unlock_from_the_panel_apply_to_the_next_message(
         alice, admin, start_proxy, sink):
     proxy = start_proxy()
@@ -58,7 +49,7 @@ def test_manual_user_lock_and_unlock_from_the_panel_apply_to_the_next_message(
 
 def test_locked_identity_is_refused_after_data_and_others_of_the_user_still_send(
         alice, admin, start_proxy, sink):
-    shop = add_identity(alice, "shop@example.com")
+    shop = data.add_identity(alice, "shop@example.com")
     response = admin.post(f"/outgoing/identities/{shop}/lock",
                           data={"csrf_token": admin.token, "reason": "phishing"})
     assert response.status_code in (200, 302)

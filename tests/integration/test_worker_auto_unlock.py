@@ -138,7 +138,7 @@ def test_web_app_start_schedules_the_sweep_which_unlocks_expired_identity(instan
                                                                           sink):
     user_id = data.add_user("example.com", "domain", "example.com", "Domain-pass-123",
                             lock_timeout_minutes=TIMEOUT)
-    identity_id = worker.add_identity(user_id, "news@example.com")
+    identity_id = data.add_identity(user_id, "news@example.com")
     worker.lock("identity", identity_id, minutes_ago=TIMEOUT + 5)
     redis_client.flushdb()
     data.query(lambda s: locks.restore_redis_locks(s, redis_client))

@@ -141,7 +141,7 @@ def test_identity_lock_tells_the_identity_and_names_it_in_the_alert(instance, re
                                                                     sink):
     user_id = data.add_user("example.com", "domain", "example.com", "Domain-pass-123")
     worker.set_domain("example.com", abuse_report_address="postmaster@example.com")
-    identity_id = worker.add_identity(user_id, "news@example.com")
+    identity_id = data.add_identity(user_id, "news@example.com")
     worker.add_spam("example.com", user_id, identity="news@example.com",
                     mail_from="news@example.com", subject="Newsletter blast")
     worker.add_spam("example.com", user_id, identity="other@example.com",

@@ -1,11 +1,12 @@
-"""Creating domains, admins and outgoing users the way the product does, for test set-up."""
+"""Creating domains, admins, outgoing users and identities the way the product does, for
+test set-up."""
 
 from __future__ import annotations
 
 import os
 
 from outgoing.db import make_sessionmaker, session_scope
-from outgoing.models import Admin
+from outgoing.models import Admin, Identity
 from outgoing.passwords import hash_password
 from outgoing.users import create_outgoing_user, get_or_create_domain
 
@@ -36,6 +37,16 @@ def add_admin(email: str, password: str, domain: str | None = None) -> int:
         admin_id = admin.id
     factory.kw["bind"].dispose()
     return admin_id
+
+
+def add_identity(user_id: int, value: str) -> int:
+    """An identity of ``user_id`` (its domain is filled in from the user, as on first sight)."""
+    def add(session):
+        identity = Identity(user_id=user_id, value=value)
+        session.add(identity)
+        session.flush()
+        return identity.id
+    return query(add)
 
 
 def query(fn):

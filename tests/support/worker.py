@@ -55,15 +55,6 @@ def set_domain(name: str, **fields) -> int:
     return data.query(change)
 
 
-def add_identity(user_id: int, value: str) -> int:
-    def add(session):
-        identity = Identity(user_id=user_id, value=value)
-        session.add(identity)
-        session.flush()
-        return identity.id
-    return data.query(add)
-
-
 def lock(kind: str, target_id: int, *, minutes_ago: float = 0, lock_kind: str = LOCK_AUTOMATIC,
          reason: str = "5 spam messages in 10 minutes") -> str:
     """Lock through ``outgoing.locks.lock`` (which enqueues the worker's jobs), dated back."""
