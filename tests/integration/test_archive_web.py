@@ -3,7 +3,6 @@ searched and downloaded in the control panel."""
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -12,19 +11,9 @@ from sqlalchemy import select
 from outgoing.models import ArchivedMessage, Domain
 from tests.support import data
 from tests.support.mail import client, message, send
+from tests.support.web import log_in
 
 PASSWORD = "Alice-pass-123"
-
-
-def csrf_token(web, url) -> str:
-    html = web.get(url).get_data(as_text=True)
-    return re.search(r'name="csrf_token" (?:type="hidden" )?value="([^"]+)"', html).group(1)
-
-
-def log_in(web, email_addr, password):
-    response = web.post("/login", data={"email": email_addr, "password": password,
-                                        "csrf_token": csrf_token(web, "/login")})
-    assert response.status_code == 302
 
 
 def archived():
@@ -79,7 +68,7 @@ def web(app):
 @pytest.fixture
 def admin(web, relayed):
     data.add_admin("ops@example.com", "Ops-pass-12345", domain="example.com")
-    log_in(web, "ops@example.com", "Ops-pass-12345")
+    assert log_in(web, "ops@example.com", "Ops-pass-12345").status_code == 302
     return web
 
 

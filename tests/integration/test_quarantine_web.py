@@ -20,19 +20,9 @@ from outgoing.users import get_or_create_domain
 from tests.support import data
 from tests.support.mail import GTUBE, message
 from tests.support.services import process_env, run_worker_burst
+from tests.support.web import csrf_token, log_in
 
 RELEASE_JOB = "worker.quarantine_jobs.release_quarantined"
-
-
-def csrf_token(web, url) -> str:
-    html = web.get(url).get_data(as_text=True)
-    return re.search(r'name="csrf_token" (?:type="hidden" )?value="([^"]+)"', html).group(1)
-
-
-def log_in(web, email_addr, password):
-    response = web.post("/login", data={"email": email_addr, "password": password,
-                                        "csrf_token": csrf_token(web, "/login")})
-    assert response.status_code == 302
 
 
 def hold(domain: str, raw: bytes, *, sender: str, subject: str, identity="alice") -> int:
@@ -77,14 +67,14 @@ def messages(instance):
 @pytest.fixture
 def domain_admin(web, messages):
     data.add_admin("ops@example.com", "Ops-pass-12345", domain="example.com")
-    log_in(web, "ops@example.com", "Ops-pass-12345")
+    assert log_in(web, "ops@example.com", "Ops-pass-12345").status_code == 302
     return web
 
 
 @pytest.fixture
 def super_admin(web, messages):
     data.add_admin("root@example.net", "Root-pass-12345")
-    log_in(web, "root@example.net", "Root-pass-12345")
+    assert log_in(web, "root@example.net", "Root-pass-12345").status_code == 302
     return web
 
 

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 from sqlalchemy import select
 
 from outgoing.models import Admin, OutgoingUser
 from tests.support import data
-
-
-def csrf_token(client, url="/login") -> str:
-    html = client.get(url).get_data(as_text=True)
-    return re.search(r'name="csrf_token" (?:type="hidden" )?value="([^"]+)"', html).group(1)
-
-
-def log_in(client, email, password):
-    return client.post("/login", data={"email": email, "password": password,
-                                       "csrf_token": csrf_token(client)})
+from tests.support.web import csrf_token, log_in
 
 
 @pytest.fixture
