@@ -50,12 +50,8 @@ def notify_lock(kind: str, target_id: int, lock_id: str) -> str:
                             owner.name, notice.error)
             message = mail.compose(sender=sender, to=recipient, subject=notice.subject,
                                    body=notice.body)
-            try:
-                sent = mail.send_once(config, redis, f"{lock_id}:notice", message,
-                                      sender=sender, to=[recipient])
-                notes.append(f"notice {'sent' if sent else 'already sent'} to {recipient}")
-            except mail.MailRefused as exc:
-                notes.append(f"notice refused: {exc}")
+            notes.append(_send_once(config, redis, f"{lock_id}:notice", message, sender,
+                                    recipient, "notice"))
         else:
             notes.append("no address to tell the sender")
 
@@ -68,15 +64,21 @@ def notify_lock(kind: str, target_id: int, lock_id: str) -> str:
                                             unlock_link(config, kind, target_id, lock_id),
                                             max(1, max_age // 3600))
             message = mail.compose(sender=sender, to=admin, subject=subject, body=body)
-            try:
-                sent = mail.send_once(config, redis, f"{lock_id}:alert", message,
-                                      sender=sender, to=[admin])
-                notes.append(f"alert {'sent' if sent else 'already sent'} to {admin}")
-            except mail.MailRefused as exc:
-                notes.append(f"alert refused: {exc}")
+            notes.append(_send_once(config, redis, f"{lock_id}:alert", message, sender, admin,
+                                    "alert"))
         else:
             notes.append("the domain has no contact address for alerts")
     return "; ".join(notes)
+
+
+def _send_once(config: dict, redis, marker: str, message, sender: str, to: str,
+               what: str) -> str:
+    """Send ``message`` once per ``marker``; a line for the job's result either way."""
+    try:
+        sent = mail.send_once(config, redis, marker, message, sender=sender, to=[to])
+    except mail.MailRefused as exc:
+        return f"{what} refused: {exc}"
+    return f"{what} {'sent' if sent else 'already sent'} to {to}"
 
 
 def auto_unlock(kind: str, target_id: int, lock_id: str) -> str:
