@@ -54,7 +54,18 @@ def _defaults(instance: Path) -> dict:
         "AUTH_FAILURE_LIMIT": 10,
         "AUTH_FAILURE_WINDOW_SECONDS": 600.0,
         "AUTH_BLOCK_SECONDS": 900.0,
+        # A username is not blocked for networks (/24, /64) it logged in from successfully
+        # within this many days; those are still throttled per address.
+        "AUTH_KNOWN_NETWORK_DAYS": 30,
         "IDENTITY_FLUSH_SECONDS": 2.0,
+        # Tenancy: the widest IP/Range a domain admin may add (prefix length).
+        "MAX_CUSTOMER_RANGE_V4": 24,
+        "MAX_CUSTOMER_RANGE_V6": 48,
+        # Connection hygiene: concurrent connections per client address (all proxy
+        # processes of this machine together; 421 beyond), and commands in a row that move
+        # no mail forward (NOOP, RSET, VRFY, EXPN, HELP) before 421.
+        "SMTP_MAX_CONNECTIONS_PER_IP": 50,
+        "SMTP_MAX_JUNK_COMMANDS": 20,
         # Content stage (proxy/content.py): next-hop login, connection reuse, engines, stores.
         "UPSTREAM_USERNAME": "",
         "UPSTREAM_PASSWORD": "",
@@ -202,6 +213,9 @@ def load_config(overrides: dict | None = None, environ=None) -> dict:
     parse_hostport("UPSTREAM_SMTP", config["UPSTREAM_SMTP"])
     if config["BARE_LINE_ENDINGS"] not in ("normalise", "reject"):
         raise ConfigError("BARE_LINE_ENDINGS: expected 'normalise' or 'reject'")
+    for name, bits in (("MAX_CUSTOMER_RANGE_V4", 32), ("MAX_CUSTOMER_RANGE_V6", 128)):
+        if not 1 <= int(config[name]) <= bits:
+            raise ConfigError(f"{name}: expected a prefix length from 1 to {bits}")
     try:
         parse_delays(config["DEFER_RETRY_SECONDS"])
     except ValueError as exc:
