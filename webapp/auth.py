@@ -1,5 +1,8 @@
 """Logging in and out of the control panel."""
 
+import re
+from urllib.parse import urlsplit
+
 from flask import Blueprint, flash, redirect, render_template, request, url_for
 from flask_login import login_required, login_user, logout_user
 from sqlalchemy import select
@@ -17,9 +20,28 @@ def load_admin(admin_id: str):
     return db.session.get(Admin, int(admin_id)) if admin_id.isdigit() else None
 
 
+_EDGE = "".join(map(chr, range(0x21)))  # C0 controls and space, stripped at both ends
+_REMOVED = re.compile(r"[\t\r\n]")  # removed anywhere in a URL
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _safe_next(target: str | None) -> str:
-    if target and target.startswith("/") and not target.startswith("//"):
-        return target
+    """Where to go after logging in: ``next`` only when it stays on the panel.
+
+    Checked as a browser will read the Location header (WHATWG URL): leading and trailing
+    C0 controls and spaces stripped, tab, CR and LF removed anywhere, and ``\\`` taken for
+    ``/``. So ``/%09/evil.test`` (a tab) or ``/\\evil.test``, which a plain
+    ``startswith("//")`` lets through, are seen as the other host they lead to. The cleaned
+    value is what we send."""
+    cleaned = _REMOVED.sub("", (target or "").strip(_EDGE))
+    as_browser = cleaned.replace("\\", "/")
+    try:
+        parts = urlsplit(as_browser)
+    except ValueError:
+        parts = None
+    if (parts is not None and as_browser.startswith("/") and not as_browser.startswith("//")
+            and not parts.scheme and not parts.netloc and not _CONTROL.search(cleaned)):
+        return cleaned
     return url_for("users.index")
 
 
