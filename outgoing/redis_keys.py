@@ -67,3 +67,9 @@ def auth_failures(subject: str) -> str:
 def auth_block_info(subject: str) -> str:
     """JSON {since, until, failures} of a block, for the control panel."""
     return f"og:{{auth}}:block:{subject}"
+
+
+def auth_networks(login: str) -> str:
+    """Sorted set of the networks (/24, /64) a username logged in from successfully, scored
+    by the last success: its username block does not apply there (``scoring.locks``)."""
+    return f"og:{{auth}}:nets:{auth_subject_user(login)}"

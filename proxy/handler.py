@@ -191,14 +191,14 @@ class OutboundHandler:
             return AuthResult(success=False, handled=False, message=outcomes.AUTH_TEMPORARY)
         now = self.clock()
         try:
-            blocked = await throttle.blocked_subject(self.redis, ip, login_text, now)
+            check = await throttle.check(self.redis, ip, login_text, now, self.throttle)
         except RedisError as exc:
             self._faults.warning("AUTH", "Redis unavailable at AUTH (%s); throttling failed "
                                  "logins in this process only", exc)
-            blocked = self.local_throttle.blocked_subject(ip, login_text, now)
-        if blocked is not None:
+            check = self.local_throttle.check(ip, login_text, now)
+        if check.blocked is not None:
             log.info("AUTH refused for %r from %s: %s is blocked after failed attempts",
-                     login_text[:100], ip, blocked)
+                     login_text[:100], ip, check.blocked)
             return AuthResult(success=False, handled=False, message=outcomes.AUTH_BLOCKED)
         user = None
         try:
@@ -216,13 +216,24 @@ class OutboundHandler:
             state = _state(session)
             state.auth_user_id = user.id
             state.auth_login = login_text
+            # Where the owner logs in from: the username's block never applies there.
+            self.local_throttle.record_success(ip, login_text, now)
+            try:
+                await throttle.record_success(self.redis, ip, login_text, now, self.throttle)
+            except RedisError as exc:
+                self._faults.warning("AUTH-success", "Redis unavailable after AUTH (%s); "
+                                     "this login's network is remembered in this process "
+                                     "only", exc)
             return AuthResult(success=True, auth_data=LoginPassword(login, b""))
-        log.info("AUTH failed for %r from %s", login_text[:100], ip)
+        log.info("AUTH failed for %r from %s%s", login_text[:100], ip,
+                 " (a network it logged in from before)" if check.known_network else "")
         try:
             newly = await throttle.record_failure(self.redis, ip, login_text, now,
-                                                  self.throttle)
+                                                  self.throttle,
+                                                  known_network=check.known_network)
         except RedisError:
-            newly = self.local_throttle.record_failure(ip, login_text, now)
+            newly = self.local_throttle.record_failure(ip, login_text, now,
+                                                       known_network=check.known_network)
         if newly:
             log.warning("blocking AUTH for %s after %d failures in %d s", ", ".join(newly),
                         self.throttle.limit, self.throttle.window)

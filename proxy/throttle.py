@@ -1,8 +1,12 @@
 """Failed SMTP AUTH throttling in Redis, per client address and per username.
 
-One read per AUTH (ZMSCORE on the blocks set) before any password is checked; failures cost
-one transaction, and one more write when they reach the limit. The policy (how many, for how
-long) is ``scoring.locks``; the control panel lists and clears blocks through
+One round trip per AUTH before any password is checked (one pipeline: ZMSCORE on the blocks
+set and ZSCORE of the client's network among the username's known networks); failures cost
+one transaction, and one more write when they reach the limit; a success costs one pipelined
+write (remembering its network). A username's block does not apply to networks it logged in
+from recently, and failures from there count only toward the address, so an attacker cannot
+lock the owner out of where they send from. The policy (how many, for how long, which
+network) is ``scoring.locks``; the control panel lists and clears blocks through
 ``outgoing.auth_blocks``. The clock is always passed in as ``now``.
 
 While Redis is unreachable the same policy runs in the process's memory (``LocalThrottle``),
@@ -14,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from outgoing import redis_keys
@@ -22,9 +26,15 @@ from scoring.locks import (
     AUTH_BLOCK_SECONDS,
     AUTH_FAILURE_LIMIT,
     AUTH_FAILURE_WINDOW_SECONDS,
+    AUTH_KNOWN_NETWORK_DAYS,
     auth_block_until,
     auth_blocked,
+    auth_known_network,
+    auth_known_network_since,
+    auth_network,
 )
+
+KNOWN_NETWORKS_KEPT = 32  # per username: the most recently used ones
 
 
 @dataclass(frozen=True)
@@ -32,37 +42,98 @@ class ThrottlePolicy:
     limit: int = AUTH_FAILURE_LIMIT
     window: float = AUTH_FAILURE_WINDOW_SECONDS
     block_seconds: float = AUTH_BLOCK_SECONDS
+    known_network_days: float = AUTH_KNOWN_NETWORK_DAYS
+    known_networks_kept: int = KNOWN_NETWORKS_KEPT
 
     @classmethod
     def from_config(cls, config: dict) -> ThrottlePolicy:
         return cls(limit=int(config.get("AUTH_FAILURE_LIMIT", AUTH_FAILURE_LIMIT) or 0),
                    window=float(config.get("AUTH_FAILURE_WINDOW_SECONDS",
                                            AUTH_FAILURE_WINDOW_SECONDS)),
-                   block_seconds=float(config.get("AUTH_BLOCK_SECONDS", AUTH_BLOCK_SECONDS)))
+                   block_seconds=float(config.get("AUTH_BLOCK_SECONDS", AUTH_BLOCK_SECONDS)),
+                   known_network_days=float(config.get("AUTH_KNOWN_NETWORK_DAYS",
+                                                       AUTH_KNOWN_NETWORK_DAYS) or 0))
+
+    @property
+    def known_network_seconds(self) -> int:
+        return math.ceil(max(self.known_network_days, 0) * 86400)
+
+
+@dataclass(frozen=True)
+class AuthCheck:
+    """What the proxy learns before checking a password."""
+
+    blocked: str | None  # the subject whose block refuses this AUTH, or None
+    known_network: bool  # the login succeeded from the client's network recently
+
+
+def _has_login(login: str | None) -> bool:
+    return bool(login and login.strip())
 
 
 def subjects(client_ip: str, login: str | None) -> list[str]:
     found = [redis_keys.auth_subject_ip(client_ip)]
-    if login and login.strip():
+    if _has_login(login):
         found.append(redis_keys.auth_subject_user(login))
     return found
 
 
-async def blocked_subject(redis, client_ip: str, login: str | None, now: float) -> str | None:
-    """The first of the address and the username that is blocked at ``now``, or None."""
-    names = subjects(client_ip, login)
-    scores = await redis.zmscore(redis_keys.AUTH_BLOCKS, names)
-    for name, until in zip(names, scores, strict=True):
-        if auth_blocked(None if until is None else float(until), now):
+def _first_blocked(names: list[str], untils: list[float | None], now: float) -> str | None:
+    for name, until in zip(names, untils, strict=True):
+        if auth_blocked(until, now):
             return name
     return None
 
 
-async def record_failure(redis, client_ip: str, login: str | None, now: float,
-                         policy: ThrottlePolicy) -> list[str]:
-    """Count one failed AUTH for the address and the username; block those that reach the
-    limit. Returns the subjects blocked by this failure."""
+async def check(redis, client_ip: str, login: str | None, now: float,
+                policy: ThrottlePolicy) -> AuthCheck:
+    """Is this AUTH refused by a block at ``now``? One round trip. From a network the login
+    succeeded from recently, only the address's block applies."""
     names = subjects(client_ip, login)
+    ask_network = len(names) > 1 and policy.known_network_days > 0
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zmscore(redis_keys.AUTH_BLOCKS, names)
+        if ask_network:
+            pipe.zscore(redis_keys.auth_networks(login), auth_network(client_ip))
+        results = await pipe.execute()
+    untils = [None if until is None else float(until) for until in results[0]]
+    last = results[1] if ask_network else None
+    known = auth_known_network(None if last is None else float(last), now,
+                               days=policy.known_network_days)
+    if known:
+        names, untils = names[:1], untils[:1]
+    return AuthCheck(blocked=_first_blocked(names, untils, now), known_network=known)
+
+
+async def blocked_subject(redis, client_ip: str, login: str | None, now: float,
+                          policy: ThrottlePolicy | None = None) -> str | None:
+    """The first of the address and the username that is blocked at ``now``, or None."""
+    return (await check(redis, client_ip, login, now, policy or ThrottlePolicy())).blocked
+
+
+async def record_success(redis, client_ip: str, login: str | None, now: float,
+                         policy: ThrottlePolicy) -> None:
+    """Remember the client's network as one the login succeeded from: one pipelined write
+    that also forgets networks older than the policy's days and keeps the newest few."""
+    if not _has_login(login) or policy.known_network_days <= 0:
+        return
+    key = redis_keys.auth_networks(login)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zadd(key, {auth_network(client_ip): now})
+        pipe.zremrangebyscore(key, "-inf",
+                              auth_known_network_since(now, days=policy.known_network_days))
+        pipe.zremrangebyrank(key, 0, -(max(policy.known_networks_kept, 1) + 1))
+        pipe.expire(key, policy.known_network_seconds + 60)
+        await pipe.execute()
+
+
+async def record_failure(redis, client_ip: str, login: str | None, now: float,
+                         policy: ThrottlePolicy, *, known_network: bool = False) -> list[str]:
+    """Count one failed AUTH for the address and the username; block those that reach the
+    limit. From a network the login succeeded from recently (``known_network``, as
+    ``check`` found) it counts for the address only: the owner's typos at home must not
+    block them elsewhere. Returns the subjects blocked by this failure."""
+    names = subjects(client_ip, None if known_network else login)
     member = f"{now!r}:{secrets.token_hex(4)}"
     keep = max(policy.limit, 1)
     async with redis.pipeline(transaction=True) as pipe:
@@ -97,24 +168,56 @@ async def record_failure(redis, client_ip: str, login: str | None, now: float,
 
 
 class LocalThrottle:
-    """The policy in this process's memory, for when Redis cannot be reached. Bounded: past
-    ``max_subjects`` the oldest entries are forgotten."""
+    """The policy in this process's memory, for when Redis cannot be reached. It learns the
+    networks of every success this process sees, also while Redis is up, so the owner is
+    not locked out during an outage either. Bounded: past ``max_subjects`` the oldest
+    entries are forgotten."""
 
     def __init__(self, policy: ThrottlePolicy, max_subjects: int = 10000):
         self.policy = policy
         self.max_subjects = max_subjects
         self._failures: dict[str, deque[float]] = {}
         self._blocked: dict[str, float] = {}
+        self._networks: dict[str, OrderedDict[str, float]] = {}  # username -> network -> when
+
+    def _known(self, client_ip: str, login: str | None, now: float) -> bool:
+        if not _has_login(login):
+            return False
+        seen = self._networks.get(redis_keys.auth_subject_user(login))
+        last = seen.get(auth_network(client_ip)) if seen else None
+        return auth_known_network(last, now, days=self.policy.known_network_days)
+
+    def check(self, client_ip: str, login: str | None, now: float) -> AuthCheck:
+        known = self._known(client_ip, login, now)
+        names = subjects(client_ip, None if known else login)
+        return AuthCheck(blocked=_first_blocked(names, [self._blocked.get(n) for n in names],
+                                                now),
+                         known_network=known)
 
     def blocked_subject(self, client_ip: str, login: str | None, now: float) -> str | None:
-        for name in subjects(client_ip, login):
-            if auth_blocked(self._blocked.get(name), now):
-                return name
-        return None
+        return self.check(client_ip, login, now).blocked
 
-    def record_failure(self, client_ip: str, login: str | None, now: float) -> list[str]:
+    def record_success(self, client_ip: str, login: str | None, now: float) -> None:
+        if not _has_login(login) or self.policy.known_network_days <= 0:
+            return
+        name = redis_keys.auth_subject_user(login)
+        seen = self._networks.pop(name, None) or OrderedDict()
+        network = auth_network(client_ip)
+        seen.pop(network, None)
+        seen[network] = now  # newest last
+        while len(seen) > max(self.policy.known_networks_kept, 1):
+            seen.popitem(last=False)
+        self._networks[name] = seen  # re-inserted: the dict stays oldest-first
+        while len(self._networks) > self.max_subjects:
+            del self._networks[next(iter(self._networks))]
+
+    def record_failure(self, client_ip: str, login: str | None, now: float,
+                       known_network: bool | None = None) -> list[str]:
+        """As ``record_failure`` above; ``known_network`` None asks this process's memory."""
+        if known_network is None:
+            known_network = self._known(client_ip, login, now)
         newly = []
-        for name in subjects(client_ip, login):
+        for name in subjects(client_ip, None if known_network else login):
             times = self._failures.pop(name, None) or deque(maxlen=max(self.policy.limit, 1))
             while times and times[0] <= now - self.policy.window:
                 times.popleft()

@@ -3,6 +3,7 @@ AUTH attempts block a client address or a username for a while."""
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 SPAM_THRESHOLD = 5
@@ -15,6 +16,14 @@ SPAM_WINDOW_SECONDS = 600
 AUTH_FAILURE_LIMIT = 10
 AUTH_FAILURE_WINDOW_SECONDS = 600
 AUTH_BLOCK_SECONDS = 900
+
+# A username's block does not apply to networks it logged in from successfully within this
+# many days (Dovecot's auth policy, fail2ban's ignore lists): an attacker guessing elsewhere
+# cannot lock the owner out of the places they send from. Those networks are still throttled
+# per address, and their failures count only toward the address.
+AUTH_KNOWN_NETWORK_DAYS = 30
+AUTH_KNOWN_NETWORK_PREFIX_V4 = 24
+AUTH_KNOWN_NETWORK_PREFIX_V6 = 64
 
 
 def should_lock(spam_in_window: int, *, enabled: bool, threshold: int = SPAM_THRESHOLD) -> bool:
@@ -56,3 +65,32 @@ def auth_block_until(failures_in_window: int, now: float, *, limit: int = AUTH_F
 def auth_blocked(until: float | None, now: float) -> bool:
     """Is a block that ends at ``until`` still in force at ``now``?"""
     return until is not None and now < until
+
+
+def auth_network(client_ip: str) -> str:
+    """The network a client address stands for when remembering where a login succeeded:
+    its /24 (IPv4) or /64 (IPv6), so a home router's next lease or a phone's next IPv6
+    privacy address still counts. An IPv4-mapped IPv6 address is its IPv4 address; anything
+    that is not an address stands for itself."""
+    try:
+        address = ipaddress.ip_address(client_ip.strip().split("%", 1)[0])
+    except ValueError:
+        return client_ip.strip().lower()
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    prefix = AUTH_KNOWN_NETWORK_PREFIX_V4 if address.version == 4 \
+        else AUTH_KNOWN_NETWORK_PREFIX_V6
+    return str(ipaddress.ip_network((address, prefix), strict=False))
+
+
+def auth_known_network(last_success: float | None, now: float, *,
+                       days: float = AUTH_KNOWN_NETWORK_DAYS) -> bool:
+    """Did the login succeed from this network less than ``days`` before ``now``? Then the
+    username's block does not apply there. ``days`` of 0 turns the exemption off."""
+    return bool(days) and days > 0 and last_success is not None \
+        and now - last_success < days * 86400
+
+
+def auth_known_network_since(now: float, *, days: float = AUTH_KNOWN_NETWORK_DAYS) -> float:
+    """Successes at or before this moment no longer make a network known: forget them."""
+    return now - days * 86400

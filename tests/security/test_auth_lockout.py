@@ -1,0 +1,187 @@
+"""Attacks on SMTP AUTH throttling: wrong passwords from elsewhere must not lock a sender out
+of the networks they log in from, while password guessing is still stopped.
+
+Real SMTP AUTH (after STARTTLS) against a real proxy with an injected clock. The client binds
+to other loopback addresses to play several networks: 127.10.0.x is the owner's home /24,
+127.20.0.2 the attacker, 127.30.0.x and up networks the owner never used.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from outgoing import redis_keys
+from proxy.throttle import LocalThrottle, ThrottlePolicy
+from scoring.locks import auth_known_network, auth_network
+from tests.support import data
+from tests.support.mail import client
+from tests.support.services import RedisServer
+
+PASSWORD = "Alice-pass-123"
+LOGIN = "alice@example.com"
+HOME, HOME_OTHER_ADDRESS = "127.10.0.2", "127.10.0.77"  # one /24
+ATTACKER = "127.20.0.2"
+NEW_NETWORK = "127.30.0.2"
+DAY = 86400
+
+
+def plain(login: str, password: str) -> str:
+    return base64.b64encode(f"\0{login}\0{password}".encode()).decode()
+
+
+def auth(port: int, password: str, source: str, login: str = LOGIN) -> int:
+    """One AUTH PLAIN attempt on a new connection, from ``source``."""
+    with client(port, source=source) as smtp:
+        return smtp.docmd("AUTH", f"PLAIN {plain(login, password)}")[0]
+
+
+def guess(port: int, source: str, times: int = 10) -> None:
+    for n in range(times):
+        assert auth(port, f"wrong-{n}", source) == 535
+
+
+@pytest.fixture
+def alice(instance):
+    return data.add_user("example.com", "user", LOGIN, PASSWORD)
+
+
+@pytest.fixture
+def proxy(alice, start_proxy):
+    return start_proxy()  # the defaults: 10 failures in 10 minutes, 15 minutes, 30 days
+
+
+def test_attacker_elsewhere_blocks_neither_the_owners_known_network_nor_escapes_the_ip_block(
+        proxy, clock):
+    assert auth(proxy.port, PASSWORD, HOME) == 235
+    clock.advance(29 * DAY)
+    guess(proxy.port, ATTACKER)  # the 10th blocks the attacker's address and the username
+    # The owner, at home (another address of the same /24), still gets in ...
+    assert auth(proxy.port, PASSWORD, HOME_OTHER_ADDRESS) == 235
+    assert auth(proxy.port, PASSWORD, HOME) == 235
+    # ... while the username stays blocked from networks it never logged in from,
+    assert auth(proxy.port, PASSWORD, NEW_NETWORK) == 454
+    # and the attacker's address is blocked whatever it tries.
+    assert auth(proxy.port, PASSWORD, ATTACKER) == 454
+    assert auth(proxy.port, "anything", ATTACKER, login="bob@example.com") == 454
+    clock.advance(15 * 60)
+    assert auth(proxy.port, PASSWORD, NEW_NETWORK) == 235
+
+
+def test_a_network_last_seen_more_than_30_days_ago_no_longer_counts(proxy, clock):
+    assert auth(proxy.port, PASSWORD, HOME) == 235
+    clock.advance(30 * DAY + 1)
+    guess(proxy.port, ATTACKER)
+    assert auth(proxy.port, PASSWORD, HOME) == 454
+
+
+def test_each_success_renews_its_network(proxy, clock):
+    assert auth(proxy.port, PASSWORD, HOME) == 235
+    clock.advance(20 * DAY)
+    assert auth(proxy.port, PASSWORD, HOME_OTHER_ADDRESS) == 235
+    clock.advance(20 * DAY)  # 40 days after the first success, 20 after the last
+    guess(proxy.port, ATTACKER)
+    assert auth(proxy.port, PASSWORD, HOME) == 235
+
+
+def test_a_success_from_the_attackers_network_is_not_borrowed_by_other_networks(proxy, clock):
+    assert auth(proxy.port, PASSWORD, HOME) == 235
+    guess(proxy.port, ATTACKER)
+    assert auth(proxy.port, PASSWORD, "127.31.0.5") == 454
+    assert auth(proxy.port, PASSWORD, "127.10.1.2") == 454  # the next /24 is another network
+
+
+def test_failures_from_a_known_network_count_only_toward_the_address(proxy, clock):
+    assert auth(proxy.port, PASSWORD, HOME) == 235
+    # An old password in the office PC's mail client, retrying: that address is blocked ...
+    guess(proxy.port, HOME_OTHER_ADDRESS)
+    assert auth(proxy.port, PASSWORD, HOME_OTHER_ADDRESS) == 454
+    # ... but the username is not: the owner still gets in from anywhere,
+    assert auth(proxy.port, PASSWORD, NEW_NETWORK) == 235
+    # and those ten did not count toward the username's limit either.
+    guess(proxy.port, ATTACKER, times=9)
+    assert auth(proxy.port, PASSWORD, "127.40.0.2") == 235
+
+
+def test_guessing_from_many_addresses_of_a_new_network_is_still_stopped(proxy, clock):
+    assert auth(proxy.port, PASSWORD, HOME) == 235
+    for n in range(10):
+        assert auth(proxy.port, "wrong", f"127.50.0.{n + 1}") == 535
+    assert auth(proxy.port, PASSWORD, "127.50.0.99") == 454
+    assert auth(proxy.port, PASSWORD, "127.60.0.1") == 454
+    assert auth(proxy.port, PASSWORD, HOME) == 235
+
+
+def test_known_networks_are_remembered_per_username(alice, start_proxy, clock):
+    data.add_user("example.com", "user", "bob@example.com", "Bob-pass-12345")
+    proxy = start_proxy()
+    assert auth(proxy.port, "Bob-pass-12345", HOME, login="bob@example.com") == 235
+    guess(proxy.port, ATTACKER)  # against alice, who never logged in from HOME
+    assert auth(proxy.port, PASSWORD, HOME) == 454
+    assert auth(proxy.port, "Bob-pass-12345", NEW_NETWORK, login="bob@example.com") == 235
+
+
+def test_known_networks_of_a_login_are_kept_bounded_and_expire(proxy, clock, redis_client):
+    for n in range(40):
+        assert auth(proxy.port, PASSWORD, f"127.{100 + n}.0.1") == 235
+        clock.advance(1)
+    key = redis_keys.auth_networks(LOGIN)
+    networks = [m.decode() for m in redis_client.zrange(key, 0, -1)]
+    assert 0 < len(networks) <= 32
+    assert "127.139.0.0/24" in networks and "127.100.0.0/24" not in networks  # newest kept
+    assert 0 < redis_client.ttl(key) <= 31 * DAY
+    clock.advance(31 * DAY)
+    assert auth(proxy.port, PASSWORD, HOME) == 235
+    assert [m.decode() for m in redis_client.zrange(key, 0, -1)] == ["127.10.0.0/24"]
+
+
+def test_while_redis_is_down_the_owner_is_not_locked_out_of_a_network_this_proxy_saw(
+        alice, start_proxy, clock):
+    own_redis = RedisServer().start()
+    try:
+        proxy = start_proxy(REDIS_URL=own_redis.url)
+        assert auth(proxy.port, PASSWORD, HOME) == 235
+        own_redis.stop()
+        guess(proxy.port, ATTACKER)  # counted in the proxy's memory
+        assert auth(proxy.port, PASSWORD, ATTACKER) == 454
+        assert auth(proxy.port, PASSWORD, NEW_NETWORK) == 454
+        assert auth(proxy.port, PASSWORD, HOME_OTHER_ADDRESS) == 235
+        # From home, failures count only toward the address there too.
+        guess(proxy.port, HOME)
+        assert auth(proxy.port, PASSWORD, HOME) == 454
+        assert auth(proxy.port, PASSWORD, HOME_OTHER_ADDRESS) == 235
+    finally:
+        own_redis.stop()
+
+
+# -- the policy, for what loopback cannot play (IPv6 networks) -------------------------------
+
+@pytest.mark.parametrize(("address", "network"), [
+    ("192.0.2.77", "192.0.2.0/24"),
+    ("::ffff:192.0.2.77", "192.0.2.0/24"),  # IPv4-mapped counts as IPv4
+    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+    ("2001:DB8:1:2:bbbb::2", "2001:db8:1:2::/64"),
+])
+def test_a_client_network_is_its_24_or_64(address, network):
+    assert auth_network(address) == network
+
+
+def test_known_for_exactly_the_configured_days():
+    now = 1_800_000_000.0
+    assert auth_known_network(now - 30 * DAY + 1, now, days=30)
+    assert not auth_known_network(now - 30 * DAY, now, days=30)
+    assert not auth_known_network(None, now, days=30)
+    assert not auth_known_network(now, now, days=0)  # 0 turns the exemption off
+
+
+def test_local_throttle_exempts_ipv6_networks_it_saw_succeed():
+    now = 1_800_000_000.0
+    local = LocalThrottle(ThrottlePolicy(limit=3, window=600, block_seconds=900))
+    local.record_success("2001:db8:1:2::10", LOGIN, now)
+    for n in range(3):
+        local.record_failure(f"2001:db8:9:9::{n + 1}", LOGIN, now)
+    assert local.blocked_subject("2001:db8:1:2:ffff::1", LOGIN, now) is None
+    assert local.blocked_subject("2001:db8:1:3::1", LOGIN, now) == f"user:{LOGIN}"
+    assert local.check("2001:db8:1:2::10", LOGIN, now + 30 * DAY - 1).known_network
+    assert not local.check("2001:db8:1:2::10", LOGIN, now + 30 * DAY).known_network
