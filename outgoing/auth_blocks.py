@@ -2,7 +2,9 @@
 
 The SMTP proxy writes the blocks (``proxy/throttle.py``); the control panel lists and clears
 them through these functions. All state is in Redis, so a clear takes effect on every proxy
-instance at the next AUTH.
+instance at the next AUTH. An address block refuses every login from that address; a
+username block refuses that login only from networks it has not logged in from successfully
+in the last ``AUTH_KNOWN_NETWORK_DAYS`` days, which are listed with it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 from dataclasses import dataclass
 
 from outgoing import redis_keys
+from scoring.locks import AUTH_KNOWN_NETWORK_DAYS, auth_known_network_since
 
 IP = "ip"
 USER = "user"
@@ -24,6 +27,8 @@ class AuthBlock:
     until: float  # epoch seconds
     since: float | None
     failures: int | None
+    # A username block: the networks (newest first) it does not apply to.
+    known_networks: tuple[str, ...] = ()
 
 
 def split_subject(subject: str) -> tuple[str, str]:
@@ -35,19 +40,40 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-def list_blocks(redis, now: float, limit: int = 1000) -> list[AuthBlock]:
-    """Blocks still in force at ``now``, the ones ending last first."""
+def scope(kind: str, known_network_days: float = AUTH_KNOWN_NETWORK_DAYS) -> str:
+    """Which logins a block of this kind refuses, in the panel's words."""
+    if kind == IP:
+        return "all logins from this address"
+    if known_network_days and known_network_days > 0:
+        days = f"{known_network_days:g}"
+        return (f"from networks it has not logged in from in the last {days} "
+                f"day{'' if days == '1' else 's'}")
+    return "from every address"
+
+
+def list_blocks(redis, now: float, limit: int = 1000,
+                known_network_days: float = AUTH_KNOWN_NETWORK_DAYS) -> list[AuthBlock]:
+    """Blocks still in force at ``now``, the ones ending last first; a username block with
+    the networks it does not apply to."""
     entries = redis.zrevrangebyscore(redis_keys.AUTH_BLOCKS, "+inf", f"({now!r}",
                                      start=0, num=limit, withscores=True)
     if not entries:
         return []
+    since = auth_known_network_since(now, days=known_network_days)
+    subjects = [_text(member) for member, _ in entries]
+    asks = [split_subject(subject)[0] == USER and known_network_days > 0
+            for subject in subjects]
     with redis.pipeline(transaction=False) as pipe:
-        for member, _ in entries:
-            pipe.get(redis_keys.auth_block_info(_text(member)))
-        infos = pipe.execute()
+        for subject, ask in zip(subjects, asks, strict=True):
+            pipe.get(redis_keys.auth_block_info(subject))
+            if ask:
+                pipe.zrevrangebyscore(redis_keys.auth_networks(split_subject(subject)[1]),
+                                      "+inf", f"({since!r}")
+        replies = iter(pipe.execute())
     blocks = []
-    for (member, until), raw in zip(entries, infos, strict=True):
-        subject = _text(member)
+    for subject, (_, until), ask in zip(subjects, entries, asks, strict=True):
+        raw = next(replies)
+        known = next(replies) if ask else []
         kind, value = split_subject(subject)
         info = {}
         if raw:
@@ -56,7 +82,8 @@ def list_blocks(redis, now: float, limit: int = 1000) -> list[AuthBlock]:
             except ValueError:
                 info = {}
         blocks.append(AuthBlock(subject=subject, kind=kind, value=value, until=float(until),
-                                since=info.get("since"), failures=info.get("failures")))
+                                since=info.get("since"), failures=info.get("failures"),
+                                known_networks=tuple(_text(n) for n in known)))
     return blocks
 
 

@@ -1,5 +1,8 @@
 """Outgoing > Blocked Logins: client addresses and usernames the SMTP proxy blocks after too
-many failed AUTH attempts, and the button that lifts a block at once.
+many failed AUTH attempts, and the button that lifts a block at once. Each row says which
+logins its block refuses: all from an address, or a username's from networks it has not
+logged in from lately (those networks are listed, so an admin sees the owner is not locked
+out).
 
 A super admin sees every block; a domain admin sees only usernames of their own domain
 (their outgoing users, or any address at the domain) and never client addresses, which
@@ -11,12 +14,29 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
-from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
 from flask_login import current_user, login_required
 from sqlalchemy import select
 
 from outgoing import audit
-from outgoing.auth_blocks import IP, USER, AuthBlock, clear_block, list_blocks, split_subject
+from outgoing.auth_blocks import (
+    IP,
+    USER,
+    AuthBlock,
+    clear_block,
+    list_blocks,
+    scope,
+    split_subject,
+)
 from outgoing.models import KIND_DOMAIN, KIND_USER, Domain, OutgoingUser
 from webapp.extensions import db, htmx
 from webapp.forms.users import RowActionForm
@@ -56,6 +76,14 @@ def _visible(blocks: list[AuthBlock]) -> list[tuple[AuthBlock, int | None]]:
     return shown
 
 
+def _known_network_days() -> float:
+    return float(current_app.config.get("AUTH_KNOWN_NETWORK_DAYS") or 0)
+
+
+def _blocks(now: float) -> list[AuthBlock]:
+    return list_blocks(redis_client(), now, known_network_days=_known_network_days())
+
+
 def _when(epoch: float | None) -> str:
     if epoch is None:
         return ""
@@ -66,9 +94,10 @@ def _when(epoch: float | None) -> str:
 @login_required
 def index():
     now = time.time()
-    blocks = _visible(list_blocks(redis_client(), now))
+    blocks = _visible(_blocks(now))
     return render_template("auth_blocks.html", blocks=blocks, now=now, when=_when,
-                           IP=IP, title="Blocked Logins")
+                           IP=IP, scope=scope, known_network_days=_known_network_days(),
+                           title="Blocked Logins")
 
 
 @bp.post("/clear")
@@ -77,7 +106,7 @@ def clear():
     subject = request.form.get("subject", "")[:400]
     if not RowActionForm().validate_on_submit():
         abort(400)
-    matches = [(b, d) for b, d in _visible(list_blocks(redis_client(), time.time()))
+    matches = [(b, d) for b, d in _visible(_blocks(time.time()))
                if b.subject == subject]
     if not matches:
         abort(404)  # not blocked, or not this admin's to see

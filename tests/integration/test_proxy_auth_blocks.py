@@ -119,3 +119,44 @@ def test_page_says_so_when_nothing_is_blocked(web, users):
     page = web.get(PAGE).get_data(as_text=True)
     assert "No logins are blocked." in page
     assert 'href="/outgoing/blocked-logins"' in page  # in the Outgoing menu
+
+
+def rows(page: str) -> dict[str, str]:
+    """Each block row's HTML by its subject."""
+    found = {}
+    for chunk in page.split('<tr id="block-')[1:]:
+        subject = chunk.split('data-subject="', 1)[1].split('"', 1)[0]
+        found[subject] = chunk.split("</tr>", 1)[0]
+    return found
+
+
+def test_each_row_says_which_logins_its_block_refuses(web, users, proxy):
+    assert auth(proxy.port, "alice@one.example", "Alice-pass-123", "127.0.4.1") == 235
+    fail_twice(proxy.port, "alice@one.example", "127.0.3.1")
+    data.add_admin("root@example.net", "Root-pass-123")
+    log_in(web, "root@example.net", "Root-pass-123")
+    shown = rows(web.get(PAGE).get_data(as_text=True))
+    address, username = shown["ip:127.0.3.1"], shown["user:alice@one.example"]
+    assert "Client address" in address and "all logins from this address" in address
+    assert "Username" in username
+    assert "from networks it has not logged in from in the last 30 days" in username
+    assert "not applied to 127.0.4.0/24" in username
+    # And so it is: alice still gets in from that network, not from another.
+    assert auth(proxy.port, "alice@one.example", "Alice-pass-123", "127.0.4.2") == 235
+    assert auth(proxy.port, "alice@one.example", "Alice-pass-123", "127.0.5.1") == 454
+
+
+def test_domain_admins_see_the_networks_only_of_their_own_usernames(web, users, proxy):
+    assert auth(proxy.port, "alice@one.example", "Alice-pass-123", "127.0.4.1") == 235
+    fail_twice(proxy.port, "alice@one.example", "127.0.3.1")
+    data.add_admin("ops@one.example", "Ops-pass-1234", domain="one.example")
+    data.add_admin("ops@two.example", "Ops-pass-1234", domain="two.example")
+    log_in(web, "ops@one.example", "Ops-pass-1234")
+    shown = rows(web.get(PAGE).get_data(as_text=True))
+    assert list(shown) == ["user:alice@one.example"]
+    assert "not applied to 127.0.4.0/24" in shown["user:alice@one.example"]
+    other = web.application.test_client()
+    log_in(other, "ops@two.example", "Ops-pass-1234")
+    page = other.get(PAGE).get_data(as_text=True)
+    assert "alice@one.example" not in page and "127.0.4.0" not in page
+    assert "No logins are blocked." in page
