@@ -21,6 +21,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     event,
+    false,
     select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -152,6 +153,10 @@ class OutgoingUser(LockState, Base):
     reject_newly_registered_domains: Mapped[bool] = mapped_column(Boolean, default=False)
     reauthenticate_as: Mapped[str] = mapped_column(String(8), default=REAUTH_NONE)
     reauthenticate_permitted: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The provider's own relay serving every customer (super admins only): its
+    # "Re-authenticate as" may reach permitted users of any domain, not just its own.
+    shared_smarthost: Mapped[bool] = mapped_column(Boolean, default=False,
+                                                   server_default=false())
 
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)

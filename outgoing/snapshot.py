@@ -48,6 +48,7 @@ class UserPolicy:
     reject_newly_registered_domains: bool
     reauthenticate_as: str
     reauthenticate_permitted: bool
+    shared_smarthost: bool = False
     ip_family: int | None = None
     ip_first: int | None = None
     ip_last: int | None = None
@@ -91,6 +92,7 @@ def _policy(user: OutgoingUser) -> UserPolicy:
         reject_newly_registered_domains=bool(user.reject_newly_registered_domains),
         reauthenticate_as=user.reauthenticate_as,
         reauthenticate_permitted=bool(user.reauthenticate_permitted),
+        shared_smarthost=bool(user.shared_smarthost),
         ip_family=user.ip_family,
         ip_first=int(user.ip_first, 16) if user.ip_first else None,
         ip_last=int(user.ip_last, 16) if user.ip_last else None,

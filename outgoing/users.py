@@ -8,8 +8,9 @@ log. Form-level checks (password strength, number ranges) live with the forms.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 
 from outgoing.models import (
     KIND_DOMAIN,
@@ -21,7 +22,7 @@ from outgoing.models import (
     OutgoingUser,
 )
 from outgoing.passwords import hash_password
-from scoring.ipranges import IpRange, overlaps, parse_ip_range
+from scoring.ipranges import IpRange, parse_ip_range, whole_space_problem, width_problem
 from scoring.limits import CONNECTION_WINDOWS
 
 # The settings a panel user edits, by column name (the same word as the form field).
@@ -32,18 +33,48 @@ SETTINGS = (
     "limit_per_hour", "limit_per_minute", "dkim_selector", "maximum_recipients_per_day",
     "quarantine_response", "message_archiving", "block_macro_attachments",
     "block_unwanted_attachments", "reject_newly_registered_domains", "reauthenticate_as",
-    "reauthenticate_permitted",
+    "reauthenticate_permitted", "shared_smarthost",
 )
 LIMIT_FIELDS = tuple(f"limit_per_{window}" for window in CONNECTION_WINDOWS)  # month..minute
 NAME_FIELD = {KIND_IP: "ip_range", KIND_USER: "username", KIND_DOMAIN: "domain"}
 
 
 class UserError(ValueError):
-    """A user-facing reason why an outgoing user cannot be created or changed as asked."""
+    """A user-facing reason why an outgoing user cannot be created or changed as asked.
 
-    def __init__(self, field: str, message: str):
+    ``needs_confirm``: a super admin may go ahead after confirming (an overlap with another
+    domain's range)."""
+
+    def __init__(self, field: str, message: str, *, needs_confirm: bool = False):
         super().__init__(message)
         self.field = field
+        self.needs_confirm = needs_confirm
+
+
+@dataclass(frozen=True)
+class Authority:
+    """Who asks: the tenancy rules (DESIGN.md "Tenancy") differ for the provider's super
+    admins and for a customer's domain admin, who is an untrusted party.
+
+    ``domain_id`` None is a super admin; otherwise the one domain the admin may act in.
+    ``confirm_overlap`` is a super admin's explicit yes to a range overlapping another
+    domain's. ``max_prefix`` caps a customer's ranges per IP family."""
+
+    domain_id: int | None = None
+    confirm_overlap: bool = False
+    max_prefix: Mapping[int, int] = field(default_factory=lambda: {4: 24, 6: 48})
+
+    @property
+    def is_super(self) -> bool:
+        return self.domain_id is None
+
+    @classmethod
+    def customer(cls, domain_id: int, config: Mapping) -> Authority:
+        return cls(domain_id=domain_id, max_prefix={4: int(config["MAX_CUSTOMER_RANGE_V4"]),
+                                                    6: int(config["MAX_CUSTOMER_RANGE_V6"])})
+
+
+PROVIDER = Authority()  # the CLI, set-up scripts: a super admin who has not confirmed
 
 
 def normalise_domain(name: str) -> str:
@@ -80,23 +111,81 @@ def ip_range_of(user: OutgoingUser) -> IpRange | None:
     return IpRange(user.ip_family, int(user.ip_first, 16), int(user.ip_last, 16))
 
 
-def overlapping_user(session, domain_id: int, ip_range: IpRange,
-                     exclude_id: int | None = None) -> OutgoingUser | None:
-    """An IP user of the domain whose range shares an address with ``ip_range``.
+def _overlapping(ip_range: IpRange):
+    """SQL: IP users whose range shares an address with ``ip_range`` (the hex columns are
+    fixed-width, so text order is numeric order)."""
+    first, last = f"{ip_range.first:032x}", f"{ip_range.last:032x}"
+    return select(OutgoingUser).where(
+        OutgoingUser.kind == KIND_IP, OutgoingUser.ip_family == ip_range.family,
+        OutgoingUser.ip_first <= last, OutgoingUser.ip_last >= first)
 
-    Ranges of one domain never overlap, so at most a few rows start before our end and end
-    after our start; the (family, first) index finds them."""
-    query = select(OutgoingUser).where(
-        OutgoingUser.domain_id == domain_id, OutgoingUser.kind == KIND_IP,
-        OutgoingUser.ip_family == ip_range.family,
-        OutgoingUser.ip_first <= f"{ip_range.last:032x}",
-        OutgoingUser.ip_last >= f"{ip_range.first:032x}")
+
+def foreign_overlaps(session, domain_id: int, ip_range: IpRange, *,
+                     exclude_id: int | None = None, limit: int = 5) -> list[OutgoingUser]:
+    """IP users of other domains whose ranges share an address with ``ip_range``."""
+    query = _overlapping(ip_range).where(OutgoingUser.domain_id != domain_id)
     if exclude_id is not None:
         query = query.where(OutgoingUser.id != exclude_id)
-    for other in session.scalars(query.limit(20)):
-        if overlaps(ip_range, ip_range_of(other)):
-            return other
-    return None
+    return list(session.scalars(query.order_by(OutgoingUser.ip_first).limit(limit)))
+
+
+def confirmed_overlaps(session, user: OutgoingUser) -> dict:
+    """For the audit record of a new IP user: the other domains' ranges it overlaps, which
+    only a super admin's confirmation let through."""
+    ip_range = ip_range_of(user)
+    if ip_range is None:
+        return {}
+    overlapped = foreign_overlaps(session, user.domain_id, ip_range, exclude_id=user.id)
+    if not overlapped:
+        return {}
+    return {"overlap_confirmed": [f"{u.name} ({u.domain.name})" for u in overlapped]}
+
+
+def partial_overlap(session, domain_id: int, ip_range: IpRange,
+                    exclude_id: int | None = None) -> OutgoingUser | None:
+    """An IP user of the domain whose range overlaps ``ip_range`` without nesting in it
+    or around it: then "the most specific wins" would split both ranges arbitrarily."""
+    first, last = f"{ip_range.first:032x}", f"{ip_range.last:032x}"
+    inside = and_(OutgoingUser.ip_first >= first, OutgoingUser.ip_last <= last)
+    around = and_(OutgoingUser.ip_first <= first, OutgoingUser.ip_last >= last)
+    query = _overlapping(ip_range).where(OutgoingUser.domain_id == domain_id,
+                                         ~or_(inside, around))
+    if exclude_id is not None:
+        query = query.where(OutgoingUser.id != exclude_id)
+    return session.scalar(query.limit(1))
+
+
+def check_range(session, domain: Domain, ip_range: IpRange, authority: Authority, *,
+                exclude_id: int | None = None) -> None:
+    """The tenancy rules for a range of ``domain``; raises UserError saying why not.
+
+    Whole address space: nobody. Wider than the cap, or overlapping another domain: a
+    domain admin never (the refusal does not name the other customer); a super admin
+    only after confirming. Inside one domain, ranges may nest (the most specific wins)."""
+    problem = whole_space_problem(ip_range)
+    if problem is None and not authority.is_super:
+        problem = width_problem(ip_range, authority.max_prefix)
+    if problem:
+        raise UserError("ip_range", problem)
+    other = partial_overlap(session, domain.id, ip_range, exclude_id)
+    if other is not None:
+        raise UserError("ip_range", f"{ip_range} overlaps {other.name}, which {domain.name} "
+                                    "already has, without lying inside it or around it. "
+                                    "Ranges of one domain may nest (the most specific "
+                                    "wins) but not cross.")
+    foreign = foreign_overlaps(session, domain.id, ip_range, exclude_id=exclude_id)
+    if not foreign:
+        return
+    if not authority.is_super:
+        raise UserError("ip_range", f"{ip_range} overlaps addresses that another customer "
+                                    "of your provider uses. Enter only your own servers' "
+                                    "addresses, or ask your provider.")
+    if not authority.confirm_overlap:
+        names = ", ".join(f"{u.name} ({u.domain.name})" for u in foreign)
+        raise UserError("ip_range", f"{ip_range} overlaps {names}. Mail from the "
+                                    "overlapping addresses would go to the most specific "
+                                    "range's domain. Confirm the overlap to add it anyway.",
+                        needs_confirm=True)
 
 
 def _check_username(name: str) -> str:
@@ -110,23 +199,41 @@ def _check_username(name: str) -> str:
     return name
 
 
-def identifying_fields(session, *, domain: Domain, kind: str, name: str) -> dict:
+def customer_username(name: str, domain: Domain) -> str:
+    """A domain admin's new login: an address in their own domain (a bare local part gets
+    ``@domain``). The refusal is the same whether or not anyone has that login."""
+    local, at, host = name.rpartition("@")
+    if not at:
+        local, host = name, domain.name
+    try:
+        host = normalise_domain(host)
+    except ValueError:
+        host = ""
+    if not local or host != domain.name:
+        raise UserError("username", f"A username must be an address in {domain.name}, such "
+                                    f"as alice@{domain.name} (or just alice).")
+    return f"{local}@{host}"
+
+
+def identifying_fields(session, *, domain: Domain, kind: str, name: str,
+                       authority: Authority = PROVIDER) -> dict:
     """What identifies a new user of ``kind`` (name, IP columns), or UserError saying why
-    it cannot be added: malformed, overlapping another range of the domain, or taken."""
+    it cannot be added: malformed, against the tenancy rules, or taken."""
+    if not authority.is_super and domain.id != authority.domain_id:
+        raise UserError("domain", "You can add users only to your own domain.")
     fields: dict = {}
     if kind == KIND_IP:
         try:
             ip_range = parse_ip_range(name)
         except ValueError as exc:
             raise UserError("ip_range", str(exc)) from None
-        other = overlapping_user(session, domain.id, ip_range)
-        if other is not None:
-            raise UserError("ip_range", f"{ip_range} overlaps {other.name}, which "
-                                        f"{domain.name} already has.")
+        check_range(session, domain, ip_range, authority)
         fields.update(name=str(ip_range), ip_family=ip_range.family,
                       ip_first=f"{ip_range.first:032x}", ip_last=f"{ip_range.last:032x}")
     elif kind == KIND_USER:
         fields["name"] = _check_username(name)
+        if not authority.is_super:
+            fields["name"] = customer_username(fields["name"], domain)
         if "@" in fields["name"]:
             fields["contact_email"] = fields["name"]
         if session.scalar(select(OutgoingUser.id).where(OutgoingUser.kind == KIND_DOMAIN,
@@ -150,9 +257,13 @@ def identifying_fields(session, *, domain: Domain, kind: str, name: str) -> dict
 
 
 def create_outgoing_user(session, *, domain: Domain, kind: str, name: str,
-                         password: str | None = None, **settings) -> OutgoingUser:
-    """Validate and add an outgoing user with defaults (the panel's "Add")."""
-    fields = identifying_fields(session, domain=domain, kind=kind, name=name)
+                         password: str | None = None, authority: Authority = PROVIDER,
+                         **settings) -> OutgoingUser:
+    """Validate and add an outgoing user with defaults (the panel's "Add", the CLI)."""
+    if "shared_smarthost" in settings and not authority.is_super:
+        raise UserError("shared_smarthost", "Only the provider can make a shared smarthost.")
+    fields = identifying_fields(session, domain=domain, kind=kind, name=name,
+                                authority=authority)
     user = OutgoingUser(domain=domain, kind=kind, **fields, **settings)
     if kind in (KIND_USER, KIND_DOMAIN):
         if not password:
@@ -200,21 +311,26 @@ def difference(before: Mapping, after: Mapping) -> dict:
 
 def apply_settings(session, user: OutgoingUser, values: Mapping, *,
                    headers: Iterable[tuple[str, str | None, bool]] | None = None,
-                   domain: Domain | None = None, password: str | None = None) -> dict:
+                   domain: Domain | None = None, password: str | None = None,
+                   authority: Authority = PROVIDER) -> dict:
     """Change ``user``'s settings; returns {setting: [before, after]} of what changed.
 
-    A new ``domain`` is checked like a new user would be (an IP range must not overlap the
-    ranges of its new domain). ``password`` None keeps the old one."""
+    A new ``domain`` (super admins only) is checked like a new user would be: its range
+    under the tenancy rules of the new domain. ``password`` None keeps the old one.
+    ``shared_smarthost`` is the provider's alone."""
+    if not authority.is_super and ("shared_smarthost" in values or (
+            domain is not None and domain.id != user.domain_id)):
+        raise UserError("domain", "Only the provider can change that.")
     before = settings_of(user)
     if domain is not None and domain.id != user.domain_id:
         if user.kind == KIND_DOMAIN:
             raise UserError("domain", "An Authenticating Domain cannot move to another domain.")
         ip_range = ip_range_of(user)
         if ip_range is not None:
-            other = overlapping_user(session, domain.id, ip_range, exclude_id=user.id)
-            if other is not None:
-                raise UserError("domain", f"{user.name} overlaps {other.name}, which "
-                                          f"{domain.name} already has.")
+            try:
+                check_range(session, domain, ip_range, authority, exclude_id=user.id)
+            except UserError as exc:
+                raise UserError("domain", str(exc), needs_confirm=exc.needs_confirm) from None
         user.domain = domain
         user.domain_id = domain.id
         session.execute(update(Identity).where(Identity.user_id == user.id)

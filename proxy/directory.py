@@ -20,7 +20,7 @@ from outgoing import redis_keys
 from outgoing.db import session_scope
 from outgoing.models import REAUTH_DOMAIN, REAUTH_USER
 from outgoing.snapshot import Snapshot, UserPolicy, load_snapshot
-from scoring.ipranges import IpRange, RangeIndex
+from scoring.ipranges import IpRange, RangeIndex, whole_space_problem
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,16 @@ class Directory:
             except Exception:  # Redis down: still load from the database
                 version = None
             snap = await asyncio.get_running_loop().run_in_executor(None, self._load)
-            ranges = [(IpRange(u.ip_family, u.ip_first, u.ip_last), u.id)
-                      for u in snap.ip_users if u.ip_family]
+            ranges = []
+            for u in snap.ip_users:
+                if not u.ip_family:
+                    continue
+                ip_range = IpRange(u.ip_family, u.ip_first, u.ip_last)
+                if whole_space_problem(ip_range):  # stored before the rule: an open relay
+                    log.error("ignoring IP/Range user %s (%s): it covers every address",
+                              u.id, ip_range)
+                    continue
+                ranges.append((ip_range, u.id))
             self._index = RangeIndex(ranges)
             self.snapshot = snap
             self._version = version
@@ -125,7 +133,9 @@ class Directory:
         return self.snapshot.by_username.get(login) or self.snapshot.by_domain_login.get(login)
 
     def reauthentication_target(self, ip_user: UserPolicy, mail_from: str) -> UserPolicy | None:
-        """The user an IP/range's traffic is re-attributed to, if that user permits it."""
+        """The user an IP/range's traffic is re-attributed to: one that permits it, in the IP
+        user's own domain, or in any domain for a shared smarthost (DESIGN.md
+        "Re-authenticate"). Otherwise one customer could count against, or lock, another."""
         if not self.snapshot or not mail_from:
             return None
         sender = mail_from.strip().lower()
@@ -134,6 +144,7 @@ class Directory:
             target = self.snapshot.by_username.get(sender)
         elif ip_user.reauthenticate_as == REAUTH_DOMAIN:
             target = self.snapshot.by_domain_login.get(sender.rpartition("@")[2])
-        if target is not None and target.reauthenticate_permitted:
+        if target is not None and target.reauthenticate_permitted and (
+                target.domain_id == ip_user.domain_id or ip_user.shared_smarthost):
             return target
         return None

@@ -172,6 +172,34 @@ def overlaps(a: IpRange, b: IpRange) -> bool:
     return a.family == b.family and a.first <= b.last and b.first <= a.last
 
 
+def nested(a: IpRange, b: IpRange) -> bool:
+    """Does one range lie wholly inside the other (either way)? Then, inside one domain,
+    the most specific decides without ambiguity."""
+    return a.family == b.family and (
+        (a.first <= b.first and b.last <= a.last) or (b.first <= a.first and a.last <= b.last))
+
+
+def whole_space_problem(ip_range: IpRange) -> str | None:
+    """Nobody may authorise every address of a family: that is an open relay."""
+    if ip_range.first == 0 and ip_range.last == (1 << _BITS[ip_range.family]) - 1:
+        return (f"{ip_range} is every IPv{ip_range.family} address: any host on the Internet "
+                "could relay through it (an open relay). Enter the addresses of your "
+                "servers.")
+    return None
+
+
+def width_problem(ip_range: IpRange, max_prefix: dict[int, int]) -> str | None:
+    """A range wider than the customer cap (``{4: 24, 6: 48}``) is the provider's call."""
+    bits = _BITS[ip_range.family]
+    limit = max_prefix[ip_range.family]
+    if ip_range.size > 1 << (bits - limit):
+        count = f" ({1 << (bits - limit):,} addresses)" if ip_range.family == 4 else ""
+        return (f"{ip_range} is wider than a /{limit}{count}, the most a customer may add. "
+                "Add your servers' addresses or a smaller block, or ask your provider to "
+                "add a wider one.")
+    return None
+
+
 class RangeIndex:
     """Client address -> owner of the most specific containing range.
 

@@ -1,12 +1,21 @@
-"""``flask --app webapp create-admin EMAIL --password PW [--domain DOMAIN]``."""
+"""``flask --app webapp create-admin EMAIL --password PW [--domain DOMAIN]``,
+``create-domain NAME`` and ``create-user DOMAIN (--ip RANGE | --username NAME |
+--domain-login) [--password PW] [--confirm-overlap]``."""
 
 import click
 from flask.cli import with_appcontext
 from sqlalchemy import select
 
-from outgoing.models import Admin
+from outgoing import audit
+from outgoing.models import KIND_DOMAIN, KIND_IP, KIND_USER, Admin
 from outgoing.passwords import hash_password
-from outgoing.users import get_or_create_domain
+from outgoing.users import (
+    Authority,
+    UserError,
+    confirmed_overlaps,
+    create_outgoing_user,
+    get_or_create_domain,
+)
 from webapp.extensions import db
 
 
@@ -50,6 +59,46 @@ def create_domain(name: str) -> None:
     click.echo(domain.name)
 
 
+@click.command("create-user")
+@click.argument("domain")
+@click.option("--ip", "ip_range", default=None, help="Add an Authenticating IP or Range.")
+@click.option("--username", default=None, help="Add an Authenticating User.")
+@click.option("--domain-login", is_flag=True, help="Add the Authenticating Domain.")
+@click.option("--password", default=None, help="The SMTP AUTH password (user, domain).")
+@click.option("--confirm-overlap", is_flag=True,
+              help="Add a range although it overlaps another domain's (audited).")
+@with_appcontext
+def create_user(domain: str, ip_range: str | None, username: str | None, domain_login: bool,
+                password: str | None, confirm_overlap: bool) -> None:
+    """Add an outgoing user with the default settings, under the same rules as the panel's
+    super admin (no whole address space; overlaps with another domain only confirmed)."""
+    chosen = [(KIND_IP, ip_range), (KIND_USER, username), (KIND_DOMAIN, domain_login)]
+    chosen = [(kind, value) for kind, value in chosen if value]
+    if len(chosen) != 1:
+        raise click.UsageError("give exactly one of --ip, --username, --domain-login")
+    kind, value = chosen[0]
+    try:
+        dom = get_or_create_domain(db.session, domain)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="DOMAIN") from None
+    try:
+        user = create_outgoing_user(db.session, domain=dom, kind=kind,
+                                    name=dom.name if kind == KIND_DOMAIN else value,
+                                    password=password,
+                                    authority=Authority(confirm_overlap=confirm_overlap))
+    except UserError as exc:
+        db.session.rollback()
+        hint = " (add --confirm-overlap to go ahead)" if exc.needs_confirm else ""
+        raise click.ClickException(f"{exc}{hint}") from None
+    audit.record(db.session, actor="cli", action="create", target_type="user",
+                 target_id=user.id, domain_id=dom.id, name=user.name, kind=user.kind,
+                 after={"name": user.name, "kind": user.kind_label, "domain": dom.name},
+                 **confirmed_overlaps(db.session, user))
+    db.session.commit()
+    click.echo(f"{user.kind_label} {user.name} in {dom.name}")
+
+
 def init_app(app) -> None:
     app.cli.add_command(create_admin)
     app.cli.add_command(create_domain)
+    app.cli.add_command(create_user)

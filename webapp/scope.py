@@ -6,18 +6,26 @@ exactly like an id that does not exist, so nothing leaks about other domains.
 
 from __future__ import annotations
 
-from flask import abort
+from flask import abort, current_app
 from flask_login import current_user
 from sqlalchemy import Select, or_, select
 
 from outgoing.models import DkimKey, Domain, Identity, LockTemplate, OutgoingUser
-from outgoing.users import normalise_domain
+from outgoing.users import Authority, normalise_domain
 from webapp.extensions import db
 
 
 def domain_id() -> int | None:
     """The one domain this admin is limited to, or None for a super admin."""
     return None if current_user.is_super else current_user.domain_id
+
+
+def authority(*, confirm_overlap: bool = False) -> Authority:
+    """What the tenancy rules allow this admin: a customer's limits, or the provider's
+    (with ``confirm_overlap`` only for a super admin who ticked the confirmation)."""
+    if current_user.is_super:
+        return Authority(confirm_overlap=confirm_overlap)
+    return Authority.customer(current_user.domain_id, current_app.config)
 
 
 def restrict(query: Select, model) -> Select:

@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import time
 
-from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 from sqlalchemy import select
 
 from outgoing import audit
 from outgoing.models import ID_HEADER, KIND_DOMAIN, KIND_IP, DkimKey, OutgoingUser
 from outgoing.usage import read_usage_sync
-from outgoing.users import LIMIT_FIELDS, SETTINGS, UserError, apply_settings, limit_order_problem
+from outgoing.users import (
+    LIMIT_FIELDS,
+    SETTINGS,
+    UserError,
+    apply_settings,
+    confirmed_overlaps,
+    limit_order_problem,
+)
 from scoring.limits import usage_report
 from webapp import scope
 from webapp.extensions import db, htmx
@@ -27,6 +34,7 @@ from webapp.forms.user_settings import (
     KIND_NAMES,
     MAX_HEADERS,
     SECTIONS,
+    SUPER_ONLY,
     HeaderRowForm,
     UserSettingsForm,
     for_kind,
@@ -66,7 +74,7 @@ def _build_form(user: OutgoingUser, *, stored: bool = False) -> UserSettingsForm
                                 or (e.regex.data or "").strip()]
     else:
         form = UserSettingsForm(formdata=None, data=_initial_data(user))
-    for_kind(form, user.kind)
+    for_kind(form, user.kind, is_super=current_user.is_super)
     templates = db.session.scalars(scope.lock_templates_query(user.domain_id))
     form.lock_template_id.choices = choices([("", "Default template")] + [
         (str(t.id), t.name + ("" if t.domain_id else " (all domains)")) for t in templates])
@@ -200,8 +208,10 @@ def _usage(user: OutgoingUser):
             for row in usage_report(counts, now, limits)]
 
 
-def _render(user: OutgoingUser, form: UserSettingsForm, status: int = 200, saved=False):
+def _render(user: OutgoingUser, form: UserSettingsForm, status: int = 200, saved=False,
+            overlap_needs_confirm: bool = False):
     context = dict(user=user, form=form, help=HELP, sections=SECTIONS, saved=saved,
+                   overlap_needs_confirm=overlap_needs_confirm,
                    kind_names=KIND_NAMES, usage=_usage(user), max_headers=MAX_HEADERS,
                    domain_editable=_domain_editable(user), action_form=RowActionForm(),
                    title=f"Outgoing User Settings: {user.name}",
@@ -219,22 +229,26 @@ def edit(user_id: int):
     form = _build_form(user)
     if request.method == "GET":
         return _render(user, form)
+    _audit_forged_fields(user)
     checked = _validate(form, user)
     if checked is None:
         return _render(user, form, 400)
     values, headers, domain, password = checked
+    confirmed = "confirm_overlap" in form and bool(form.confirm_overlap.data)
     try:
         changes = apply_settings(db.session, user, values, headers=headers, domain=domain,
-                                 password=password)
+                                 password=password,
+                                 authority=scope.authority(confirm_overlap=confirmed))
     except UserError as exc:
         db.session.rollback()
         user = scope.outgoing_user_or_404(user_id)
         getattr(form, exc.field, form.identification_method).errors = [str(exc)]
-        return _render(user, form, 400)
+        return _render(user, form, 400, overlap_needs_confirm=exc.needs_confirm)
     if changes:
+        detail = confirmed_overlaps(db.session, user) if "domain" in changes else {}
         audit.record(db.session, actor=actor(), action="update", target_type="user",
                      target_id=user.id, domain_id=user.domain_id, name=user.name,
-                     changes=changes)
+                     changes=changes, **detail)
     db.session.commit()
     if changes:
         announce_change()
@@ -244,6 +258,21 @@ def edit(user_id: int):
         return _render(user, form, saved=message)
     flash(message, "success")
     return redirect(url_for("user_settings.edit", user_id=user.id))
+
+
+def _audit_forged_fields(user: OutgoingUser) -> None:
+    """A domain admin's post carrying a super-admin-only field was not made by our form:
+    the field is ignored (it is not on their form), and the attempt is recorded."""
+    if current_user.is_super:
+        return
+    forged = sorted(name for name in SUPER_ONLY if name in request.form)
+    if forged:
+        current_app.logger.warning("%s posted super-admin-only fields %s for user %s",
+                                   actor(), forged, user.id)
+        audit.record(db.session, actor=actor(), action="forged_field", target_type="user",
+                     target_id=user.id, domain_id=user.domain_id, name=user.name,
+                     fields=forged, ignored=True)
+        db.session.commit()
 
 
 @bp.get("/<int:user_id>/header-row")

@@ -19,7 +19,12 @@ from flask_login import current_user, login_required
 
 from outgoing import audit, listing, locks
 from outgoing.models import KIND_DOMAIN, KIND_IP, KIND_USER, LOCK_MANUAL, Domain, OutgoingUser
-from outgoing.users import UserError, create_outgoing_user, identifying_fields
+from outgoing.users import (
+    UserError,
+    confirmed_overlaps,
+    create_outgoing_user,
+    identifying_fields,
+)
 from webapp import scope
 from webapp.extensions import db, htmx
 from webapp.forms.users import KINDS, AddUserForm, RowActionForm, check_new_password
@@ -40,7 +45,9 @@ def _add_form(formdata=None, domain_choices: list[str] | None = None) -> AddUser
         kind = request.args.get("kind", KIND_IP)
         form.kind.data = kind if kind in KINDS else KIND_IP
     if not current_user.is_super:
+        # Not an input for them; a posted other domain is a 404 (scope.domain_named).
         form.domain.data = form.domain.data or current_user.domain.name
+        form.confirm_overlap.data = False
     elif not form.domain.data and domain_choices and len(domain_choices) == 1:
         form.domain.data = domain_choices[0]
     return form
@@ -96,12 +103,25 @@ def _check_identity(form: AddUserForm, *, quiet_when_empty: bool = False) -> Dom
     if quiet_when_empty and not name.strip():
         return None
     try:
-        identifying_fields(db.session, domain=domain, kind=kind, name=name)
+        identifying_fields(db.session, domain=domain, kind=kind, name=name,
+                           authority=_authority(form))
     except UserError as exc:
-        field = getattr(form, exc.field, form.domain)
-        field.errors = [*field.errors, str(exc)]
+        _show_error(form, exc)
         return None
     return domain
+
+
+def _authority(form: AddUserForm):
+    return scope.authority(confirm_overlap=bool(form.confirm_overlap.data))
+
+
+def _show_error(form: AddUserForm, exc: UserError) -> None:
+    """The refusal under its field; an overlap a super admin may confirm also brings up the
+    confirmation checkbox."""
+    field = getattr(form, exc.field, form.domain)
+    field.errors = [*field.errors, str(exc)]
+    if exc.needs_confirm:
+        form.overlap_needs_confirm = True
 
 
 def _render_add_errors(form: AddUserForm):
@@ -126,14 +146,16 @@ def add():
     try:
         user = create_outgoing_user(
             db.session, domain=domain, kind=kind, name=_typed_name(form, domain),
-            password=form.password.data if kind in (KIND_USER, KIND_DOMAIN) else None)
+            password=form.password.data if kind in (KIND_USER, KIND_DOMAIN) else None,
+            authority=_authority(form))
     except UserError as exc:  # taken in the meantime
         db.session.rollback()
-        getattr(form, exc.field, form.domain).errors.append(str(exc))
+        _show_error(form, exc)
         return _render_add_errors(form)
     audit.record(db.session, actor=actor(), action="create", target_type="user",
                  target_id=user.id, domain_id=user.domain_id, name=user.name, kind=user.kind,
-                 after={"name": user.name, "kind": user.kind_label, "domain": domain.name})
+                 after={"name": user.name, "kind": user.kind_label, "domain": domain.name},
+                 **confirmed_overlaps(db.session, user))
     db.session.commit()
     announce_change()
     if request.form.get("action") == "add":

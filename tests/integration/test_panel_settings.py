@@ -19,7 +19,7 @@ from tests.support import data
 PW = "Bob-pass-12345"
 
 LABELS = {
-    "ip": {"ip_range": "IP/Range"},
+    "ip": {"ip_range": "IP/Range", "shared_smarthost": "Shared smarthost"},  # super admin
     "user": {"username": "Username", "password": "Password",
              "confirm_password": "Confirm Password",
              "reauthenticate_permitted": "Re-authenticate permitted"},
@@ -309,13 +309,17 @@ def test_the_dkim_selector_must_be_one_of_the_domains_keys(root, bob):
 
 
 def test_a_super_admin_moves_a_user_to_another_domain_if_its_range_fits(root, ip_user):
-    data.add_user("other.example", "ip", "192.0.2.128/25")
+    data.add_user("other.example", "ip", "192.0.2.128-192.0.3.5")
     data.add_user("third.example", "ip", "198.51.100.1")
     response = root.post(f"/outgoing/users/{ip_user}", settings(domain="other.example"))
     assert response.status_code == 400
-    assert "overlaps 192.0.2.128/25" in text(response)
+    assert "overlaps 192.0.2.128-192.0.3.5" in text(response)
     data.add_identity(ip_user, "shop@example.com")
     response = root.post(f"/outgoing/users/{ip_user}", settings(domain="third.example"))
+    assert response.status_code == 400  # still overlaps other.example's range
+    assert 'name="confirm_overlap"' in text(response)
+    response = root.post(f"/outgoing/users/{ip_user}", settings(domain="third.example",
+                                                                confirm_overlap="y"))
     assert response.status_code == 302
     moved = load(ip_user)
     assert moved.domain.name == "third.example"

@@ -128,14 +128,17 @@ def test_ip_ranges_are_checked_with_a_clear_message(root, ip_range, message):
     assert message in text(response)
 
 
-def test_a_range_overlapping_another_of_the_same_domain_is_refused(root):
+def test_a_range_crossing_another_of_the_same_domain_is_refused(root):
     data.add_user("example.com", "ip", "10.1.0.0/16")
-    response = root.add("ip", "example.com", ip_range="10.1.2.0-10.1.2.9")
+    response = root.add("ip", "example.com", ip_range="10.0.255.0-10.1.2.9")
     assert response.status_code == 400
     assert "overlaps 10.1.0.0/16" in text(response)
     data.add_user("other.example", "ip", "172.16.0.1")
     response = root.add("ip", "other.example", ip_range="10.1.2.0-10.1.2.9")
-    assert response.status_code == 302  # other domains may use the same addresses
+    assert response.status_code == 400  # another domain's addresses: only once confirmed
+    response = root.add("ip", "other.example", ip_range="10.1.2.0-10.1.2.9",
+                        confirm_overlap="y")
+    assert response.status_code == 302
 
 
 def test_a_username_can_be_added_only_once(root):
@@ -180,7 +183,7 @@ def test_an_internationalised_domain_name_is_found_by_its_idna_form(root):
 
 def test_each_field_is_checked_as_it_is_filled_in(root):
     data.add_user("example.com", "ip", "10.9.0.0/16")
-    form = {"kind": "ip", "domain": "example.com", "ip_range": "10.9.8.7"}
+    form = {"kind": "ip", "domain": "example.com", "ip_range": "10.8.255.0-10.9.0.7"}
     response = root.post("/outgoing/users/check", form, htmx=True,
                          **{"HX-Trigger-Name": "ip_range"})
     body = text(response)
@@ -193,7 +196,7 @@ def test_each_field_is_checked_as_it_is_filled_in(root):
     weak = {"kind": "user", "domain": "example.com", "password": "short"}
     assert "Use at least 10 characters." in text(root.post(
         "/outgoing/users/check", weak, htmx=True, **{"HX-Trigger-Name": "password"}))
-    assert user_named("10.9.8.7") is None and user_named("10.10.0.1") is None
+    assert user_named("10.8.255.0-10.9.0.7") is None and user_named("10.10.0.1") is None
 
 
 def test_adding_a_user_is_audited_and_announced_to_the_proxies(root, redis_client):

@@ -59,7 +59,7 @@ def test_ipv6_client_is_matched_by_its_own_address_before_a_wider_range(
         instance, start_proxy, clock, redis_client, sink):
     network = data.add_user("net.example", "ip", "::/64")
     loopback = data.add_user("host.example", "ip", "::1")
-    everything_v4 = data.add_user("v4.example", "ip", "0.0.0.0/0")
+    everything_v4 = data.add_user("v4.example", "ip", "0.0.0.0/1")
     proxy = start_proxy(SMTP_LISTEN="[::1]:0")
     with client(proxy.port, host="::1") as smtp:
         assert send(smtp, message())[0] == 250
@@ -77,7 +77,7 @@ def test_ipv6_range_alone_authenticates_an_ipv6_client(instance, start_proxy, si
 
 
 def test_ipv4_ranges_do_not_admit_an_ipv6_client(instance, start_proxy, sink):
-    data.add_user("v4.example", "ip", "0.0.0.0/0")
+    data.add_user("v4.example", "ip", "0.0.0.0/1")
     proxy = start_proxy(SMTP_LISTEN="[::1]:0")
     with client(proxy.port, host="::1") as smtp:
         assert smtp.mail("alice@example.com")[0] == 530
@@ -310,9 +310,10 @@ def test_reattributed_traffic_obeys_the_targets_lock(instance, start_proxy, redi
         assert smtp.mail("carol@example.com")[0] == 250  # no such user: the IP user's own
 
 
-def test_ip_traffic_is_reattributed_to_the_domain_of_the_envelope_sender(
+def test_a_shared_smarthost_reattributes_to_the_domain_of_the_envelope_sender_in_any_domain(
         instance, start_proxy, clock, redis_client, sink):
-    ip_user = data.add_user("example.com", "ip", "127.0.0.5", reauthenticate_as="domain")
+    ip_user = data.add_user("example.com", "ip", "127.0.0.5", reauthenticate_as="domain",
+                            shared_smarthost=True)
     domain = data.add_user("example.org", "domain", "example.org", "Domain-pass-123",
                            reauthenticate_permitted=True)
     proxy = start_proxy()

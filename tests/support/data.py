@@ -8,7 +8,11 @@ import os
 from outgoing.db import make_sessionmaker, session_scope
 from outgoing.models import Admin, Identity
 from outgoing.passwords import hash_password
-from outgoing.users import create_outgoing_user, get_or_create_domain
+from outgoing.users import Authority, create_outgoing_user, get_or_create_domain
+
+# Test set-up acts as a super admin who confirmed any overlap between domains' ranges; the
+# tenancy rules themselves are tested in tests/security/.
+SET_UP = Authority(confirm_overlap=True)
 
 
 def _factory():
@@ -20,7 +24,7 @@ def add_user(domain: str, kind: str, name: str, password: str | None = None, **s
     with session_scope(factory) as session:
         dom = get_or_create_domain(session, domain)
         user = create_outgoing_user(session, domain=dom, kind=kind, name=name,
-                                    password=password, **settings)
+                                    password=password, authority=SET_UP, **settings)
         user_id = user.id
     factory.kw["bind"].dispose()
     return user_id

@@ -8,10 +8,13 @@ import pytest
 from scoring.ipranges import (
     IpRange,
     RangeIndex,
+    nested,
     overlaps,
     parse_client_ip,
     parse_ip_range,
     validate_ip_range,
+    whole_space_problem,
+    width_problem,
 )
 
 
@@ -182,3 +185,37 @@ def test_range_bounds_must_be_ordered_and_inside_the_family():
         IpRange(4, 0, 2**32)
     with pytest.raises(ValueError):
         IpRange(5, 0, 1)
+
+
+# -- tenancy rules (DESIGN.md "Tenancy") -------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["0.0.0.0/0", "::/0", "0.0.0.0-255.255.255.255",
+                                  "::ffff:0.0.0.0/96",
+                                  "::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"])
+def test_the_whole_address_space_is_an_open_relay(text):
+    assert "open relay" in whole_space_problem(parse_ip_range(text))
+
+
+@pytest.mark.parametrize("text", ["0.0.0.0/1", "128.0.0.0/1", "::/1",
+                                  "0.0.0.1-255.255.255.255"])
+def test_less_than_the_whole_space_is_not_refused_by_that_rule(text):
+    assert whole_space_problem(parse_ip_range(text)) is None
+
+
+@pytest.mark.parametrize(("text", "too_wide"), [
+    ("192.0.2.0/24", False), ("192.0.2.0/23", True), ("192.0.2.0-192.0.2.255", False),
+    ("192.0.2.1-192.0.3.0", False), ("192.0.2.0-192.0.3.0", True),
+    ("2001:db8::/48", False), ("2001:db8::/47", True),
+    ("192.0.2.7", False), ("::1", False)])
+def test_a_customers_range_is_capped_per_family(text, too_wide):
+    problem = width_problem(parse_ip_range(text), {4: 24, 6: 48})
+    assert (problem is not None) is too_wide
+
+
+@pytest.mark.parametrize(("a", "b", "expected"), [
+    ("192.0.2.0/24", "192.0.2.7", True), ("192.0.2.7", "192.0.2.0/24", True),
+    ("192.0.2.0/24", "192.0.2.0/24", True), ("192.0.2.10-192.0.2.20", "192.0.2.15-192.0.2.30",
+                                              False),
+    ("192.0.2.0/24", "198.51.100.0/24", False), ("::/64", "0.0.0.0/8", False)])
+def test_nested_means_one_range_lies_wholly_inside_the_other(a, b, expected):
+    assert nested(parse_ip_range(a), parse_ip_range(b)) is expected

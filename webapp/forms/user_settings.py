@@ -82,8 +82,12 @@ HELP = {
                                   "attachment types.",
     "reject_newly_registered_domains": "Reject mail whose sender domain was registered less "
                                        "than a day ago.",
-    "reauthenticate_as": "Hand this range's mail to the user or domain matching the envelope "
-                         "sender, when that one permits it; its settings then apply.",
+    "reauthenticate_as": "Hand this range's mail to the user or domain of this customer "
+                         "matching the envelope sender, when that one permits it; its "
+                         "settings then apply.",
+    "shared_smarthost": "The provider's own relay for every customer: Re-authenticate as may "
+                        "then reach permitted users and domains of any customer, not only "
+                        "this user's domain. Only super admins see and change this.",
     "reauthenticate_permitted": "Let authorised IP ranges relay mail on behalf of this "
                                 "user, under this user's settings and limits.",
 }
@@ -161,19 +165,26 @@ class UserSettingsForm(FlaskForm):
         "Reject messages from newly registered domains")
     reauthenticate_as = SelectField("Re-authenticate as", choices=choices(REAUTH_CHOICES))
     reauthenticate_permitted = BooleanField("Re-authenticate permitted")
+    shared_smarthost = BooleanField("Shared smarthost")
+    # Shown when a super admin moves a range onto another domain's addresses (audited).
+    confirm_overlap = BooleanField("Move it although it overlaps another domain's range")
 
 
 # Fields each type of user does not have.
 NOT_FOR = {
     KIND_IP: ("username", "password", "confirm_password", "reauthenticate_permitted"),
-    KIND_USER: ("ip_range", "reauthenticate_as"),
-    KIND_DOMAIN: ("ip_range", "username", "reauthenticate_as"),
+    KIND_USER: ("ip_range", "reauthenticate_as", "shared_smarthost", "confirm_overlap"),
+    KIND_DOMAIN: ("ip_range", "username", "reauthenticate_as", "shared_smarthost",
+                  "confirm_overlap"),
 }
+SUPER_ONLY = ("shared_smarthost", "confirm_overlap")
 
 
-def for_kind(form: UserSettingsForm, kind: str) -> UserSettingsForm:
-    for name in NOT_FOR[kind]:
-        delattr(form, name)
+def for_kind(form: UserSettingsForm, kind: str, *, is_super: bool) -> UserSettingsForm:
+    """Only the fields this type of user has, and that this admin may see."""
+    for name in NOT_FOR[kind] + (() if is_super else SUPER_ONLY):
+        if name in form:
+            delattr(form, name)
     return form
 
 
@@ -188,7 +199,8 @@ SECTIONS = (
     ("Delivery and content", ("dkim_selector", "quarantine_response", "message_archiving",
                               "block_macro_attachments", "block_unwanted_attachments",
                               "reject_newly_registered_domains")),
-    ("Re-authentication", ("reauthenticate_as", "reauthenticate_permitted")),
+    ("Re-authentication", ("reauthenticate_as", "shared_smarthost",
+                           "reauthenticate_permitted")),
 )
 
 KIND_NAMES = {KIND_IP: "IP/Range", KIND_USER: "Username", KIND_DOMAIN: "Domain"}

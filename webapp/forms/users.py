@@ -1,7 +1,7 @@
 """Forms of Outgoing > Manage Authentication / Manage Users: "Add a user" and row actions."""
 
 from flask_wtf import FlaskForm
-from wtforms import HiddenField, PasswordField, StringField
+from wtforms import BooleanField, HiddenField, PasswordField, StringField
 from wtforms.validators import Length, ValidationError
 
 from outgoing.models import KIND_DOMAIN, KIND_IP, KIND_USER
@@ -26,11 +26,14 @@ class AddUserForm(FlaskForm):
     """The "Add a user" section; which fields count depends on the chosen tab (``kind``)."""
 
     kind = HiddenField(default=KIND_IP)
+    overlap_needs_confirm = False  # set when a range overlaps another domain's (super admin)
     domain = StringField("Domain", validators=[Length(max=253)])
     ip_range = StringField("IP/Range", validators=[Length(max=100)])
     username = StringField("Username", validators=[Length(max=320)])
     password = PasswordField("Password", validators=[Length(max=1024)])
     confirm_password = PasswordField("Confirm Password", validators=[Length(max=1024)])
+    # Super admins only, shown once a range overlaps another domain's (audited).
+    confirm_overlap = BooleanField("Add it although it overlaps another domain's range")
 
     def validate_kind(self, field):
         if field.data not in KINDS:
