@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import ipaddress
 import logging
 import re
 import types
 from collections.abc import Callable
 
-from aiosmtpd.smtp import SMTP, Session, _AuthMechAttr
+from aiosmtpd.smtp import SMTP, Session, _AuthMechAttr, syntax
+
+from proxy.connections import ConnectionCounts
 
 log = logging.getLogger("proxy")
 
@@ -24,11 +27,116 @@ COMMAND_CALL_LIMITS = {
     "NOOP": 1000, "*": 1_000_000,
 }
 
+TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address"
+TOO_MANY_JUNK_COMMANDS = "421 4.7.0 Too many commands without sending mail"
+# Refusals of a MAIL or RCPT path at that very command (RFC 3463: 5.1.7 bad sender's
+# mailbox syntax, 5.1.3 bad destination mailbox syntax).
+PATH_REFUSALS = {
+    "FROM:": {"control": "501 5.1.7 Control characters are not allowed in the sender address",
+              "open": '501 5.1.7 The sender address has no closing ">"'},
+    "TO:": {"control": "501 5.1.3 Control characters are not allowed in the recipient address",
+            "open": '501 5.1.3 The recipient address has no closing ">"'},
+}
+
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_LABELS = r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
-# <local@domain>, then (after spaces) the ESMTP parameters; a "(" would start a comment.
-_PLAIN_PATH = re.compile(rf"[ \t]*<({_ATOM}(?:\.{_ATOM})*@{_LABELS})>[ \t]*(?![ \t(])(.*)",
-                         re.DOTALL)
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_LABELS = rf"{_LABEL}(?:\.{_LABEL})*"
+# <local@domain>, then (after a space) the ESMTP parameters: the common case, one regex.
+_PLAIN_PATH = re.compile(rf" *<({_ATOM}(?:\.{_ATOM})*@{_LABELS})>(?: +(.*)|)", re.DOTALL)
+# C0 controls and DEL: a bare CR or LF in a path can turn into a second command line at a
+# next hop that re-parses or re-writes the address (RFC 5321 allows none of them in a path).
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _path_grammar(utf8: bool) -> re.Pattern:
+    """RFC 5321 4.1.2 (Reverse-path / Forward-path, then the parameters), with RFC 6531's
+    UTF-8 in atoms, quoted strings and domain labels when ``utf8``. C1 controls and lone
+    surrogates (what undecodable bytes become) are never part of an address."""
+    u = "\u00a0-\ud7ff\ue000-\U0010ffff" if utf8 else ""
+    atext = rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~{u}-]"
+    dot_string = rf"{atext}+(?:\.{atext}+)*"
+    quoted = rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{u}]|\\[\x20-\x7e])*"'
+    label = rf"[A-Za-z0-9{u}](?:[A-Za-z0-9{u}-]*[A-Za-z0-9{u}])?"
+    domain = rf"{label}(?:\.{label})*"
+    literal = r"\[[\x21-\x5a\x5e-\x7e]+\]"  # dcontent; checked further in _literal_ok
+
+    def mailbox(tag: str) -> str:
+        return rf"(?P<{tag}local>{dot_string}|{quoted})@(?P<{tag}domain>{domain}|{literal})"
+
+    route = rf"@{domain}(?:,@{domain})*:"
+    return re.compile(rf" *(?:<(?:(?P<null>)|(?:{route})?{mailbox('')})>|{mailbox('bare')})"
+                      r"(?: +(?P<rest>.*)|)", re.DOTALL)
+
+
+_PATH = {False: _path_grammar(False), True: _path_grammar(True)}
+_GENERAL_LITERAL = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+")
+_SNUM = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_IPV4 = re.compile(rf"{_SNUM}(?:\.{_SNUM}){{3}}")
+
+
+def _literal_ok(literal: str) -> bool:
+    """An address literal: IPv4, ``IPv6:`` and a valid IPv6 address, or a general one
+    (``tag:content``)."""
+    inner = literal[1:-1]
+    if _IPV4.fullmatch(inner):
+        return True
+    if inner[:5].lower() == "ipv6:":
+        text = inner[5:]
+        if "%" in text:  # ipaddress takes a scope id; RFC 5321 has none
+            return False
+        try:
+            ipaddress.IPv6Address(text)
+        except ValueError:
+            return False
+        return True
+    return _GENERAL_LITERAL.fullmatch(inner) is not None
+
+
+def parse_path(arg: str, *, utf8: bool = True, null: bool = True,
+               local_part_limit: int = 0) -> tuple[str, str] | None:
+    """The mailbox of an RFC 5321 path and the text after it (the ESMTP parameters), or None
+    when the path is malformed.
+
+    A source route (``<@relay:user@example.com>``) is accepted and dropped (RFC 5321 C);
+    ``<>`` is the null reverse-path (returned as ``"<>"``, as aiosmtpd does) when ``null``;
+    a bare mailbox without angle brackets is accepted, as Postfix does by default. The
+    mailbox returned is a substring of ``arg``: what is relayed is exactly what was checked.
+    """
+    if CONTROL.search(arg):
+        return None
+    match = _PATH[utf8].fullmatch(arg)
+    if match is None:
+        return None
+    rest = match.group("rest") or ""
+    if match.group("null") is not None:
+        return ("<>", rest) if null else None
+    if match.group("local") is not None:
+        local, domain = match.group("local", "domain")
+    else:
+        local, domain = match.group("barelocal", "baredomain")
+    if domain.startswith("[") and not _literal_ok(domain):
+        return None
+    if local_part_limit and len(local) > local_part_limit:
+        return None
+    return f"{local}@{domain}", rest
+
+
+def unterminated(arg: str) -> bool:
+    """``<`` opens a path that no ``>`` (outside a quoted string) closes."""
+    text = arg.lstrip(" ")
+    if not text.startswith("<"):
+        return False
+    quoted = escaped = False
+    for char in text[1:]:
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == ">" and not quoted:
+            return False
+    return True
 
 
 class QuietSession(Session):
@@ -46,14 +154,128 @@ class QuietSession(Session):
 
 class LimitedSMTP(SMTP):
     """aiosmtpd's SMTP with a bounded command line, multi-line replies sent in one write,
-    plain addresses parsed without the e-mail header parser, and a word to the handler when
-    the connection ends (to give back what the session reserved)."""
+    strict envelope paths, caps on connections per client IP and on commands that send no
+    mail, and a word to the handler when the connection ends (to give back what the session
+    reserved)."""
 
     command_size_limit = 512
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, connections: ConnectionCounts | None = None,
+                 max_connections_per_ip: int = 0, max_junk_commands: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self._held_lines: list[bytes] = []
+        self.connections = connections
+        self.max_connections_per_ip = max_connections_per_ip
+        self.max_junk_commands = max_junk_commands
+        self._connection_slot: int | None = None
+        self._over_connection_limit = False
+        self._junk_commands = 0
+        self._forward_path = False
+
+    # -- connections per client IP ----------------------------------------------------------
+    def connection_made(self, transport):
+        """aiosmtpd has no connect hook: count the connection here (not again when STARTTLS
+        makes a new transport for it)."""
+        if self.transport is None and self.connections is not None:
+            peer = transport.get_extra_info("peername")
+            ip = str(peer[0] if isinstance(peer, tuple) else peer)
+            slot = self.connections.acquire(ip, self.max_connections_per_ip)
+            if slot is None:
+                self._over_connection_limit = True
+                log.info("%s: over %d connections, refused", ip, self.max_connections_per_ip)
+            else:
+                self._connection_slot = slot
+        super().connection_made(transport)
+
+    async def _handle_client(self) -> None:
+        if self._over_connection_limit:
+            try:
+                await self.push(TOO_MANY_CONNECTIONS)
+            finally:
+                if self.transport is not None:
+                    self.transport.close()
+            return
+        await super()._handle_client()
+
+    def _release_connection(self) -> None:
+        slot, self._connection_slot = self._connection_slot, None
+        if slot is not None and self.connections is not None:
+            self.connections.release(slot)
+
+    # -- commands that send no mail ----------------------------------------------------------
+    async def _no_progress(self) -> bool:
+        """Count a NOOP/RSET/VRFY/EXPN/HELP; past the cap, 421 and close. Only a finished
+        DATA starts the count afresh, so a client cannot idle forever on NOOPs (each one
+        resets the idle timeout) or RSETs between aborted transactions."""
+        self._junk_commands += 1
+        if not self.max_junk_commands or self._junk_commands <= self.max_junk_commands:
+            return False
+        log.info("%r: too many commands without mail", self.session.peer)
+        await self.push(TOO_MANY_JUNK_COMMANDS)
+        if self.transport is not None:
+            self.transport.close()
+        return True
+
+    @syntax("NOOP [ignored]")
+    async def smtp_NOOP(self, arg):
+        if not await self._no_progress():
+            await super().smtp_NOOP(arg)
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg):
+        if not await self._no_progress():
+            await super().smtp_RSET(arg)
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg):
+        if not await self._no_progress():
+            await super().smtp_VRFY(arg)
+
+    async def smtp_EXPN(self, arg):
+        if not await self._no_progress():
+            await super().smtp_EXPN(arg)
+
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg):
+        if not await self._no_progress():
+            await super().smtp_HELP(arg)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg):
+        envelope = self.envelope
+        await super().smtp_DATA(arg)
+        if self.envelope is not envelope:  # the message was read: a transaction completed
+            self._junk_commands = 0
+
+    # -- envelope paths -----------------------------------------------------------------------
+    async def _path_refused(self, arg: str | None, keyword: str) -> bool:
+        """Refuse, at MAIL or RCPT itself, a path with a control character or without its
+        closing ``>``; aiosmtpd's own checks follow for everything else."""
+        if arg is None or arg[:len(keyword)].upper() != keyword:
+            return False
+        path = arg[len(keyword):]
+        if CONTROL.search(path):
+            await self.push(PATH_REFUSALS[keyword]["control"])
+            return True
+        if _PLAIN_PATH.fullmatch(path.strip(" ")) is None and unterminated(path):
+            await self.push(PATH_REFUSALS[keyword]["open"])
+            return True
+        return False
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg):
+        if not await self._path_refused(arg, "FROM:"):
+            await super().smtp_MAIL(arg)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg):
+        if await self._path_refused(arg, "TO:"):
+            return
+        self._forward_path = True
+        try:
+            await super().smtp_RCPT(arg)
+        finally:
+            self._forward_path = False
 
     async def push(self, status):
         """aiosmtpd sends each line of a reply on its own (EHLO: seven writes, each a
@@ -69,19 +291,20 @@ class LimitedSMTP(SMTP):
         await super().push(status)
 
     def _getaddr(self, arg: str):
-        """aiosmtpd parses every MAIL FROM and RCPT TO path with the e-mail package's header
-        parser (about 0.1 ms each). A plain ``<dot-atom@domain>`` yields the same address
-        and rest with one regex; anything else (quoted local parts, comments, UTF-8, source
-        routes, the null path) still goes to aiosmtpd's parser, which fails on some junk
-        (``MAIL FROM:<`` raises IndexError): that is a malformed address (553), not a 451
-        from an internal error."""
+        """aiosmtpd parses paths with the e-mail package's header parser, which is lenient
+        (it drops a CR inside a quoted local part, takes ``<a`` for ``a``) and slow (about
+        0.1 ms). A plain ``<dot-atom@domain>`` takes one regex; anything else goes to the
+        strict RFC 5321 grammar of :func:`parse_path`. The address returned is the exact
+        text the client sent, so the relay can send it on unchanged. A malformed path is
+        (None, None): aiosmtpd answers 553."""
+        if not arg:
+            return "", ""  # aiosmtpd answers 501 Syntax
         match = _PLAIN_PATH.fullmatch(arg)
-        if match is None or self.local_part_limit:
-            try:
-                return super()._getaddr(arg)
-            except Exception:
-                return None, None
-        return match.group(1), match.group(2)
+        if match is not None and not self.local_part_limit:
+            return match.group(1), match.group(2) or ""
+        parsed = parse_path(arg, utf8=self.enable_SMTPUTF8, null=not self._forward_path,
+                            local_part_limit=self.local_part_limit)
+        return parsed if parsed is not None else (None, None)
 
     def _session_ended(self) -> None:
         closed = getattr(self.event_handler, "session_closed", None)
@@ -99,7 +322,12 @@ class LimitedSMTP(SMTP):
         return session
 
     def connection_lost(self, error):
-        self._session_ended()
+        """Every way a connection ends comes here (QUIT, 421, timeout, reset, TLS failure;
+        aiosmtpd may call it twice): give back the session's reservations and the count."""
+        try:
+            self._session_ended()
+        finally:
+            self._release_connection()
         super().connection_lost(error)
 
 

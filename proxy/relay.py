@@ -69,6 +69,31 @@ def _all_refused(refused: dict[str, tuple[int, str]]) -> str:
     return outcomes.next_hop_refused(code, message)
 
 
+def _path(address: str, encoding: str) -> bytes:
+    """The path exactly as the client's MAIL or RCPT gave it (the null path stays ``<>``)."""
+    return b"<>" if address == "<>" else b"<" + address.encode(encoding) + b">"
+
+
+async def _mail(client: aiosmtplib.SMTP, mail_from: str, options: list[str],
+                encoding: str) -> None:
+    """MAIL FROM with the checked path as it is: aiosmtplib's ``mail()`` re-parses the
+    address (``email.utils.parseaddr``), which can turn a quoted local part into another
+    address. Raises what ``mail()`` raises."""
+    await client._ehlo_or_helo_if_needed()  # what mail() does first
+    response = await client.execute_command(
+        b"MAIL", b"FROM:" + _path(mail_from, encoding),
+        *(option.encode("ascii") for option in options))
+    if response.code != 250:
+        raise aiosmtplib.SMTPSenderRefused(response.code, response.message, mail_from)
+
+
+async def _rcpt(client: aiosmtplib.SMTP, rcpt: str, encoding: str) -> None:
+    """RCPT TO with the checked path as it is (see :func:`_mail`)."""
+    response = await client.execute_command(b"RCPT", b"TO:" + _path(rcpt, encoding))
+    if response.code not in (250, 251):
+        raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, rcpt)
+
+
 def _needs_utf8(mail_from: str, rcpt_tos: list[str]) -> bool:
     return any(not s.isascii() for s in [mail_from, *rcpt_tos])
 
@@ -153,12 +178,12 @@ class Relay:
             options.append("BODY=8BITMIME")
         started = False
         try:
-            await client.mail(mail_from, options=options, encoding=encoding)
+            await _mail(client, mail_from, options, encoding)
             refused: dict[str, tuple[int, str]] = {}
             accepted = []
             for rcpt in rcpt_tos:
                 try:
-                    await client.rcpt(rcpt, encoding=encoding)
+                    await _rcpt(client, rcpt, encoding)
                     accepted.append(rcpt)
                 except aiosmtplib.SMTPRecipientRefused as exc:
                     refused[rcpt] = (exc.code, exc.message)

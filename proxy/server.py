@@ -2,7 +2,9 @@
 
 Each process loads the configuration and starts listening; when the database is down at
 start-up it listens anyway (answering 4xx) and keeps trying in the background.
-The parent process only supervises: a worker that dies is started again.
+The parent process only supervises: a worker that dies is started again. Before forking it
+creates the shared connection counts (proxy/connections.py), so the cap on connections per
+client IP holds across all processes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import redis.asyncio as aioredis
 from outgoing import jobs, locks
 from outgoing.config import parse_hostport
 from outgoing.db import make_sessionmaker, session_scope
+from proxy.connections import ConnectionCounts
 from proxy.directory import Directory
 from proxy.handler import OutboundHandler
 from proxy.identities import IdentityFlusher
@@ -76,7 +79,8 @@ async def _keep_loaded(directory: Directory, sessionmaker, redis_sync) -> None:
 
 
 async def serve(config: dict, sock: socket.socket, clock=time.time,
-                install_signals: bool = True) -> None:
+                install_signals: bool = True,
+                connections: ConnectionCounts | None = None) -> None:
     sessionmaker = make_sessionmaker(config["DATABASE_URL"])
     redis_async = aioredis.from_url(config["REDIS_URL"], socket_timeout=5,
                                     socket_connect_timeout=5, health_check_interval=30)
@@ -96,7 +100,10 @@ async def serve(config: dict, sock: socket.socket, clock=time.time,
                                require_starttls=False, auth_require_tls=not trusted,
                                data_size_limit=config["MAX_MESSAGE_SIZE"],
                                enable_SMTPUTF8=True, timeout=300,
-                               command_call_limit=dict(COMMAND_CALL_LIMITS))
+                               command_call_limit=dict(COMMAND_CALL_LIMITS),
+                               connections=connections or ConnectionCounts(1),
+                               max_connections_per_ip=config["SMTP_MAX_CONNECTIONS_PER_IP"],
+                               max_junk_commands=config["SMTP_MAX_JUNK_COMMANDS"])
 
     await _load(directory, sessionmaker, redis_sync)
     loop = asyncio.get_running_loop()
@@ -128,14 +135,17 @@ async def serve(config: dict, sock: socket.socket, clock=time.time,
         sessionmaker.kw["bind"].dispose()
 
 
-def _child(config: dict, host: str, port: int) -> None:
-    """A worker process: its own socket on the shared port, its own loop."""
+def _child(config: dict, host: str, port: int, connections: ConnectionCounts,
+           index: int) -> None:
+    """A worker process: its own socket on the shared port, its own loop, its own array of
+    the shared connection counts."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     code = 0
     try:
+        connections.worker = index
         sock = listening_socket(host, port, reuse_port=True)
-        asyncio.run(serve(config, sock))
+        asyncio.run(serve(config, sock, connections=connections))
     except BaseException:
         log.exception("SMTP proxy worker %d failed", os.getpid())
         code = 1
@@ -145,7 +155,8 @@ def _child(config: dict, host: str, port: int) -> None:
 
 def run(config: dict, workers: int) -> None:
     """Start ``workers`` processes on one listening port; the parent only supervises and
-    starts a worker again when one dies (at most once a second)."""
+    starts a worker again when one dies (at most once a second), after forgetting the
+    connections the dead one had counted."""
     host, port = parse_hostport("SMTP_LISTEN", config["SMTP_LISTEN"])
     ensure_certificate(config["TLS_CERT"], config["TLS_KEY"], config["SMTP_HOSTNAME"])
     if workers <= 1:
@@ -153,14 +164,15 @@ def run(config: dict, workers: int) -> None:
         asyncio.run(serve(config, sock))
         return
     stopping = False
+    connections = ConnectionCounts(workers)
 
-    def spawn() -> int:
+    def spawn(index: int) -> int:
         pid = os.fork()
         if pid == 0:
-            _child(config, host, port)
+            _child(config, host, port, connections, index)
         return pid
 
-    children = {spawn() for _ in range(workers)}
+    children = {spawn(index): index for index in range(workers)}
 
     def forward(signum, _frame):
         nonlocal stopping
@@ -180,10 +192,13 @@ def run(config: dict, workers: int) -> None:
             break
         except InterruptedError:
             continue
-        children.discard(pid)
+        index = children.pop(pid, None)
+        if index is None:
+            continue
+        connections.clear(index)
         if not stopping:
             log.error("SMTP proxy worker %d exited (status %d); starting another", pid,
                       status)
             time.sleep(1)
             if not stopping:
-                children.add(spawn())
+                children[spawn(index)] = index

@@ -10,6 +10,30 @@ from email.utils import formatdate, make_msgid
 SENT_MARKER_SECONDS = 14 * 86400
 
 
+def _path(address: str) -> str:
+    return "<>" if address in ("", "<>") else f"<{address}>"
+
+
+class ExactSMTP(smtplib.SMTP):
+    """smtplib's SMTP, sending each MAIL/RCPT path exactly as given: its own ``mail()`` and
+    ``rcpt()`` re-parse the address (``quoteaddr``: ``email.utils.parseaddr``), which rewrites
+    quoted local parts, so the next hop would get another address than the proxy checked."""
+
+    def mail(self, sender, options=()):
+        if any(option.lower() == "smtputf8" for option in options):
+            if not self.has_extn("smtputf8"):
+                raise smtplib.SMTPNotSupportedError("SMTPUTF8 not supported by server")
+            self.command_encoding = "utf-8"
+        params = " " + " ".join(options) if options and self.does_esmtp else ""
+        self.putcmd("mail", f"from:{_path(sender)}{params}")
+        return self.getreply()
+
+    def rcpt(self, recip, options=()):
+        params = " " + " ".join(options) if options and self.does_esmtp else ""
+        self.putcmd("rcpt", f"to:{_path(recip)}{params}")
+        return self.getreply()
+
+
 class MailRefused(Exception):
     """The next hop refused the message for good (5xx): sending it again cannot help."""
 
@@ -34,7 +58,7 @@ def send(config: dict, message: EmailMessage | bytes, *, sender: str, to: list[s
     data = (message.as_bytes(policy=email.policy.SMTP) if isinstance(message, EmailMessage)
             else message)
     try:
-        with smtplib.SMTP(host.strip("[]"), int(port),
+        with ExactSMTP(host.strip("[]"), int(port),
                           timeout=config["UPSTREAM_TIMEOUT"]) as smtp:
             smtp.ehlo(config["SMTP_HOSTNAME"])
             if smtp.has_extn("starttls"):

@@ -24,6 +24,7 @@ from outgoing.quarantine import expire_quarantine, recipients
 from outgoing.storage import read_body, store_for
 from scoring.message import parse_headers, remove_headers, subject_of
 from worker import context
+from worker.mail import ExactSMTP
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def relay_sync(config: dict, *, mail_from: str, rcpt_tos: list[str],
     accepted for a permanent reason.
     """
     host, _, port = config["UPSTREAM_SMTP"].rpartition(":")
-    with smtplib.SMTP(host.strip("[]"), int(port), timeout=config["UPSTREAM_TIMEOUT"],
+    with ExactSMTP(host.strip("[]"), int(port), timeout=config["UPSTREAM_TIMEOUT"],
                       local_hostname=config["SMTP_HOSTNAME"]) as smtp:
         smtp.ehlo()
         if smtp.has_extn("starttls"):

@@ -1,13 +1,14 @@
-"""The per-connection SMTP object: built from a template, and its fast address parsing,
-must behave exactly as aiosmtpd's own."""
+"""The per-connection SMTP object: built from a template (each connection its own state),
+strict RFC 5321 paths whose mailbox is the exact text the client sent, the fast path agreeing
+with the strict grammar, and the connection counts shared by the proxy processes."""
 
 import asyncio
 
-from aiosmtpd.smtp import SMTP
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.protocol import LimitedSMTP, protocol_factory
+from proxy.connections import ConnectionCounts
+from proxy.protocol import _PLAIN_PATH, LimitedSMTP, parse_path, protocol_factory, unterminated
 
 
 class Handler:
@@ -18,10 +19,11 @@ class Handler:
         return None
 
 
-def build(count: int) -> tuple[LimitedSMTP, list[LimitedSMTP]]:
+def build(count: int, **extra) -> tuple[LimitedSMTP, list[LimitedSMTP]]:
     async def make():
         options = dict(hostname="proxy.test", auth_require_tls=False,
-                       command_call_limit={"NOOP": 5, "*": 100})
+                       command_call_limit={"NOOP": 5, "*": 100}, enable_SMTPUTF8=True,
+                       connections=ConnectionCounts(1), **extra)
         return LimitedSMTP(Handler(), **options), [protocol_factory(Handler(), **options)()
                                                     for _ in range(count)]
     return asyncio.run(make())
@@ -46,32 +48,100 @@ def test_each_connection_gets_its_own_state_bound_to_itself():
     assert first._stream_reader._limit == direct._stream_reader._limit
 
 
-PATHS = [
-    "<a@b.example>", "<a@b.example> SIZE=100 BODY=8BITMIME", "  <a.b+c@d-e.example>  ",
-    "<A@B.C>x", "<>", "<a..b@c.example>", "<\"quoted local\"@b.example>", "<a@b.example> (c)",
-    "<@route:a@b.example>", "a@b.example SIZE=1", "<a@[127.0.0.1]>", "<ü@b.example>",
-    "<a@b.example", "<a@b.example>>", "<a @b.example>", "", " ", "<a@b.example>\t\tX=1  ",
+# (path as the client sent it after "FROM:", what the handler gets, the parameters)
+ACCEPTED = [
+    ("<a@b.example>", "a@b.example", ""),
+    ("<a@b.example> SIZE=100 BODY=8BITMIME", "a@b.example", "SIZE=100 BODY=8BITMIME"),
+    ("  <a.b+c@d-e.example>  ", "a.b+c@d-e.example", ""),
+    ("<>", "<>", ""),
+    ("<> SIZE=1", "<>", "SIZE=1"),
+    ('<"quoted local"@b.example>', '"quoted local"@b.example', ""),
+    ('<"a\\"b\\\\c"@b.example>', '"a\\"b\\\\c"@b.example', ""),
+    ('<"">@b.example>'[:0] + '<""@b.example>', '""@b.example', ""),
+    ("<@relay.example,@other.example:a@b.example>", "a@b.example", ""),  # route dropped
+    ("a@b.example SIZE=1", "a@b.example", "SIZE=1"),  # a bare mailbox, as Postfix takes it
+    ('"a b"@b.example', '"a b"@b.example', ""),
+    ("<a@[127.0.0.1]>", "a@[127.0.0.1]", ""),
+    ("<a@[IPv6:2001:db8::1]>", "a@[IPv6:2001:db8::1]", ""),
+    ("<a@[IPv6:::ffff:192.0.2.1]>", "a@[IPv6:::ffff:192.0.2.1]", ""),
+    ("<a@[x-tag:any]>", "a@[x-tag:any]", ""),
+    ("<ü@bücher.example>", "ü@bücher.example", ""),
+    ('<"ü x"@b.example>', '"ü x"@b.example', ""),
+]
+MALFORMED = [
+    "<A@B.C>x", "<a..b@c.example>", "<.a@b.example>", "<a.@b.example>", "<a@b.example>>",
+    "<a @b.example>", "<a@b .example>", "<a@-b.example>", "<a@b-.example>", "<a@b.example.>",
+    "<a@b..example>", "<a@>", "<@b.example>", "<a>", "a", "<a@b.example>(c)",
+    "<a@[300.1.1.1]>", "<a@[1.2.3]>", "<a@[IPv6:::1%eth0]>", "<a@[IPv6:1::2::3]>",
+    "<a@[b.example]>", '<"a"b@c.example>', '<"a\\é"@b.example>', "<@relay:>",
+    "<@relay.example:<a@b.example>>", "<a@b.example,c@d.example>", "<a@b@c.example>",
+    "<a(comment)@b.example>", "<a@b.example (comment)>", "<\udcff@b.example>",
+    "<\x85@b.example>", "<<a@b.example>>", "a@b.example>",
 ]
 
 
-def aiosmtpd_getaddr(proto, path):
-    try:
-        return SMTP._getaddr(proto, path)
-    except Exception:  # the stdlib parser raises IndexError on "<": we answer 501 instead
-        return None, None
+def test_paths_give_the_handler_the_exact_text_of_the_mailbox():
+    for path, address, params in ACCEPTED:
+        assert _PROTO._getaddr(path) == (address, params), path
+        assert address == "<>" or address in path  # a substring: nothing was re-written
 
 
-def test_plain_paths_parse_exactly_as_aiosmtpd_parses_them():
-    proto = _PROTO
-    for path in PATHS:
-        assert proto._getaddr(path) == aiosmtpd_getaddr(proto, path), path
-    assert proto._getaddr("<a@b.example> SIZE=1") == ("a@b.example", "SIZE=1")
-    assert proto._getaddr("<") == (None, None)
+def test_malformed_paths_are_refused():
+    for path in MALFORMED:
+        assert _PROTO._getaddr(path) == (None, None), path
+        assert parse_path(path) is None, path
 
 
-@given(st.text(alphabet="ab.@<>()\" \t=-_+!#é:[]", max_size=30))
-def test_any_path_parses_exactly_as_aiosmtpd_parses_it(path):
-    assert _PROTO._getaddr(path) == aiosmtpd_getaddr(_PROTO, path)
+def test_utf8_needs_an_smtputf8_server_and_the_null_path_is_only_for_mail():
+    assert parse_path("<ü@b.example>", utf8=False) is None
+    assert parse_path("<>", null=False) is None
+    assert parse_path("<ab@b.example>", local_part_limit=1) is None
+
+
+def test_control_characters_are_never_part_of_a_path():
+    for char in [*map(chr, range(32)), "\x7f"]:
+        for path in (f"<a{char}b@c.example>", f'<"a{char}b"@c.example>',
+                     f"<a@c.exam{char}ple>", f"<a@c.example> SIZE=1{char}"):
+            assert parse_path(path) is None, repr(path)
+
+
+def test_unterminated_paths_are_told_apart():
+    for path in ("<", "<a", "<a@b.example", "<a@b.example SIZE=1", '<"a>b"@c.example',
+                 '<"a\\">b@c.example'):
+        assert unterminated(path), path
+    for path in ("<a@b.example>", "<a@b.example>>", "a@b.example", "<a>b", '<"a">'):
+        assert not unterminated(path), path
+
+
+@given(st.text(alphabet="ab.@<>()\" \t=-_+!#é:[]\\,", max_size=30))
+def test_the_fast_path_agrees_with_the_strict_grammar(path):
+    match = _PLAIN_PATH.fullmatch(path)
+    if match is not None:
+        assert parse_path(path) == (match.group(1), match.group(2) or "")
+
+
+def test_over_the_junk_command_cap_and_connection_counts_each_connection_has_its_own():
+    _, (first, second) = build(2, max_junk_commands=3)
+    first._junk_commands = 2
+    assert second._junk_commands == 0 and second.max_junk_commands == 3
+    assert first.connections is second.connections  # one shared table per process
+
+
+def test_connection_counts_sum_over_all_processes_and_a_dead_one_is_forgotten():
+    counts = ConnectionCounts(workers=2)
+    slots = []
+    for worker in (0, 1, 0):
+        counts.worker = worker
+        slots.append(counts.acquire("192.0.2.1", 3))
+    assert None not in slots
+    counts.worker = 1
+    assert counts.acquire("192.0.2.1", 3) is None  # the fourth, in any process
+    assert counts.acquire("192.0.2.2", 3) is not None  # another address has its own count
+    counts.clear(0)  # worker 0 died: its two connections are gone
+    assert counts.acquire("192.0.2.1", 3) is not None
+    counts.release(slots[1])
+    assert counts.count(ConnectionCounts.slot("192.0.2.1")) == 1
+    assert counts.acquire("192.0.2.1", 0) is not None  # 0: no cap
 
 
 _PROTO = build(1)[1][0]

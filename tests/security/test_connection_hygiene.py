@@ -1,0 +1,230 @@
+"""Connection hygiene over real sockets (issue 10): at most SMTP_MAX_CONNECTIONS_PER_IP
+concurrent connections per client IP, across all proxy processes, and at most
+SMTP_MAX_JUNK_COMMANDS commands in a row that send no mail."""
+
+from __future__ import annotations
+
+import base64
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import data
+from tests.support.mail import message
+from tests.support.services import (
+    free_port,
+    process_env,
+    start_process,
+    stop_process,
+    wait_for_port,
+)
+
+PASSWORD = "Alice-pass-123"
+TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections from your address"
+TOO_MANY_JUNK = b"421 4.7.0 Too many commands without sending mail"
+
+
+@pytest.fixture
+def alice(instance):
+    return data.add_user("example.com", "user", "alice@example.com", PASSWORD)
+
+
+class Conn:
+    """One client connection, raw, with its greeting already read."""
+
+    def __init__(self, port: int, source: str = "127.0.0.1"):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15,
+                                             source_address=(source, 0))
+        self.file = self.sock.makefile("rb")
+        self.greeting = self.reply()
+
+    def reply(self) -> tuple[int, bytes]:
+        lines = []
+        while True:
+            line = self.file.readline()
+            if not line:
+                return -1, b"".join(lines)
+            lines.append(line)
+            if line[3:4] != b"-":
+                return int(line[:3]), b"".join(lines)
+
+    def ask(self, line: bytes) -> tuple[int, bytes]:
+        self.sock.sendall(line + b"\r\n")
+        return self.reply()
+
+    def closed_by_server(self) -> bool:
+        return self.reply()[0] == -1
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def eventually(fn, timeout: float = 15.0):
+    """Poll ``fn`` until it is true (closing a socket frees the server's slot a moment
+    later); its last value."""
+    deadline = time.monotonic() + timeout
+    while not (value := fn()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
+def fill(port: int, limit: int = 200) -> tuple[list[Conn], Conn]:
+    """Open connections until one is refused: the accepted ones and the refused one."""
+    accepted = []
+    for _ in range(limit):
+        conn = Conn(port)
+        if conn.greeting[0] != 220:
+            return accepted, conn
+        accepted.append(conn)
+    raise AssertionError(f"{limit} connections accepted, none refused")
+
+
+def accepted_again(port: int) -> bool:
+    conn = Conn(port)
+    conn.close()
+    return conn.greeting[0] == 220
+
+
+# -- connections per client IP ----------------------------------------------------------------
+
+def test_the_connection_over_the_cap_gets_421_and_is_closed(alice, start_proxy):
+    proxy = start_proxy(SMTP_MAX_CONNECTIONS_PER_IP=3)
+    accepted, refused = fill(proxy.port)
+    assert len(accepted) == 3
+    assert refused.greeting == (421, TOO_MANY_CONNECTIONS + b"\r\n")
+    assert refused.closed_by_server()
+    refused.close()
+    other = Conn(proxy.port, source="127.0.0.2")  # another client address has its own count
+    assert other.greeting[0] == 220
+    other.close()
+    accepted.pop().close()
+    assert eventually(lambda: accepted_again(proxy.port))
+    for conn in accepted:
+        conn.close()
+
+
+def test_every_way_a_connection_ends_gives_its_place_back(alice, start_proxy):
+    proxy = start_proxy(SMTP_MAX_CONNECTIONS_PER_IP=2, SMTP_MAX_JUNK_COMMANDS=1)
+    first, second = Conn(proxy.port), Conn(proxy.port)
+    assert Conn(proxy.port).greeting[0] == 421
+    assert first.ask(b"QUIT")[0] == 221  # QUIT
+    assert first.closed_by_server()
+    assert eventually(lambda: accepted_again(proxy.port))
+    third = Conn(proxy.port)
+    assert third.greeting[0] == 220
+    second.ask(b"NOOP")
+    assert second.ask(b"NOOP") == (421, TOO_MANY_JUNK + b"\r\n")  # closed by the proxy
+    assert second.closed_by_server()
+    assert eventually(lambda: accepted_again(proxy.port))
+    third.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    third.close()  # a reset, no QUIT
+    assert eventually(lambda: accepted_again(proxy.port))
+    fourth, fifth = Conn(proxy.port), Conn(proxy.port)
+    assert (fourth.greeting[0], fifth.greeting[0]) == (220, 220)
+    assert Conn(proxy.port).greeting[0] == 421  # and the count is still right
+    for conn in (first, second, fourth, fifth):
+        conn.close()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in
+            Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_fifty_connections_per_ip_across_the_worker_processes(alice, sink, tmp_path):
+    """The default cap, against ``python -m proxy --workers 2``: the kernel spreads the
+    connections over both processes, and the 51st is refused wherever it lands."""
+    port = free_port()
+    env = process_env(SMTP_LISTEN=f"127.0.0.1:{port}", UPSTREAM_SMTP=f"127.0.0.1:{sink.port}")
+    env.pop("SMTP_MAX_CONNECTIONS_PER_IP", None)
+    proc = start_process([sys.executable, "-m", "proxy", "--workers", "2"], env,
+                         tmp_path / "proxy.log")
+    opened: list[Conn] = []
+    try:
+        wait_for_port(port, proc=proc)
+        assert eventually(lambda: len(_children(proc.pid)) == 2)
+        accepted, refused = fill(port)
+        opened += accepted
+        assert len(accepted) == 50
+        assert refused.greeting == (421, TOO_MANY_CONNECTIONS + b"\r\n")
+        assert refused.closed_by_server()
+        refused.close()
+
+        for conn in accepted[:5]:
+            conn.close()
+        assert eventually(lambda: accepted_again(port))
+        more, refused = fill(port)
+        opened += more
+        assert len(more) == 5 and refused.greeting[0] == 421
+        refused.close()
+
+        # A worker killed with connections open: the parent forgets what it counted.
+        first = _children(proc.pid)[0]
+        os.kill(first, signal.SIGKILL)
+        assert eventually(lambda: len(set(_children(proc.pid)) - {first}) == 2)
+        alive = [conn for conn in accepted[5:] + more if not _dropped(conn)]
+        assert 0 < len(alive) < 50
+        again, refused = fill(port)
+        opened += again
+        assert len(again) == 50 - len(alive)
+        refused.close()
+    finally:
+        for conn in opened:
+            conn.close()
+        stop_process(proc)
+    assert proc.returncode == 0
+
+
+def _dropped(conn: Conn) -> bool:
+    """The server side of ``conn`` is gone (its process was killed)."""
+    readable, _, _ = select.select([conn.sock], [], [], 0)
+    return bool(readable) and conn.sock.recv(1, socket.MSG_PEEK) == b""
+
+
+# -- commands without progress ---------------------------------------------------------------
+
+def plain(login: str, password: str) -> bytes:
+    return base64.b64encode(f"\0{login}\0{password}".encode())
+
+
+def test_twenty_junk_commands_then_421_and_closed(alice, start_proxy):
+    proxy = start_proxy()
+    conn = Conn(proxy.port)
+    assert conn.ask(b"EHLO client.example")[0] == 250
+    junk = [b"NOOP", b"RSET", b"VRFY bob@example.org", b"HELP", b"EXPN staff"]
+    replies = [conn.ask(junk[n % len(junk)])[0] for n in range(20)]
+    assert 421 not in replies
+    assert conn.ask(b"NOOP") == (421, TOO_MANY_JUNK + b"\r\n")
+    assert conn.closed_by_server()
+    conn.close()
+
+
+def test_a_finished_message_starts_the_count_afresh_and_aborted_transactions_do_not(
+        alice, start_proxy, sink):
+    proxy = start_proxy(SMTP_TRUSTED=True)
+    conn = Conn(proxy.port)
+    assert conn.ask(b"EHLO client.example")[0] == 250
+    assert conn.ask(b"AUTH PLAIN " + plain("alice@example.com", PASSWORD))[0] == 235
+    for _ in range(19):
+        assert conn.ask(b"NOOP")[0] == 250
+    for line in (b"MAIL FROM:<alice@example.com>", b"RCPT TO:<bob@example.org>", b"DATA"):
+        assert conn.ask(line)[0] in (250, 354)
+    conn.sock.sendall(message() + b".\r\n")
+    assert conn.reply()[0] == 250
+    for _ in range(19):
+        assert conn.ask(b"NOOP")[0] == 250
+    # MAIL then RSET, again and again, is no progress: only a finished message is.
+    assert conn.ask(b"MAIL FROM:<alice@example.com>")[0] == 250
+    assert conn.ask(b"RSET")[0] == 250  # the 20th
+    assert conn.ask(b"MAIL FROM:<alice@example.com>")[0] == 250
+    assert conn.ask(b"RSET") == (421, TOO_MANY_JUNK + b"\r\n")
+    assert conn.closed_by_server()
+    conn.close()
+    assert len(sink.handler.messages) == 1
