@@ -59,7 +59,7 @@ def send(config: dict, message: EmailMessage | bytes, *, sender: str, to: list[s
             else message)
     try:
         with ExactSMTP(host.strip("[]"), int(port),
-                          timeout=config["UPSTREAM_TIMEOUT"]) as smtp:
+                       timeout=config["UPSTREAM_TIMEOUT"]) as smtp:
             smtp.ehlo(config["SMTP_HOSTNAME"])
             if smtp.has_extn("starttls"):
                 smtp.starttls()

@@ -9,6 +9,7 @@ would parse and normalise the path, hiding exactly the re-writing these tests lo
 from __future__ import annotations
 
 import base64
+import re
 import socket
 import socketserver
 import threading
@@ -239,6 +240,23 @@ def test_legitimate_paths_are_relayed_exactly(proxy, raw_sink, mail_from, rcpt, 
     smtp.close()
     assert _raw(raw_sink.commands(b"MAIL")[-1], b"MAIL FROM:" + relayed_from)
     assert _raw(raw_sink.commands(b"RCPT")[-1], b"RCPT TO:" + relayed_rcpt)
+
+
+def test_the_worker_relays_the_paths_it_was_given_exactly(raw_sink):
+    """Retries and quarantine release (relay_sync) and the delivery report to the sender
+    (mail.send) go through smtplib, whose mail()/rcpt() would re-parse each address."""
+    from worker import mail
+    from worker.quarantine_jobs import relay_sync
+
+    config = {"UPSTREAM_SMTP": f"127.0.0.1:{raw_sink.port}", "UPSTREAM_TIMEOUT": 10,
+              "SMTP_HOSTNAME": "proxy.test"}
+    sender, rcpt = '"al\\ice"@a.test', '"b\\"o b"@[IPv6:2001:db8::1]'
+    assert relay_sync(config, mail_from=sender, rcpt_tos=[rcpt], data=message()) == {}
+    mail.send(config, message(), sender="", to=[sender])
+    assert [re.sub(rb" size=[0-9]+$", b"", line.rstrip(b"\r\n")) for line in raw_sink.lines
+            if line[:4] in (b"mail", b"rcpt")] == [
+        b"mail from:<" + sender.encode() + b">", b"rcpt to:<" + rcpt.encode() + b">",
+        b"mail from:<>", b"rcpt to:<" + sender.encode() + b">"]
 
 
 # -- the property: accepted means relayed unchanged, a control character means refused ------
