@@ -71,11 +71,34 @@ def lock(session, redis, target: OutgoingUser | Identity, *, kind: str, reason: 
     return lock_id
 
 
+# Spam windows are minutes long; identities that spammed within this span before the lock
+# still hold events that could count toward a new one.
+SPAM_SENDERS_LOOKBACK = timedelta(days=1)
+
+
+def _spam_keys(session, target: OutgoingUser | Identity) -> list[str]:
+    """The spam windows an unlock empties: the identity's own, or the user's and those of
+    its identities that sent spam lately (their events would otherwise lock the identity at
+    the first spam after the user's unlock). All share the user's hash slot."""
+    if isinstance(target, Identity):
+        return [redis_keys.identity_spam(target.user_id, target.value)]
+    since = (target.locked_at or utcnow()) - SPAM_SENDERS_LOOKBACK
+    row = QuarantinedMessage
+    senders = session.scalars(
+        select(row.identity).where(row.user_id == target.id, row.received_at >= since,
+                                   row.identity.is_not(None)).distinct())
+    return [redis_keys.user_spam(target.id)] + [
+        redis_keys.identity_spam(target.id, value) for value in senders]
+
+
 def unlock(session, redis, target: OutgoingUser | Identity, *, actor: str, reason: str,
            automatic: bool = False) -> bool:
-    """Unlock ``target``; an automatic (timed) unlock counts against the maximum."""
+    """Unlock ``target``; an automatic (timed) unlock counts against the maximum.
+
+    The spam count starts afresh: without that, the events that caused the lock are still
+    in the window and the next spam message locks again at once."""
     was_locked = bool(target.locked)
-    redis.delete(_lock_key(target))
+    redis.delete(_lock_key(target), *_spam_keys(session, target))
     if not was_locked:
         return False
     audit.record(session, actor=actor, action="unlock", target_type=_kind(target),

@@ -98,3 +98,40 @@ def test_identity_locks_are_off_when_lock_identities_automatically_is_off(
         for _ in range(6):
             assert send(smtp, message(body=GTUBE), sender="spam@example.com")[0] == 550
         assert send(smtp, message(), sender="spam@example.com")[0] == 250
+
+
+def test_unlock_starts_the_spam_count_afresh(instance, admin, start_proxy, clock, sink):
+    alice = data.add_user("example.com", "user", "alice@example.com", PASSWORD)
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        for _ in range(5):
+            assert send(smtp, message(body=GTUBE))[0] == 550
+            clock.advance(10)
+        assert data.query(lambda s: s.get(OutgoingUser, alice).locked)
+        admin.post(f"/outgoing/users/{alice}/unlock", data={"csrf_token": admin.token})
+
+        assert send(smtp, message(body=GTUBE))[0] == 550  # quarantined, not a lock
+        assert send(smtp, message())[0] == 250
+    assert not data.query(lambda s: s.get(OutgoingUser, alice).locked)
+    assert not data.query(lambda s: s.scalars(
+        select(Identity).where(Identity.user_id == alice, Identity.locked.is_(True))).all())
+
+
+def test_identity_unlock_starts_its_spam_count_afresh(instance, admin, start_proxy, clock,
+                                                       sink):
+    data.add_user("example.com", "user", "alice@example.com", PASSWORD, automatic_lock=False)
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        for _ in range(5):
+            assert send(smtp, message(body=GTUBE), sender="spam@example.com")[0] == 550
+            clock.advance(10)
+        spam = data.query(lambda s: s.scalar(select(Identity.id).where(
+            Identity.value == "spam@example.com", Identity.locked.is_(True))))
+        assert spam
+        admin.post(f"/outgoing/identities/{spam}/unlock", data={"csrf_token": admin.token})
+
+        assert send(smtp, message(body=GTUBE), sender="spam@example.com")[0] == 550
+        assert send(smtp, message(), sender="spam@example.com")[0] == 250
+    assert not data.query(lambda s: s.get(Identity, spam).locked)

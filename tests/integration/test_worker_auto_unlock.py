@@ -8,6 +8,7 @@ worker's real clock, with nothing patched and nobody sleeping.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from rq import Queue
@@ -43,6 +44,18 @@ def test_lock_is_lifted_after_the_timeout_and_counted(alice, sink, redis_client)
     assert redis_client.get(redis_keys.user_lock(alice)) is None
     [event] = audit("unlock")
     assert event.actor == "worker" and json.loads(event.detail)["automatic"] is True
+
+
+def test_timed_unlock_starts_the_spam_count_afresh(alice, sink, redis_client):
+    worker.add_spam("example.com", alice, identity="shop@example.com")
+    for key in (redis_keys.user_spam(alice), redis_keys.identity_spam(alice, "shop@example.com")):
+        redis_client.zadd(key, {f"event-{n}": time.time() for n in range(5)})
+    worker.lock("user", alice, minutes_ago=TIMEOUT + 1)
+    worker.burst(sink)
+
+    assert not worker.target("user", alice).locked
+    assert redis_client.exists(redis_keys.user_spam(alice)) == 0
+    assert redis_client.exists(redis_keys.identity_spam(alice, "shop@example.com")) == 0
 
 
 def test_lock_stays_until_the_timeout_has_passed(alice, sink):

@@ -180,6 +180,19 @@ def test_alert_link_opens_confirmation_and_only_the_post_unlocks(alice, sink, ap
     assert event.actor == ADMIN and event.target_id == alice
 
 
+def test_unlock_through_the_link_empties_the_spam_windows(alice, sink, app, redis_client):
+    data.add_admin(ADMIN, ADMIN_PW, domain="example.com")
+    worker.add_spam("example.com", alice, identity="alice@example.com")
+    for key in (redis_keys.user_spam(alice), redis_keys.identity_spam(alice, "alice@example.com")):
+        redis_client.zadd(key, {f"event-{n}": time.time() for n in range(5)})
+    token = locked_and_alerted(sink, alice)
+    client = app.test_client()
+    log_in(client)
+    assert confirm(client, token).status_code == 200
+    assert redis_client.exists(redis_keys.user_spam(alice)) == 0
+    assert redis_client.exists(redis_keys.identity_spam(alice, "alice@example.com")) == 0
+
+
 def test_second_use_of_a_link_is_refused(alice, sink, app):
     data.add_admin(ADMIN, ADMIN_PW, domain="example.com")
     token = locked_and_alerted(sink, alice)
