@@ -25,12 +25,12 @@ class ExactSMTP(smtplib.SMTP):
                 raise smtplib.SMTPNotSupportedError("SMTPUTF8 not supported by server")
             self.command_encoding = "utf-8"
         params = " " + " ".join(options) if options and self.does_esmtp else ""
-        self.putcmd("mail", f"from:{_path(sender)}{params}")
+        self.putcmd("mail", f"FROM:{_path(sender)}{params}")
         return self.getreply()
 
     def rcpt(self, recip, options=()):
         params = " " + " ".join(options) if options and self.does_esmtp else ""
-        self.putcmd("rcpt", f"to:{_path(recip)}{params}")
+        self.putcmd("rcpt", f"TO:{_path(recip)}{params}")
         return self.getreply()
 
 

@@ -255,8 +255,8 @@ def test_the_worker_relays_the_paths_it_was_given_exactly(raw_sink):
     mail.send(config, message(), sender="", to=[sender])
     assert [re.sub(rb" size=[0-9]+$", b"", line.rstrip(b"\r\n")) for line in raw_sink.lines
             if line[:4] in (b"mail", b"rcpt")] == [
-        b"mail from:<" + sender.encode() + b">", b"rcpt to:<" + rcpt.encode() + b">",
-        b"mail from:<>", b"rcpt to:<" + sender.encode() + b">"]
+        b"mail FROM:<" + sender.encode() + b">", b"rcpt TO:<" + rcpt.encode() + b">",
+        b"mail FROM:<>", b"rcpt TO:<" + sender.encode() + b">"]
 
 
 # -- the property: accepted means relayed unchanged, a control character means refused ------
