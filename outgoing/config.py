@@ -40,6 +40,8 @@ def _defaults(instance: Path) -> dict:
         "NOTIFY_FROM": "outbound-guard@localhost",
         "MAX_MESSAGE_SIZE": 25 * 1024 * 1024,
         "BARE_LINE_ENDINGS": "normalise",
+        # The Received: header of relayed mail names the client (full) or leaves it out.
+        "RECEIVED_HEADER": "full",
         "REDIS_FAIL_OPEN": False,
         "SPAM_LOCK_THRESHOLD": 5,
         "SPAM_WINDOW_SECONDS": 600,
@@ -213,6 +215,8 @@ def load_config(overrides: dict | None = None, environ=None) -> dict:
     parse_hostport("UPSTREAM_SMTP", config["UPSTREAM_SMTP"])
     if config["BARE_LINE_ENDINGS"] not in ("normalise", "reject"):
         raise ConfigError("BARE_LINE_ENDINGS: expected 'normalise' or 'reject'")
+    if config["RECEIVED_HEADER"] not in ("full", "anonymous"):
+        raise ConfigError("RECEIVED_HEADER: expected 'full' or 'anonymous'")
     for name, bits in (("MAX_CUSTOMER_RANGE_V4", 32), ("MAX_CUSTOMER_RANGE_V6", 128)):
         if not 1 <= int(config[name]) <= bits:
             raise ConfigError(f"{name}: expected a prefix length from 1 to {bits}")

@@ -19,9 +19,11 @@ import hashlib
 import hmac
 import json
 import logging
+import secrets
 import time
 from base64 import b64decode
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 
 from aiosmtpd.smtp import AuthResult, LoginPassword
@@ -41,6 +43,7 @@ from scoring import outcomes
 from scoring.limits import RECIPIENTS
 from scoring.locks import lock_reason, should_lock
 from scoring.message import normalise_line_endings, parse_headers
+from scoring.trace import received_header, with_keyword
 
 log = logging.getLogger(__name__)
 
@@ -423,6 +426,7 @@ class OutboundHandler:
             return refusal
         identity = found.value
 
+        data = self._trace(session, state, user, envelope) + data
         msg = Message(user=user, mail_from=envelope.mail_from or "",
                       rcpt_tos=tuple(envelope.rcpt_tos), data=data, headers=tuple(headers),
                       identity=identity, client_ip=_client_ip(session),
@@ -439,6 +443,23 @@ class OutboundHandler:
                 log.exception("could not count spam or lock %s", user.name)
             return outcomes.quarantined(user.quarantine_response, inspection.spam.rules)
         return await self.content.deliver(msg)
+
+    def _trace(self, session, state: SessionState, user: UserPolicy, envelope) -> bytes:
+        """Our ``Received:`` header (RFC 5321 §4.4), first in the message so that the
+        quarantine, the archive, DKIM and the next hop all see it."""
+        authenticated = state.auth_user_id is not None
+        protocol = with_keyword(esmtp=bool(session.extended_smtp), tls=session.ssl is not None,
+                                authenticated=authenticated)
+        rcpt_tos = envelope.rcpt_tos
+        return received_header(
+            helo=session.host_name, client_ip=_client_ip(session),
+            by_host=self.config["SMTP_HOSTNAME"], protocol=protocol,
+            queue_id=secrets.token_hex(5).upper(),
+            user_kind="authenticated as" if authenticated else "IP/Range user",
+            user_name=state.auth_login if authenticated else user.name,
+            when=datetime.fromtimestamp(self.clock(), UTC),
+            recipient=rcpt_tos[0] if len(rcpt_tos) == 1 else None,
+            anonymous=self.config["RECEIVED_HEADER"] == "anonymous")
 
     async def _count_spam(self, user: UserPolicy, identity: str | None) -> None:
         now = self.clock()
