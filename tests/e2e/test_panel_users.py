@@ -135,7 +135,7 @@ def test_validation_errors_appear_in_place_without_reloading_the_page(stack, pag
     page.evaluate("window.__samePage = true")
 
     page.get_by_label("Domain").fill("example.com")
-    page.get_by_label("IP/Range").fill("10.0.5.0/24")
+    page.get_by_label("IP/Range").fill("10.0.255.0-10.1.0.5")  # crosses 10.0.0.0/16
     page.get_by_label("IP/Range").blur()  # checked as soon as it is filled in
     page.get_by_text("overlaps 10.0.0.0/16").wait_for()
     page.get_by_label("IP/Range").fill("192.0.2.300")
