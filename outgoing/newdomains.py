@@ -50,6 +50,21 @@ def rdap_cache_key(domain: str) -> str:
     return RDAP_PREFIX + domain
 
 
+# Failed RDAP look-ups (timeouts, errors), counted per UTC day: they let mail through
+# unchecked, so administrators must be able to see that the check is not working.
+FAILED_LOOKUPS_PREFIX = "og:nrd:failed:"
+FAILED_LOOKUPS_KEEP_SECONDS = 2 * 86400
+
+
+def failed_lookups_key(now: float) -> str:
+    return f"{FAILED_LOOKUPS_PREFIX}{int(now // 86400)}"
+
+
+def failed_lookups_today(redis, now: float) -> int:
+    """Look-ups that failed since midnight UTC, all users together (one cache serves all)."""
+    return int(redis.get(failed_lookups_key(now)) or 0)
+
+
 def _parse_when(text: str) -> float | None:
     text = text.strip()
     if not text:

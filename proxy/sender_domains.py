@@ -10,11 +10,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from urllib.parse import quote
 
 import httpx
 
-from outgoing.newdomains import LIST_KEY, UNKNOWN, rdap_cache_key
+from outgoing.newdomains import (
+    FAILED_LOOKUPS_KEEP_SECONDS,
+    LIST_KEY,
+    UNKNOWN,
+    failed_lookups_key,
+    rdap_cache_key,
+)
 from scoring.newdomains import parse_rdap_registration
 
 log = logging.getLogger(__name__)
@@ -71,12 +78,25 @@ class RegistrationDates:
             elif response.status_code != 404:
                 log.warning("RDAP %s answered HTTP %s", url, response.status_code)
                 ttl = min(ttl, ERROR_CACHE_SECONDS)
+                await self._count_failure()
         except (httpx.HTTPError, ValueError) as exc:
             log.warning("RDAP look-up of %s failed: %s %s", domain, type(exc).__name__, exc)
             ttl = min(ttl, ERROR_CACHE_SECONDS)
+            await self._count_failure()
         await self.redis.set(rdap_cache_key(domain), UNKNOWN if value is None else repr(value),
                              ex=max(1, ttl))
         return value
+
+    async def _count_failure(self) -> None:
+        """Count the failure for the control panel; the message goes on unchecked either way."""
+        key = failed_lookups_key(time.time())
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.incr(key)
+                pipe.expire(key, FAILED_LOOKUPS_KEEP_SECONDS)
+                await pipe.execute()
+        except Exception:
+            log.exception("could not count a failed RDAP look-up")
 
     async def close(self) -> None:
         if self._http is not None:

@@ -14,7 +14,7 @@ from flask import Blueprint, abort, current_app, flash, redirect, render_templat
 from flask_login import current_user, login_required
 from sqlalchemy import select
 
-from outgoing import audit
+from outgoing import audit, newdomains
 from outgoing.models import ID_HEADER, KIND_DOMAIN, KIND_IP, DkimKey, OutgoingUser
 from outgoing.usage import read_usage_sync
 from outgoing.users import (
@@ -85,6 +85,12 @@ def _build_form(user: OutgoingUser, *, stored: bool = False) -> UserSettingsForm
     return form
 
 
+def _newly_registered_available() -> bool:
+    """Whether "Reject messages from newly registered domains" can do anything: without a
+    source of registration dates the proxy lets every domain through."""
+    return newdomains.available(current_app.config, redis_client())
+
+
 def _domain_editable(user: OutgoingUser) -> bool:
     return current_user.is_super and user.kind != KIND_DOMAIN
 
@@ -100,6 +106,10 @@ def _validate(form: UserSettingsForm, user: OutgoingUser):
     values["dkim_selector"] = values.get("dkim_selector") or None
     if user.kind != KIND_IP:
         values.pop("reauthenticate_as", None)
+    if not _newly_registered_available():
+        # Shown disabled: a posted value would promise a check that cannot happen.
+        values.pop("reject_newly_registered_domains", None)
+        form.reject_newly_registered_domains.data = user.reject_newly_registered_domains
     _check_limits(form, user, values)
     headers = _check_headers(form, values)
     password = _check_password(form)
@@ -208,11 +218,24 @@ def _usage(user: OutgoingUser):
             for row in usage_report(counts, now, limits)]
 
 
+def _failed_registration_lookups() -> int | None:
+    """RDAP look-ups that failed today (they let mail through unchecked), or None when RDAP
+    is not configured or Redis cannot say."""
+    if not (current_app.config.get("RDAP_URL") or "").strip():
+        return None
+    try:
+        return newdomains.failed_lookups_today(redis_client(), time.time())
+    except Exception:  # Redis down: the usage panel says so already
+        return None
+
+
 def _render(user: OutgoingUser, form: UserSettingsForm, status: int = 200, saved=False,
             overlap_needs_confirm: bool = False):
     context = dict(user=user, form=form, help=HELP, sections=SECTIONS, saved=saved,
                    overlap_needs_confirm=overlap_needs_confirm,
                    kind_names=KIND_NAMES, usage=_usage(user), max_headers=MAX_HEADERS,
+                   newly_registered_available=_newly_registered_available(),
+                   failed_registration_lookups=_failed_registration_lookups(),
                    domain_editable=_domain_editable(user), action_form=RowActionForm(),
                    title=f"Outgoing User Settings: {user.name}",
                    domain_choices=[d.name for d in scope.visible_domains()]

@@ -114,8 +114,9 @@ def test_the_help_texts_carry_the_advice_on_headers_and_smarthosts(root, ip_user
         assert f">{option}</option>" in html
 
 
-def test_saving_changes_every_setting_audits_it_and_tells_the_proxies(root, ip_user,
+def test_saving_changes_every_setting_audits_it_and_tells_the_proxies(app, root, ip_user,
                                                                       redis_client):
+    app.config["RDAP_URL"] = "https://rdap.example/"  # newly registered domains available
     template = data.query(lambda s: _add_template(s, "Friendly", None))
     data.query(lambda s: s.add(DkimKey(domain_id=load(ip_user).domain_id, selector="mail1",
                                        private_key_pem="x", public_key_b64="y")))
@@ -152,6 +153,42 @@ def test_saving_changes_every_setting_audits_it_and_tells_the_proxies(root, ip_u
     assert events[0]["changes"]["lock_timeout_minutes"] == [60, 15]
     assert events[0]["changes"]["quarantine_response"] == ["reject", "accept"]
     assert int(redis_client.get("og:config-version")) == version + 1
+
+
+def checkbox(html: str, name: str) -> str:
+    return re.search(rf'<input[^>]*id="{name}"[^>]*>', html).group(0)
+
+
+def test_newly_registered_domains_without_a_source_is_disabled_says_why_and_is_not_saved(
+        root, bob):
+    html = text(root.get(f"/outgoing/users/{bob}"))
+    assert "disabled" in checkbox(html, "reject_newly_registered_domains")
+    assert "Unavailable: no source of registration dates is configured" in html
+    assert "set RDAP_URL" in html and "NEWLY_REGISTERED_LIST" in html
+    response = root.post(f"/outgoing/users/{bob}",
+                         settings(reject_newly_registered_domains="y"))
+    assert response.status_code == 302
+    assert load(bob).reject_newly_registered_domains is False
+
+
+def test_newly_registered_domains_with_a_source_is_offered_and_saved(app, root, bob):
+    app.config["NEWLY_REGISTERED_LIST"] = "/srv/nrd.txt"
+    html = text(root.get(f"/outgoing/users/{bob}"))
+    assert "disabled" not in checkbox(html, "reject_newly_registered_domains")
+    assert "Unavailable" not in html
+    assert root.post(f"/outgoing/users/{bob}", settings(
+        reject_newly_registered_domains="y")).status_code == 302
+    assert load(bob).reject_newly_registered_domains is True
+
+
+def test_usage_panel_counts_failed_registration_lookups(app, root, bob, redis_client):
+    from outgoing.newdomains import failed_lookups_key
+
+    assert "Registration look-ups that failed" not in text(root.get(f"/outgoing/users/{bob}"))
+    app.config["RDAP_URL"] = "https://rdap.example/"
+    redis_client.set(failed_lookups_key(time.time()), 3)
+    html = text(root.get(f"/outgoing/users/{bob}"))
+    assert re.search(r"Registration look-ups that failed today: <strong>3</strong>", html)
 
 
 def test_an_htmx_save_re_renders_the_form_in_place_saying_saved(root, bob):

@@ -111,11 +111,20 @@ def test_rdap_timeout_lets_the_message_through_and_is_not_asked_again_at_once(
     assert 0 < redis_client.ttl(rdap_cache_key("slow-shop.com")) <= 300
 
 
-def test_rdap_server_down_lets_the_message_through(alice, start_proxy):
+def test_rdap_server_down_lets_the_message_through_and_counts_the_failure(
+        alice, start_proxy, redis_client):
     from tests.support.services import free_port
 
     proxy = start_proxy(RDAP_URL=f"http://127.0.0.1:{free_port()}/rdap")
     assert mail_from(proxy, "shop@fresh-shop.com")[0] == 250
+    assert mail_from(proxy, "shop@other-shop.com")[0] == 250
+    assert newdomains.failed_lookups_today(redis_client, time.time()) == 2
+
+
+def test_an_unknown_domain_is_not_a_failed_lookup(alice, start_proxy, rdap, redis_client):
+    proxy = start_proxy(RDAP_URL=rdap.url)
+    assert mail_from(proxy, "b@unknown-shop.com")[0] == 250
+    assert newdomains.failed_lookups_today(redis_client, time.time()) == 0
 
 
 def test_setting_is_unavailable_without_any_source(redis_client):

@@ -82,6 +82,10 @@ HELP = {
                                   "attachment types.",
     "reject_newly_registered_domains": "Reject mail whose sender domain was registered less "
                                        "than a day ago.",
+    "reject_newly_registered_domains_unavailable":
+        "Unavailable: no source of registration dates is configured, so every domain would "
+        "pass. To enable it, set RDAP_URL (an RDAP server) or NEWLY_REGISTERED_LIST (a daily "
+        "list file) in the configuration, or import a list with flask nrd import.",
     "reauthenticate_as": "Hand this range's mail to the user or domain of this customer "
                          "matching the envelope sender, when that one permits it; its "
                          "settings then apply.",
