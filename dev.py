@@ -126,6 +126,62 @@ def first_admin(env: dict) -> None:
         "--password NEW)")
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_GRACE_SECONDS = 10.0
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_and_stop(honcho: subprocess.Popen) -> int:
+    """Run until honcho ends or we are told to stop (SIGTERM, SIGINT, SIGHUP, to us alone
+    or to our terminal's group); then stop the whole tree: SIGTERM to honcho's group, and
+    SIGKILL to what is left after STOP_GRACE_SECONDS. The caller stops Redis after that."""
+    stop = []
+
+    def on_signal(signum, _frame):
+        stop.append(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
+    try:
+        while honcho.poll() is None and not stop:
+            time.sleep(0.2)
+        if stop:
+            say(f"stopping ({signal.Signals(stop[0]).name})")
+        _signal_group(honcho.pid, signal.SIGTERM)
+        try:
+            honcho.wait(timeout=STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            pass
+        # honcho may have ended before a child it started (or never reached it): the group
+        # outlives its leader, so sweep it too.
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while _group_alive(honcho.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _group_alive(honcho.pid):
+            say("some processes did not stop in time; killing them")
+            _signal_group(honcho.pid, signal.SIGKILL)
+        honcho.wait()
+        return 0 if stop else honcho.returncode
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def run() -> int:
     ensure_venv()
     instance = Path(os.environ.get("INSTANCE_PATH") or ROOT / "instance")
@@ -154,14 +210,12 @@ def run() -> int:
         if not _listening(upstream):
             say(f"note: nothing answers on the next hop {upstream} yet; until it does, "
                 "the proxy answers 451 and senders retry (set UPSTREAM_SMTP)")
+        # honcho and everything it starts get a session of their own, so that one signal to
+        # the group reaches web, smtp and worker alike, whoever signalled us.
         honcho = subprocess.Popen([str(BIN / "honcho"), "start", "-f", str(ROOT / "Procfile"),
                                    "-p", port, "-d", str(ROOT)],
-                                  env=env, cwd=ROOT)
-        try:
-            return honcho.wait()
-        except KeyboardInterrupt:
-            honcho.send_signal(signal.SIGINT)
-            return honcho.wait()
+                                  env=env, cwd=ROOT, start_new_session=True)
+        return _wait_and_stop(honcho)
     finally:
         if redis_proc is not None:
             redis_proc.terminate()
