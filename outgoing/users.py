@@ -33,7 +33,7 @@ SETTINGS = (
     "limit_per_hour", "limit_per_minute", "dkim_selector", "maximum_recipients_per_day",
     "quarantine_response", "message_archiving", "block_macro_attachments",
     "block_unwanted_attachments", "reject_newly_registered_domains", "reauthenticate_as",
-    "reauthenticate_permitted", "shared_smarthost",
+    "reauthenticate_permitted", "shared_smarthost", "contact_email",
 )
 LIMIT_FIELDS = tuple(f"limit_per_{window}" for window in CONNECTION_WINDOWS)  # month..minute
 NAME_FIELD = {KIND_IP: "ip_range", KIND_USER: "username", KIND_DOMAIN: "domain"}

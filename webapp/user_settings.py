@@ -49,6 +49,7 @@ def _initial_data(user: OutgoingUser) -> dict:
     data = {name: getattr(user, name) for name in SETTINGS}
     data["lock_template_id"] = str(user.lock_template_id or "")
     data["dkim_selector"] = user.dkim_selector or ""
+    data["contact_email"] = user.contact_email or ""
     data["domain"] = user.domain.name
     data["ip_range"] = data["username"] = user.name
     data["headers"] = [

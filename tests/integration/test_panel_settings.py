@@ -33,6 +33,7 @@ COMMON_LABELS = {
     "lock_timeout_minutes": "User and Identity Lock timeout",
     "maximum_unlocks_by_timeout": "Maximum unlocks by timeout",
     "lock_template_id": "Lock Template",
+    "contact_email": "Contact email",
     "connection_limits_enabled": "Enable outgoing connection limits",
     "limit_per_month": "Limit per month", "limit_per_week": "Limit per week",
     "limit_per_day": "Limit per day", "limit_per_hour": "Limit per hour",
@@ -189,6 +190,28 @@ def test_usage_panel_counts_failed_registration_lookups(app, root, bob, redis_cl
     redis_client.set(failed_lookups_key(time.time()), 3)
     html = text(root.get(f"/outgoing/users/{bob}"))
     assert re.search(r"Registration look-ups that failed today: <strong>3</strong>", html)
+
+
+@pytest.mark.parametrize("kind, name", [("ip", "192.0.2.0/24"), ("domain", "example.com")])
+def test_contact_email_is_editable_validated_and_audited(root, kind, name):
+    user_id = data.add_user("example.com", kind, name, None if kind == "ip" else PW)
+    response = root.post(f"/outgoing/users/{user_id}", settings(contact_email="not an address"))
+    assert response.status_code == 400
+    assert "Enter an email address such as postmaster@example.com" in text(response)
+    assert load(user_id).contact_email is None
+
+    response = root.post(f"/outgoing/users/{user_id}",
+                         settings(contact_email=" ops@Example.COM "))
+    assert response.status_code == 302
+    assert load(user_id).contact_email == "ops@example.com"
+    assert 'value="ops@example.com"' in text(root.get(f"/outgoing/users/{user_id}"))
+    events = data.query(lambda s: [json.loads(e.detail) for e in s.scalars(
+        select(AuditEvent).where(AuditEvent.action == "update"))])
+    assert events[-1]["changes"]["contact_email"] == [None, "ops@example.com"]
+
+    assert root.post(f"/outgoing/users/{user_id}", settings(contact_email="")).status_code \
+        == 302
+    assert load(user_id).contact_email is None
 
 
 def test_an_htmx_save_re_renders_the_form_in_place_saying_saved(root, bob):

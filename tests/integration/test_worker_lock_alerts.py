@@ -156,6 +156,26 @@ def test_identity_lock_tells_the_identity_and_names_it_in_the_alert(instance, re
     assert "Newsletter blast" in text and "Not this one" not in text
 
 
+def test_ip_user_lock_notice_goes_to_the_contact_email_set_in_the_panel(instance, app,
+                                                                         sink):
+    from tests.integration.test_panel_settings import settings
+
+    user_id = data.add_user("example.com", "ip", "192.0.2.0/24")
+    worker.set_domain("example.com", abuse_report_address="postmaster@example.com")
+    data.add_admin(ADMIN, ADMIN_PW, domain="example.com")
+    client = app.test_client()
+    log_in(client)
+    page = client.get(f"/outgoing/users/{user_id}").get_data(as_text=True)
+    saved = client.post(f"/outgoing/users/{user_id}", data=settings(
+        csrf_token=csrf_from(page), contact_email="ops@example.com"))
+    assert saved.status_code == 302, saved.get_data(as_text=True)[-2000:]
+
+    worker.lock("user", user_id)
+    worker.burst(sink)
+
+    assert "192.0.2.0/24" in mail_to(sink, "ops@example.com")["Subject"]
+
+
 def test_alert_link_opens_confirmation_and_only_the_post_unlocks(alice, sink, app,
                                                                  redis_client):
     data.add_admin(ADMIN, ADMIN_PW, domain="example.com")

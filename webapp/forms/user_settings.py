@@ -4,6 +4,7 @@ Which fields a user has depends on its type (see ``for_kind``); choices that dep
 database (lock templates, DKIM selectors) are filled in by the route.
 """
 
+from email_validator import EmailNotValidError, validate_email
 from flask_wtf import FlaskForm
 from wtforms import (
     BooleanField,
@@ -61,6 +62,9 @@ HELP = {
     "maximum_unlocks_by_timeout": "How often a lock may lift itself (0 to 100); after that "
                                   "an administrator has to unlock.",
     "lock_template_id": "The message the sender receives when their mail is locked.",
+    "contact_email": "Where the lock notice goes when this user is locked, and when one of "
+                     "its identities is, unless that identity is an address itself. Empty: "
+                     "the username, when it is an address.",
     "connection_limits_enabled": "Cap SMTP connections per period, spam or not, to stop "
                                  "sudden bulk mailing.",
     "limit_per_month": "Connections allowed in any 30 days; empty means no cap.",
@@ -153,6 +157,8 @@ class UserSettingsForm(FlaskForm):
         InputRequired("Enter how many automatic unlocks are allowed."),
         NumberRange(min=0, max=100, message="Enter a number from 0 to 100.")])
     lock_template_id = SelectField("Lock Template", choices=[], validate_choice=False)
+    contact_email = StringField("Contact email", validators=[Length(max=320)],
+                                render_kw={"type": "email", "autocomplete": "email"})
     connection_limits_enabled = BooleanField("Enable outgoing connection limits")
     limit_per_month = _limit("Limit per month")
     limit_per_week = _limit("Limit per week")
@@ -172,6 +178,17 @@ class UserSettingsForm(FlaskForm):
     shared_smarthost = BooleanField("Shared smarthost")
     # Shown when a super admin moves a range onto another domain's addresses (audited).
     confirm_overlap = BooleanField("Move it although it overlaps another domain's range")
+
+    def validate_contact_email(self, field):
+        text = (field.data or "").strip()
+        if not text:
+            field.data = None
+            return
+        try:
+            field.data = validate_email(text, check_deliverability=False).normalized
+        except EmailNotValidError as exc:
+            raise ValidationError(
+                f"Enter an email address such as postmaster@example.com ({exc}).") from None
 
 
 # Fields each type of user does not have.
@@ -196,7 +213,7 @@ SECTIONS = (
     ("Authentication", ("ip_range", "username", "password", "confirm_password", "domain")),
     ("Identification", ("identification_method",)),
     ("Locks", ("automatic_lock", "lock_identities_automatically", "lock_timeout_minutes",
-               "maximum_unlocks_by_timeout", "lock_template_id")),
+               "maximum_unlocks_by_timeout", "lock_template_id", "contact_email")),
     ("Limits", ("connection_limits_enabled", "limit_per_month", "limit_per_week",
                 "limit_per_day", "limit_per_hour", "limit_per_minute",
                 "maximum_recipients_per_day")),
