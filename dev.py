@@ -197,13 +197,18 @@ def run() -> int:
         subprocess.run([str(BIN / "flask"), "--app", "webapp", "db", "upgrade"], env=env,
                        check=True, cwd=ROOT)
         first_admin(env)
-        code = ("from outgoing.config import load_config\nc = load_config()\n"
-                "print(c['SMTP_LISTEN'], c['UPSTREAM_SMTP'], c['DATABASE_URL'])")
-        listen, upstream, database = subprocess.run(
-            [str(PY), "-c", code], env=env, check=True, capture_output=True, text=True,
-            cwd=ROOT).stdout.split()
         port = env.get("PORT", "5000")
         env["PORT"] = port
+        code = ("import os\nfrom outgoing.config import load_config, going_live_problems\n"
+                "c = load_config()\n"
+                "print(c['SMTP_LISTEN'], c['UPSTREAM_SMTP'], c['DATABASE_URL'])\n"
+                "bind = os.environ.get('WEB_BIND') or '127.0.0.1:' + os.environ['PORT']\n"
+                "for p in going_live_problems(c, bind):\n    print(p)")
+        lines = subprocess.run([str(PY), "-c", code], env=env, check=True,
+                               capture_output=True, text=True, cwd=ROOT).stdout.splitlines()
+        listen, upstream, database = lines[0].split()
+        for problem in lines[1:]:
+            say(f"WARNING (listening beyond loopback): {problem}")
         say(f"control panel   http://127.0.0.1:{port}/")
         say(f"SMTP proxy      {listen}  ->  next hop {upstream}")
         say(f"database        {database}")

@@ -7,6 +7,7 @@ stops start-up with one line naming the setting, instead of a traceback minutes 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import socket
@@ -192,6 +193,49 @@ def parse_hostport(name: str, value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
         raise ConfigError(f"{name}: expected host:port, got {value!r}")
     return host.strip("[]"), int(port)
+
+
+def _loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def going_live_problems(config: dict, web_bind: str) -> list[str]:
+    """Defaults that are fine on one's own machine and unsafe where customers can connect:
+    each one a line for the operator (README "Going live"). Nothing while both the proxy and
+    the panel listen on loopback only."""
+    smtp_host = config["SMTP_LISTEN"].rpartition(":")[0]
+    web_host = web_bind.rpartition(":")[0] or web_bind
+    if _loopback(smtp_host) and _loopback(web_host):
+        return []
+    instance = Path(config["INSTANCE_PATH"])
+    problems = []
+    key_file = instance / "secret_key"
+    if key_file.exists() and key_file.read_text().strip() == config["SECRET_KEY"]:
+        problems.append("SECRET_KEY is the one generated into instance/; set your own (the "
+                        "same on every host)")
+    if config["SMTP_TRUSTED"]:
+        problems.append("SMTP_TRUSTED is on: passwords would cross the network unencrypted")
+    if not config["PUBLIC_URL"].startswith("https://"):
+        problems.append(f"PUBLIC_URL is {config['PUBLIC_URL']}: alerts should link to the "
+                        "panel over https")
+    if Path(config["TLS_CERT"]) == instance / "tls" / "cert.pem":
+        problems.append("TLS_CERT/TLS_KEY are the self-signed pair; use a certificate for "
+                        "SMTP_HOSTNAME")
+    if config["NOTIFY_FROM"].endswith("@localhost"):
+        problems.append("NOTIFY_FROM is outbound-guard@localhost; use an address at your "
+                        "domain that receives replies")
+    if config["DATABASE_URL"].startswith("sqlite"):
+        problems.append("DATABASE_URL is SQLite; use PostgreSQL")
+    if config["REDIS_URL"].startswith("unix://") and str(instance) in config["REDIS_URL"]:
+        problems.append("REDIS_URL is the embedded Redis; use a Redis server you run and back "
+                        "up")
+    return problems
 
 
 def load_config(overrides: dict | None = None, environ=None) -> dict:
