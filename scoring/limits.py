@@ -58,8 +58,11 @@ class WindowUsage:
     """One row of the control panel's usage table.
 
     ``estimate`` is the sliding-window count now; ``remaining`` how many more events fit now
-    (None when unlimited); ``resets_at`` when the estimate reaches zero if nothing more happens
-    (None when it already is zero)."""
+    (None when unlimited); ``resets_at``, if nothing more happens, when a full window takes one
+    more event again, or else when the count reaches zero (None when it already is zero).
+    It is never more than one window length away: every counted event happened before now,
+    so by then it has left the real sliding window, even where the two-bucket estimate
+    still lingers."""
 
     window: str
     seconds: int
@@ -176,16 +179,29 @@ def usage_report(
         check_limit(window, limit)
         previous, current = counts.get(window, (0, 0))
         value = estimate(previous, current, now, seconds)
-        start = bucket_start(now, seconds)
-        if current > 0:
-            resets_at: float | None = start + 2 * seconds
-        elif previous > 0:
-            resets_at = start + seconds
-        else:
-            resets_at = None
         remaining = None if limit is None else max(0, math.floor(limit - value))
+        full = limit is not None and value + 1 > limit
+        resets_at = _falls_to(limit - 1 if full else 0, previous, current, now, seconds)
         rows.append(WindowUsage(window, seconds, value, limit, remaining, resets_at))
     return tuple(rows)
+
+
+def _falls_to(target: float, previous: int, current: int, now: float,
+              seconds: int) -> float | None:
+    """When the estimate, left alone, is down to ``target`` (None when it is already),
+    capped at one window length from ``now``.
+
+    Until the current bucket ends, the previous bucket's share decays to nothing and the
+    current count stays; in the next bucket the current count is the previous one and
+    decays to nothing by that bucket's end."""
+    if estimate(previous, current, now, seconds) <= target:
+        return None
+    start = bucket_start(now, seconds)
+    if current <= target:  # reached while the previous bucket's share decays
+        when = start + seconds * (1 - (target - current) / previous)
+    else:
+        when = start + seconds + seconds * (1 - target / current)
+    return min(when, now + seconds)
 
 
 def counts_from_hash(fields: Mapping[bytes | str, bytes | str | int], now: float) -> Counts:

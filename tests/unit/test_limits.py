@@ -133,9 +133,11 @@ def test_usage_report_shows_estimate_remaining_and_when_it_clears():
     minute = rows["minute"]
     assert minute.estimate == 40
     assert minute.remaining == 60
-    assert minute.resets_at == T0 + 180  # the current bucket decays to nothing by then
+    assert minute.resets_at == T0 + 150  # never more than the window (a minute) away
     assert rows["day"].remaining == 0
-    assert rows["day"].resets_at == T0 + 2 * DAY
+    # Full (3 of 3): the estimate is down to 2 only 8 hours into the next day's bucket, but
+    # all three happened in the last 90 s, so a day from now they are out of the window.
+    assert rows["day"].resets_at == T0 + 90 + DAY
     assert rows["hour"].estimate == 0 and rows["hour"].resets_at is None
     assert rows["hour"].limit is None and rows["hour"].remaining is None
 
@@ -143,6 +145,28 @@ def test_usage_report_shows_estimate_remaining_and_when_it_clears():
 def test_usage_report_clears_at_end_of_bucket_when_only_the_previous_one_counted():
     (row,) = [r for r in usage_report({"week": (4, 0)}, T0 + WEEK + 1) if r.window == "week"]
     assert row.resets_at == T0 + 2 * WEEK
+
+
+@pytest.mark.parametrize("offset", [0.5, 0.9, 0.999])
+def test_resets_in_is_never_past_the_window_right_after_traffic(offset):
+    for window, seconds in WINDOW_SECONDS.items():
+        now = T0 + seconds * offset  # late in the bucket, right after traffic
+        counts = {window: (7, 12)}
+        (row,) = [r for r in usage_report(counts, now) if r.window == window]
+        assert 0 < row.resets_at - now <= seconds, window
+        (row,) = [r for r in usage_report(counts, now, {window: 1000}) if r.window == window]
+        assert 0 < row.resets_at - now <= seconds, window
+
+
+def test_a_full_window_resets_when_one_more_fits_again():
+    # 10 connections last hour, 1 this hour, 10 minutes in: 10 * 50/60 + 1 = 9.33 of 10, so
+    # the next one is refused until the estimate is down to 9, at 12 minutes in.
+    counts, now = {"hour": (10, 1)}, T0 + HOUR + 600
+    (row,) = [r for r in usage_report(counts, now, {"hour": 10}) if r.window == "hour"]
+    assert row.remaining == 0
+    assert row.resets_at == pytest.approx(T0 + HOUR + 720)
+    assert decide({"hour": 10}, counts, row.resets_at + 1e-6).allowed
+    assert not decide({"hour": 10}, counts, row.resets_at - 1).allowed
 
 
 def test_reply_is_one_line_with_its_code():
