@@ -54,3 +54,19 @@ def test_proxy_stops_with_one_line_for_a_bad_url(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "REDIS_URL" in result.stderr
+
+
+def test_public_url_follows_port_so_unlock_links_reach_the_panel(tmp_path):
+    from worker.jobs import unlock_link
+
+    config = load_config(environ={"INSTANCE_PATH": str(tmp_path), "PORT": "5100"})
+    assert config["PUBLIC_URL"] == "http://127.0.0.1:5100"
+    assert unlock_link(config, "user", 1, "lock-1").startswith("http://127.0.0.1:5100/unlock/")
+    assert load_config(environ={"INSTANCE_PATH": str(tmp_path)})["PUBLIC_URL"] == \
+        "http://127.0.0.1:5000"
+
+
+def test_a_public_url_that_is_set_wins_over_port(tmp_path):
+    config = load_config(environ={"INSTANCE_PATH": str(tmp_path), "PORT": "5100",
+                                  "PUBLIC_URL": "https://panel.example.com"})
+    assert config["PUBLIC_URL"] == "https://panel.example.com"
