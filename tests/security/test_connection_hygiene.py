@@ -9,6 +9,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -131,6 +132,28 @@ def test_every_way_a_connection_ends_gives_its_place_back(alice, start_proxy):
     assert Conn(proxy.port).greeting[0] == 421  # and the count is still right
     for conn in (first, second, fourth, fifth):
         conn.close()
+
+
+def test_starttls_does_not_count_a_connection_twice(alice, start_proxy):
+    proxy = start_proxy(SMTP_MAX_CONNECTIONS_PER_IP=2)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    tls = []
+    for _ in range(2):
+        conn = Conn(proxy.port)
+        assert conn.ask(b"EHLO client.example")[0] == 250
+        assert conn.ask(b"STARTTLS")[0] == 220
+        conn.sock = context.wrap_socket(conn.sock)
+        conn.file = conn.sock.makefile("rb")
+        assert conn.ask(b"EHLO client.example")[0] == 250
+        tls.append(conn)
+    assert Conn(proxy.port).greeting[0] == 421
+    assert tls[0].ask(b"QUIT")[0] == 221
+    tls[0].close()
+    assert eventually(lambda: accepted_again(proxy.port))
+    assert tls[1].ask(b"NOOP")[0] == 250
+    tls[1].close()
 
 
 def _children(pid: int) -> list[int]:
