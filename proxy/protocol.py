@@ -1,7 +1,8 @@
 """The SMTP protocol object of each client connection: aiosmtpd's SMTP, adjusted.
 
-Everything here is about the wire (line limits, reply batching, address parsing, the cost of
-a new connection); policy stays in the handler.
+Everything here is about the wire (line limits, reply batching, strict envelope paths, caps on
+connections per client IP and on commands that send no mail, the cost of a new connection);
+policy stays in the handler.
 """
 
 from __future__ import annotations
