@@ -1,38 +1,76 @@
-"""``flask --app webapp create-admin EMAIL --password PW [--domain DOMAIN]``,
+"""``flask --app webapp create-admin EMAIL --password PW [--domain DOMAIN [--create-domain]]``,
 ``create-domain NAME`` and ``create-user DOMAIN (--ip RANGE | --username NAME |
 --domain-login) [--password PW] [--confirm-overlap]``."""
 
 import click
+from email_validator import EmailNotValidError, validate_email
 from flask.cli import with_appcontext
 from sqlalchemy import select
 
 from outgoing import audit
-from outgoing.models import KIND_DOMAIN, KIND_IP, KIND_USER, Admin
-from outgoing.passwords import hash_password
+from outgoing.models import KIND_DOMAIN, KIND_IP, KIND_USER, Admin, Domain
+from outgoing.passwords import hash_password, weakness
 from outgoing.users import (
     Authority,
     UserError,
     confirmed_overlaps,
     create_outgoing_user,
     get_or_create_domain,
+    normalise_domain,
 )
 from webapp.extensions import db
 
 
-@click.command("create-admin")
-@click.argument("email")
-@click.option("--password", required=True, help="The admin's password.")
-@click.option("--domain", default=None, help="Make a domain admin of this domain.")
-@with_appcontext
-def create_admin(email: str, password: str, domain: str | None) -> None:
-    """Create (or reset the password of) a super admin, or a domain admin with --domain."""
-    email = email.strip().lower()
-    if "@" not in email:
-        raise click.BadParameter("expected an email address", param_hint="EMAIL")
+def admin_email(text: str) -> str:
+    """A valid address, lower-cased as logins compare. ``@localhost`` is allowed (the first
+    admin of a local install, which dev.py creates) though it is a special-use name."""
+    text = (text or "").strip()
+    local, at, host = text.rpartition("@")
+    local_only = bool(at) and host.lower() == "localhost"
     try:
-        dom = get_or_create_domain(db.session, domain) if domain else None
+        checked = validate_email(f"{local}@example.com" if local_only else text,
+                                 check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise click.BadParameter(f"not a valid email address: {exc}",
+                                 param_hint="EMAIL") from None
+    return (f"{checked.local_part}@localhost" if local_only else checked.normalized).lower()
+
+
+def _admin_domain(name: str, create: bool) -> Domain:
+    """The domain of a new domain admin: an existing one, unless ``create`` (a typo must
+    not leave a stray domain behind)."""
+    try:
+        if create:
+            return get_or_create_domain(db.session, name)
+        domain = db.session.scalar(select(Domain).where(Domain.name == normalise_domain(name)))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--domain") from None
+    if domain is None:
+        raise click.BadParameter(
+            f"there is no domain {name.strip()!r}; check the spelling, or add it with "
+            "create-domain or --create-domain", param_hint="--domain")
+    return domain
+
+
+@click.command("create-admin")
+@click.argument("email")
+@click.option("--password", required=True,
+              help="The admin's password: at least 10 characters, mixing letters, digits "
+                   "or symbols.")
+@click.option("--domain", default=None, help="Make a domain admin of this existing domain.")
+@click.option("--create-domain", is_flag=True, help="Add the --domain first if it is new.")
+@with_appcontext
+def create_admin(email: str, password: str, domain: str | None, create_domain: bool) -> None:
+    """Create (or reset the password of) a super admin, or a domain admin with --domain.
+
+    As strict as the panel: a valid address and a password the panel would accept."""
+    email = admin_email(email)
+    problem = weakness(password)
+    if problem:
+        raise click.BadParameter(problem, param_hint="--password")
+    if create_domain and not domain:
+        raise click.UsageError("--create-domain needs --domain")
+    dom = _admin_domain(domain, create_domain) if domain else None
     admin = db.session.scalar(select(Admin).where(Admin.email == email))
     if admin is None:
         admin = Admin(email=email)
@@ -42,8 +80,6 @@ def create_admin(email: str, password: str, domain: str | None) -> None:
     db.session.commit()
     scope = f"domain admin of {dom.name}" if dom else "super admin"
     click.echo(f"{email}: {scope}")
-
-
 
 
 @click.command("create-domain")

@@ -50,7 +50,8 @@ def spam_with_html() -> bytes:
 
 def test_domain_admin_views_a_quarantined_message_safely_and_releases_it(
         stack, page, sink, artifacts, redis_client):
-    stack.flask("create-admin", ADMIN, "--password", ADMIN_PW, "--domain", "example.com")
+    stack.flask("create-admin", ADMIN, "--password", ADMIN_PW, "--domain", "example.com",
+                "--create-domain")
     data.add_user("example.com", "user", "alice@example.com", ALICE_PW,
                   quarantine_response="accept")
     announce_config_change(redis_client)  # as the control panel does after a change

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from outgoing.models import Admin, OutgoingUser
+from outgoing.models import Admin, Domain, OutgoingUser
 from tests.support import data
 from tests.support.web import csrf_token, log_in
 
@@ -104,9 +104,55 @@ def test_create_admin_cli_makes_super_and_domain_admins(app):
     runner = app.test_cli_runner()
     result = runner.invoke(args=["create-admin", "Root@Example.net", "--password", "Pw-123456789"])
     assert result.exit_code == 0, result.output
+    assert runner.invoke(args=["create-domain", "example.com"]).exit_code == 0
     result = runner.invoke(args=["create-admin", "ops@example.com", "--password",
                                  "Pw-123456789", "--domain", "example.com"])
     assert "domain admin of example.com" in result.output
     admins = data.query(lambda s: {a.email: a.domain_id for a in s.scalars(select(Admin))})
     assert admins["root@example.net"] is None
     assert admins["ops@example.com"] is not None
+
+
+@pytest.mark.parametrize("password, message", [
+    ("Short-1", "Use at least 10 characters."),
+    ("alllowercaseletters", "Mix at least two of"),
+])
+def test_create_admin_refuses_a_password_the_panel_would_refuse(app, password, message):
+    result = app.test_cli_runner().invoke(args=["create-admin", "root@example.net",
+                                                "--password", password])
+    assert result.exit_code != 0 and message in result.output
+    assert data.query(lambda s: s.scalars(select(Admin)).all()) == []
+
+
+@pytest.mark.parametrize("email", ["root", "root@", "root@@example.net", "ro ot@example.net",
+                                   "root@example", "root@exa mple.net", "@example.net"])
+def test_create_admin_refuses_what_is_not_an_email_address(app, email):
+    result = app.test_cli_runner().invoke(args=["create-admin", email, "--password",
+                                                "Pw-123456789"])
+    assert result.exit_code != 0 and "not a valid email address" in result.output
+    assert data.query(lambda s: s.scalars(select(Admin)).all()) == []
+
+
+def test_create_admin_takes_the_local_first_admin_address(app):
+    result = app.test_cli_runner().invoke(args=["create-admin", "admin@localhost",
+                                                "--password", "Pw-123456789"])
+    assert result.exit_code == 0, result.output
+    assert data.query(lambda s: s.scalars(select(Admin.email)).all()) == ["admin@localhost"]
+
+
+def test_create_admin_with_a_mistyped_domain_makes_no_stray_domain(app):
+    runner = app.test_cli_runner()
+    runner.invoke(args=["create-domain", "example.com"])
+    result = runner.invoke(args=["create-admin", "ops@example.com", "--password",
+                                 "Pw-123456789", "--domain", "exmaple.com"])
+    assert result.exit_code != 0
+    assert "there is no domain 'exmaple.com'" in result.output
+    assert data.query(lambda s: s.scalars(select(Domain.name)).all()) == ["example.com"]
+    assert data.query(lambda s: s.scalars(select(Admin)).all()) == []
+
+    result = runner.invoke(args=["create-admin", "ops@new.example", "--password",
+                                 "Pw-123456789", "--domain", "new.example", "--create-domain"])
+    assert result.exit_code == 0, result.output
+    assert "domain admin of new.example" in result.output
+    assert sorted(data.query(lambda s: s.scalars(select(Domain.name)).all())) == [
+        "example.com", "new.example"]
