@@ -44,6 +44,8 @@ def _defaults(instance: Path) -> dict:
         # The Received: header of relayed mail names the client (full) or leaves it out.
         "RECEIVED_HEADER": "full",
         "REDIS_FAIL_OPEN": False,
+        # Seconds the proxy waits for Redis per call (the panel and worker wait 5).
+        "PROXY_REDIS_TIMEOUT": 1.0,
         "SPAM_LOCK_THRESHOLD": 5,
         "SPAM_WINDOW_SECONDS": 600,
         "CONFIG_REFRESH_SECONDS": 1.0,

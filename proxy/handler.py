@@ -193,12 +193,14 @@ class OutboundHandler:
         if not self.directory.ready:
             return AuthResult(success=False, handled=False, message=outcomes.AUTH_TEMPORARY)
         now = self.clock()
+        redis_up = True  # after one failure, this AUTH does not wait on Redis again
         try:
             check = await throttle.check(self.redis, ip, login_text, now, self.throttle)
         except RedisError as exc:
             self._faults.warning("AUTH", "Redis unavailable at AUTH (%s); throttling failed "
                                  "logins in this process only", exc)
             check = self.local_throttle.check(ip, login_text, now)
+            redis_up = False
         if check.blocked is not None:
             log.info("AUTH refused for %r from %s: %s is blocked after failed attempts",
                      login_text[:100], ip, check.blocked)
@@ -222,7 +224,9 @@ class OutboundHandler:
             # Where the owner logs in from: the username's block never applies there.
             self.local_throttle.record_success(ip, login_text, now)
             try:
-                await throttle.record_success(self.redis, ip, login_text, now, self.throttle)
+                if redis_up:
+                    await throttle.record_success(self.redis, ip, login_text, now,
+                                                  self.throttle)
             except RedisError as exc:
                 self._faults.warning("AUTH-success", "Redis unavailable after AUTH (%s); "
                                      "this login's network is remembered in this process "
@@ -231,6 +235,8 @@ class OutboundHandler:
         log.info("AUTH failed for %r from %s%s", login_text[:100], ip,
                  " (a network it logged in from before)" if check.known_network else "")
         try:
+            if not redis_up:
+                raise RedisError("unavailable at the check")
             newly = await throttle.record_failure(self.redis, ip, login_text, now,
                                                   self.throttle,
                                                   known_network=check.known_network)

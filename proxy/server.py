@@ -82,10 +82,13 @@ async def serve(config: dict, sock: socket.socket, clock=time.time,
                 install_signals: bool = True,
                 connections: ConnectionCounts | None = None) -> None:
     sessionmaker = make_sessionmaker(config["DATABASE_URL"])
-    redis_async = aioredis.from_url(config["REDIS_URL"], socket_timeout=5,
-                                    socket_connect_timeout=5, health_check_interval=30)
-    redis_sync = redis.from_url(config["REDIS_URL"], socket_timeout=5,
-                                socket_connect_timeout=5)
+    # Short timeouts: a sender waits on every Redis call, and a hung Redis must cost it about
+    # a second before its 451, not the panel's and the worker's 5 s.
+    timeout = float(config["PROXY_REDIS_TIMEOUT"])
+    redis_async = aioredis.from_url(config["REDIS_URL"], socket_timeout=timeout,
+                                    socket_connect_timeout=timeout, health_check_interval=30)
+    redis_sync = redis.from_url(config["REDIS_URL"], socket_timeout=timeout,
+                                socket_connect_timeout=timeout)
     directory = Directory(sessionmaker, redis_async, config["CONFIG_REFRESH_SECONDS"])
     flusher = IdentityFlusher(redis_async, sessionmaker, clock,
                               float(config.get("IDENTITY_FLUSH_SECONDS", 2.0)))
