@@ -26,6 +26,21 @@ def when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M UTC") if value else ""
 
 
+def short_when(value: datetime | None, now: datetime | None = None) -> str:
+    """A date that fits one narrow table cell ("29 Nov 23:11"); the year only when it is
+    not this year. The full timestamp goes in the cell's title."""
+    if value is None:
+        return ""
+    now = now or datetime.now(UTC)
+    if value.year == now.year:
+        return f"{value.day} {value.strftime('%b %H:%M')}"
+    return f"{value.day} {value.strftime('%b %Y')}"
+
+
+def full_when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value else ""
+
+
 def when_epoch(seconds: float | None) -> str:
     return when(datetime.fromtimestamp(seconds, UTC)) if seconds else ""
 
@@ -59,5 +74,7 @@ def init_app(app) -> None:
     app.jinja_env.globals["field_attrs"] = field_attrs
     app.jinja_env.filters["when"] = when
     app.jinja_env.filters["when_epoch"] = when_epoch
+    app.jinja_env.filters["short_when"] = short_when
+    app.jinja_env.filters["full_when"] = full_when
     app.jinja_env.filters["duration"] = duration
     app.jinja_env.filters["number"] = number
