@@ -40,7 +40,7 @@ from proxy.content import ContentPipeline, Message
 from proxy.directory import Directory
 from scoring import identity as identities
 from scoring import outcomes
-from scoring.limits import RECIPIENTS
+from scoring.limits import RECIPIENTS, refusal_at
 from scoring.locks import lock_reason, should_lock
 from scoring.message import normalise_line_endings, parse_headers
 from scoring.trace import received_header, with_keyword
@@ -140,11 +140,49 @@ class OutboundHandler:
         return outcomes.TEMPORARY
 
     def session_replaced(self, old, new) -> None:
-        """STARTTLS began a new session on the same connection: a recipient reserved before
-        it is given back with the new session's first MAIL (or when the connection ends)."""
+        """STARTTLS began a new session on the same connection: the connection stays counted,
+        and a recipient reserved before it is given back with the new session's first MAIL
+        (or when the connection ends)."""
         state = getattr(old, "og_state", None)
-        if state is not None and state.reserved is not None:
-            _state(new).reserved, state.reserved = state.reserved, None
+        if state is None:
+            return
+        fresh = _state(new)
+        fresh.counted_user_ids |= state.counted_user_ids
+        if state.reserved is not None:
+            fresh.reserved, state.reserved = state.reserved, None
+
+    async def _count_connection(self, session, user: UserPolicy, code: int) -> str | None:
+        """Count this connection for ``user`` (each user once per connection); the reply
+        refusing it when a window is full. With Redis down it is left to MAIL, which answers
+        451 (or, with REDIS_FAIL_OPEN, lets it through)."""
+        state = _state(session)
+        if user.id in state.counted_user_ids:
+            return None
+        try:
+            decision = await counters.count_connection(self.redis, user.id, user.limits,
+                                                       self.clock())
+        except RedisError as exc:
+            self._redis_down("connect", exc)
+            return None
+        if not decision.allowed:
+            log.info("connection of %s refused: %s limit", user.name, decision.window)
+            return str(refusal_at(decision, code))
+        state.counted_user_ids.add(user.id)
+        return None
+
+    async def handle_connect(self, session) -> str | None:
+        """Before the greeting: a client in an IP/Range user's range opens one of that user's
+        connections ("connections that can be opened"); over a limit it gets 421."""
+        try:
+            if not self.directory.ready:
+                return None
+            user = self.directory.user_for_ip(_client_ip(session))
+            if user is None:
+                return None
+            return await self._count_connection(session, user, 421)
+        except Exception:
+            log.exception("counting a connection failed")
+            return None
 
     def session_closed(self, session) -> None:
         """The connection ended: give back a recipient reserved at MAIL but never used."""
@@ -218,19 +256,16 @@ class OutboundHandler:
             log.exception("could not verify the password of %s", user.name)
             return AuthResult(success=False, handled=False, message=outcomes.AUTH_TEMPORARY)
         if ok:
+            # Where the owner logs in from: the username's block never applies there.
+            self.local_throttle.record_success(ip, login_text, now)
+            _, refusal = await asyncio.gather(
+                self._remember_network(redis_up, ip, login_text, now),
+                self._count_connection(session, user, 454) if redis_up else _nothing())
+            if refusal:
+                return AuthResult(success=False, handled=False, message=refusal)
             state = _state(session)
             state.auth_user_id = user.id
             state.auth_login = login_text
-            # Where the owner logs in from: the username's block never applies there.
-            self.local_throttle.record_success(ip, login_text, now)
-            try:
-                if redis_up:
-                    await throttle.record_success(self.redis, ip, login_text, now,
-                                                  self.throttle)
-            except RedisError as exc:
-                self._faults.warning("AUTH-success", "Redis unavailable after AUTH (%s); "
-                                     "this login's network is remembered in this process "
-                                     "only", exc)
             return AuthResult(success=True, auth_data=LoginPassword(login, b""))
         log.info("AUTH failed for %r from %s%s", login_text[:100], ip,
                  " (a network it logged in from before)" if check.known_network else "")
@@ -250,6 +285,15 @@ class OutboundHandler:
             # The cached view may not know a user added or changed meanwhile.
             return AuthResult(success=False, handled=False, message=outcomes.AUTH_TEMPORARY)
         return AuthResult(success=False, handled=False, message=outcomes.AUTH_INVALID)
+
+    async def _remember_network(self, redis_up: bool, ip: str, login: str, now: float) -> None:
+        if not redis_up:
+            return
+        try:
+            await throttle.record_success(self.redis, ip, login, now, self.throttle)
+        except RedisError as exc:
+            self._faults.warning("AUTH-success", "Redis unavailable after AUTH (%s); this "
+                                 "login's network is remembered in this process only", exc)
 
     async def auth_PLAIN(self, server, args):
         if len(args) == 1:
@@ -521,6 +565,10 @@ class OutboundHandler:
         close = getattr(self.content, "close", None)
         if close is not None:
             await close()
+
+
+async def _nothing() -> None:
+    return None
 
 
 def _reason(lock_json: str) -> str | None:

@@ -189,9 +189,13 @@ class LimitedSMTP(SMTP):
         super().connection_made(transport)
 
     async def _handle_client(self) -> None:
-        if self._over_connection_limit:
+        refusal = TOO_MANY_CONNECTIONS if self._over_connection_limit else None
+        connect = getattr(self.event_handler, "handle_connect", None)
+        if refusal is None and connect is not None:
+            refusal = await connect(self.session)  # e.g. an IP user's connection limits
+        if refusal is not None:
             try:
-                await self.push(TOO_MANY_CONNECTIONS)
+                await self.push(refusal)
             finally:
                 if self.transport is not None:
                     self.transport.close()

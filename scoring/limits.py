@@ -140,6 +140,13 @@ def limit_reply(window: str, limit: int, *, code: int | None = None) -> Reply:
     return Reply(code if code is not None else basic, f"{enhanced} {text}")
 
 
+def refusal_at(decision: LimitDecision, code: int) -> Reply:
+    """A full connection window answered when the connection opens (421) or at AUTH (454):
+    the same words, with RFC 3463's 4.7.0 for "refused by policy"."""
+    text = decision.reply.text if decision.reply else "4.7.0 Outgoing connection limit reached"
+    return Reply(code, "4.7.0 " + text.split(" ", 1)[-1])
+
+
 def refused(window: str, limit: int) -> LimitDecision:
     """The decision for a full window, with its reply."""
     return LimitDecision(allowed=False, window=window, reply=limit_reply(window, limit))

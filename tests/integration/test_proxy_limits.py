@@ -1,8 +1,12 @@
 """Connection and recipient limits through the real proxy, with the clock injected: each
-window, counting once per SMTP session, recipients over a rolling day, "no limit" values, and
-two proxy instances sharing one Redis."""
+window, counting once per SMTP connection when it opens (at connect for IP users, at AUTH for
+logins), recipients over a rolling day, "no limit" values, and two proxy instances sharing
+one Redis."""
 
 from __future__ import annotations
+
+import smtplib
+import socket
 
 import pytest
 
@@ -24,7 +28,10 @@ def at_t0(clock):
 def session(port: int, *, messages: int = 1, rcpts=("bob@example.org",)) -> int:
     """One SMTP session as alice; the reply code of the first refused step, or 250."""
     with client(port) as smtp:
-        smtp.login("alice@example.com", PASSWORD)
+        try:
+            smtp.login("alice@example.com", PASSWORD)
+        except smtplib.SMTPAuthenticationError as refused:
+            return refused.smtp_code
         for _ in range(messages):
             code, _ = send(smtp, message(), rcpts=rcpts)
             if code != 250:
@@ -45,10 +52,9 @@ def test_each_connection_window_refuses_the_fourth_session_at_a_limit_of_three(
     for _ in range(3):
         assert session(proxy.port, messages=2) == 250  # two messages, one session counted
     with client(proxy.port) as smtp:
-        smtp.login("alice@example.com", PASSWORD)
-        code, reply = smtp.mail("alice@example.com")
-    assert code == 451
-    assert reply.decode() == (f"4.7.1 Outgoing connection limit per {window} (3) reached, "
+        code, reply = smtp.docmd("AUTH", "PLAIN " + _plain("alice@example.com", PASSWORD))
+    assert code == 454  # refused when the connection would open, at AUTH
+    assert reply.decode() == (f"4.7.0 Outgoing connection limit per {window} (3) reached, "
                               "try again later")
     assert usage(redis_client, alice, at_t0(), window) == (0, 3)  # the refusal is not counted
     at_t0.advance(2 * CONNECTION_WINDOWS[window])
@@ -62,7 +68,7 @@ def test_a_limited_session_may_send_many_messages(instance, start_proxy, at_t0, 
                           connection_limits_enabled=True, limit_per_minute=1)
     proxy = start_proxy()
     assert session(proxy.port, messages=5) == 250
-    assert session(proxy.port) == 451
+    assert session(proxy.port) == 454
     assert usage(redis_client, alice, at_t0(), "minute") == (0, 1)
 
 
@@ -94,8 +100,39 @@ def test_ip_users_connection_limit_counts_each_session_once(instance, start_prox
         with client(proxy.port, source="127.0.0.5") as smtp:
             assert send(smtp, message())[0] == 250
             assert send(smtp, message())[0] == 250
-    with client(proxy.port, source="127.0.0.5") as smtp:
-        assert smtp.mail("alice@example.com")[0] == 451
+    assert greeting(proxy.port, "127.0.0.5") == (
+        b"421 4.7.0 Outgoing connection limit per hour (2) reached, try again later\r\n")
+
+
+def greeting(port: int, source: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), source_address=(source, 0),
+                                  timeout=10) as sock:
+        return sock.recv(1000)
+
+
+def _plain(login: str, password: str) -> str:
+    import base64
+
+    return base64.b64encode(f"\0{login}\0{password}".encode()).decode()
+
+
+def test_connections_that_never_send_count_too(instance, start_proxy, at_t0, redis_client,
+                                               sink):
+    ip_user = data.add_user("example.com", "ip", "127.0.0.5", connection_limits_enabled=True,
+                            limit_per_hour=2)
+    alice = data.add_user("example.com", "user", "alice@example.com", PASSWORD,
+                          connection_limits_enabled=True, limit_per_hour=1)
+    proxy = start_proxy()
+    for _ in range(2):  # open, greeting, close: nothing sent
+        assert greeting(proxy.port, "127.0.0.5").startswith(b"220 ")
+    assert greeting(proxy.port, "127.0.0.5").startswith(b"421 4.7.0 ")
+    assert usage(redis_client, ip_user, at_t0(), "hour") == (0, 2)
+    with client(proxy.port) as smtp:  # a login: counted at AUTH, even if it never sends
+        smtp.login("alice@example.com", PASSWORD)
+    assert session(proxy.port) == 454
+    assert usage(redis_client, alice, at_t0(), "hour") == (0, 1)
+    # Another address, in no range, is not anyone's connection.
+    assert greeting(proxy.port, "127.0.0.9").startswith(b"220 ")
 
 
 def test_recipients_per_rolling_day_refuse_with_452_and_free_up_later(
@@ -150,8 +187,8 @@ def test_two_proxy_instances_sharing_one_redis_enforce_one_limit(instance, start
     first = start_proxy()
     second = start_proxy(SMTP_LISTEN="127.0.0.1:0")
     assert [session(p.port) for p in (first, second, first)] == [250, 250, 250]
-    assert session(second.port) == 451
-    assert session(first.port) == 451
+    assert session(second.port) == 454
+    assert session(first.port) == 454
     at_t0.advance(2 * 3600)
     # 3 recipients counted by either instance; 2 more fit, the third does not...
     assert session(second.port, rcpts=("a@example.org", "b@example.org", "c@example.org")) \
