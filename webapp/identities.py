@@ -17,7 +17,7 @@ from webapp.extensions import db, htmx
 from webapp.forms.identities import AddIdentityForm
 from webapp.forms.users import RowActionForm
 from webapp.services import actor, redis_client
-from webapp.users import lock_reason
+from webapp.users import back_to, lock_page, lock_reason
 
 bp = Blueprint("identities", __name__, url_prefix="/outgoing/identities")
 
@@ -98,6 +98,33 @@ def add():
 
 
 def _row_response(identity: Identity):
+    if htmx:
+        return render_template("_partials/identity_row.html", identity=identity,
+                               action_form=RowActionForm())
+    return redirect(back_to(url_for("identities.index", user=identity.user_id)))
+
+
+@bp.get("/<int:identity_id>/lock")
+@login_required
+def lock_form(identity_id: int):
+    """The row asking for the lock reason in place, instead of a prompt() pop-up."""
+    identity = scope.identity_or_404(identity_id)
+    if htmx:
+        return render_template("_partials/identity_row.html", identity=identity, locking=True,
+                               action_form=RowActionForm())
+    return lock_page(name=identity.value,
+                     action=url_for("identities.lock", identity_id=identity.id),
+                     target=f"identity-{identity.id}",
+                     back=url_for("identities.index", user=identity.user_id),
+                     area="Manage Identities",
+                     what=f"The identity {identity.value} of {identity.user.name}")
+
+
+@bp.get("/<int:identity_id>/row")
+@login_required
+def row(identity_id: int):
+    """One row as the list shows it (Cancel of an inline lock form)."""
+    identity = scope.identity_or_404(identity_id)
     if htmx:
         return render_template("_partials/identity_row.html", identity=identity,
                                action_form=RowActionForm())

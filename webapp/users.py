@@ -206,17 +206,55 @@ def _row_response(user: OutgoingUser):
     if htmx:
         return render_template("_partials/user_row.html", user=user,
                                action_form=RowActionForm())
-    return redirect(request.referrer if _same_site(request.referrer)
-                    else url_for("users.index"))
+    return redirect(back_to(url_for("users.index")))
 
 
 def _same_site(url: str | None) -> bool:
     return bool(url) and url.startswith(request.host_url)
 
 
+def back_to(default: str) -> str:
+    """Where a row action without JavaScript returns: the form's ``next`` (a local path),
+    else the page it came from, else ``default``."""
+    target = request.form.get("next", "")
+    if target.startswith("/outgoing/") and "//" not in target and "\\" not in target:
+        return target
+    return request.referrer if _same_site(request.referrer) else default
+
+
 def lock_reason(form: RowActionForm) -> str:
-    typed = (htmx.prompt if htmx and htmx.prompt else form.reason.data or "").strip()
+    typed = (form.reason.data or "").strip()
     return typed[:300] or f"locked by {actor()}"
+
+
+def lock_page(*, name: str, action: str, target: str, back: str, area: str, what: str):
+    """Lock without JavaScript: a page with the reason form the row shows in place."""
+    return render_template("users/lock.html", name=name, action=action, target=target,
+                           back=back, area=area, what=what, title=f"Lock {name}")
+
+
+@bp.get("/users/<int:user_id>/lock")
+@login_required
+def lock_form(user_id: int):
+    """The row asking for the lock reason in place, instead of a prompt() pop-up."""
+    user = scope.outgoing_user_or_404(user_id)
+    if htmx:
+        return render_template("_partials/user_row.html", user=user, locking=True,
+                               action_form=RowActionForm())
+    return lock_page(name=user.name, action=url_for("users.lock", user_id=user.id),
+                     target=f"user-{user.id}", back=url_for("users.index"),
+                     area=page_title(), what=f"The outgoing user {user.name}")
+
+
+@bp.get("/users/<int:user_id>/row")
+@login_required
+def row(user_id: int):
+    """One row as the list shows it (Cancel of an inline lock form)."""
+    user = scope.outgoing_user_or_404(user_id)
+    if htmx:
+        return render_template("_partials/user_row.html", user=user,
+                               action_form=RowActionForm())
+    return redirect(url_for("users.index"))
 
 
 @bp.post("/users/<int:user_id>/lock")

@@ -160,22 +160,48 @@ def test_validation_errors_appear_in_place_without_reloading_the_page(stack, pag
     assert user("10.0.0.0/16").lock_timeout_minutes == 60
 
 
-def test_admin_locks_and_unlocks_a_user_from_the_list(stack, page, redis_client):
+def test_admin_locks_and_unlocks_a_user_from_the_list(stack, page, redis_client, artifacts):
+    """Lock asks for its reason in the row itself: no pop-up that a browser or a tool could
+    dismiss, Cancel puts the row back, and the reason typed is the lock's reason."""
     stack.flask("create-admin", ADMIN, "--password", ADMIN_PW)
     bob = data.add_user("example.com", "user", "bob@example.com", "Bob-pass-12345")
+    shop = data.add_identity(bob, "shop-42")
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
     login(page, stack.web_url, ADMIN, ADMIN_PW)
     open_manage_authentication(page)
     page.evaluate("window.__samePage = true")
-    page.once("dialog", lambda dialog: dialog.accept("customer complaint"))
     row = page.locator(f"#user-{bob}")
+    row.get_by_role("button", name="Lock").click()
+    row.get_by_label("Lock reason").wait_for()
+    assert row.get_by_label("Lock reason").evaluate("el => el === document.activeElement")
+    row.get_by_role("link", name="Cancel").click()
+    row.get_by_role("button", name="Lock").wait_for()
+    assert row.get_by_label("Lock reason").count() == 0
+    assert not redis_client.exists(f"og:{{{bob}}}:lock")
+
+    row.get_by_role("button", name="Lock").click()
+    row.get_by_label("Lock reason").fill("customer complaint")
+    screenshot(page, artifacts / "panel-lock-inline.png")
     row.get_by_role("button", name="Lock").click()
     page.locator(f"#user-{bob}", has_text="Manual").wait_for()
     assert "customer complaint" in page.locator(f"#user-{bob}").inner_text()
     assert redis_client.exists(f"og:{{{bob}}}:lock")
+    assert user("bob@example.com").lock_reason == "customer complaint"
     page.locator(f"#user-{bob}").get_by_role("button", name="Unlock").click()
     page.locator(f"#user-{bob}", has_text="Unlocked").wait_for()
     assert not redis_client.exists(f"og:{{{bob}}}:lock")
     assert page.evaluate("window.__samePage") is True
+
+    page.goto(f"{stack.web_url}/outgoing/identities")
+    row = page.locator(f"#identity-{shop}")
+    row.get_by_role("button", name="Lock").click()
+    row.get_by_label("Lock reason").fill("hacked shop")
+    row.get_by_label("Lock reason").press("Enter")
+    page.locator(f"#identity-{shop}", has_text="Manual").wait_for()
+    assert "hacked shop" in page.locator(f"#identity-{shop}").inner_text()
+    assert redis_client.exists(f"og:{{{bob}}}:idlock:shop-42")
+    assert dialogs == []
 
 
 def test_a_domain_admin_cannot_reach_another_domains_user(stack, page):

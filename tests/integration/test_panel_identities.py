@@ -66,8 +66,8 @@ def test_the_same_identity_is_added_once_per_user(root, bob):
 def test_identities_lock_unlock_and_reset_in_place(root, bob, redis_client):
     root.post("/outgoing/identities", {"user": "bob@example.com", "value": "Shop-42"})
     ident = identity_id("Shop-42")
-    row = text(root.post(f"/outgoing/identities/{ident}/lock", htmx=True,
-                         **{"HX-Prompt": "spam run"}))
+    row = text(root.post(f"/outgoing/identities/{ident}/lock", {"reason": "spam run"},
+                         htmx=True))
     assert row.lstrip().startswith(f'<tr id="identity-{ident}"')
     assert "Manual" in row and "spam run" in row
     assert redis_client.exists(f"og:{{{bob}}}:idlock:shop-42")
@@ -75,6 +75,26 @@ def test_identities_lock_unlock_and_reset_in_place(root, bob, redis_client):
     assert "0 / 3" in text(root.post(f"/outgoing/identities/{ident}/reset", htmx=True))
     row = text(root.post(f"/outgoing/identities/{ident}/unlock", htmx=True))
     assert "Unlocked" in row and not redis_client.exists(f"og:{{{bob}}}:idlock:shop-42")
+
+
+def test_identity_lock_asks_for_the_reason_in_the_row(root, bob, redis_client):
+    root.post("/outgoing/identities", {"user": "bob@example.com", "value": "shop-7"})
+    ident = identity_id("shop-7")
+    assert "hx-prompt" not in text(root.get("/outgoing/identities"))
+    asking = text(root.get(f"/outgoing/identities/{ident}/lock", htmx=True))
+    assert asking.lstrip().startswith(f'<tr id="identity-{ident}"')
+    assert "Lock reason" in asking and 'name="csrf_token"' in asking
+    assert f'hx-get="/outgoing/identities/{ident}/row"' in asking
+    assert 'name="reason"' not in text(root.get(f"/outgoing/identities/{ident}/row",
+                                                htmx=True))
+    page = text(root.get(f"/outgoing/identities/{ident}/lock"))  # without JavaScript
+    assert "<h1>Lock shop-7</h1>" in page
+    response = root.post(f"/outgoing/identities/{ident}/lock",
+                         {"reason": "hacked shop", "next": f"/outgoing/identities?user={bob}"})
+    assert response.status_code == 302
+    assert response.location.endswith(f"/outgoing/identities?user={bob}")
+    assert data.query(lambda s: s.get(Identity, ident).lock_reason) == "hacked shop"
+    assert redis_client.exists(f"og:{{{bob}}}:idlock:shop-7")
 
 
 def test_identities_are_searched_by_prefix_and_filtered_by_user(root, bob):

@@ -98,8 +98,8 @@ def test_the_number_of_queries_does_not_grow_with_the_rows_on_a_page(app, root):
 def test_lock_unlock_and_reset_are_htmx_row_actions_that_are_audited(root, redis_client):
     bob = data.add_user("example.com", "user", "bob@example.com", "Bob-pass-12345")
     data.query(lambda s: setattr(s.get(OutgoingUser, bob), "automatic_unlocks_used", 2))
-    locked = root.post(f"/outgoing/users/{bob}/lock", htmx=True,
-                       **{"HX-Prompt": "phishing complaint"})
+    locked = root.post(f"/outgoing/users/{bob}/lock", {"reason": "phishing complaint"},
+                       htmx=True)
     row = text(locked)
     assert row.lstrip().startswith(f'<tr id="user-{bob}"')
     assert "Manual" in row and "phishing complaint" in row and 'aria-label="Locked"' in row
@@ -118,6 +118,47 @@ def test_row_actions_without_javascript_return_to_the_list(root):
     response = root.post(f"/outgoing/users/{bob}/lock")
     assert response.status_code == 302
     assert "locked by root@example.net" in text(root.get("/outgoing/users"))
+
+
+def test_lock_asks_for_the_reason_in_the_row_instead_of_a_prompt(root, redis_client):
+    bob = data.add_user("example.com", "user", "bob@example.com", "Bob-pass-12345")
+    listing = text(root.get("/outgoing/users"))
+    assert "hx-prompt" not in listing
+    assert f'hx-get="/outgoing/users/{bob}/lock"' in listing
+    asking = text(root.get(f"/outgoing/users/{bob}/lock", htmx=True))
+    assert asking.lstrip().startswith(f'<tr id="user-{bob}"')
+    assert f'<label for="user-{bob}-reason">Lock reason</label>' in asking
+    assert 'name="reason"' in asking and 'name="csrf_token"' in asking
+    assert f'hx-post="/outgoing/users/{bob}/lock"' in asking
+    assert f'hx-get="/outgoing/users/{bob}/row"' in asking  # Cancel
+    assert not redis_client.exists(f"og:{{{bob}}}:lock")  # asking locks nothing
+    cancelled = text(root.get(f"/outgoing/users/{bob}/row", htmx=True))
+    assert 'name="reason"' not in cancelled and "Unlocked" in cancelled
+    locked = text(root.post(f"/outgoing/users/{bob}/lock", {"reason": "spam complaint"},
+                            htmx=True))
+    assert "spam complaint" in locked and 'name="reason"' not in locked
+    assert json.loads(redis_client.get(f"og:{{{bob}}}:lock"))["reason"] == "spam complaint"
+
+
+def test_lock_with_a_reason_works_without_javascript(root, redis_client):
+    bob = data.add_user("example.com", "user", "bob@example.com", "Bob-pass-12345")
+    page = text(root.get(f"/outgoing/users/{bob}/lock"))
+    assert "<h1>Lock bob@example.com</h1>" in page and 'name="reason"' in page
+    assert f'action="/outgoing/users/{bob}/lock"' in page
+    response = root.post(f"/outgoing/users/{bob}/lock",
+                         {"reason": "stolen password", "next": "/outgoing/users"})
+    assert response.status_code == 302 and response.location.endswith("/outgoing/users")
+    assert json.loads(redis_client.get(f"og:{{{bob}}}:lock"))["reason"] == "stolen password"
+    assert root.get(f"/outgoing/users/{bob}/row").status_code == 302
+
+
+def test_a_domain_admin_cannot_open_the_lock_form_of_another_domains_user(app):
+    data.add_admin("ops@one.example", "Ops-pass-12345", domain="one.example")
+    other = data.add_user("two.example", "user", "bob@two.example", "Bob-pass-12345")
+    ops = Panel(app.test_client()).login("ops@one.example", "Ops-pass-12345")
+    for htmx in (False, True):
+        assert ops.get(f"/outgoing/users/{other}/lock", htmx=htmx).status_code == 404
+        assert ops.get(f"/outgoing/users/{other}/row", htmx=htmx).status_code == 404
 
 
 def test_a_row_action_without_the_csrf_token_changes_nothing(root, redis_client):

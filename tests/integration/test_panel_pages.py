@@ -189,7 +189,7 @@ def test_a_key_in_use_is_not_deleted(ops):
 
 def test_the_audit_log_shows_who_changed_what_with_before_and_after(ops, root):
     user = data.query(lambda s: s.scalar(select(OutgoingUser.id)))
-    ops.post(f"/outgoing/users/{user}/lock", htmx=True, **{"HX-Prompt": "too much spam"})
+    ops.post(f"/outgoing/users/{user}/lock", {"reason": "too much spam"}, htmx=True)
     root.post(f"/outgoing/users/{user}/unlock")
     data.add_user("other.example", "domain", "other.example", "Other-pass-123")
     root.post("/domains", {"name": "hidden.example"})
