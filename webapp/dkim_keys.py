@@ -8,12 +8,13 @@ choices of the "DKIM Selector" setting.
 from __future__ import annotations
 
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
-from flask_login import current_user, login_required
+from flask_login import login_required
 from sqlalchemy import func, select
 
 from outgoing import audit, dkim
 from outgoing.models import DkimKey, OutgoingUser
 from webapp import scope
+from webapp.domains import picker_context, to_domain_page
 from webapp.extensions import db
 from webapp.forms.dkim import HELP, DkimKeyForm
 from webapp.forms.users import RowActionForm
@@ -31,10 +32,8 @@ def record_of(key: DkimKey, domain_name: str) -> tuple[str, str]:
 @bp.get("")
 @login_required
 def own():
-    if current_user.is_super:
-        flash("Choose the domain whose DKIM keys you want to manage.", "info")
-        return redirect(url_for("domains.index"))
-    return redirect(url_for("dkim_keys.index", domain_id=current_user.domain_id))
+    return to_domain_page("dkim_keys.index", area="DKIM",
+                          lead="Signing keys and the TXT records to publish, per domain.")
 
 
 def _render(domain, form: DkimKeyForm, status: int = 200, created: int | None = None):
@@ -47,7 +46,9 @@ def _render(domain, form: DkimKeyForm, status: int = 200, created: int | None = 
     rows = [(key, *record_of(key, domain.name), in_use.get(key.selector, 0)) for key in keys]
     return render_template("dkim/index.html", domain=domain, form=form, rows=rows, help=HELP,
                            created=created, action_form=RowActionForm(),
-                           title=f"DKIM keys of {domain.name}"), status
+                           title=f"DKIM keys of {domain.name}",
+                           picker_action=url_for("dkim_keys.own"),
+                           **picker_context(domain)), status
 
 
 @bp.route("/<int:domain_id>", methods=["GET", "POST"])

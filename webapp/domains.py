@@ -7,7 +7,7 @@ and lock alerts.
 
 from __future__ import annotations
 
-from flask import Blueprint, flash, redirect, render_template, request, url_for
+from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 from sqlalchemy import select
 
@@ -19,6 +19,8 @@ from webapp.forms.domains import SETTINGS_HELP, DomainForm, DomainSettingsForm
 from webapp.services import actor, announce_change
 
 bp = Blueprint("domains", __name__)
+
+PICKER_LIMIT = 2000
 
 
 def _list_context(form: DomainForm | None = None) -> dict:
@@ -63,14 +65,42 @@ def add():
     return render_template("domains/index.html", **_list_context(form)), 400
 
 
+def to_domain_page(endpoint: str, *, area: str, lead: str):
+    """Outgoing > Settings and DKIM belong to one domain: a domain admin goes straight to
+    theirs, and so does a super admin when there is only one; with several, the super admin
+    picks one on the page itself rather than being sent to the Domains list. ``?domain=<id>``
+    (the picker's GET form) opens that domain, scoped like every id (404 if not visible)."""
+    picked = request.args.get("domain", "")
+    if picked:
+        if not picked.isdigit():
+            abort(404)
+        return redirect(url_for(endpoint, domain_id=scope.domain_or_404(int(picked)).id))
+    if not current_user.is_super:
+        return redirect(url_for(endpoint, domain_id=current_user.domain_id))
+    domains = scope.visible_domains(limit=PICKER_LIMIT)
+    if len(domains) == 1:
+        return redirect(url_for(endpoint, domain_id=domains[0].id))
+    if not domains:
+        flash("Add a domain first.", "info")
+        return redirect(url_for("domains.index"))
+    return render_template("domains/pick.html", area=area, lead=lead,
+                           picker_domains=domains, picker_action=request.path,
+                           current_domain=None, title=area)
+
+
+def picker_context(domain: Domain) -> dict:
+    """The domain picker shown on a per-domain page to a super admin with several domains."""
+    if not current_user.is_super:
+        return {"picker_domains": []}
+    domains = scope.visible_domains(limit=PICKER_LIMIT)
+    return {"picker_domains": domains if len(domains) > 1 else [], "current_domain": domain}
+
+
 @bp.get("/outgoing/settings")
 @login_required
 def own_settings():
-    """Outgoing > Settings: a domain admin's own domain; a super admin picks a domain."""
-    if current_user.is_super:
-        flash("Choose the domain whose settings you want to change.", "info")
-        return redirect(url_for("domains.index"))
-    return redirect(url_for("domains.settings", domain_id=current_user.domain_id))
+    return to_domain_page("domains.settings", area="Settings",
+                          lead="Where abuse reports and lock alerts of a domain go.")
 
 
 @bp.route("/outgoing/settings/<int:domain_id>", methods=["GET", "POST"])
@@ -98,4 +128,6 @@ def settings(domain_id: int):
             return redirect(url_for("domains.settings", domain_id=domain.id))
         status = 400
     return render_template("domains/settings.html", domain=domain, form=form,
-                           help=SETTINGS_HELP, title=f"Settings of {domain.name}"), status
+                           help=SETTINGS_HELP, title=f"Settings of {domain.name}",
+                           picker_action=url_for("domains.own_settings"),
+                           **picker_context(domain)), status

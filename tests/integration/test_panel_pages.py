@@ -57,6 +57,41 @@ def test_a_domain_admin_sets_the_abuse_report_address_of_their_domain(ops, redis
     assert redis_client.get("og:config-version") is not None
 
 
+@pytest.mark.parametrize("menu, page", [("/outgoing/settings", "/outgoing/settings/{}"),
+                                        ("/outgoing/dkim", "/outgoing/dkim/{}")])
+def test_a_super_admin_with_one_domain_goes_straight_to_it(root, menu, page):
+    response = root.get(menu)
+    assert response.status_code == 302
+    assert response.headers["Location"] == page.format(domain_id())
+
+
+@pytest.mark.parametrize("menu, page", [("/outgoing/settings", "/outgoing/settings/{}"),
+                                        ("/outgoing/dkim", "/outgoing/dkim/{}")])
+def test_a_super_admin_with_several_domains_picks_one_on_the_page(root, menu, page):
+    data.add_user("shop.example.net", "domain", "shop.example.net", "Domain-pass-123")
+    response = root.get(menu)
+    assert response.status_code == 200  # not sent off to the Domains list
+    html = text(response)
+    assert '<label for="pick-domain">Domain</label>' in html
+    assert f'<form method="get" action="{menu}"' in html
+    for name in ("example.com", "shop.example.net"):
+        assert f'<option value="{domain_id(name)}"' in html and f">{name}</option>" in html
+    picked = root.get(f"{menu}?domain={domain_id('shop.example.net')}")
+    assert picked.headers["Location"] == page.format(domain_id("shop.example.net"))
+    there = text(root.get(picked.headers["Location"]))
+    assert "shop.example.net" in there and 'id="pick-domain"' in there  # switch from there
+    assert root.get(f"{menu}?domain=99999").status_code == 404
+
+
+@pytest.mark.parametrize("menu", ["/outgoing/settings", "/outgoing/dkim"])
+def test_a_domain_admin_never_picks_another_domain(ops, menu):
+    data.add_user("shop.example.net", "domain", "shop.example.net", "Domain-pass-123")
+    assert ops.get(menu).headers["Location"].endswith(f"/{domain_id()}")
+    assert ops.get(f"{menu}?domain={domain_id('shop.example.net')}").status_code == 404
+    html = text(ops.get(ops.get(menu).headers["Location"]))
+    assert "pick-domain" not in html and "shop.example.net" not in html
+
+
 @pytest.mark.parametrize("address, message", [
     ("not-an-address", "Enter an email address such as abuse@example.com"),
     ("two@@example.com", "Enter an email address such as abuse@example.com"),
