@@ -40,6 +40,9 @@ def _defaults(instance: Path) -> dict:
         "PORT": 5000,
         "NOTIFY_FROM": "outbound-guard@localhost",
         "MAX_MESSAGE_SIZE": 25 * 1024 * 1024,
+        # Longest message line accepted (RFC 5321 says 1000 with CRLF; scripts send longer);
+        # longer body lines are re-encoded before relaying.
+        "SMTP_MAX_LINE_LENGTH": 65536,
         "BARE_LINE_ENDINGS": "normalise",
         # The Received: header of relayed mail names the client (full) or leaves it out.
         "RECEIVED_HEADER": "full",

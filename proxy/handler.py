@@ -42,7 +42,12 @@ from scoring import identity as identities
 from scoring import outcomes
 from scoring.limits import RECIPIENTS, refusal_at
 from scoring.locks import lock_reason, should_lock
-from scoring.message import normalise_line_endings, parse_headers
+from scoring.message import (
+    HeaderLineTooLong,
+    fit_long_lines,
+    normalise_line_endings,
+    parse_headers,
+)
 from scoring.trace import received_header, with_keyword
 
 log = logging.getLogger(__name__)
@@ -469,6 +474,10 @@ class OutboundHandler:
             if self.config["BARE_LINE_ENDINGS"] == "reject":
                 return outcomes.BARE_LINE_ENDING
             data = endings.data
+        try:
+            data = fit_long_lines(data)
+        except HeaderLineTooLong:
+            return outcomes.HEADER_LINE_TOO_LONG
         headers = parse_headers(data)
 
         found, refusal = await self._identify(user, state, envelope, headers)

@@ -162,7 +162,10 @@ class LimitedSMTP(SMTP):
     command_size_limit = 512
 
     def __init__(self, *args, connections: ConnectionCounts | None = None,
-                 max_connections_per_ip: int = 0, max_junk_commands: int = 0, **kwargs):
+                 max_connections_per_ip: int = 0, max_junk_commands: int = 0,
+                 line_length_limit: int | None = None, **kwargs):
+        if line_length_limit is not None:  # before aiosmtpd sizes its stream reader
+            self.line_length_limit = line_length_limit
         super().__init__(*args, **kwargs)
         self._held_lines: list[bytes] = []
         self.connections = connections

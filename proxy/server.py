@@ -106,7 +106,8 @@ async def serve(config: dict, sock: socket.socket, clock=time.time,
                                command_call_limit=dict(COMMAND_CALL_LIMITS),
                                connections=connections or ConnectionCounts(1),
                                max_connections_per_ip=config["SMTP_MAX_CONNECTIONS_PER_IP"],
-                               max_junk_commands=config["SMTP_MAX_JUNK_COMMANDS"])
+                               max_junk_commands=config["SMTP_MAX_JUNK_COMMANDS"],
+                               line_length_limit=int(config["SMTP_MAX_LINE_LENGTH"]) + 2)
 
     await _load(directory, sessionmaker, redis_sync)
     loop = asyncio.get_running_loop()

@@ -6,8 +6,14 @@ what was sent (DKIM signatures made downstream stay valid, bodies are not re-enc
 
 from __future__ import annotations
 
+import base64
+import email
+import email.policy
+import io
+import quopri
 import re
 from dataclasses import dataclass
+from email import generator
 
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
@@ -163,3 +169,47 @@ def readable(raw: bytes, *, max_parts: int = 100, max_text: int = 256 * 1024,
     except RecursionError:
         truncated = True
     return MessageView(headers, parts, truncated)
+
+
+MAX_LINE = 998  # RFC 5322 2.1.1: characters per line, CRLF not counted
+_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE + 1))
+
+
+class HeaderLineTooLong(ValueError):
+    """A header line over 998 characters: we cannot rewrite it without changing its meaning,
+    and the next hop may refuse or truncate it."""
+
+
+def fit_long_lines(raw: bytes) -> bytes:
+    """The message with every body line at most 998 characters (RFC 5322 2.1.1), so the next
+    hop takes it as it is and DKIM survives: each MIME leaf with a longer line is re-encoded,
+    text as quoted-printable and anything else as base64, both safe for MIME. Everything
+    else stays byte for byte. Web forms and scripts send long HTML lines; Postfix would
+    accept and wrap them, so refusing them bounces legitimate mail."""
+    if not _LONG_LINE.search(raw):
+        return raw
+    head, _ = header_block(raw)
+    if _LONG_LINE.search(head):
+        raise HeaderLineTooLong("a header line is longer than 998 characters")
+    message = email.message_from_bytes(raw, policy=email.policy.compat32)
+    for part in message.walk():
+        if part.is_multipart():
+            continue
+        payload = part.get_payload()
+        if not isinstance(payload, str) or not _LONG_LINE.search(
+                payload.encode("utf-8", "surrogateescape")):
+            continue
+        decoded = part.get_payload(decode=True) or b""
+        del part["Content-Transfer-Encoding"]
+        if part.get_content_maintype() == "text":
+            part.set_payload(quopri.encodestring(decoded).decode("ascii"))
+            part["Content-Transfer-Encoding"] = "quoted-printable"
+        else:
+            part.set_payload(base64.encodebytes(decoded).decode("ascii"))
+            part["Content-Transfer-Encoding"] = "base64"
+        if "MIME-Version" not in message:
+            message["MIME-Version"] = "1.0"
+    out = io.BytesIO()
+    generator.BytesGenerator(out, mangle_from_=False, policy=email.policy.compat32.clone(
+        linesep="\r\n", max_line_length=0)).flatten(message)
+    return out.getvalue()

@@ -49,3 +49,5 @@ def next_hop_refused(code: int, message: str) -> str:
     if 500 <= code < 600:
         return f"{code} {_clean(message, 300)}"
     return f"451 4.4.0 Next hop answered {code}: {_clean(message, 200)}"
+HEADER_LINE_TOO_LONG = ("550 5.6.0 A header line of this message is longer than 998 characters "
+                        "(RFC 5322 2.1.1); fold it")

@@ -54,6 +54,22 @@ def test_relayed_message_carries_a_signature_that_verifies_against_the_txt_recor
     assert dkim.verify(relayed, dnsfunc=dns)
 
 
+def test_a_message_with_long_lines_is_relayed_compliant_and_verifies(instance, start_proxy,
+                                                                     sink):
+    data.add_user("example.com", "user", "alice@example.com", PASSWORD, dkim_selector="og1")
+    dns = publish_key("example.com", "og1", "rsa")
+    long_body = "Lorem ipsum dolor sit amet, " * 200 + "\n"
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        raw = message(body=long_body).replace(b"=\r\n", b"")
+        assert max(len(line) for line in raw.split(b"\r\n")) > 998
+        assert send(smtp, raw)[0] == 250
+    relayed = sink.handler.wait_for(1)[0].data
+    assert max(len(line) for line in relayed.split(b"\r\n")) <= 998
+    assert dkim.verify(relayed, dnsfunc=dns)
+
+
 def test_tampering_with_a_signed_message_breaks_the_signature(instance, start_proxy, sink):
     data.add_user("example.com", "user", "alice@example.com", PASSWORD, dkim_selector="og1")
     dns = publish_key("example.com", "og1", "rsa")

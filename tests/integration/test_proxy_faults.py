@@ -6,6 +6,8 @@ not."""
 from __future__ import annotations
 
 import base64
+import email
+import email.policy
 import os
 import signal
 import smtplib
@@ -201,7 +203,10 @@ def test_auth_login_answers_that_are_too_long_or_aborted(alice, start_proxy):
     proxy = start_proxy()
     with client(proxy.port) as smtp:
         assert smtp.docmd("AUTH", "LOGIN")[0] == 334
-        code, reply = smtp.docmd("A" * 1500)
+        code, reply = smtp.docmd("A" * 1500)  # decodes to 1,125 bytes: more than a login
+        assert code == 501 and reply.startswith(b"5.5.2 AUTH data too long")
+        assert smtp.docmd("AUTH", "LOGIN")[0] == 334
+        code, reply = smtp.docmd("A" * 70000)  # longer than any line we read
         assert code == 500 and reply.startswith(b"5.5.2 Line too long")
         assert smtp.docmd("AUTH", "LOGIN")[0] == 334
         assert smtp.docmd("*")[0] == 501
@@ -338,13 +343,32 @@ def test_overlong_command_line_gets_500_and_the_session_goes_on(alice, start_pro
     raw.close()
 
 
-def test_message_line_over_1000_bytes_is_refused_and_not_relayed(alice, start_proxy, sink):
+def test_a_long_body_line_is_accepted_and_relayed_within_998_characters(alice, start_proxy,
+                                                                          sink):
+    """A PHP script's 5,000-character HTML line: accepted (Postfix would be too), re-encoded
+    as quoted-printable so the next hop gets an RFC 5322 message with the same text."""
     proxy = start_proxy()
+    line = "<td>" + "Ä" * 2500 + "</td>"
+    raw = (b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: report\r\n"
+           b"Content-Type: text/html; charset=utf-8\r\n\r\n" + line.encode() + b"\r\n")
     with client(proxy.port) as smtp:
         smtp.login("alice@example.com", PASSWORD)
-        body = "x" * 1200 + "\n"
-        code, reply = send(smtp, message(body=body).replace(b"=\r\n", b""))
-        assert code == 500 and b"Line too long" in reply
+        assert send(smtp, raw)[0] == 250
+    relayed = sink.handler.wait_for(1)[0].data
+    assert max(len(part) for part in relayed.split(b"\r\n")) <= 998
+    parsed = email.message_from_bytes(relayed, policy=email.policy.default)
+    assert parsed.get_content().strip() == line
+
+
+def test_overlong_lines_get_clear_refusals_and_the_session_goes_on(alice, start_proxy, sink):
+    proxy = start_proxy(SMTP_MAX_LINE_LENGTH=4000)
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        code, reply = send(smtp, message(body="x" * 5000 + "\n").replace(b"=\r\n", b""))
+        assert code == 500 and b"Line too long" in reply  # past SMTP_MAX_LINE_LENGTH
+        header = b"X-Tracking: " + b"t" * 1200 + b"\r\n"
+        code, reply = send(smtp, header + message())
+        assert code == 550 and reply.startswith(b"5.6.0 A header line")
         assert send(smtp, message())[0] == 250
     assert len(sink.handler.messages) == 1
 
