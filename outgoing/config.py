@@ -28,12 +28,17 @@ def _defaults(instance: Path) -> dict:
         "DATABASE_URL": f"sqlite:///{instance / 'outbound-guard.db'}",
         # The run command starts an embedded Redis on this socket when REDIS_URL is unset.
         "REDIS_URL": f"unix://{instance / 'redis.sock'}",
+        # RQ's Redis (a single server: RQ does not support Cluster); empty = REDIS_URL.
+        "RQ_REDIS_URL": "",
         "SECRET_KEY": None,
         "SMTP_LISTEN": "127.0.0.1:10025",
         "SMTP_HOSTNAME": socket.gethostname() or "outbound-guard",
         # A trusted listener offers AUTH without STARTTLS; only for local testing.
         "SMTP_TRUSTED": False,
         "SMTP_WORKERS": 0,
+        # Load balancers (addresses or CIDRs) whose connections start with a PROXY protocol
+        # header (v1 or v2) naming the real client; a header from anyone else is refused.
+        "SMTP_PROXY_PROTOCOL_FROM": "",
         "UPSTREAM_SMTP": "127.0.0.1:10026",
         "UPSTREAM_TIMEOUT": 30.0,
         "PUBLIC_URL": "http://127.0.0.1:5000",
@@ -95,6 +100,16 @@ def _defaults(instance: Path) -> dict:
         # DEFER_GIVE_UP_SECONDS old, then mails the sender a delivery report.
         "DEFER_RETRY_SECONDS": "300,900,1800,3600,7200,14400",
         "DEFER_GIVE_UP_SECONDS": 5 * 86400,
+        # Message log (outgoing/message_log.py): days kept, the Redis stream's cap (entries
+        # the worker has not written yet; about 0.5 KB each), and how long an entry a worker
+        # read stays pending before another worker takes it over (a crashed consumer).
+        "MESSAGE_LOG_RETENTION_DAYS": 30,
+        "MESSAGE_LOG_STREAM_MAXLEN": 500000,
+        "MESSAGE_LOG_CLAIM_IDLE_SECONDS": 60.0,
+        # Prometheus: where the proxy's parent process serves its metrics (empty: nowhere),
+        # and the bearer token for the panel's /metrics (empty: loopback clients only).
+        "METRICS_LISTEN": "127.0.0.1:9125",
+        "METRICS_TOKEN": "",
     }
 
 
@@ -176,20 +191,47 @@ def normalise_database_url(url: str) -> str:
     return url
 
 
-def validate_redis_url(url: str) -> str:
+def validate_redis_url(url: str, name: str = "REDIS_URL", cluster: bool = True) -> str:
+    """A single Redis (``redis://``, ``rediss://``, ``unix://``) or, where ``cluster``, a
+    Redis Cluster (``redis+cluster://host:port,host:port``, see ``outgoing.redis_conn``)."""
+    from outgoing.redis_conn import CLUSTER_SCHEMES, cluster_nodes
+
     parts = urlsplit(url)
+    if parts.scheme in CLUSTER_SCHEMES:
+        if not cluster:
+            raise ConfigError(f"{name}: RQ does not support Redis Cluster; name one Redis "
+                              f"server (redis://...), got {url!r}")
+        try:
+            cluster_nodes(url)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc} in {url!r}") from None
+        return url
     if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"REDIS_URL: expected redis://, rediss:// or unix://, got {url!r}")
+        allowed = "redis://, rediss://, unix://" + (" or redis+cluster://" if cluster else "")
+        raise ConfigError(f"{name}: expected {allowed}, got {url!r}")
     if parts.scheme == "unix" and not parts.path:
-        raise ConfigError(f"REDIS_URL: a unix:// URL needs a socket path, got {url!r}")
+        raise ConfigError(f"{name}: a unix:// URL needs a socket path, got {url!r}")
     if parts.scheme != "unix":
         if not parts.hostname:
-            raise ConfigError(f"REDIS_URL: no host in {url!r}")
+            raise ConfigError(f"{name}: no host in {url!r}")
         try:
             parts.port  # noqa: B018 - raises on a bad port
         except ValueError:
-            raise ConfigError(f"REDIS_URL: bad port in {url!r}") from None
+            raise ConfigError(f"{name}: bad port in {url!r}") from None
     return url
+
+
+def parse_networks(name: str, value) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
+                                              ...]:
+    """Addresses or CIDRs, as a list or one string separated by commas or spaces."""
+    items = value.replace(",", " ").split() if isinstance(value, str) else list(value or ())
+    networks = []
+    for item in items:
+        try:
+            networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"{name}: not an address or CIDR: {item!r}") from None
+    return tuple(networks)
 
 
 def parse_hostport(name: str, value: str) -> tuple[str, int]:
@@ -260,8 +302,16 @@ def load_config(overrides: dict | None = None, environ=None) -> dict:
         config.update(overrides)
     config["DATABASE_URL"] = normalise_database_url(config["DATABASE_URL"])
     config["REDIS_URL"] = validate_redis_url(config["REDIS_URL"])
+    if config["RQ_REDIS_URL"]:
+        validate_redis_url(config["RQ_REDIS_URL"], "RQ_REDIS_URL", cluster=False)
+    elif urlsplit(config["REDIS_URL"]).scheme.endswith("+cluster"):
+        raise ConfigError("RQ_REDIS_URL: required when REDIS_URL is a Redis Cluster (RQ needs "
+                          "one Redis server of its own)")
+    parse_networks("SMTP_PROXY_PROTOCOL_FROM", config["SMTP_PROXY_PROTOCOL_FROM"])
     parse_hostport("SMTP_LISTEN", config["SMTP_LISTEN"])
     parse_hostport("UPSTREAM_SMTP", config["UPSTREAM_SMTP"])
+    if config["METRICS_LISTEN"]:
+        parse_hostport("METRICS_LISTEN", config["METRICS_LISTEN"])
     if config["BARE_LINE_ENDINGS"] not in ("normalise", "reject"):
         raise ConfigError("BARE_LINE_ENDINGS: expected 'normalise' or 'reject'")
     if config["RECEIVED_HEADER"] not in ("full", "anonymous"):

@@ -24,11 +24,15 @@ from datetime import UTC, datetime, timedelta
 from rq import Queue, Retry
 from rq.job import Job
 
+from outgoing.redis_conn import rq_connection
+
 RETRY = Retry(max=5, interval=[10, 30, 60, 300, 900])
 
 
 def queue(redis, name: str = "outgoing") -> Queue:
-    return Queue(name, connection=redis)
+    """``redis`` is the caller's data client; RQ gets its own single Redis from it
+    (``RQ_REDIS_URL``, see ``outgoing.redis_conn``), also when the data is on a cluster."""
+    return Queue(name, connection=rq_connection(redis))
 
 
 def _aware(moment: datetime) -> datetime:
@@ -68,6 +72,12 @@ PERIODIC = {
                                        every=3600, offset=15 * 60),
     "newly-registered-import": Periodic("worker.content_jobs.import_newly_registered",
                                         every=86400, offset=5 * 3600),
+    # The message log: the proxy's Redis stream written to the database every few seconds
+    # (each run at most a few seconds long, see worker/message_log_jobs.py), and retention.
+    "message-log": Periodic("worker.message_log_jobs.write_message_log", every=5,
+                            catch_up=True),
+    "message-log-retention": Periodic("worker.message_log_jobs.expire_message_log",
+                                      every=3600, offset=20 * 60, catch_up=True),
 }
 RUNNER = "worker.jobs.run_periodic"
 
@@ -96,7 +106,7 @@ def schedule_periodic(redis, name: str, due: datetime) -> str | None:
     """
     spec = PERIODIC[name]
     job_id = periodic_job_id(name, due)
-    if Job.exists(job_id, connection=redis):
+    if Job.exists(job_id, connection=rq_connection(redis)):
         return None
     enqueue(redis, RUNNER, name, _aware(due).isoformat(), at=due, job_id=job_id,
             result_ttl=2 * spec.every, failure_ttl=7 * 86400)

@@ -20,6 +20,7 @@ from typing import Any
 from outgoing import redis_keys
 from outgoing.db import session_scope
 from outgoing.identities import record_counts
+from outgoing.redis_conn import is_cluster
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +124,21 @@ class IdentityFlusher:
         self.dirty = set()
         take = _script(self.redis, "take", TAKE_LUA)
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for user_id in users:
-                    await take(keys=[redis_keys.identity_counts(user_id)], client=pipe)
-                taken = await pipe.execute()
+            if is_cluster(self.redis):
+                # A cluster pipeline cannot load a script on the node it lands on; the
+                # users' keys are spread over the slots anyway: one call each, concurrently.
+                taken = await asyncio.gather(
+                    *(take(keys=[redis_keys.identity_counts(user_id)]) for user_id in users),
+                    return_exceptions=True)
+                failed = [u for u, r in zip(users, taken, strict=True) if isinstance(r, Exception)]
+                if failed:  # e.g. a slot whose master is failing over: those users next time
+                    self.dirty.update(failed)
+                    taken = [None if isinstance(r, Exception) else r for r in taken]
+            else:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for user_id in users:
+                        await take(keys=[redis_keys.identity_counts(user_id)], client=pipe)
+                    taken = await pipe.execute()
         except Exception:
             self.dirty.update(users)
             raise

@@ -15,6 +15,7 @@ import re
 import types
 from collections.abc import Callable
 
+from aiosmtpd.proxy_protocol import V2_CMD, get_proxy
 from aiosmtpd.smtp import SMTP, Session, _AuthMechAttr, syntax
 
 from proxy.connections import ConnectionCounts
@@ -29,6 +30,8 @@ COMMAND_CALL_LIMITS = {
 }
 
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address"
+PROXY_REFUSED = "554 5.7.0 PROXY protocol header not accepted from your address"
+PROXY_HEADER_TIMEOUT = 5.0  # seconds a load balancer has to send its header
 TOO_MANY_JUNK_COMMANDS = "421 4.7.0 Too many commands without sending mail"
 # Refusals of a MAIL or RCPT path at that very command (RFC 3463: 5.1.7 bad sender's
 # mailbox syntax, 5.1.3 bad destination mailbox syntax).
@@ -163,7 +166,8 @@ class LimitedSMTP(SMTP):
 
     def __init__(self, *args, connections: ConnectionCounts | None = None,
                  max_connections_per_ip: int = 0, max_junk_commands: int = 0,
-                 line_length_limit: int | None = None, **kwargs):
+                 line_length_limit: int | None = None, proxy_protocol_from=(),
+                 proxy_protocol_timeout: float = PROXY_HEADER_TIMEOUT, **kwargs):
         if line_length_limit is not None:  # before aiosmtpd sizes its stream reader
             self.line_length_limit = line_length_limit
         super().__init__(*args, **kwargs)
@@ -175,23 +179,82 @@ class LimitedSMTP(SMTP):
         self._over_connection_limit = False
         self._junk_commands = 0
         self._forward_path = False
+        self.proxy_protocol_from = tuple(proxy_protocol_from)
+        self.proxy_protocol_timeout = proxy_protocol_timeout
+        self._behind_balancer = False
+        self._real_peer = None
+        self._proxy_data = None
 
     # -- connections per client IP ----------------------------------------------------------
     def connection_made(self, transport):
         """aiosmtpd has no connect hook: count the connection here (not again when STARTTLS
-        makes a new transport for it)."""
-        if self.transport is None and self.connections is not None:
+        makes a new transport for it). Behind a load balancer the client is known only once
+        its PROXY header is read: counted then (``_handle_client``)."""
+        if self.transport is None:
             peer = transport.get_extra_info("peername")
             ip = str(peer[0] if isinstance(peer, tuple) else peer)
-            slot = self.connections.acquire(ip, self.max_connections_per_ip)
-            if slot is None:
-                self._over_connection_limit = True
-                log.info("%s: over %d connections, refused", ip, self.max_connections_per_ip)
-            else:
-                self._connection_slot = slot
+            self._behind_balancer = _in_networks(ip, self.proxy_protocol_from)
+            if not self._behind_balancer:
+                self._count_connection(ip)
         super().connection_made(transport)
+        if self._real_peer is not None:  # STARTTLS made a new session: still the real client
+            self.session.peer = self._real_peer
+            self.session.proxy_data = self._proxy_data
+
+    def _count_connection(self, ip: str) -> None:
+        if self.connections is None:
+            return
+        slot = self.connections.acquire(ip, self.max_connections_per_ip)
+        if slot is None:
+            self._over_connection_limit = True
+            log.info("%s: over %d connections, refused", ip, self.max_connections_per_ip)
+        else:
+            self._connection_slot = slot
+
+    # -- PROXY protocol (SMTP_PROXY_PROTOCOL_FROM) -------------------------------------------
+    async def _read_proxy_header(self) -> bool:
+        """A connection from a load balancer must start with a PROXY header (v1 or v2, parsed
+        by aiosmtpd); the client it names becomes the session's peer, so IP authentication,
+        AUTH throttling, the per-IP cap and the Received: header all see the real client.
+        Without a valid header the connection is closed before the greeting. A v2 LOCAL
+        header (the balancer's own health check) keeps the balancer's address."""
+        self._reset_timeout(self.proxy_protocol_timeout)
+        try:
+            data = await get_proxy(self._reader)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return False
+        peer = None
+        if data.valid and isinstance(data.src_addr, ipaddress.IPv4Address
+                                     | ipaddress.IPv6Address):
+            peer = (str(data.src_addr), data.src_port)
+        elif not data.error and data.version == 2 and data.command == V2_CMD.LOCAL:
+            peer = self.session.peer
+        if peer is None:
+            log.warning("%r: no valid PROXY header from the load balancer (%s)",
+                        self.session.peer, data.error or "unsupported address")
+            return False
+        self._real_peer, self._proxy_data = peer, data
+        self.session.peer, self.session.proxy_data = peer, data
+        self._reset_timeout()
+        return True
+
+    @syntax("PROXY")
+    async def smtp_PROXY(self, arg):
+        """A PROXY v1 header from an address that is not a load balancer: someone choosing
+        the address we would see. (A v2 header ends in QUIT, by design, for the same case.)"""
+        log.warning("%r: PROXY header from outside SMTP_PROXY_PROTOCOL_FROM refused",
+                    self.session.peer)
+        await self.push(PROXY_REFUSED)
+        if self.transport is not None:
+            self.transport.close()
 
     async def _handle_client(self) -> None:
+        if self._behind_balancer:
+            if not await self._read_proxy_header():
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            self._count_connection(str(self.session.peer[0]))
         refusal = TOO_MANY_CONNECTIONS if self._over_connection_limit else None
         connect = getattr(self.event_handler, "handle_connect", None)
         if refusal is None and connect is not None:
@@ -337,6 +400,16 @@ class LimitedSMTP(SMTP):
         finally:
             self._release_connection()
         super().connection_lost(error)
+
+
+def _in_networks(ip: str, networks) -> bool:
+    if not networks:
+        return False
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address.version == net.version and address in net for net in networks)
 
 
 def protocol_factory(handler, **options) -> Callable[[], LimitedSMTP]:

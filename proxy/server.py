@@ -16,11 +16,8 @@ import signal
 import socket
 import time
 
-import redis
-import redis.asyncio as aioredis
-
-from outgoing import jobs, locks
-from outgoing.config import parse_hostport
+from outgoing import jobs, locks, redis_conn
+from outgoing.config import parse_hostport, parse_networks
 from outgoing.db import make_sessionmaker, session_scope
 from proxy.connections import ConnectionCounts
 from proxy.directory import Directory
@@ -85,10 +82,12 @@ async def serve(config: dict, sock: socket.socket, clock=time.time,
     # Short timeouts: a sender waits on every Redis call, and a hung Redis must cost it about
     # a second before its 451, not the panel's and the worker's 5 s.
     timeout = float(config["PROXY_REDIS_TIMEOUT"])
-    redis_async = aioredis.from_url(config["REDIS_URL"], socket_timeout=timeout,
-                                    socket_connect_timeout=timeout, health_check_interval=30)
-    redis_sync = redis.from_url(config["REDIS_URL"], socket_timeout=timeout,
-                                socket_connect_timeout=timeout)
+    # REDIS_URL may name a Redis Cluster; jobs go to RQ_REDIS_URL (outgoing/redis_conn.py).
+    redis_async = redis_conn.connect_async(config["REDIS_URL"], socket_timeout=timeout,
+                                           socket_connect_timeout=timeout,
+                                           health_check_interval=30)
+    redis_sync = redis_conn.connect(config["REDIS_URL"], rq_url=config["RQ_REDIS_URL"],
+                                    socket_timeout=timeout, socket_connect_timeout=timeout)
     directory = Directory(sessionmaker, redis_async, config["CONFIG_REFRESH_SECONDS"])
     flusher = IdentityFlusher(redis_async, sessionmaker, clock,
                               float(config.get("IDENTITY_FLUSH_SECONDS", 2.0)))
@@ -107,7 +106,10 @@ async def serve(config: dict, sock: socket.socket, clock=time.time,
                                connections=connections or ConnectionCounts(1),
                                max_connections_per_ip=config["SMTP_MAX_CONNECTIONS_PER_IP"],
                                max_junk_commands=config["SMTP_MAX_JUNK_COMMANDS"],
-                               line_length_limit=int(config["SMTP_MAX_LINE_LENGTH"]) + 2)
+                               line_length_limit=int(config["SMTP_MAX_LINE_LENGTH"]) + 2,
+                               proxy_protocol_from=parse_networks(
+                                   "SMTP_PROXY_PROTOCOL_FROM",
+                                   config.get("SMTP_PROXY_PROTOCOL_FROM", "")))
 
     await _load(directory, sessionmaker, redis_sync)
     loop = asyncio.get_running_loop()

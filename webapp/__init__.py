@@ -9,6 +9,7 @@ import redis
 from flask import Flask, render_template, request
 from flask_wtf.csrf import CSRFError
 
+from outgoing import redis_conn
 from outgoing.config import ConfigError, known_settings, load_config
 from outgoing.db import engine_options, install_sqlite_pragmas
 from webapp.extensions import csrf, db, htmx, login_manager, migrate
@@ -47,8 +48,9 @@ def create_app(overrides: dict | None = None) -> Flask:
     login_manager.login_message_category = "info"
     csrf.init_app(app)
     htmx.init_app(app)
-    app.extensions["og_redis"] = redis.from_url(config["REDIS_URL"], socket_timeout=5,
-                                                socket_connect_timeout=5)
+    app.extensions["og_redis"] = redis_conn.connect(config["REDIS_URL"],
+                                                    rq_url=config["RQ_REDIS_URL"],
+                                                    socket_timeout=5, socket_connect_timeout=5)
 
     from webapp import (
         audit_log,

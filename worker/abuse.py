@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from outgoing import jobs
 from outgoing.models import KIND_IP, Domain, OutgoingUser, QuarantinedMessage
+from outgoing.redis_conn import rq_connection
 from outgoing.storage import FileStore
 from worker import mail
 from worker.arf import build_abuse_report
@@ -82,7 +83,7 @@ def report(db, redis, config: dict, message_id: int) -> str:
                          REPORTS_PER_HOUR, BUCKET_KEEP_SECONDS)
     if (verdict.decode() if isinstance(verdict, bytes) else verdict) == "digest":
         job_id = digest_job_id(domain.id, start)
-        if not Job.exists(job_id, connection=redis):
+        if not Job.exists(job_id, connection=rq_connection(redis)):
             jobs.enqueue(redis, "worker.jobs.send_abuse_digest", domain.id, start,
                          at=datetime.fromtimestamp(start + BUCKET_SECONDS, UTC), job_id=job_id)
         return f"over {REPORTS_PER_HOUR} reports this hour; left for the digest"

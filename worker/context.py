@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from functools import cache
 
-import redis
-
+from outgoing import redis_conn
 from outgoing.config import load_config
 from outgoing.db import make_sessionmaker
 
@@ -25,4 +24,6 @@ def sessionmaker():
 
 @cache
 def redis_client():
-    return redis.from_url(config()["REDIS_URL"])
+    """Counters, locks and throttles on REDIS_URL (maybe a cluster); jobs this worker
+    enqueues go to RQ_REDIS_URL, the Redis it serves."""
+    return redis_conn.connect(config()["REDIS_URL"], rq_url=config()["RQ_REDIS_URL"])

@@ -1,0 +1,108 @@
+"""Redis clients for counters, locks and throttles: one Redis server, or a Redis Cluster.
+
+``REDIS_URL`` names a cluster with its own scheme and a list of seed nodes::
+
+    redis+cluster://[user:password@]host:port[,host:port...]     (rediss+cluster:// for TLS)
+
+An explicit scheme rather than asking the server at start-up whether it is a cluster node:
+start-up must not depend on the first node being up, and a typo must not silently turn a
+cluster into a single-node client (whose scripts would then fail with MOVED on every other
+slot). Several seeds, so that any one of them answering is enough to learn the topology.
+
+RQ does not support Redis Cluster, so jobs always go to the single Redis of ``RQ_REDIS_URL``
+(``outgoing.config`` refuses a cluster URL there). ``connect`` hangs that connection on the
+data client as ``rq_connection`` whenever it differs from the data client, and
+``outgoing.jobs`` enqueues through ``rq_connection(client)``: the callers keep passing the
+one client they have.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote, urlsplit
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
+
+CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
+DEFAULT_PORT = 6379
+# What a Redis call may raise: some cluster faults (no node serves a slot yet) are not
+# RedisErrors.
+REDIS_ERRORS = (RedisError, RedisClusterException)
+
+
+def is_cluster_url(url: str) -> bool:
+    return urlsplit(url).scheme in CLUSTER_SCHEMES
+
+
+def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], dict]:
+    """The seed nodes of a ``redis+cluster://`` URL and the client options it carries
+    (username, password, ssl). ValueError names what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme not in CLUSTER_SCHEMES:
+        raise ValueError(f"not a cluster URL: {url!r}")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    options: dict = {"ssl": CLUSTER_SCHEMES[parts.scheme]}
+    if userinfo:
+        user, _, password = userinfo.partition(":")
+        if user:
+            options["username"] = unquote(user)
+        if password:
+            options["password"] = unquote(password)
+    if parts.path not in ("", "/", "/0"):
+        raise ValueError("a cluster has only database 0")
+    nodes = []
+    for seed in hosts.split(","):
+        seed = seed.strip()
+        if seed.startswith("["):  # [v6]:port
+            host, _, port = seed[1:].partition("]")
+            port = port.lstrip(":")
+        else:
+            host, _, port = seed.rpartition(":") if ":" in seed else (seed, "", "")
+        if not host:
+            raise ValueError(f"no host in seed {seed!r}")
+        if port and (not port.isdigit() or not 0 < int(port) < 65536):
+            raise ValueError(f"bad port in seed {seed!r}")
+        nodes.append((host, int(port) if port else DEFAULT_PORT))
+    return nodes, options
+
+
+def connect(url: str, *, rq_url: str | None = None, **options):
+    """A blocking client for ``url`` (``redis.Redis`` or ``redis.cluster.RedisCluster``);
+    ``rq_url``, when given and different, becomes its ``rq_connection``."""
+    if is_cluster_url(url):
+        nodes, extra = cluster_nodes(url)
+        options.pop("health_check_interval", None)
+        client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes],
+                              **extra, **options)
+    else:
+        client = redis.from_url(url, **options)
+    if rq_url and rq_url != url:
+        client.rq_connection = redis.from_url(rq_url, **options)
+    return client
+
+
+def connect_async(url: str, **options):
+    """An asyncio client for ``url`` (the proxy's hot path)."""
+    if is_cluster_url(url):
+        nodes, extra = cluster_nodes(url)
+        return AsyncRedisCluster(startup_nodes=[AsyncClusterNode(h, p) for h, p in nodes],
+                                 **extra, **options)
+    return aioredis.from_url(url, **options)
+
+
+def rq_connection(client) -> redis.Redis:
+    """The single Redis that RQ uses next to the data client ``client``."""
+    found = getattr(client, "rq_connection", None)
+    if found is not None:
+        return found
+    if is_cluster(client):
+        raise RedisClusterException("RQ needs its own Redis: set RQ_REDIS_URL")
+    return client
+
+
+def is_cluster(client) -> bool:
+    return isinstance(client, RedisCluster | AsyncRedisCluster)
