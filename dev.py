@@ -118,7 +118,7 @@ def first_admin(env: dict) -> None:
                            text=True).stdout.strip().splitlines()[-1]
     if count != "0":
         return
-    password = secrets.token_urlsafe(12)
+    password = secrets.token_urlsafe(12) + "-7"  # always mixed: the panel's rule
     subprocess.run([str(BIN / "flask"), "--app", "webapp", "create-admin", "admin@localhost",
                     "--password", password], env=env, check=True, capture_output=True)
     say(f"created the first super admin: admin@localhost / {password}")

@@ -41,7 +41,8 @@ def _defaults(instance: Path) -> dict:
         "SMTP_PROXY_PROTOCOL_FROM": "",
         "UPSTREAM_SMTP": "127.0.0.1:10026",
         "UPSTREAM_TIMEOUT": 30.0,
-        "PUBLIC_URL": "http://127.0.0.1:5000",
+        # Empty means the panel's own address, http://127.0.0.1:$PORT (see load_config).
+        "PUBLIC_URL": "",
         "PORT": 5000,
         "NOTIFY_FROM": "outbound-guard@localhost",
         "MAX_MESSAGE_SIZE": 25 * 1024 * 1024,
@@ -300,6 +301,9 @@ def load_config(overrides: dict | None = None, environ=None) -> dict:
         if unknown:
             raise ConfigError(f"unknown setting {unknown[0]}")
         config.update(overrides)
+    if not config["PUBLIC_URL"]:
+        # Unlock links must reach the panel wherever PORT moved it.
+        config["PUBLIC_URL"] = f"http://127.0.0.1:{config['PORT']}"
     config["DATABASE_URL"] = normalise_database_url(config["DATABASE_URL"])
     config["REDIS_URL"] = validate_redis_url(config["REDIS_URL"])
     if config["RQ_REDIS_URL"]:
