@@ -101,16 +101,6 @@ def _defaults(instance: Path) -> dict:
         # DEFER_GIVE_UP_SECONDS old, then mails the sender a delivery report.
         "DEFER_RETRY_SECONDS": "300,900,1800,3600,7200,14400",
         "DEFER_GIVE_UP_SECONDS": 5 * 86400,
-        # Message log (outgoing/message_log.py): days kept, the Redis stream's cap (entries
-        # the worker has not written yet; about 0.5 KB each), and how long an entry a worker
-        # read stays pending before another worker takes it over (a crashed consumer).
-        "MESSAGE_LOG_RETENTION_DAYS": 30,
-        "MESSAGE_LOG_STREAM_MAXLEN": 500000,
-        "MESSAGE_LOG_CLAIM_IDLE_SECONDS": 60.0,
-        # Prometheus: where the proxy's parent process serves its metrics (empty: nowhere),
-        # and the bearer token for the panel's /metrics (empty: loopback clients only).
-        "METRICS_LISTEN": "127.0.0.1:9125",
-        "METRICS_TOKEN": "",
     }
 
 
@@ -314,8 +304,6 @@ def load_config(overrides: dict | None = None, environ=None) -> dict:
     parse_networks("SMTP_PROXY_PROTOCOL_FROM", config["SMTP_PROXY_PROTOCOL_FROM"])
     parse_hostport("SMTP_LISTEN", config["SMTP_LISTEN"])
     parse_hostport("UPSTREAM_SMTP", config["UPSTREAM_SMTP"])
-    if config["METRICS_LISTEN"]:
-        parse_hostport("METRICS_LISTEN", config["METRICS_LISTEN"])
     if config["BARE_LINE_ENDINGS"] not in ("normalise", "reject"):
         raise ConfigError("BARE_LINE_ENDINGS: expected 'normalise' or 'reject'")
     if config["RECEIVED_HEADER"] not in ("full", "anonymous"):
