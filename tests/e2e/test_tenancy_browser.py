@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import select
 
 from outgoing.models import OutgoingUser
-from tests.e2e.test_panel_users import OPS, OPS_PW, login, user
+from tests.e2e.test_panel_users import OPS, OPS_PW, SETTINGS_URL, login, user
 from tests.support import data
 
 pytestmark = pytest.mark.browser
@@ -45,5 +45,6 @@ def test_a_customers_open_relay_and_takeover_are_refused_under_the_field(stack, 
 
     ip_range.fill("198.51.100.7")  # their own server: added
     page.get_by_role("button", name="Add & Configure").click()
+    page.wait_for_url(SETTINGS_URL, timeout=30_000)
     page.get_by_role("heading", name="Outgoing User Settings").wait_for()
     assert user("198.51.100.7").domain.name == "one.example"
