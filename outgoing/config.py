@@ -108,6 +108,16 @@ def known_settings() -> set[str]:
     return set(_defaults(Path(".")))
 
 
+        # Message log (outgoing/message_log.py): days kept, the Redis stream's cap (entries
+        # the worker has not written yet; about 0.5 KB each), and how long an entry a worker
+        # read stays pending before another worker takes it over (a crashed consumer).
+        "MESSAGE_LOG_RETENTION_DAYS": 30,
+        "MESSAGE_LOG_STREAM_MAXLEN": 500000,
+        "MESSAGE_LOG_CLAIM_IDLE_SECONDS": 60.0,
+        # Prometheus: where the proxy's parent process serves its metrics (empty: nowhere),
+        # and the bearer token for the panel's /metrics (empty: loopback clients only).
+        "METRICS_LISTEN": "127.0.0.1:9125",
+        "METRICS_TOKEN": "",
 def instance_path(environ=None) -> Path:
     """Where config, the SQLite file, Redis data and keys live (``INSTANCE_PATH`` overrides)."""
     environ = os.environ if environ is None else environ
@@ -319,3 +329,5 @@ def load_config(overrides: dict | None = None, environ=None) -> dict:
         config["SECRET_KEY"] = _secret_key(instance)
     config["INSTANCE_PATH"] = str(instance)
     return config
+    if config["METRICS_LISTEN"]:
+        parse_hostport("METRICS_LISTEN", config["METRICS_LISTEN"])

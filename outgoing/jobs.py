@@ -72,6 +72,12 @@ PERIODIC = {
                                        every=3600, offset=15 * 60),
     "newly-registered-import": Periodic("worker.content_jobs.import_newly_registered",
                                         every=86400, offset=5 * 3600),
+    # The message log: the proxy's Redis stream written to the database every few seconds
+    # (each run at most a few seconds long, see worker/message_log_jobs.py), and retention.
+    "message-log": Periodic("worker.message_log_jobs.write_message_log", every=5,
+                            catch_up=True),
+    "message-log-retention": Periodic("worker.message_log_jobs.expire_message_log",
+                                      every=3600, offset=20 * 60, catch_up=True),
 }
 RUNNER = "worker.jobs.run_periodic"
 

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import select
 
-from outgoing import audit, jobs, redis_keys
+from outgoing import audit, jobs, metrics, redis_keys
 from outgoing.models import LOCK_AUTOMATIC, Identity, OutgoingUser, QuarantinedMessage, utcnow
 
 
@@ -61,6 +61,7 @@ def lock(session, redis, target: OutgoingUser | Identity, *, kind: str, reason: 
                  target_id=target.id, domain_id=_domain_id(target), reason=reason, kind=kind,
                  lock_id=lock_id)
     session.commit()
+    metrics.count(redis, f"locks:{_kind(target)}:{kind}")
     jobs.enqueue(redis, "worker.jobs.notify_lock", _kind(target), target.id, lock_id)
     owner = _owner(target)
     if kind == LOCK_AUTOMATIC and owner.lock_timeout_minutes:
@@ -112,6 +113,7 @@ def unlock(session, redis, target: OutgoingUser | Identity, *, actor: str, reaso
     if automatic:
         target.automatic_unlocks_used = (target.automatic_unlocks_used or 0) + 1
     session.commit()
+    metrics.count(redis, f"unlocks:{_kind(target)}:{'timed' if automatic else 'manual'}")
     return True
 
 

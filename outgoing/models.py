@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -55,6 +56,10 @@ QUARANTINE_ACCEPT = "accept"
 REAUTH_NONE = "none"
 REAUTH_USER = "user"
 REAUTH_DOMAIN = "domain"
+
+# "DKIM Selector" = the provider's default selector (DKIM_DEFAULT_SELECTOR), whose key each
+# domain gets on first use; signing starts once its TXT record was found published.
+DKIM_DEFAULT = "@default"
 
 LOCK_MANUAL = "manual"
 LOCK_AUTOMATIC = "automatic"
@@ -144,7 +149,7 @@ class OutgoingUser(LockState, Base):
     limit_per_day: Mapped[int | None] = mapped_column(Integer)
     limit_per_hour: Mapped[int | None] = mapped_column(Integer)
     limit_per_minute: Mapped[int | None] = mapped_column(Integer)
-    dkim_selector: Mapped[str | None] = mapped_column(String(63))
+    dkim_selector: Mapped[str | None] = mapped_column(String(63), default=DKIM_DEFAULT)
     maximum_recipients_per_day: Mapped[int | None] = mapped_column(Integer)
     quarantine_response: Mapped[str] = mapped_column(String(8), default=QUARANTINE_REJECT)
     message_archiving: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -255,6 +260,11 @@ class DkimKey(Base):
     private_key_pem: Mapped[str] = mapped_column(Text)
     public_key_b64: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # The last "Check DNS": whether <selector>._domainkey.<domain> carries this key.
+    dns_checked_at: Mapped[datetime | None] = mapped_column(DateTime)
+    dns_published: Mapped[bool] = mapped_column(Boolean, default=False,
+                                                server_default=false())
+    dns_problem: Mapped[str | None] = mapped_column(String(300))
 
 
 class StoredMessage:
@@ -319,3 +329,52 @@ class UsedToken(Base):
 
     jti: Mapped[str] = mapped_column(String(64), primary_key=True)
     used_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class MessageLogEntry(Base):
+    """One SMTP transaction, whatever its outcome (``outgoing/message_log.py``).
+
+    No foreign keys: the log outlives users and domains it names, and on PostgreSQL the
+    table is partitioned by day (migration 0004), where retention drops whole partitions.
+    ``domain_id`` scopes a row to a domain admin; a row without one (refused before anyone
+    authenticated) is for super admins only. ``stream_id`` (the Redis stream entry) makes
+    writing an entry twice, after a crashed worker, a no-op.
+    """
+
+    __tablename__ = "message_log"
+    __table_args__ = (
+        Index("ix_message_log_at", "at", "id"),
+        Index("ix_message_log_domain_at", "domain_id", "at", "id"),
+        Index("ix_message_log_sender_at", "mail_from", "at", "id"),
+        Index("ix_message_log_user_at", "user_id", "at", "id"),
+        Index("ix_message_log_message_id", "message_id"),
+        Index("uq_message_log_stream_id", "stream_id", "at", unique=True),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+    stream_id: Mapped[str] = mapped_column(String(32))
+    stage: Mapped[str] = mapped_column(String(16))
+    verdict: Mapped[str] = mapped_column(String(16))
+    client_ip: Mapped[str | None] = mapped_column(String(45))
+    domain_id: Mapped[int | None] = mapped_column(Integer)
+    user_id: Mapped[int | None] = mapped_column(Integer)
+    user_name: Mapped[str | None] = mapped_column(String(320))
+    login: Mapped[str | None] = mapped_column(String(320))
+    identity: Mapped[str | None] = mapped_column(String(320))
+    mail_from: Mapped[str | None] = mapped_column(String(320))
+    rcpt_count: Mapped[int] = mapped_column(Integer, default=0)
+    refused_count: Mapped[int] = mapped_column(Integer, default=0)
+    recipients: Mapped[str | None] = mapped_column(Text)  # the first N, one per line
+    message_id: Mapped[str | None] = mapped_column(String(320))
+    subject: Mapped[str | None] = mapped_column(String(300))
+    size: Mapped[int | None] = mapped_column(Integer)
+    score: Mapped[float | None] = mapped_column(Float)
+    rules: Mapped[str | None] = mapped_column(Text)  # JSON list
+    reply: Mapped[str | None] = mapped_column(String(512))
+    next_hop_reply: Mapped[str | None] = mapped_column(String(512))
+    queue_id: Mapped[str | None] = mapped_column(String(32))
+    relay_seconds: Mapped[float | None] = mapped_column(Float)
+    stored_kind: Mapped[str | None] = mapped_column(String(16))  # quarantine | archive
+    stored_id: Mapped[int | None] = mapped_column(Integer)

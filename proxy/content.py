@@ -38,10 +38,11 @@ from outgoing.archive import archive_message
 from outgoing.db import session_scope
 from outgoing.dkim import DkimError, SigningKey, load_signing_key, sign_with
 from outgoing.jobs import enqueue
+from outgoing.models import DKIM_DEFAULT
 from outgoing.quarantine import quarantine_message
 from outgoing.snapshot import UserPolicy
 from outgoing.storage import store_for
-from proxy import rspamd
+from proxy import metrics, rspamd
 from proxy.relay import Relay, Upstream
 from proxy.sender_domains import RegistrationDates
 from scoring import outcomes
@@ -177,8 +178,9 @@ class ContentPipeline:
                                     mail_from=msg.mail_from, rcpt_tos=list(msg.rcpt_tos),
                                     threshold=self.config["SPAM_THRESHOLD"])
 
-    async def quarantine(self, msg: Message, verdict: SpamVerdict) -> None:
-        """Store durably; returns only when the message is safe in the quarantine."""
+    async def quarantine(self, msg: Message, verdict: SpamVerdict) -> int:
+        """Store durably; returns (the row's id) only when the message is safe in the
+        quarantine."""
         reason = f"spam ({verdict.engine}): " + (", ".join(verdict.rules) or "score")
 
         def store() -> int:
@@ -200,11 +202,13 @@ class ContentPipeline:
         row_id = await self._in_thread(store)
         log.info("quarantined message %s of %s (%s, score %s)", row_id, msg.user.name,
                  reason, verdict.score)
+        return row_id
 
     # -- after DATA ------------------------------------------------------------------------
     def _load_key(self, domain_id: int, selector: str) -> SigningKey | None:
         with session_scope(self.sessionmaker) as db:
-            return load_signing_key(db, domain_id, selector)
+            return load_signing_key(db, domain_id, selector,
+                                    self.config["DKIM_DEFAULT_SELECTOR"])
 
     async def signing_key(self, user: UserPolicy) -> SigningKey | None:
         """The user's DKIM key, cached per (domain, selector) for ``DKIM_KEY_TTL`` seconds; a
@@ -224,7 +228,7 @@ class ContentPipeline:
                             selector, user.domain, exc_info=True)
                 return cached[1]
             raise
-        if key is None:
+        if key is None and selector != DKIM_DEFAULT:
             log.warning("%s has DKIM selector %r but %s has no key for it; relaying unsigned",
                         user.name, selector, user.domain)
         self._keys[cache_key] = (time.monotonic() + DKIM_KEY_TTL, key)
@@ -243,28 +247,43 @@ class ContentPipeline:
             log.warning("not DKIM-signing a message of %s: %s", msg.user.name, exc)
             return data
 
-    async def deliver(self, msg: Message) -> str:
-        """Sign and relay; the reply is the next hop's verdict."""
+    async def deliver(self, msg: Message, record: dict | None = None) -> str:
+        """Sign and relay; the reply is the next hop's verdict. ``record`` (the message log's)
+        gets the next hop's reply, the latency and, when archived, the archive's id."""
+        record = {} if record is None else record
+        started = time.perf_counter()
         data = await self.prepare(msg)
         result = await self.relay.send(mail_from=msg.mail_from, rcpt_tos=list(msg.rcpt_tos),
                                        data=data)
+        elapsed = time.perf_counter() - started
+        metrics.RELAY_SECONDS.observe(elapsed)
+        record.update(stage="relay", relay_seconds=round(elapsed, 6),
+                      next_hop_reply=result.next_hop_reply or None)
         if not result.delivered:
+            metrics.NEXT_HOP_ERRORS.labels(_error_kind(result)).inc()
             return result.reply
         if result.refused:
+            record["refused_count"] = record.get("refused_count", 0) + len(result.refused)
+            if len(result.refused) < len(msg.rcpt_tos):
+                record["verdict"] = "partial"
             await self._in_thread(self._after_partial_refusal, msg, data, result.refused)
         if msg.user.message_archiving:
             try:
-                await self._in_thread(self._archive, msg, data)
+                record["stored_id"] = await self._in_thread(self._archive, msg, data)
+                record["stored_kind"] = "archive"
             except Exception:
                 log.exception("relayed a message of %s but could not archive it",
                               msg.user.name)
         return outcomes.QUEUED
 
-    def _archive(self, msg: Message, data: bytes) -> None:
+    def _archive(self, msg: Message, data: bytes) -> int:
         with session_scope(self.sessionmaker) as db:
-            archive_message(db, self.store, domain_id=msg.user.domain_id, user_id=msg.user.id,
-                            mail_from=msg.mail_from, rcpt_tos=list(msg.rcpt_tos), data=data,
-                            subject=subject_of(list(msg.headers)), received_at=self._now())
+            row = archive_message(db, self.store, domain_id=msg.user.domain_id,
+                                  user_id=msg.user.id, mail_from=msg.mail_from,
+                                  rcpt_tos=list(msg.rcpt_tos), data=data,
+                                  subject=subject_of(list(msg.headers)),
+                                  received_at=self._now())
+            return row.id
 
     def _after_partial_refusal(self, msg: Message, data: bytes,
                                refused: dict[str, tuple[int, str]]) -> None:
@@ -312,3 +331,11 @@ class ContentPipeline:
                     head[:64 * 1024], self._now().isoformat(), self.config["SMTP_HOSTNAME"])
         except Exception:
             log.exception("could not enqueue the delivery report to %s", msg.mail_from)
+
+
+def _error_kind(result) -> str:
+    """The next-hop error metric's label: no answer at all, or a 4xx or 5xx refusal."""
+    if not result.next_hop_reply:
+        return "unavailable"
+    return "refused_temporary" if result.next_hop_reply.startswith("4") else \
+        "refused_permanent"

@@ -34,8 +34,9 @@ from outgoing.db import session_scope
 from outgoing.models import LOCK_AUTOMATIC, Identity, OutgoingUser
 from outgoing.passwords import verify_password
 from outgoing.snapshot import UserPolicy
-from proxy import counters, throttle
+from proxy import counters, metrics, throttle
 from proxy import identities as identity_store
+from proxy import message_log as mlog
 from proxy.content import ContentPipeline, Message
 from proxy.directory import Directory
 from scoring import identity as identities
@@ -47,6 +48,7 @@ from scoring.message import (
     fit_long_lines,
     normalise_line_endings,
     parse_headers,
+    subject_of,
 )
 from scoring.trace import received_header, with_keyword
 
@@ -68,6 +70,10 @@ class SessionState:
     # A recipient counted at MAIL for the first RCPT: (user id, hash field). Given back with
     # the next MAIL or when the connection ends if no RCPT used it.
     reserved: tuple[int, str] | None = None
+    # The message-log record of the transaction open since MAIL (outgoing/message_log.py).
+    txn: dict | None = None
+    tried_login: str | None = None  # the login of the AUTH under way, for its record
+    active: bool = False  # counted in outbound_guard_smtp_connections_active
 
 
 def _state(session) -> SessionState:
@@ -117,6 +123,8 @@ class OutboundHandler:
         self._verifying: dict[tuple[int, str, bytes], asyncio.Future] = {}
         self._faults = RateLimitedLog()
         self._tasks: set[asyncio.Task] = set()
+        self.log = mlog.MessageLog(redis, maxlen=int(config["MESSAGE_LOG_STREAM_MAXLEN"]),
+                                   background=self._background, faults=self._faults)
 
     # -- helpers ---------------------------------------------------------------------------
     async def _in_thread(self, fn, *args, **kwargs):
@@ -124,6 +132,7 @@ class OutboundHandler:
 
     def _redis_down(self, where: str, exc: Exception) -> bool:
         """Log a Redis fault; True when the deployment chose to let mail through anyway."""
+        metrics.REDIS_ERRORS.labels(where).inc()
         if self.fail_open:
             self._faults.warning(where, "Redis unavailable at %s (%s); REDIS_FAIL_OPEN lets "
                                  "mail through unchecked", where, exc)
@@ -153,6 +162,8 @@ class OutboundHandler:
             return
         fresh = _state(new)
         fresh.counted_user_ids |= state.counted_user_ids
+        fresh.active, state.active = state.active, False
+        fresh.txn, state.txn = state.txn, None
         if state.reserved is not None:
             fresh.reserved, state.reserved = state.reserved, None
 
@@ -178,20 +189,54 @@ class OutboundHandler:
     async def handle_connect(self, session) -> str | None:
         """Before the greeting: a client in an IP/Range user's range opens one of that user's
         connections ("connections that can be opened"); over a limit it gets 421."""
+        state = _state(session)
+        state.active = True
+        metrics.CONNECTIONS.inc()
+        user = None
         try:
             if not self.directory.ready:
                 return None
             user = self.directory.user_for_ip(_client_ip(session))
             if user is None:
                 return None
-            return await self._count_connection(session, user, 421)
+            refusal = await self._count_connection(session, user, 421)
         except Exception:
             log.exception("counting a connection failed")
             return None
+        if refusal:
+            self._log_refusal(session, "connect", refusal, user)
+        return refusal
+
+    # -- the message log ---------------------------------------------------------------------
+    def _log_refusal(self, session, stage: str, reply: str, user=None, **fields) -> None:
+        """The record of a transaction that ended before it began (connect, AUTH, MAIL)."""
+        self.log.write(mlog.finish(mlog.new_record(self.clock(), _client_ip(session), user,
+                                                   stage=stage, **fields), reply))
+
+    def _end_transaction(self, session) -> None:
+        """A transaction that ended without DATA (RSET, a new MAIL, QUIT, a dropped
+        connection): refused at RCPT when we refused a recipient, else abandoned."""
+        state = getattr(session, "og_state", None)
+        record = state.txn if state is not None else None
+        if record is None:
+            return
+        state.txn = None
+        if record.get("refused_count"):
+            record.update(stage="rcpt", verdict="refused")
+            reply = record.pop("rcpt_reply", "")
+        else:
+            record.update(stage="rcpt" if record["rcpt_count"] else "mail",
+                          verdict="abandoned")
+            reply = ""
+        self.log.write(mlog.finish(record, reply))
 
     def session_closed(self, session) -> None:
         """The connection ended: give back a recipient reserved at MAIL but never used."""
         state = getattr(session, "og_state", None)
+        if state is not None and state.active:
+            state.active = False
+            metrics.CONNECTIONS.dec()
+        self._end_transaction(session)
         if state is not None and state.reserved is not None:
             user_id, field_name = state.reserved
             state.reserved = None
@@ -233,6 +278,7 @@ class OutboundHandler:
         session = server.session
         ip = _client_ip(session)
         login_text = login.decode("utf-8", "replace")
+        _state(session).tried_login = login_text[:320]
         if not self.directory.ready:
             return AuthResult(success=False, handled=False, message=outcomes.AUTH_TEMPORARY)
         now = self.clock()
@@ -300,7 +346,23 @@ class OutboundHandler:
             self._faults.warning("AUTH-success", "Redis unavailable after AUTH (%s); this "
                                  "login's network is remembered in this process only", exc)
 
+    def _logged_auth(self, server, result: AuthResult) -> AuthResult:
+        """A refused AUTH is a transaction of its own in the message log (no user: nobody
+        has authenticated, so only super admins see it)."""
+        if not result.success and not result.handled and result.message:
+            self._log_refusal(server.session, "auth", result.message,
+                              login=_state(server.session).tried_login)
+        return result
+
     async def auth_PLAIN(self, server, args):
+        _state(server.session).tried_login = None
+        return self._logged_auth(server, await self._auth_plain(server, args))
+
+    async def auth_LOGIN(self, server, args):
+        _state(server.session).tried_login = None
+        return self._logged_auth(server, await self._auth_login(server, args))
+
+    async def _auth_plain(self, server, args):
         if len(args) == 1:
             blob = await server.challenge_auth("")
             if not isinstance(blob, bytes):
@@ -318,7 +380,7 @@ class OutboundHandler:
             return AuthResult(success=False, handled=False, message=outcomes.AUTH_MALFORMED)
         return await self._authenticate(server, parts[1], parts[2])
 
-    async def auth_LOGIN(self, server, args):
+    async def _auth_login(self, server, args):
         if len(args) == 1:
             login = await server.challenge_auth(server.AuthLoginUsernameChallenge)
             if not isinstance(login, bytes):
@@ -351,11 +413,25 @@ class OutboundHandler:
         return self.directory.reauthentication_target(ip_user, mail_from) or ip_user
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        self._end_transaction(session)
         try:
-            return await self._mail(session, envelope, address, mail_options)
+            reply = await self._mail(session, envelope, address, mail_options)
         except Exception:
             log.exception("MAIL failed")
-            return outcomes.TEMPORARY
+            reply = outcomes.TEMPORARY
+        state = _state(session)
+        if reply.startswith("2"):
+            user = self.directory.user(state.user_id or -1)
+            state.txn = mlog.new_record(self.clock(), _client_ip(session), user,
+                                        mail_from=address, login=state.auth_login)
+        else:
+            try:
+                user = self._resolve_user(session, address)
+            except Exception:
+                user = None
+            self._log_refusal(session, "mail", reply, user, mail_from=address,
+                              login=state.auth_login)
+        return reply
 
     async def _mail(self, session, envelope, address, mail_options):
         if not self.directory.ready:
@@ -404,10 +480,18 @@ class OutboundHandler:
     # -- RCPT ------------------------------------------------------------------------------
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         try:
-            return await self._rcpt(session, envelope, address, rcpt_options)
+            reply = await self._rcpt(session, envelope, address, rcpt_options)
         except Exception:
             log.exception("RCPT failed")
-            return outcomes.TEMPORARY
+            reply = outcomes.TEMPORARY
+        record = _state(session).txn
+        if record is not None:
+            if reply.startswith("2"):
+                mlog.add_recipient(record, address)
+            else:
+                record["refused_count"] += 1
+                record["rcpt_reply"] = reply
+        return reply
 
     async def _rcpt(self, session, envelope, address, rcpt_options):
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS_PER_MESSAGE:
@@ -434,11 +518,19 @@ class OutboundHandler:
 
     # -- DATA ------------------------------------------------------------------------------
     async def handle_DATA(self, server, session, envelope):
+        state = _state(session)
+        if state.txn is None:  # DATA without a logged MAIL (cannot happen; keep the shape)
+            state.txn = mlog.new_record(self.clock(), _client_ip(session))
         try:
-            return await self._data(session, envelope)
+            reply = await self._data(session, envelope)
         except Exception:
             log.exception("DATA failed")
-            return outcomes.TEMPORARY
+            reply = outcomes.TEMPORARY
+        record, state.txn = state.txn, None
+        if record is not None:
+            record.pop("rcpt_reply", None)
+            self.log.write(mlog.finish(record, reply))
+        return reply
 
     async def _identify(self, user: UserPolicy, state: SessionState, envelope, headers):
         """The identity of this message, or the reply refusing it (locked, Redis down)."""
@@ -479,31 +571,43 @@ class OutboundHandler:
         except HeaderLineTooLong:
             return outcomes.HEADER_LINE_TOO_LONG
         headers = parse_headers(data)
+        record = state.txn if state.txn is not None else {}
+        record.update(size=len(data), subject=subject_of(headers)[:300] or None,
+                      message_id=_message_id(headers))
 
         found, refusal = await self._identify(user, state, envelope, headers)
         if refusal:
             return refusal
         identity = found.value
+        record["identity"] = identity
 
-        data = self._trace(session, state, user, envelope) + data
+        queue_id = secrets.token_hex(5).upper()
+        record["queue_id"] = queue_id
+        data = self._trace(session, state, user, envelope, queue_id) + data
         msg = Message(user=user, mail_from=envelope.mail_from or "",
                       rcpt_tos=tuple(envelope.rcpt_tos), data=data, headers=tuple(headers),
                       identity=identity, client_ip=_client_ip(session),
                       remove_headers=found.remove_headers)
+        started = time.perf_counter()
         inspection = await self.content.inspect(msg)
+        metrics.CONTENT_SECONDS.observe(time.perf_counter() - started)
         if inspection.reject:
+            record.update(stage="content")
             return inspection.reject
         if inspection.spam is not None:
-            await self.content.quarantine(msg, inspection.spam)
+            record.update(stage="content", verdict="quarantined", score=inspection.spam.score,
+                          rules=list(inspection.spam.rules), stored_kind="quarantine")
+            record["stored_id"] = await self.content.quarantine(msg, inspection.spam)
             # The message is durable now; counting spam must not turn that into a 4xx.
             try:
                 await self._count_spam(user, identity)
             except Exception:
                 log.exception("could not count spam or lock %s", user.name)
             return outcomes.quarantined(user.quarantine_response, inspection.spam.rules)
-        return await self.content.deliver(msg)
+        return await self.content.deliver(msg, record)
 
-    def _trace(self, session, state: SessionState, user: UserPolicy, envelope) -> bytes:
+    def _trace(self, session, state: SessionState, user: UserPolicy, envelope,
+               queue_id: str) -> bytes:
         """Our ``Received:`` header (RFC 5321 §4.4), first in the message so that the
         quarantine, the archive, DKIM and the next hop all see it."""
         authenticated = state.auth_user_id is not None
@@ -513,7 +617,7 @@ class OutboundHandler:
         return received_header(
             helo=session.host_name, client_ip=_client_ip(session),
             by_host=self.config["SMTP_HOSTNAME"], protocol=protocol,
-            queue_id=secrets.token_hex(5).upper(),
+            queue_id=queue_id,
             user_kind="authenticated as" if authenticated else "IP/Range user",
             user_name=state.auth_login if authenticated else user.name,
             when=datetime.fromtimestamp(self.clock(), UTC),
@@ -577,6 +681,13 @@ class OutboundHandler:
 
 
 async def _nothing() -> None:
+    return None
+
+
+def _message_id(headers) -> str | None:
+    for name, value in headers:
+        if name.lower() == "message-id":
+            return " ".join(value.split())[:320] or None
     return None
 
 

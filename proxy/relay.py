@@ -51,6 +51,7 @@ class RelayResult:
     reply: str  # the one reply the client gets after DATA
     refused: dict[str, tuple[int, str]] = field(default_factory=dict)
     accepted: tuple[str, ...] = ()
+    next_hop_reply: str = ""  # what the next hop said last ("" when it never answered)
 
 
 class _Retry(Exception):
@@ -189,13 +190,16 @@ class Relay:
                     refused[rcpt] = (exc.code, exc.message)
             if not accepted:
                 await self._reset(client)
-                return RelayResult(False, _all_refused(refused), refused)
+                code, text = next(iter(refused.values()), (451, ""))
+                return RelayResult(False, _all_refused(refused), refused,
+                                   next_hop_reply=_said(code, text))
             started = True
             response = await client.data(data)
         except aiosmtplib.SMTPResponseException as exc:
             # A real answer (MAIL or DATA refused): the connection is still good after RSET.
             await self._reset(client)
-            return RelayResult(False, outcomes.next_hop_refused(exc.code, exc.message))
+            return RelayResult(False, outcomes.next_hop_refused(exc.code, exc.message),
+                               next_hop_reply=_said(exc.code, exc.message))
         except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
             client.close()
             if reused and not started and not isinstance(exc, ValueError):
@@ -205,7 +209,8 @@ class Relay:
             return RelayResult(False, outcomes.NEXT_HOP_DOWN)
         self._release(client)
         reply = f"250 2.0.0 Accepted by next hop: {response.message}"[:400]
-        return RelayResult(True, " ".join(reply.split()), refused, tuple(accepted))
+        return RelayResult(True, " ".join(reply.split()), refused, tuple(accepted),
+                           next_hop_reply=_said(response.code, response.message))
 
     async def _reset(self, client: aiosmtplib.SMTP) -> None:
         try:
@@ -214,6 +219,10 @@ class Relay:
             client.close()
             return
         self._release(client)
+
+
+def _said(code: int, message: str) -> str:
+    return " ".join(f"{code} {message}".split())[:400]
 
 
 async def relay(*, host: str, port: int, mail_from: str, rcpt_tos: list[str], data: bytes,

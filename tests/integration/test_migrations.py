@@ -3,6 +3,7 @@ identities that existed before it."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -38,6 +39,15 @@ def insert(conn, table: sa.Table, **values) -> int:
     return conn.execute(table.insert().values(**values)).inserted_primary_key[0]
 
 
+def _expected_extra(diff) -> bool:
+    """Tables the models do not describe: Alembic's own, and the day partitions of the
+    message log on PostgreSQL (with their copies of the parent's indexes)."""
+    if diff[0] not in ("remove_table", "remove_index"):
+        return False
+    table = diff[1] if diff[0] == "remove_table" else diff[1].table
+    return table.name == "alembic_version" or re.fullmatch(r"message_log_\d{8}", table.name)
+
+
 def test_0002_gives_existing_identities_their_users_domain(tmp_path, monkeypatch):
     with fresh_database(tmp_path) as url:
         migrate(url, tmp_path, "0001", monkeypatch)
@@ -62,6 +72,5 @@ def test_0002_gives_existing_identities_their_users_domain(tmp_path, monkeypatch
                                           + [(users[1], domains[1])] * 2)
             # ... and the migrated schema is exactly what the models describe.
             diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
-            assert [d for d in diff if d[0] != "remove_table" or
-                    d[1].name != "alembic_version"] == []
+            assert [d for d in diff if not _expected_extra(d)] == []
         engine.dispose()

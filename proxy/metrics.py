@@ -1,0 +1,42 @@
+"""The proxy's Prometheus metrics.
+
+``python -m proxy`` runs N processes; prometheus_client's multiprocess mode lets each write
+its samples to files in ``PROMETHEUS_MULTIPROC_DIR`` and the parent serve their sum on
+``METRICS_LISTEN`` (``proxy/metrics_server.py``). The directory must be set before
+prometheus_client creates a value, which ``prepare_multiprocess`` sees to.
+
+Names follow Prometheus conventions: ``outbound_guard_`` prefix, ``_total`` counters, seconds.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+TRANSACTIONS = Counter(
+    "outbound_guard_smtp_transactions_total",
+    "SMTP transactions by the stage where they ended and their verdict (one per message-log "
+    "record)", ["stage", "verdict"])
+REPLIES = Counter(
+    "outbound_guard_smtp_replies_total",
+    "Final replies of SMTP transactions by reply code", ["code"])
+RELAY_SECONDS = Histogram(
+    "outbound_guard_relay_duration_seconds",
+    "Time to hand a message to the next hop (sign and relay)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+CONTENT_SECONDS = Histogram(
+    "outbound_guard_content_check_duration_seconds",
+    "Time to inspect a message (attachments, spam)",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+REDIS_ERRORS = Counter(
+    "outbound_guard_redis_errors_total",
+    "Redis calls of the proxy that failed, by where", ["where"])
+NEXT_HOP_ERRORS = Counter(
+    "outbound_guard_next_hop_errors_total",
+    "Messages the next hop did not take: unavailable, or refused temporarily or permanently",
+    ["kind"])
+CONNECTIONS = Gauge(
+    "outbound_guard_smtp_connections_active",
+    "Open SMTP connections", multiprocess_mode="livesum")
+MESSAGE_LOG_ERRORS = Counter(
+    "outbound_guard_message_log_append_errors_total",
+    "Message-log records that could not be appended to the Redis stream (lost)")
