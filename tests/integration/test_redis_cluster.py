@@ -151,3 +151,13 @@ def test_a_master_crash_under_load_costs_4xx_never_a_message_over_the_limit(
     for _, code, reply in results:
         assert code != 0, f"a connection failed outright: {reply}"
     cluster.wait_ok(cluster.live_ports())  # the replica serves the victim's slots now
+
+    # Configuration changes still reach the proxy after the failover.
+    data.add_user("example.org", "ip", "127.0.3.0/24")
+    client = redis_conn.connect(cluster.url)
+    announce_config_change(client)
+    client.close()
+    deadline = time.monotonic() + 15
+    while one_message(proxy.port, "127.0.3.9")[0] != 250:
+        assert time.monotonic() < deadline, "configuration changes stopped after the failover"
+        time.sleep(0.2)
