@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import secrets
 import socket
 from pathlib import Path
@@ -52,6 +53,12 @@ def _defaults(instance: Path) -> dict:
         "BARE_LINE_ENDINGS": "normalise",
         # The Received: header of relayed mail names the client (full) or leaves it out.
         "RECEIVED_HEADER": "full",
+        # Each domain gets a key for this selector on first use; users whose DKIM Selector is
+        # "Use the default" (new users) sign once its TXT record was found published.
+        "DKIM_DEFAULT_SELECTOR": "og1",
+        # "Check DNS" asks these name servers (host or host:port, comma-separated) instead of
+        # the system's resolver.
+        "DNS_RESOLVER": "",
         "REDIS_FAIL_OPEN": False,
         # Seconds the proxy waits for Redis per call (the panel and worker wait 5).
         "PROXY_REDIS_TIMEOUT": 1.0,
@@ -101,13 +108,6 @@ def _defaults(instance: Path) -> dict:
         # DEFER_GIVE_UP_SECONDS old, then mails the sender a delivery report.
         "DEFER_RETRY_SECONDS": "300,900,1800,3600,7200,14400",
         "DEFER_GIVE_UP_SECONDS": 5 * 86400,
-    }
-
-
-def known_settings() -> set[str]:
-    return set(_defaults(Path(".")))
-
-
         # Message log (outgoing/message_log.py): days kept, the Redis stream's cap (entries
         # the worker has not written yet; about 0.5 KB each), and how long an entry a worker
         # read stays pending before another worker takes it over (a crashed consumer).
@@ -118,6 +118,13 @@ def known_settings() -> set[str]:
         # and the bearer token for the panel's /metrics (empty: loopback clients only).
         "METRICS_LISTEN": "127.0.0.1:9125",
         "METRICS_TOKEN": "",
+    }
+
+
+def known_settings() -> set[str]:
+    return set(_defaults(Path(".")))
+
+
 def instance_path(environ=None) -> Path:
     """Where config, the SQLite file, Redis data and keys live (``INSTANCE_PATH`` overrides)."""
     environ = os.environ if environ is None else environ
@@ -243,6 +250,24 @@ def parse_hostport(name: str, value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_SELECTOR = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+
+
+def dns_resolvers(config: dict) -> list[tuple[str, int]]:
+    """DNS_RESOLVER as (address, port) pairs; empty for the system's resolver."""
+    found = []
+    for item in filter(None, (i.strip() for i in config["DNS_RESOLVER"].split(","))):
+        host, port = (parse_hostport("DNS_RESOLVER", item) if item.count(":") == 1
+                      or item.startswith("[") else (item, 53))
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(f"DNS_RESOLVER: {host!r} is not an IP address") from None
+        found.append((host, port))
+    return found
+
+
 def _loopback(host: str) -> bool:
     host = host.strip("[]")
     if host == "localhost":
@@ -314,10 +339,16 @@ def load_config(overrides: dict | None = None, environ=None) -> dict:
     parse_networks("SMTP_PROXY_PROTOCOL_FROM", config["SMTP_PROXY_PROTOCOL_FROM"])
     parse_hostport("SMTP_LISTEN", config["SMTP_LISTEN"])
     parse_hostport("UPSTREAM_SMTP", config["UPSTREAM_SMTP"])
+    if config["METRICS_LISTEN"]:
+        parse_hostport("METRICS_LISTEN", config["METRICS_LISTEN"])
     if config["BARE_LINE_ENDINGS"] not in ("normalise", "reject"):
         raise ConfigError("BARE_LINE_ENDINGS: expected 'normalise' or 'reject'")
     if config["RECEIVED_HEADER"] not in ("full", "anonymous"):
         raise ConfigError("RECEIVED_HEADER: expected 'full' or 'anonymous'")
+    selector = config["DKIM_DEFAULT_SELECTOR"] = config["DKIM_DEFAULT_SELECTOR"].strip().lower()
+    if selector and not _SELECTOR.fullmatch(selector):
+        raise ConfigError("DKIM_DEFAULT_SELECTOR: expected a DNS label such as og1, or empty")
+    dns_resolvers(config)  # raises ConfigError naming DNS_RESOLVER
     for name, bits in (("MAX_CUSTOMER_RANGE_V4", 32), ("MAX_CUSTOMER_RANGE_V6", 128)):
         if not 1 <= int(config[name]) <= bits:
             raise ConfigError(f"{name}: expected a prefix length from 1 to {bits}")
@@ -329,5 +360,3 @@ def load_config(overrides: dict | None = None, environ=None) -> dict:
         config["SECRET_KEY"] = _secret_key(instance)
     config["INSTANCE_PATH"] = str(instance)
     return config
-    if config["METRICS_LISTEN"]:
-        parse_hostport("METRICS_LISTEN", config["METRICS_LISTEN"])

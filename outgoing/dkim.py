@@ -227,18 +227,27 @@ class SigningKey:
     private_pem: str
 
 
-def load_signing_key(session, domain_id: int, selector: str) -> SigningKey | None:
-    """The key of ``domain_id`` published under ``selector``; None when there is none."""
+def load_signing_key(session, domain_id: int, selector: str,
+                     default_selector: str = "") -> SigningKey | None:
+    """The key of ``domain_id`` published under ``selector``; None when there is none.
+
+    ``selector`` DKIM_DEFAULT means the provider's ``default_selector``, and only once its
+    record was found published: a signature no receiver can verify helps nobody."""
     from sqlalchemy import func, select
 
-    from outgoing.models import DkimKey, Domain
+    from outgoing.models import DKIM_DEFAULT, DkimKey, Domain
 
-    row = session.execute(
-        select(DkimKey.selector, DkimKey.algorithm, DkimKey.private_key_pem, Domain.name)
-        .join(Domain, Domain.id == DkimKey.domain_id)
-        .where(DkimKey.domain_id == domain_id,
-               func.lower(DkimKey.selector) == selector.strip().lower())
-    ).first()
+    query = (select(DkimKey.selector, DkimKey.algorithm, DkimKey.private_key_pem, Domain.name)
+             .join(Domain, Domain.id == DkimKey.domain_id)
+             .where(DkimKey.domain_id == domain_id))
+    if selector == DKIM_DEFAULT:
+        if not default_selector:
+            return None
+        query = query.where(DkimKey.selector == default_selector.lower(),
+                            DkimKey.dns_published.is_(True))
+    else:
+        query = query.where(func.lower(DkimKey.selector) == selector.strip().lower())
+    row = session.execute(query).first()
     if row is None:
         return None
     return SigningKey(domain=row.name, selector=row.selector, algorithm=row.algorithm,
@@ -248,3 +257,68 @@ def load_signing_key(session, domain_id: int, selector: str) -> SigningKey | Non
 def sign_with(message: bytes, key: SigningKey) -> bytes:
     return sign(message, domain=key.domain, selector=key.selector,
                 private_pem=key.private_pem, algorithm=key.algorithm)
+
+
+def ensure_default_key(session, domain, selector: str) -> bool:
+    """Give the domain a key for the provider's default selector on first use (RSA, which
+    every receiver verifies). True when one was made now."""
+    from sqlalchemy import select
+
+    from outgoing.models import DkimKey
+
+    if not selector or session.scalar(select(DkimKey.id).where(
+            DkimKey.domain_id == domain.id, DkimKey.selector == selector.lower())):
+        return False
+    pair = generate_key("rsa")
+    session.add(DkimKey(domain_id=domain.id, selector=selector.lower(),
+                        algorithm=pair.algorithm, private_key_pem=pair.private_pem,
+                        public_key_b64=pair.public_b64))
+    session.flush()
+    return True
+
+
+@dataclass(frozen=True)
+class DnsCheck:
+    published: bool
+    problem: str | None = None
+
+
+def _tags(record: str) -> dict[str, str]:
+    tags = {}
+    for part in record.split(";"):
+        name, sep, value = part.partition("=")
+        if sep:
+            tags[name.strip().lower()] = "".join(value.split())
+    return tags
+
+
+def check_published(name: str, public_b64: str, *, nameservers: list[tuple[str, int]] = (),
+                    timeout: float = 5.0) -> DnsCheck:
+    """Is the TXT record at ``name`` this key? With the system's resolver (or
+    ``nameservers``); every DNS failure is an answer for the page, never an exception."""
+    import dns.exception
+    import dns.resolver
+
+    resolver = dns.resolver.Resolver(configure=not nameservers)
+    if nameservers:
+        resolver.nameservers = [host for host, _ in nameservers]
+        resolver.port = nameservers[0][1]
+    resolver.lifetime = timeout
+    try:
+        answer = resolver.resolve(name, "TXT")
+    except dns.resolver.NXDOMAIN:
+        return DnsCheck(False, f"There is no {name} in DNS yet.")
+    except dns.resolver.NoAnswer:
+        return DnsCheck(False, f"{name} exists but has no TXT record.")
+    except dns.exception.Timeout:
+        return DnsCheck(False, "DNS did not answer in time; try again in a minute.")
+    except dns.exception.DNSException as exc:
+        return DnsCheck(False, f"DNS lookup failed: {exc}"[:300])
+    records = [b"".join(r.strings).decode("ascii", "replace") for r in answer]
+    keys = [_tags(r).get("p") for r in records if _tags(r).get("v", "DKIM1") == "DKIM1"]
+    if "".join(public_b64.split()) in keys:
+        return DnsCheck(True)
+    if any(keys):
+        return DnsCheck(False, f"{name} publishes another key; replace it with the value "
+                               "shown here.")
+    return DnsCheck(False, f"{name} has a TXT record, but not a DKIM key.")

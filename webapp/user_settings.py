@@ -15,7 +15,7 @@ from flask_login import current_user, login_required
 from sqlalchemy import select
 
 from outgoing import audit, newdomains
-from outgoing.models import ID_HEADER, KIND_DOMAIN, KIND_IP, DkimKey, OutgoingUser
+from outgoing.models import DKIM_DEFAULT, ID_HEADER, KIND_DOMAIN, KIND_IP, DkimKey, OutgoingUser
 from outgoing.usage import read_usage_sync
 from outgoing.users import (
     LIMIT_FIELDS,
@@ -80,9 +80,10 @@ def _build_form(user: OutgoingUser, *, stored: bool = False) -> UserSettingsForm
     form.lock_template_id.choices = choices([("", "Default template")] + [
         (str(t.id), t.name + ("" if t.domain_id else " (all domains)")) for t in templates])
     selectors = _selectors(user.domain_id)
-    if user.dkim_selector and user.dkim_selector not in selectors:
+    if user.dkim_selector and user.dkim_selector not in selectors + [DKIM_DEFAULT]:
         selectors.append(user.dkim_selector)  # keep showing a selector whose key is gone
-    form.dkim_selector.choices = choices([("", "Do not sign")] + [(s, s) for s in selectors])
+    form.dkim_selector.choices = choices([("", "Do not sign")] + _default_choice(user)
+                                         + [(s, s) for s in selectors])
     return form
 
 
@@ -90,6 +91,17 @@ def _newly_registered_available() -> bool:
     """Whether "Reject messages from newly registered domains" can do anything: without a
     source of registration dates the proxy lets every domain through."""
     return newdomains.available(current_app.config, redis_client())
+
+
+def _default_choice(user: OutgoingUser) -> list[tuple[str, str]]:
+    """"Use the default" with what it means for this domain right now."""
+    selector = current_app.config["DKIM_DEFAULT_SELECTOR"]
+    if not selector:
+        return []
+    published = db.session.scalar(select(DkimKey.dns_published).where(
+        DkimKey.domain_id == user.domain_id, DkimKey.selector == selector))
+    state = "signing" if published else "not signing until its DNS record is published"
+    return [(DKIM_DEFAULT, f"Use the default ({selector}, {state})")]
 
 
 def _domain_editable(user: OutgoingUser) -> bool:
@@ -186,7 +198,7 @@ def _check_domain(form, user: OutgoingUser, values: dict):
         form.domain.errors = ["An Authenticating Domain cannot move to another domain."]
     target_id = domain.id if domain else user.domain_id
     selector = values["dkim_selector"]
-    if selector and selector not in _selectors(target_id) and (
+    if selector and selector != DKIM_DEFAULT and selector not in _selectors(target_id) and (
             selector != user.dkim_selector or target_id != user.domain_id):
         form.dkim_selector.errors = ["That selector has no key in this domain; create one on "
                                      "the DKIM page first."]

@@ -72,8 +72,9 @@ HELP = {
     "limit_per_day": "Connections allowed in any 24 hours; empty means no cap.",
     "limit_per_hour": "Connections allowed in any hour; empty means no cap.",
     "limit_per_minute": "Connections allowed in any minute; empty means no cap.",
-    "dkim_selector": "Sign this user's mail with the domain's key of this selector (create "
-                     "keys on the DKIM page and publish their TXT record first).",
+    "dkim_selector": "Sign this user's mail with the domain's key of this selector: the "
+                     "default one once its TXT record is published (see the DKIM page), or "
+                     "another key generated there.",
     "maximum_recipients_per_day": "Recipients this user may address in any 24 hours; empty "
                                   "means no cap.",
     "quarantine_response": "What the sending server hears when a message is quarantined: a "
