@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tests.support import data
-from tests.support.mail import GTUBE, client, message, send
+from tests.support.mail import GTUBE, client, message, read_reply, send
 from tests.support.services import RedisServer, TcpForwarder
 
 PASSWORD = "Alice-pass-123"
@@ -238,14 +238,7 @@ class RawClient:
         self.sock.sendall(raw)
 
     def reply(self) -> tuple[int, bytes]:
-        lines = []
-        while True:
-            line = self.file.readline()
-            if not line:
-                return -1, b"".join(lines)
-            lines.append(line)
-            if line[3:4] != b"-":
-                return int(line[:3]), b"".join(lines)
+        return read_reply(self.file)
 
     def expect(self, code: int) -> bytes:
         got, text = self.reply()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import data
-from tests.support.mail import message
+from tests.support.mail import message, read_reply
 from tests.support.services import (
     free_port,
     process_env,
@@ -46,14 +46,7 @@ class Conn:
         self.greeting = self.reply()
 
     def reply(self) -> tuple[int, bytes]:
-        lines = []
-        while True:
-            line = self.file.readline()
-            if not line:
-                return -1, b"".join(lines)
-            lines.append(line)
-            if line[3:4] != b"-":
-                return int(line[:3]), b"".join(lines)
+        return read_reply(self.file)
 
     def ask(self, line: bytes) -> tuple[int, bytes]:
         self.sock.sendall(line + b"\r\n")

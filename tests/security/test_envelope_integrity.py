@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support import data
-from tests.support.mail import message
+from tests.support.mail import message, read_reply
 from tests.support.web import csrf_token, log_in
 
 PASSWORD = "Alice-pass-123"
@@ -86,14 +86,7 @@ class Client:
         self.sock.sendall(line + b"\r\n")
 
     def reply(self) -> tuple[int, bytes]:
-        lines = []
-        while True:
-            line = self.file.readline()
-            if not line:
-                return -1, b"".join(lines)
-            lines.append(line)
-            if line[3:4] != b"-":
-                return int(line[:3]), b"".join(lines)
+        return read_reply(self.file)
 
     def expect(self, code: int) -> bytes:
         got, text = self.reply()

@@ -53,3 +53,16 @@ def send(smtp: smtplib.SMTP, data: bytes, sender="alice@example.com",
             smtp.rset()
             return code, reply
     return smtp.data(data)
+
+
+def read_reply(file) -> tuple[int, bytes]:
+    """One (possibly multi-line) SMTP reply from a socket's file: (code, all its lines), or
+    (-1, what came) when the server closed the connection."""
+    lines = []
+    while True:
+        line = file.readline()
+        if not line:
+            return -1, b"".join(lines)
+        lines.append(line)
+        if line[3:4] != b"-":
+            return int(line[:3]), b"".join(lines)

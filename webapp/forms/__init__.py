@@ -1,5 +1,8 @@
 """Flask-WTF forms, one module per page area."""
 
+from email_validator import EmailNotValidError, validate_email
+from wtforms.validators import ValidationError
+
 try:  # WTForms >= 3.3 wants SelectChoice objects; older ones take (value, label) pairs.
     from wtforms.fields.choices import SelectChoice as _Choice
 except ImportError:  # pragma: no cover - older WTForms
@@ -10,3 +13,17 @@ except ImportError:  # pragma: no cover - older WTForms
 def choices(pairs) -> list:
     """SelectField choices from (value, label) pairs, in the form this WTForms expects."""
     return [_Choice(value, label) for value, label in pairs]
+
+
+
+def optional_email(field, example: str) -> None:
+    """An optional address field: empty is None, else the normalised address or a message
+    naming ``example``."""
+    text = (field.data or "").strip()
+    if not text:
+        field.data = None
+        return
+    try:
+        field.data = validate_email(text, check_deliverability=False).normalized
+    except EmailNotValidError as exc:
+        raise ValidationError(f"Enter an email address such as {example} ({exc}).") from None

@@ -1,11 +1,11 @@
 """Forms of the Domains page (admin level) and Outgoing > Settings (domain level)."""
 
-from email_validator import EmailNotValidError, validate_email
 from flask_wtf import FlaskForm
 from wtforms import BooleanField, StringField
 from wtforms.validators import InputRequired, Length, ValidationError
 
 from outgoing.users import normalise_domain
+from webapp.forms import optional_email
 
 SETTINGS_HELP = {
     "abuse_report_address": "The administrator's contact: abuse reports (ARF) about "
@@ -33,15 +33,7 @@ class DomainSettingsForm(FlaskForm):
     quarantine_report_enabled = BooleanField("Daily quarantine report")
 
     def validate_abuse_report_address(self, field):
-        text = (field.data or "").strip()
-        if not text:
-            field.data = None
-            return
-        try:
-            field.data = validate_email(text, check_deliverability=False).normalized
-        except EmailNotValidError as exc:
-            raise ValidationError(
-                f"Enter an email address such as abuse@example.com ({exc}).") from None
+        optional_email(field, "abuse@example.com")
 
     def validate_quarantine_report_enabled(self, field):
         if field.data and not (self.abuse_report_address.data or "").strip():

@@ -4,7 +4,6 @@ Which fields a user has depends on its type (see ``for_kind``); choices that dep
 database (lock templates, DKIM selectors) are filled in by the route.
 """
 
-from email_validator import EmailNotValidError, validate_email
 from flask_wtf import FlaskForm
 from wtforms import (
     BooleanField,
@@ -32,7 +31,7 @@ from outgoing.models import (
     REAUTH_USER,
 )
 from scoring.identity import MAX_HEADER_NAME, MAX_PATTERN, validate_header_name, validate_regex
-from webapp.forms import choices
+from webapp.forms import choices, optional_email
 
 MAX_HEADERS = 20
 WEEK_MINUTES = 7 * 24 * 60
@@ -181,15 +180,7 @@ class UserSettingsForm(FlaskForm):
     confirm_overlap = BooleanField("Move it although it overlaps another domain's range")
 
     def validate_contact_email(self, field):
-        text = (field.data or "").strip()
-        if not text:
-            field.data = None
-            return
-        try:
-            field.data = validate_email(text, check_deliverability=False).normalized
-        except EmailNotValidError as exc:
-            raise ValidationError(
-                f"Enter an email address such as postmaster@example.com ({exc}).") from None
+        optional_email(field, "postmaster@example.com")
 
 
 # Fields each type of user does not have.
