@@ -73,3 +73,36 @@ def auth_networks(login: str) -> str:
     """Sorted set of the networks (/24, /64) a username logged in from successfully, scored
     by the last success: its username block does not apply there (``scoring.locks``)."""
     return f"og:{{auth}}:nets:{auth_subject_user(login)}"
+
+
+# Compromise detection (proxy/detection.lua). Per-user keys share the user's slot; the
+# cross-customer campaign count has a slot of its own and only weighs one's own copies.
+def detection_state(user_id: int) -> str:
+    """Hash of ``<subject>|<field>``: hourly counts, 14-day means, risk, rung, minute count;
+    the subject is the identity (lower case) or ``*`` for the user."""
+    return f"og:{{{user_id}}}:risk"
+
+
+def detection_domains(user_id: int, subject: str, hour: int) -> str:
+    """HyperLogLog of one hour's distinct recipient domains."""
+    return f"og:{{{user_id}}}:dom:{hour}:{subject.lower()}"
+
+
+def detection_campaign(user_id: int, hour: int, fingerprint: str) -> str:
+    """Hash of one hour's own copies of one content: subject -> copies."""
+    return f"og:{{{user_id}}}:camp:{hour}:{fingerprint}"
+
+
+def detection_refusals(user_id: int, hour: int) -> str:
+    """Hash of one hour's permanently refused recipients: subject -> count."""
+    return f"og:{{{user_id}}}:ref:{hour}"
+
+
+def campaign_senders(hour: int, fingerprint: str) -> str:
+    """HyperLogLog of the identities (``user:identity``) anywhere sending one content."""
+    return f"og:{{camp:{fingerprint}}}:senders:{hour}"
+
+
+def release_pace(user_id: int, minute: int) -> str:
+    """Held messages released in one minute (the worker's pace)."""
+    return f"og:{{{user_id}}}:released:{minute}"

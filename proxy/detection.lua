@@ -1,0 +1,192 @@
+-- Compromise detection: measure one message, add its points, climb or descend the ladder.
+-- One round trip on the user's hash-tagged keys. The policy (weights, thresholds, the
+-- formulas) is scoring/risk.py; this mirrors points() and rung_for() and a test checks that
+-- both agree. Subjects: the identity, and "*" for the outgoing user as a whole.
+--
+-- KEYS[1] state hash          og:{u}:risk
+-- KEYS[2] identity domains    og:{u}:dom:<identity>:<hour>   (HyperLogLog)
+-- KEYS[3] user domains        og:{u}:dom:*:<hour>            (HyperLogLog)
+-- KEYS[4] campaign copies     og:{u}:camp:<hour>:<fingerprint>  (hash: subject -> copies)
+-- KEYS[5] refusals            og:{u}:ref:<hour>               (hash: subject -> refused)
+-- ARGV: see proxy/detection.py ARGS; then the recipient domains.
+
+local now = tonumber(ARGV[1])
+local identity = ARGV[2]
+local hour = tonumber(ARGV[3])
+local rcpts = tonumber(ARGV[4])
+local has_fp = ARGV[5] == "1"
+local senders = tonumber(ARGV[6])
+local auth_failed = ARGV[7] == "1"
+local auth_new = ARGV[8] == "1"
+local spam = ARGV[9] == "1"
+local score = tonumber(ARGV[10])
+local spam_threshold = tonumber(ARGV[11])
+local allowance = tonumber(ARGV[12])
+local half_life = tonumber(ARGV[13])
+local throttle_at = tonumber(ARGV[14])
+local hold_at = tonumber(ARGV[15])
+local lock_at = tonumber(ARGV[16])
+local throttle_rate = tonumber(ARGV[17])
+local enforce = ARGV[18] == "1"  -- enabled and not in shadow mode
+local w_volume, w_rcpts, w_spread, w_refusals = tonumber(ARGV[19]), tonumber(ARGV[20]),
+  tonumber(ARGV[21]), tonumber(ARGV[22])
+local w_campaign, w_auth_failed, w_auth_new, w_content, w_spam = tonumber(ARGV[23]),
+  tonumber(ARGV[24]), tonumber(ARGV[25]), tonumber(ARGV[26]), tonumber(ARGV[27])
+local peak, slack_m, slack_d = tonumber(ARGV[28]), tonumber(ARGV[29]), tonumber(ARGV[30])
+local refusal_floor, refusal_min = tonumber(ARGV[31]), tonumber(ARGV[32])
+local campaign_min, boost_step, boost_cap = tonumber(ARGV[33]), tonumber(ARGV[34]),
+  tonumber(ARGV[35])
+local content_floor, span, ramp = tonumber(ARGV[36]), tonumber(ARGV[37]), tonumber(ARGV[38])
+local ttl = tonumber(ARGV[39])
+local first_domain = 40
+
+local state = KEYS[1]
+local minute = math.floor(now / 60)
+
+local function num(field)
+  return tonumber(redis.call("HGET", state, field) or "0") or 0
+end
+
+local function decayed(subject)
+  local risk = num(subject .. "|r")
+  local at = num(subject .. "|t")
+  if risk <= 0 then return 0 end
+  if now <= at then return risk end
+  if half_life <= 0 then return 0 end
+  return risk * math.pow(0.5, (now - at) / half_life)
+end
+
+local function rung_for(risk)
+  if lock_at > 0 and risk >= lock_at then return 3 end
+  if hold_at > 0 and risk >= hold_at then return 2 end
+  if throttle_at > 0 and risk >= throttle_at then return 1 end
+  return 0
+end
+
+-- Throttle first, from the risk before this message: a throttled message is not counted
+-- (its MTA sends it again later), so retries never inflate the sender's own figures.
+local before_i, before_u = decayed(identity), decayed("*")
+local rung_before = math.max(rung_for(before_i), rung_for(before_u))
+local minute_field = identity .. "|mm"
+local minute_count = 0
+if num(minute_field) == minute then minute_count = num(identity .. "|mc") end
+if enforce and rung_before == 1 and throttle_rate > 0 and minute_count >= throttle_rate then
+  return {"throttled", tostring(before_i), tostring(before_u), tostring(rung_before),
+          tostring(rung_before), ""}
+end
+redis.call("HSET", state, minute_field, minute, identity .. "|mc", minute_count + 1)
+
+local function expected(base, age, allow, slack)
+  local own = base * peak + slack
+  if age >= ramp then return own end
+  local share = math.max(age, 0) / ramp
+  return share * own + (1 - share) * math.max(allow, own)
+end
+
+local function excess(observed, exp)
+  if exp <= 0 or observed <= exp then return 0 end
+  return math.min(observed / exp - 1, 3)
+end
+
+local function baseline(mean, age_hours)
+  if age_hours <= 0 then return 0 end
+  local weight = 1 - math.pow(1 - 1 / span, age_hours)
+  if weight <= 0 then return 0 end
+  return mean / weight
+end
+
+local domains = {}
+for i = first_domain, #ARGV do domains[#domains + 1] = ARGV[i] end
+
+local out = {}
+local campaign_copies = {}
+if has_fp then
+  campaign_copies[identity] = redis.call("HINCRBY", KEYS[4], identity, 1)
+  campaign_copies["*"] = redis.call("HINCRBY", KEYS[4], "*", 1)
+  redis.call("EXPIRE", KEYS[4], 7200)
+end
+
+local subjects = {{identity, KEYS[2]}, {"*", KEYS[3]}}
+local new_rungs = {}
+local risks = {}
+local signals = {}
+for _, pair in ipairs(subjects) do
+  local s, hll = pair[1], pair[2]
+  local h = num(s .. "|h")
+  local first = redis.call("HGET", state, s .. "|f")
+  if not first then
+    first = hour
+    redis.call("HSET", state, s .. "|f", hour)
+  end
+  first = tonumber(first)
+  local bm, bn, bd = num(s .. "|bm"), num(s .. "|bn"), num(s .. "|bd")
+  local m, n = num(s .. "|m"), num(s .. "|n")
+  if h ~= hour then
+    if h > 0 and hour > h then
+      local gap = hour - h
+      local keep = math.pow(1 - 1 / span, gap)
+      local last = math.pow(1 - 1 / span, gap - 1) / span
+      bm = bm * keep + last * m
+      bn = bn * keep + last * n
+      bd = bd * keep + last * num(s .. "|d")
+    end
+    m, n = 0, 0
+  end
+  m = m + 1
+  n = n + rcpts
+  if #domains > 0 then redis.call("PFADD", hll, unpack(domains)) end
+  redis.call("EXPIRE", hll, 7200)
+  local d = redis.call("PFCOUNT", hll)
+  redis.call("HSET", state, s .. "|h", hour, s .. "|m", m, s .. "|n", n, s .. "|d", d,
+             s .. "|bm", bm, s .. "|bn", bn, s .. "|bd", bd)
+
+  local age_hours = hour - first
+  local age = (now - first * 3600)
+  local base_m, base_n, base_d = baseline(bm, age_hours), baseline(bn, age_hours),
+    baseline(bd, age_hours)
+  local p = {}
+  local v = excess(m, expected(base_m, age, allowance, slack_m))
+  if v > 0 then p["volume"] = w_volume * v end
+  v = excess(n, expected(base_n, age, allowance * 2, slack_m * 2))
+  if v > 0 then p["recipients"] = w_rcpts * v end
+  v = excess(d, expected(base_d, age, allowance / 2, slack_d))
+  if v > 0 then p["spread"] = w_spread * v end
+  local refused = tonumber(redis.call("HGET", KEYS[5], s) or "0") or 0
+  if n >= refusal_min then
+    local share = math.min(refused / n, 1)
+    if share > refusal_floor then p["refusals"] = w_refusals * (share - refusal_floor) end
+  end
+  if has_fp and campaign_copies[s] > campaign_min + base_m then
+    local doublings = math.log(math.max(senders, 1)) / math.log(2)
+    p["campaign"] = w_campaign * math.min(1 + boost_step * doublings, boost_cap)
+  end
+  if auth_failed then p["auth_failed"] = w_auth_failed end
+  if auth_new then p["auth_new_network"] = w_auth_new end
+  if spam then
+    p["spam"] = w_spam
+  elseif spam_threshold > 0 then
+    local share = score / spam_threshold
+    if share > content_floor then p["content"] = w_content * math.min(share, 1) end
+  end
+  local total = 0
+  local flat = {}
+  for name, value in pairs(p) do
+    total = total + value
+    flat[#flat + 1] = name
+    flat[#flat + 1] = tostring(value)
+  end
+  local risk = (s == identity and before_i or before_u) + total
+  redis.call("HSET", state, s .. "|r", risk, s .. "|t", now)
+  local previous = num(s .. "|g")
+  local rung = rung_for(risk)
+  redis.call("HSET", state, s .. "|g", rung)
+  new_rungs[#new_rungs + 1] = previous
+  new_rungs[#new_rungs + 1] = rung
+  risks[#risks + 1] = tostring(risk)
+  signals[#signals + 1] = table.concat(flat, " ")
+end
+redis.call("EXPIRE", state, ttl)
+-- {"ok", identity risk, user risk, identity rung before/after, user rung before/after,
+--  identity signals, user signals}
+return {"ok", risks[1], risks[2], tostring(new_rungs[1]), tostring(new_rungs[2]),
+        tostring(new_rungs[3]), tostring(new_rungs[4]), signals[1], signals[2]}

@@ -1,0 +1,210 @@
+"""Compromise detection on the hot path: one script per message on the user's keys.
+
+``detection.lua`` measures the message (hourly volume and recipients against a 14-day moving
+average, distinct recipient domains in a HyperLogLog, own copies of the content, refusals),
+adds the points ``scoring.risk`` defines, decays the risk and returns the rung before and
+after, for the identity and for the user. The cross-customer count of the content (how many
+identities anywhere send it this hour) lives under its own key, outside any user's slot: it
+is counted in the same pipeline (one round trip on one Redis server, two concurrent calls on a
+Cluster) and weighs the next message's points, never adds points by itself.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from outgoing import redis_keys
+from outgoing.redis_conn import is_cluster
+from scoring import risk
+
+DETECTION_LUA = Path(__file__).with_name("detection.lua").read_text(encoding="utf-8")
+CAMPAIGN_LUA = """
+redis.call("PFADD", KEYS[1], ARGV[1])
+redis.call("EXPIRE", KEYS[1], 7200)
+return redis.call("PFCOUNT", KEYS[1])
+"""
+STATE_TTL = 15 * 86400  # an idle user's detection state goes after the baseline's span
+RUNG_NAMES = {0: risk.OBSERVE, 1: risk.THROTTLE, 2: risk.HOLD, 3: risk.LOCK}
+MAX_DOMAINS = 200  # recipient domains passed per message (the HyperLogLog needs no more)
+
+_scripts: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _script(redis, name: str, source: str):
+    per_client = _scripts.setdefault(redis, {})
+    if name not in per_client:
+        per_client[name] = redis.register_script(source)
+    return per_client[name]
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _parse_signals(text: str) -> dict[str, float]:
+    parts = text.split()
+    return {name: round(float(value), 3) for name, value in zip(parts[::2], parts[1::2],
+                                                                  strict=False)}
+
+
+@dataclass(frozen=True)
+class Measure:
+    """What the script found: risks, rungs before and after, and this message's points."""
+
+    throttled: bool
+    identity_risk: float
+    user_risk: float
+    identity_rung: tuple[str, str]  # (before, after)
+    user_rung: tuple[str, str]
+    identity_signals: dict[str, float] = field(default_factory=dict)
+    user_signals: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rung(self) -> str:
+        return risk.higher(self.identity_rung[1], self.user_rung[1])
+
+    @property
+    def previous_rung(self) -> str:
+        return risk.higher(self.identity_rung[0], self.user_rung[0])
+
+    @property
+    def signals(self) -> dict[str, float]:
+        """The points behind the rung: the riskier subject's."""
+        if self.user_risk > self.identity_risk and self.user_signals:
+            return self.user_signals
+        return self.identity_signals or self.user_signals
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One message's facts, as the proxy saw them."""
+
+    identity: str
+    recipients: tuple[str, ...]
+    fingerprint: str | None = None
+    auth_failed: bool = False
+    auth_new_network: bool = False
+    spam: bool = False
+    spam_score: float = 0.0
+    spam_threshold: float = 5.0
+
+
+def recipient_domains(recipients) -> list[str]:
+    seen: dict[str, None] = {}
+    for address in recipients:
+        domain = address.rpartition("@")[2].strip().lower().rstrip(">")
+        if domain:
+            seen.setdefault(domain, None)
+        if len(seen) >= MAX_DOMAINS:
+            break
+    return list(seen)
+
+
+class CampaignCounts:
+    """The last known cross-customer count per fingerprint (this process), bounded."""
+
+    def __init__(self, size: int = 10000):
+        self.size = size
+        self._counts: OrderedDict[str, int] = OrderedDict()
+
+    def get(self, fp: str) -> int:
+        return self._counts.get(fp, 1)
+
+    def put(self, fp: str, count: int) -> None:
+        self._counts[fp] = count
+        self._counts.move_to_end(fp)
+        while len(self._counts) > self.size:
+            self._counts.popitem(last=False)
+
+
+def _args(evidence: Evidence, settings: risk.Settings, now: float, senders: int,
+          enforce: bool) -> list:
+    w = risk.WEIGHTS
+    return [repr(float(now)), evidence.identity.lower(), int(now // risk.HOUR),
+            len(evidence.recipients), 1 if evidence.fingerprint else 0, senders,
+            1 if evidence.auth_failed else 0, 1 if evidence.auth_new_network else 0,
+            1 if evidence.spam else 0, repr(float(evidence.spam_score)),
+            repr(float(evidence.spam_threshold)), repr(float(settings.new_sender_allowance)),
+            repr(float(settings.half_life)), repr(float(settings.throttle_at)),
+            repr(float(settings.hold_at)), repr(float(settings.lock_at)),
+            int(settings.throttle_rate), 1 if enforce else 0,
+            w["volume"], w["recipients"], w["spread"], w["refusals"], w["campaign"],
+            w["auth_failed"], w["auth_new_network"], w["content"], w["spam"],
+            risk.PEAK_FACTOR, risk.SLACK_MESSAGES, risk.SLACK_DOMAINS, risk.REFUSAL_FLOOR,
+            risk.REFUSAL_MIN_RECIPIENTS, risk.CAMPAIGN_MIN_COPIES,
+            risk.CAMPAIGN_BOOST_PER_DOUBLING, risk.CAMPAIGN_BOOST_CAP, risk.CONTENT_FLOOR,
+            risk.BASELINE_HOURS, risk.RAMP_SECONDS, STATE_TTL,
+            *recipient_domains(evidence.recipients)]
+
+
+async def measure(redis, user_id: int, evidence: Evidence, settings: risk.Settings,
+                  now: float, campaigns: CampaignCounts | None = None) -> Measure:
+    """Score one message. Throttled (over the cap while throttled): nothing was counted."""
+    hour = int(now // risk.HOUR)
+    identity = evidence.identity.lower()
+    fp = evidence.fingerprint
+    campaigns = campaigns if campaigns is not None else CampaignCounts()
+    senders = campaigns.get(fp) if fp else 1
+    keys = [redis_keys.detection_state(user_id),
+            redis_keys.detection_domains(user_id, identity, hour),
+            redis_keys.detection_domains(user_id, "*", hour),
+            redis_keys.detection_campaign(user_id, hour, fp or "-"),
+            redis_keys.detection_refusals(user_id, hour)]
+    enforce = settings.enabled and not settings.shadow
+    args = _args(evidence, settings, now, senders, enforce)
+    script = _script(redis, "detect", DETECTION_LUA)
+    if fp:
+        count_script = _script(redis, "campaign", CAMPAIGN_LUA)
+        ckeys = [redis_keys.campaign_senders(hour, fp)]
+        cargs = [f"{user_id}:{identity}"]
+        if is_cluster(redis):
+            import asyncio
+
+            count, raw = await asyncio.gather(count_script(keys=ckeys, args=cargs),
+                                              script(keys=keys, args=args))
+        else:
+            async with redis.pipeline(transaction=False) as pipe:
+                await count_script(keys=ckeys, args=cargs, client=pipe)
+                await script(keys=keys, args=args, client=pipe)
+                count, raw = await pipe.execute()
+        campaigns.put(fp, int(count))
+    else:
+        raw = await script(keys=keys, args=args)
+    return parse(raw)
+
+
+def parse(raw) -> Measure:
+    values = [_text(v) for v in raw]
+    if values[0] == "throttled":
+        rung = RUNG_NAMES[int(values[3])]
+        return Measure(True, float(values[1]), float(values[2]), (rung, rung), (rung, rung))
+    return Measure(
+        throttled=False, identity_risk=float(values[1]), user_risk=float(values[2]),
+        identity_rung=(RUNG_NAMES[int(values[3])], RUNG_NAMES[int(values[4])]),
+        user_rung=(RUNG_NAMES[int(values[5])], RUNG_NAMES[int(values[6])]),
+        identity_signals=_parse_signals(values[7]), user_signals=_parse_signals(values[8]))
+
+
+async def record_refusals(redis, user_id: int, identity: str, refused: int,
+                          now: float) -> None:
+    """Recipients the next hop refused permanently: the refusals signal of later messages."""
+    key = redis_keys.detection_refusals(user_id, int(now // risk.HOUR))
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hincrby(key, identity.lower(), refused)
+        pipe.hincrby(key, "*", refused)
+        pipe.expire(key, 7200)
+        await pipe.execute()
+
+
+def current_risk(redis_sync, user_id: int, identity: str, now: float,
+                 half_life: float) -> tuple[float, float]:
+    """The identity's and the user's risk now (decayed), for the panel and the worker."""
+    fields = [f"{identity.lower()}|r", f"{identity.lower()}|t", "*|r", "*|t"]
+    values = redis_sync.hmget(redis_keys.detection_state(user_id), fields)
+    numbers = [float(_text(v)) if v is not None else 0.0 for v in values]
+    return (risk.decay(numbers[0], now - numbers[1], half_life),
+            risk.decay(numbers[2], now - numbers[3], half_life))
