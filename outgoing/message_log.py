@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 from sqlalchemy import and_, or_, select, text
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from outgoing.models import MessageLogEntry
@@ -93,15 +92,34 @@ def insert_rows(session, rows: list[dict]) -> int:
     stream entry); returns how many were new."""
     if not rows:
         return 0
-    table = MessageLogEntry.__table__
     if session.get_bind().dialect.name == "postgresql":
         ensure_partitions(session, {row["at"].date() for row in rows})
-        statement = pg_insert(table).on_conflict_do_nothing(index_elements=["stream_id", "at"])
-    else:
-        statement = sqlite_insert(table).on_conflict_do_nothing()
+        return _copy_rows(session, rows)
+    statement = sqlite_insert(MessageLogEntry.__table__).on_conflict_do_nothing()
     result = session.connection().execute(statement, rows)
     return result.rowcount if result.rowcount is not None and result.rowcount >= 0 \
         else len(rows)
+
+
+_COPY_COLUMNS = [c.name for c in MessageLogEntry.__table__.columns if c.name != "id"]
+
+
+def _copy_rows(session, rows: list[dict]) -> int:
+    """PostgreSQL: COPY the batch into a temporary table, then one INSERT ... SELECT ...
+    ON CONFLICT DO NOTHING (several times faster than a multi-row INSERT per batch)."""
+    columns = ", ".join(_COPY_COLUMNS)
+    session.execute(text(
+        "CREATE TEMP TABLE IF NOT EXISTS message_log_incoming AS "
+        f"SELECT {columns} FROM message_log WITH NO DATA"))
+    session.execute(text("TRUNCATE message_log_incoming"))
+    cursor = session.connection().connection.dbapi_connection.cursor()
+    with cursor.copy(f"COPY message_log_incoming ({columns}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row([row.get(name) for name in _COPY_COLUMNS])
+    result = session.execute(text(
+        f"INSERT INTO message_log ({columns}) SELECT {columns} FROM message_log_incoming "
+        "ON CONFLICT (stream_id, at) DO NOTHING"))
+    return result.rowcount
 
 
 # --- partitions and retention ------------------------------------------------------------
@@ -264,6 +282,17 @@ def search(session, criteria: LogSearch, *, domain_id: int | None, after: str | 
            size: int = PAGE_SIZE) -> LogPage:
     """One page of the log, newest first; ``domain_id`` limits it to one domain (a domain
     admin; rows without a domain are then never shown)."""
+    rows = list(session.scalars(search_query(criteria, domain_id=domain_id, after=after,
+                                             size=size)))
+    page = LogPage(rows[:size])
+    if len(rows) > size:
+        page.next = encode_cursor(rows[size - 1])
+    return page
+
+
+def search_query(criteria: LogSearch, *, domain_id: int | None, after: str | None = None,
+                 size: int = PAGE_SIZE):
+    """The query of one page (``size`` + 1 rows, to know whether another page follows)."""
     entry = MessageLogEntry
     query = select(entry)
     if domain_id is not None:
@@ -303,12 +332,7 @@ def search(session, criteria: LogSearch, *, domain_id: int | None, after: str | 
         at, row_id = cursor
         # The first clause lets the planner start the index walk at the cursor.
         query = query.where(and_(entry.at <= at, or_(entry.at < at, entry.id < row_id)))
-    query = query.order_by(entry.at.desc(), entry.id.desc()).limit(size + 1)
-    rows = list(session.scalars(query))
-    page = LogPage(rows[:size])
-    if len(rows) > size:
-        page.next = encode_cursor(rows[size - 1])
-    return page
+    return query.order_by(entry.at.desc(), entry.id.desc()).limit(size + 1)
 
 
 def _like(value: str) -> str:
