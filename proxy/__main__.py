@@ -8,7 +8,6 @@ import os
 import sys
 
 from outgoing.config import ConfigError, load_config
-from proxy.server import run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +28,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"outbound-guard: configuration error: {exc}", file=sys.stderr)
         return 2
     workers = args.workers or config["SMTP_WORKERS"] or os.cpu_count() or 1
+    # Prometheus' multiprocess mode must be on before prometheus_client is imported (it
+    # is, through proxy.server's imports).
+    from proxy.metrics_server import prepare_multiprocess
+
+    prepare_multiprocess(config)
+    from proxy.server import run
+
     run(config, workers)
     return 0
 

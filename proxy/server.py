@@ -19,6 +19,7 @@ import time
 from outgoing import jobs, locks, redis_conn
 from outgoing.config import parse_hostport, parse_networks
 from outgoing.db import make_sessionmaker, session_scope
+from proxy import metrics_server
 from proxy.connections import ConnectionCounts
 from proxy.directory import Directory
 from proxy.handler import OutboundHandler
@@ -165,6 +166,9 @@ def run(config: dict, workers: int) -> None:
     connections the dead one had counted."""
     host, port = parse_hostport("SMTP_LISTEN", config["SMTP_LISTEN"])
     ensure_certificate(config["TLS_CERT"], config["TLS_KEY"], config["SMTP_HOSTNAME"])
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        metrics_server.prepare_multiprocess(config)
+    metrics_server.serve(config)  # from this process, the sum of all of them
     if workers <= 1:
         sock = listening_socket(host, port, reuse_port=False)
         asyncio.run(serve(config, sock))
@@ -202,6 +206,7 @@ def run(config: dict, workers: int) -> None:
         if index is None:
             continue
         connections.clear(index)
+        metrics_server.child_died(pid)
         if not stopping:
             log.error("SMTP proxy worker %d exited (status %d); starting another", pid,
                       status)

@@ -1,0 +1,61 @@
+"""Serving the proxy's metrics from the parent process (multiprocess mode).
+
+``prepare_multiprocess`` runs before anything imports prometheus_client: it gives this run a
+fresh ``PROMETHEUS_MULTIPROC_DIR`` under the instance folder (files of an earlier run would
+add old counts to the new ones). The parent then serves the children's sum on
+``METRICS_LISTEN`` and marks a dead child's files so its gauges stop counting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def prepare_multiprocess(config: dict) -> Path:
+    path = Path(config["INSTANCE_PATH"]) / "prometheus-proxy"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    import sys
+
+    if "prometheus_client.values" in sys.modules:  # imported already: choose again
+        from prometheus_client import values
+
+        values.ValueClass = values.get_value_class()
+    return path
+
+
+def serve(config: dict):
+    """Start the HTTP server of the metrics in a thread; None when METRICS_LISTEN is empty."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from outgoing.config import parse_hostport
+
+    if not config.get("METRICS_LISTEN"):
+        return None
+    host, port = parse_hostport("METRICS_LISTEN", config["METRICS_LISTEN"])
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        # Mail matters more than its figures: an occupied port must not stop the proxy.
+        log.error("cannot serve metrics on %s (%s); the proxy runs without them",
+                  config["METRICS_LISTEN"], exc)
+        return None
+    log.info("metrics on http://%s/metrics", config["METRICS_LISTEN"])
+    return server
+
+
+def child_died(pid: int) -> None:
+    """Forget the live gauges of a dead process (its counters keep counting)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
