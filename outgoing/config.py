@@ -63,6 +63,10 @@ def _defaults(instance: Path) -> dict:
         # Seconds the proxy waits for Redis per call (the panel and worker wait 5).
         "PROXY_REDIS_TIMEOUT": 1.0,
         "SPAM_LOCK_THRESHOLD": 5,
+        # Compromise detection: seconds in which a sender's risk halves (scoring/risk.py).
+        "DETECTION_HALF_LIFE_SECONDS": 3600,
+        # A claim on a held message older than this is taken over (its worker died).
+        "HELD_CLAIM_SECONDS": 120,
         "SPAM_WINDOW_SECONDS": 600,
         "CONFIG_REFRESH_SECONDS": 1.0,
         "RQ_QUEUE": "outgoing",

@@ -24,6 +24,7 @@ from sqlalchemy import (
     event,
     false,
     select,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -163,6 +164,22 @@ class OutgoingUser(LockState, Base):
     shared_smarthost: Mapped[bool] = mapped_column(Boolean, default=False,
                                                    server_default=false())
 
+    # Compromise detection (scoring/risk.py): on in shadow mode unless the provider's
+    # default for new users says otherwise (GlobalSetting "detection_default").
+    compromise_detection: Mapped[bool] = mapped_column(Boolean, default=True,
+                                                       server_default=true())
+    detection_shadow_mode: Mapped[bool] = mapped_column(Boolean, default=True,
+                                                        server_default=true())
+    detection_throttle_at: Mapped[int] = mapped_column(Integer, default=60, server_default="60")
+    detection_hold_at: Mapped[int] = mapped_column(Integer, default=120, server_default="120")
+    detection_lock_at: Mapped[int] = mapped_column(Integer, default=400, server_default="400")
+    detection_throttle_rate: Mapped[int] = mapped_column(Integer, default=10,
+                                                         server_default="10")
+    detection_new_sender_allowance: Mapped[int] = mapped_column(Integer, default=20,
+                                                                server_default="20")
+    detection_release_pace: Mapped[int] = mapped_column(Integer, default=30,
+                                                        server_default="30")
+
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
@@ -294,6 +311,43 @@ class QuarantinedMessage(StoredMessage, Base):
     score: Mapped[float] = mapped_column(Float, default=0.0)
     rules: Mapped[str] = mapped_column(Text, default="[]")  # JSON list
     released_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+HELD = "held"  # waiting: released by an administrator or when the risk has fallen
+QUEUED = "queued"  # released: the worker sends it at the user's release pace
+SENDING = "sending"  # claimed by a worker; a stale claim is taken over (worker killed)
+RELEASED = "released"  # the next hop accepted it
+
+
+class HeldMessage(StoredMessage, Base):
+    """Mail the Hold rung accepted (250) and stored, not relayed: the quarantine's storage."""
+
+    __tablename__ = "held_messages"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("outgoing_users.id", ondelete="SET NULL"), index=True
+    )
+    identity: Mapped[str | None] = mapped_column(String(255))
+    client_ip: Mapped[str | None] = mapped_column(String(45))
+    risk: Mapped[float] = mapped_column(Float, default=0.0)
+    signals: Mapped[str] = mapped_column(Text, default="{}")  # JSON: signal -> points
+    state: Mapped[str] = mapped_column(String(16), default=HELD, index=True)
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime)
+    claim: Mapped[str | None] = mapped_column(String(32))
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    released_at: Mapped[datetime | None] = mapped_column(DateTime)
+    last_error: Mapped[str | None] = mapped_column(String(500))
+
+
+class GlobalSetting(Base):
+    """Provider-wide settings a super admin changes in the panel (name -> value)."""
+
+    __tablename__ = "global_settings"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(500))
 
 
 class ArchivedMessage(StoredMessage, Base):

@@ -15,6 +15,7 @@ from sqlalchemy.orm import selectinload
 
 from outgoing.models import KIND_DOMAIN, KIND_IP, KIND_USER, Domain, OutgoingUser
 from scoring.identity import CompiledRules, compile_usable_rules
+from scoring.risk import Settings as DetectionSettings
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,9 @@ class UserPolicy:
     ip_last: int | None = None
     # The header rules compiled once per configuration load, not once per message.
     identity_rules: CompiledRules = field(default_factory=CompiledRules, compare=False)
+    # "Compromise detection" (off unless the user's settings turn it on).
+    detection: DetectionSettings = field(
+        default_factory=lambda: DetectionSettings(enabled=False), compare=False)
 
 
 @dataclass
@@ -97,7 +101,19 @@ def _policy(user: OutgoingUser) -> UserPolicy:
         ip_first=int(user.ip_first, 16) if user.ip_first else None,
         ip_last=int(user.ip_last, 16) if user.ip_last else None,
         identity_rules=rules,
+        detection=detection_settings(user),
     )
+
+
+def detection_settings(user: OutgoingUser) -> DetectionSettings:
+    return DetectionSettings(
+        enabled=bool(user.compromise_detection), shadow=bool(user.detection_shadow_mode),
+        throttle_at=float(user.detection_throttle_at or 0),
+        hold_at=float(user.detection_hold_at or 0),
+        lock_at=float(user.detection_lock_at or 0),
+        throttle_rate=int(user.detection_throttle_rate or 0),
+        new_sender_allowance=float(user.detection_new_sender_allowance or 0),
+        release_pace=int(user.detection_release_pace or 1))
 
 
 def load_snapshot(session) -> Snapshot:

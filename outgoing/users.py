@@ -34,6 +34,9 @@ SETTINGS = (
     "quarantine_response", "message_archiving", "block_macro_attachments",
     "block_unwanted_attachments", "reject_newly_registered_domains", "reauthenticate_as",
     "reauthenticate_permitted", "shared_smarthost", "contact_email",
+    "compromise_detection", "detection_shadow_mode", "detection_throttle_at",
+    "detection_hold_at", "detection_lock_at", "detection_throttle_rate",
+    "detection_new_sender_allowance", "detection_release_pace",
 )
 LIMIT_FIELDS = tuple(f"limit_per_{window}" for window in CONNECTION_WINDOWS)  # month..minute
 NAME_FIELD = {KIND_IP: "ip_range", KIND_USER: "username", KIND_DOMAIN: "domain"}
@@ -265,6 +268,10 @@ def create_outgoing_user(session, *, domain: Domain, kind: str, name: str,
     fields = identifying_fields(session, domain=domain, kind=kind, name=name,
                                 authority=authority)
     user = OutgoingUser(domain=domain, kind=kind, **fields, **settings)
+    if "compromise_detection" not in settings:
+        from outgoing.held import apply_detection_default
+
+        apply_detection_default(session, user)
     if kind in (KIND_USER, KIND_DOMAIN):
         if not password:
             raise UserError("password", "Enter a password.")

@@ -198,13 +198,3 @@ async def record_refusals(redis, user_id: int, identity: str, refused: int,
         pipe.hincrby(key, "*", refused)
         pipe.expire(key, 7200)
         await pipe.execute()
-
-
-def current_risk(redis_sync, user_id: int, identity: str, now: float,
-                 half_life: float) -> tuple[float, float]:
-    """The identity's and the user's risk now (decayed), for the panel and the worker."""
-    fields = [f"{identity.lower()}|r", f"{identity.lower()}|t", "*|r", "*|t"]
-    values = redis_sync.hmget(redis_keys.detection_state(user_id), fields)
-    numbers = [float(_text(v)) if v is not None else 0.0 for v in values]
-    return (risk.decay(numbers[0], now - numbers[1], half_life),
-            risk.decay(numbers[2], now - numbers[3], half_life))

@@ -11,11 +11,17 @@ from flask import Blueprint, abort, flash, redirect, render_template, request, u
 from flask_login import current_user, login_required
 from sqlalchemy import select
 
-from outgoing import audit, listing
+from outgoing import audit, held, listing
 from outgoing.models import Domain
 from webapp import scope
 from webapp.extensions import db, htmx
-from webapp.forms.domains import SETTINGS_HELP, DomainForm, DomainSettingsForm
+from webapp.forms.domains import (
+    DETECTION_DEFAULT_HELP,
+    SETTINGS_HELP,
+    DetectionDefaultForm,
+    DomainForm,
+    DomainSettingsForm,
+)
 from webapp.services import actor, announce_change
 
 bp = Blueprint("domains", __name__)
@@ -129,5 +135,38 @@ def settings(domain_id: int):
         status = 400
     return render_template("domains/settings.html", domain=domain, form=form,
                            help=SETTINGS_HELP, title=f"Settings of {domain.name}",
+                           detection_form=_detection_form(),
+                           detection_help=DETECTION_DEFAULT_HELP,
                            picker_action=url_for("domains.own_settings"),
                            **picker_context(domain)), status
+
+
+def _detection_form():
+    if not current_user.is_super:
+        return None
+    form = DetectionDefaultForm(formdata=None)
+    form.detection_default.data = held.detection_default(db.session)
+    return form
+
+
+@bp.post("/outgoing/settings/detection-default")
+@login_required
+def detection_default():
+    """Compromise detection for new users, provider-wide: super admins only (404 else)."""
+    if not current_user.is_super:
+        abort(404)
+    form = DetectionDefaultForm()
+    back = request.form.get("domain_id", "")
+    if form.validate_on_submit():
+        before = held.set_detection_default(db.session, form.detection_default.data)
+        if before is not None:
+            audit.record(db.session, actor=actor(), action="update", target_type="settings",
+                         target_id=None, domain_id=None, name="detection_default",
+                         changes={"detection_default": [before, form.detection_default.data]})
+        db.session.commit()
+        flash("Saved." if before is not None else "Saved (nothing had changed).", "success")
+    else:
+        flash("Choose one of the offered defaults.", "error")
+    if back.isdigit():
+        return redirect(url_for("domains.settings", domain_id=int(back)))
+    return redirect(url_for("domains.own_settings"))

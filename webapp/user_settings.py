@@ -43,6 +43,9 @@ from webapp.forms.users import RowActionForm, check_new_password
 from webapp.services import actor, announce_change, redis_client
 
 bp = Blueprint("user_settings", __name__, url_prefix="/outgoing/users")
+DETECTION_NUMBERS = ("detection_throttle_at", "detection_hold_at", "detection_lock_at",
+                     "detection_throttle_rate", "detection_new_sender_allowance",
+                     "detection_release_pace")
 
 
 def _initial_data(user: OutgoingUser) -> dict:
@@ -117,6 +120,15 @@ def _validate(form: UserSettingsForm, user: OutgoingUser):
     values = {name: form[name].data for name in SETTINGS if name in form}
     values["lock_template_id"] = _template_id(values.get("lock_template_id"), user.domain_id)
     values["dkim_selector"] = values.get("dkim_selector") or None
+    for name in DETECTION_NUMBERS:
+        if name in values and values[name] is None:
+            values[name] = getattr(user, name)
+    if "compromise_detection" in values and "compromise_detection" not in request.form \
+            and "detection_shadow_mode" not in request.form \
+            and not any(name in request.form for name in DETECTION_NUMBERS):
+        # A post without the section (an older form, a script): keep detection as stored.
+        values["compromise_detection"] = user.compromise_detection
+        values["detection_shadow_mode"] = user.detection_shadow_mode
     if user.kind != KIND_IP:
         values.pop("reauthenticate_as", None)
     if not _newly_registered_available():

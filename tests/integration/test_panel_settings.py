@@ -46,6 +46,12 @@ COMMON_LABELS = {
     "reject_newly_registered_domains": "Reject messages from newly registered domains",
     "headers-0-header_name": "Header name", "headers-0-regex": "Regular expression",
     "headers-0-remove_header": "Remove header",
+    "compromise_detection": "Compromise detection", "detection_shadow_mode": "Shadow mode",
+    "detection_throttle_at": "Throttle at risk", "detection_hold_at": "Hold at risk",
+    "detection_lock_at": "Lock at risk",
+    "detection_throttle_rate": "Throttle rate (messages per minute)",
+    "detection_new_sender_allowance": "New sender allowance (messages per hour)",
+    "detection_release_pace": "Release pace (messages per minute)",
 }
 
 

@@ -1,9 +1,10 @@
 """Forms of the Domains page (admin level) and Outgoing > Settings (domain level)."""
 
 from flask_wtf import FlaskForm
-from wtforms import BooleanField, StringField
+from wtforms import BooleanField, SelectField, StringField
 from wtforms.validators import InputRequired, Length, ValidationError
 
+from outgoing.held import DEFAULT_CHOICES
 from outgoing.users import normalise_domain
 from webapp.forms import optional_email
 
@@ -38,3 +39,15 @@ class DomainSettingsForm(FlaskForm):
     def validate_quarantine_report_enabled(self, field):
         if field.data and not (self.abuse_report_address.data or "").strip():
             raise ValidationError("The daily report needs an Abuse report address to go to.")
+
+
+class DetectionDefaultForm(FlaskForm):
+    """The provider's default for new outgoing users (super admins only)."""
+
+    detection_default = SelectField("Compromise detection for new users",
+                                    choices=DEFAULT_CHOICES)
+
+
+DETECTION_DEFAULT_HELP = ("Applies to outgoing users added from now on, in every domain. "
+                          "Shadow mode records what detection would have done without "
+                          "touching mail, so you can tune the thresholds first.")

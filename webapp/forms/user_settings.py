@@ -96,6 +96,23 @@ HELP = {
     "shared_smarthost": "The provider's own relay for every customer: Re-authenticate as may "
                         "then reach permitted users and domains of any customer, not only "
                         "this user's domain. Only super admins see and change this.",
+    "compromise_detection": "Score how this user's senders behave (volume, spread, "
+                            "refusals, copies of one content, logins, spam scores) and "
+                            "throttle, hold or lock a sender whose risk climbs.",
+    "detection_shadow_mode": "Compute every step and record what would have happened in "
+                             "the audit log, without touching mail: tune before you enforce.",
+    "detection_throttle_at": "Risk at which a sender is slowed to the throttle rate (0: "
+                             "never).",
+    "detection_hold_at": "Risk at which a sender's mail is accepted but kept on Held Mail "
+                         "instead of relayed (0: never).",
+    "detection_lock_at": "Risk at which the sender is locked, with notice and alert (0: "
+                         "never).",
+    "detection_throttle_rate": "Messages per minute a throttled sender may send; beyond it "
+                               "their server hears 451 and retries later.",
+    "detection_new_sender_allowance": "Messages per hour a sender seen for the first time "
+                                      "may send before it looks unusual; it moves toward "
+                                      "the sender's own habits over 7 days.",
+    "detection_release_pace": "Held messages sent per minute when they are released.",
     "reauthenticate_permitted": "Let authorised IP ranges relay mail on behalf of this "
                                 "user, under this user's settings and limits.",
 }
@@ -134,6 +151,13 @@ class HeaderRowForm(Form):
 def _limit(label: str) -> IntegerField:
     return IntegerField(label, validators=[Optional(), NumberRange(
         min=1, max=1_000_000_000, message="Enter a whole number of at least 1, or leave empty.")])
+
+
+def _detection(label: str, low: int, high: int) -> IntegerField:
+    # Empty keeps the stored value (a form posted without the section changes nothing).
+    return IntegerField(label, validators=[
+        Optional(),
+        NumberRange(min=low, max=high, message=f"Enter a whole number from {low} to {high}.")])
 
 
 class UserSettingsForm(FlaskForm):
@@ -176,6 +200,15 @@ class UserSettingsForm(FlaskForm):
     reauthenticate_as = SelectField("Re-authenticate as", choices=choices(REAUTH_CHOICES))
     reauthenticate_permitted = BooleanField("Re-authenticate permitted")
     shared_smarthost = BooleanField("Shared smarthost")
+    compromise_detection = BooleanField("Compromise detection")
+    detection_shadow_mode = BooleanField("Shadow mode")
+    detection_throttle_at = _detection("Throttle at risk", 0, 100_000)
+    detection_hold_at = _detection("Hold at risk", 0, 100_000)
+    detection_lock_at = _detection("Lock at risk", 0, 100_000)
+    detection_throttle_rate = _detection("Throttle rate (messages per minute)", 1, 100_000)
+    detection_new_sender_allowance = _detection("New sender allowance (messages per hour)",
+                                                0, 1_000_000)
+    detection_release_pace = _detection("Release pace (messages per minute)", 1, 100_000)
     # Shown when a super admin moves a range onto another domain's addresses (audited).
     confirm_overlap = BooleanField("Move it although it overlaps another domain's range")
 
@@ -214,6 +247,10 @@ SECTIONS = (
                               "reject_newly_registered_domains")),
     ("Re-authentication", ("reauthenticate_as", "shared_smarthost",
                            "reauthenticate_permitted")),
+    ("Compromise detection", ("compromise_detection", "detection_shadow_mode",
+                              "detection_throttle_at", "detection_hold_at",
+                              "detection_lock_at", "detection_throttle_rate",
+                              "detection_new_sender_allowance", "detection_release_pace")),
 )
 
 KIND_NAMES = {KIND_IP: "IP/Range", KIND_USER: "Username", KIND_DOMAIN: "Domain"}
