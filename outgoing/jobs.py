@@ -76,6 +76,9 @@ PERIODIC = {
     # (each run at most a few seconds long, see worker/message_log_jobs.py), and retention.
     "message-log": Periodic("worker.message_log_jobs.write_message_log", every=5,
                             catch_up=True),
+    # Held mail (compromise detection): automatic release once a sender calmed down, and
+    # the paced release of queued messages (at most each user's pace per minute).
+    "release-held": Periodic("worker.held_jobs.release_when_calm", every=60, catch_up=True),
     "message-log-retention": Periodic("worker.message_log_jobs.expire_message_log",
                                       every=3600, offset=20 * 60, catch_up=True),
 }

@@ -78,6 +78,7 @@ class Message:
 class Inspection:
     reject: str | None = None  # a full SMTP reply when a policy refuses the message
     spam: SpamVerdict | None = None  # set when the message belongs in the quarantine
+    score: float = 0.0  # the spam score of a message below the threshold (detection)
 
 
 # Messages up to this size are checked on the event loop itself (see ContentPipeline._off_loop).
@@ -162,7 +163,7 @@ class ContentPipeline:
             return Inspection(reject=attachments.reply)
         if spam is None:
             spam = await self._rspamd_or_builtin(msg)
-        return Inspection(spam=spam) if spam.is_spam else Inspection()
+        return Inspection(spam=spam) if spam.is_spam else Inspection(score=spam.score)
 
     async def _rspamd_or_builtin(self, msg: Message) -> SpamVerdict:
         if self._http is None:
@@ -264,6 +265,8 @@ class ContentPipeline:
             return result.reply
         if result.refused:
             record["refused_count"] = record.get("refused_count", 0) + len(result.refused)
+            record["refused_permanent"] = sum(1 for code, _ in result.refused.values()
+                                              if code >= 500)
             if len(result.refused) < len(msg.rcpt_tos):
                 record["verdict"] = "partial"
             await self._in_thread(self._after_partial_refusal, msg, data, result.refused)

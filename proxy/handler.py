@@ -7,7 +7,8 @@ sender keeps the message and retries: nothing is lost, nothing slips through.
 
 Redis round trips per one-recipient message: one at MAIL (the user's lock, every connection
 window and one recipient reserved in advance, in one script) and one after DATA (the
-identity's lock and its message count, in one script). Redis unreachable means 451 for new
+identity's lock and its message count, in one script), plus one with compromise detection on
+(proxy/detection.py, after inspection: score, decay, rung). Redis unreachable means 451 for new
 mail, or no checks at all with ``REDIS_FAIL_OPEN``; both recover by themselves.
 """
 
@@ -22,25 +23,27 @@ import logging
 import secrets
 import time
 from base64 import b64decode
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from redis.exceptions import RedisError
 
-from outgoing import locks
+from outgoing import audit, held, locks
+from outgoing import redis_keys as keys
 from outgoing.db import session_scope
 from outgoing.models import LOCK_AUTOMATIC, Identity, OutgoingUser
 from outgoing.passwords import verify_password
 from outgoing.snapshot import UserPolicy
-from proxy import counters, metrics, throttle
+from proxy import counters, detection, metrics, throttle
 from proxy import identities as identity_store
 from proxy import message_log as mlog
 from proxy.content import ContentPipeline, Message
 from proxy.directory import Directory
 from scoring import identity as identities
-from scoring import outcomes
+from scoring import outcomes, risk
+from scoring.fingerprint import body_of, fingerprint
 from scoring.limits import RECIPIENTS, refusal_at
 from scoring.locks import lock_reason, should_lock
 from scoring.message import (
@@ -74,6 +77,10 @@ class SessionState:
     txn: dict | None = None
     tried_login: str | None = None  # the login of the AUTH under way, for its record
     active: bool = False  # counted in outbound_guard_smtp_connections_active
+    # Compromise detection's authentication signals, scored once with the session's first
+    # message: failed AUTH before this success, and a network new for this login.
+    auth_failed: bool = False
+    auth_new_network: bool = False
 
 
 def _state(session) -> SessionState:
@@ -123,6 +130,8 @@ class OutboundHandler:
         self._verifying: dict[tuple[int, str, bytes], asyncio.Future] = {}
         self._faults = RateLimitedLog()
         self._tasks: set[asyncio.Task] = set()
+        self.half_life = float(config.get("DETECTION_HALF_LIFE_SECONDS", 3600))
+        self.campaigns = detection.CampaignCounts()
         self.log = mlog.MessageLog(redis, maxlen=int(config["MESSAGE_LOG_STREAM_MAXLEN"]),
                                    background=self._background, faults=self._faults)
 
@@ -164,6 +173,7 @@ class OutboundHandler:
         fresh.counted_user_ids |= state.counted_user_ids
         fresh.active, state.active = state.active, False
         fresh.txn, state.txn = state.txn, None
+        fresh.auth_failed, fresh.auth_new_network = state.auth_failed, state.auth_new_network
         if state.reserved is not None:
             fresh.reserved, state.reserved = state.reserved, None
 
@@ -309,14 +319,17 @@ class OutboundHandler:
         if ok:
             # Where the owner logs in from: the username's block never applies there.
             self.local_throttle.record_success(ip, login_text, now)
-            _, refusal = await asyncio.gather(
+            _, refusal, failed = await asyncio.gather(
                 self._remember_network(redis_up, ip, login_text, now),
-                self._count_connection(session, user, 454) if redis_up else _nothing())
+                self._count_connection(session, user, 454) if redis_up else _nothing(),
+                self._failed_before(redis_up, user, ip, login_text))
             if refusal:
                 return AuthResult(success=False, handled=False, message=refusal)
             state = _state(session)
             state.auth_user_id = user.id
             state.auth_login = login_text
+            state.auth_failed = bool(failed)
+            state.auth_new_network = redis_up and not check.known_network
             return AuthResult(success=True, auth_data=LoginPassword(login, b""))
         log.info("AUTH failed for %r from %s%s", login_text[:100], ip,
                  " (a network it logged in from before)" if check.known_network else "")
@@ -336,6 +349,22 @@ class OutboundHandler:
             # The cached view may not know a user added or changed meanwhile.
             return AuthResult(success=False, handled=False, message=outcomes.AUTH_TEMPORARY)
         return AuthResult(success=False, handled=False, message=outcomes.AUTH_INVALID)
+
+    async def _failed_before(self, redis_up: bool, user: UserPolicy, ip: str,
+                             login: str) -> bool:
+        """Failed AUTH for this login or from this address shortly before this success
+        (compromise detection's "failed AUTH followed by success"). Only when detection is
+        on for the user: a detail, one pipelined read at AUTH, never per message."""
+        if not redis_up or not user.detection.enabled:
+            return False
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zcard(keys.auth_failures(keys.auth_subject_user(login)))
+                pipe.zcard(keys.auth_failures(keys.auth_subject_ip(ip)))
+                counts = await pipe.execute()
+        except RedisError:
+            return False
+        return any(int(c or 0) > 0 for c in counts)
 
     async def _remember_network(self, redis_up: bool, ip: str, login: str, now: float) -> None:
         if not redis_up:
@@ -594,6 +623,10 @@ class OutboundHandler:
         if inspection.reject:
             record.update(stage="content")
             return inspection.reject
+        if identity and user.detection.enabled:
+            ruling = await self._detect(user, state, msg, inspection, data, record)
+            if ruling is not None:
+                return ruling
         if inspection.spam is not None:
             record.update(stage="content", verdict="quarantined", score=inspection.spam.score,
                           rules=list(inspection.spam.rules), stored_kind="quarantine")
@@ -604,7 +637,93 @@ class OutboundHandler:
             except Exception:
                 log.exception("could not count spam or lock %s", user.name)
             return outcomes.quarantined(user.quarantine_response, inspection.spam.rules)
-        return await self.content.deliver(msg, record)
+        reply = await self.content.deliver(msg, record)
+        permanent = record.pop("refused_permanent", 0) or (
+            len(msg.rcpt_tos) if reply.startswith("5") else 0)
+        if permanent and identity and user.detection.enabled:
+            self._background(self._record_refusals(user.id, identity, permanent))
+        return reply
+
+    # -- compromise detection ----------------------------------------------------------------
+    async def _detect(self, user: UserPolicy, state: SessionState, msg: Message,
+                      inspection, data: bytes, record: dict) -> str | None:
+        """Score the message (one round trip) and apply the rung: the reply when the ladder
+        throttles, holds or locks it, None to carry on. A Redis fault skips detection: the
+        identity check just before would already have answered 4xx if Redis were down."""
+        settings = user.detection
+        if settings.half_life != self.half_life:
+            settings = replace(settings, half_life=self.half_life)
+        spam = inspection.spam
+        evidence = detection.Evidence(
+            identity=msg.identity or "", recipients=msg.rcpt_tos,
+            fingerprint=fingerprint(record.get("subject") or "", body_of(data)),
+            auth_failed=state.auth_failed, auth_new_network=state.auth_new_network,
+            spam=spam is not None, spam_score=spam.score if spam else inspection.score,
+            spam_threshold=float(self.config["SPAM_THRESHOLD"]))
+        try:
+            found = await detection.measure(self.redis, user.id, evidence, settings,
+                                            self.clock(), self.campaigns)
+        except RedisError as exc:
+            self._faults.warning("detection", "compromise detection skipped: Redis (%s)", exc)
+            return None
+        state.auth_failed = state.auth_new_network = False  # once per session
+        if found.throttled:
+            record.update(stage="content", verdict="throttled")
+            return outcomes.DETECTION_THROTTLED
+        decision = risk.decide(found.identity_risk, found.user_risk, settings, found.signals)
+        if found.rung != found.previous_rung:
+            self._background(self._in_thread(self._audit_rung, user, msg.identity, found,
+                                             decision))
+        if spam is not None or decision.effective in (risk.OBSERVE, risk.THROTTLE):
+            return None  # spam goes to the quarantine as before
+        if decision.effective == risk.LOCK:
+            reason = risk.lock_reason(decision)
+            if found.identity_rung[1] != risk.LOCK:  # many senders of the user together
+                await self._in_thread(self._lock_user, user.id, reason)
+                record.update(stage="content")
+                return outcomes.user_locked(user.name, reason)
+            await self._in_thread(self._lock_identity, user.id, msg.identity, reason)
+            record.update(stage="content")
+            return outcomes.identity_locked(msg.identity or "", reason)
+        row_id = await self._in_thread(self._hold, msg, decision)
+        record.update(stage="content", verdict="held")
+        del row_id
+        return outcomes.QUEUED
+
+    def _hold(self, msg: Message, decision: risk.Decision) -> int:
+        with session_scope(self.sessionmaker) as db:
+            row = held.hold_message(
+                db, self.content.store, domain_id=msg.user.domain_id, user_id=msg.user.id,
+                mail_from=msg.mail_from, rcpt_tos=msg.rcpt_tos, data=msg.data,
+                subject=subject_of(list(msg.headers)), identity=msg.identity,
+                client_ip=msg.client_ip,
+                risk_value=max(decision.identity_risk, decision.user_risk),
+                signals=decision.signals,
+                received_at=datetime.fromtimestamp(self.clock(), UTC).replace(tzinfo=None))
+            log.info("held message %s of %s (%s): %s", row.id, msg.user.name, msg.identity,
+                     risk.describe(decision.signals))
+            return row.id
+
+    def _audit_rung(self, user: UserPolicy, identity: str | None, found, decision) -> None:
+        """Every rung change is an audit event with its signals; "would have" in shadow."""
+        action = f"detection_{found.rung}"
+        if decision.shadow:
+            action = f"detection_would_{found.rung}"
+        with session_scope(self.sessionmaker) as db:
+            audit.record(db, actor="proxy", action=action, target_type="identity",
+                         target_id=None, domain_id=user.domain_id, name=identity,
+                         user=user.name, user_id=user.id, previous=found.previous_rung,
+                         rung=found.rung, shadow=decision.shadow,
+                         identity_risk=decision.identity_risk, user_risk=decision.user_risk,
+                         signals=decision.signals,
+                         note=("would have " if decision.shadow else "") + found.rung)
+
+    async def _record_refusals(self, user_id: int, identity: str, refused: int) -> None:
+        try:
+            await detection.record_refusals(self.redis, user_id, identity, refused,
+                                            self.clock())
+        except Exception as exc:
+            self._faults.warning("refusals", "could not count refused recipients (%s)", exc)
 
     def _trace(self, session, state: SessionState, user: UserPolicy, envelope,
                queue_id: str) -> bytes:

@@ -20,6 +20,7 @@ TEMPORARY = "451 4.3.0 Temporary failure, please try again later"
 NEXT_HOP_DOWN = "451 4.4.1 Next hop unavailable, please try again later"
 BARE_LINE_ENDING = "550 5.6.11 Bare CR or LF in message data is not allowed"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients for one message"
+DETECTION_THROTTLED = "451 4.7.1 Sending rate limited for this sender, please try again later"
 
 
 def _clean(text: str, limit: int = 200) -> str:

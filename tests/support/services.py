@@ -75,10 +75,15 @@ class SinkHandler:
 
     messages: list[Received] = field(default_factory=list)
     refuse_with: str | None = None
+    delay: float = 0  # seconds to wait before answering DATA (a hanging next hop)
 
     async def handle_DATA(self, server, session, envelope):
         if self.refuse_with:
             return self.refuse_with
+        if self.delay:
+            await asyncio.sleep(self.delay)
+            if server.transport is None or server.transport.is_closing():
+                return "421 4.4.2 client gone"  # never answered 250: not taken
         self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
                                       envelope.original_content or b""))
         return "250 2.0.0 sink took it"

@@ -1,0 +1,116 @@
+"""Held mail released by the worker: at the user's pace, over the normal relay path, never
+lost and never sent twice, also when a worker is killed in the middle of a release."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from sqlalchemy import select
+
+from outgoing.models import HeldMessage
+from tests.support import data
+from tests.support.mail import client, message, send
+from tests.support.services import ROOT, process_env, run_worker_burst
+
+PW = "Alice-pass-123"
+HOLD_ALL = dict(compromise_detection=True, detection_shadow_mode=False,
+                detection_throttle_at=0, detection_hold_at=1, detection_lock_at=0,
+                detection_throttle_rate=1000, detection_new_sender_allowance=0,
+                detection_release_pace=3)
+
+
+def hold_messages(start_proxy, count: int) -> None:
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PW)
+        for i in range(count):
+            msg = message(to=f"r{i}@dest.example", subject=f"Held {i}",
+                          body=f"message number {i} of the held batch\n")
+            assert send(smtp, msg, rcpts=[f"r{i}@dest.example"])[0] == 250
+
+
+def states() -> dict[str, int]:
+    def count(s):
+        out: dict[str, int] = {}
+        for row in s.scalars(select(HeldMessage)):
+            out[row.state] = out.get(row.state, 0) + 1
+        return out
+    return data.query(count)
+
+
+def queue_all() -> None:
+    from outgoing import held
+
+    def mark(s):
+        held.queue_release(s, list(s.scalars(select(HeldMessage))))
+    data.query(mark)
+
+
+def delivered_subjects(sink) -> list[str]:
+    return sorted(m.data.split(b"Subject: ")[1].split(b"\r\n")[0].decode()
+                  for m in sink.handler.messages)
+
+
+def test_release_sends_at_most_the_pace_per_minute(instance, start_proxy, sink):
+    data.add_user("example.com", "user", "alice@example.com", PW, **HOLD_ALL)
+    hold_messages(start_proxy, 7)
+    assert states() == {"held": 7} and sink.handler.messages == []
+    queue_all()
+    import redis as redis_module
+
+    from outgoing.jobs import enqueue
+
+    r = redis_module.from_url(os.environ["REDIS_URL"])
+    if time.time() % 60 > 45:  # both jobs inside one minute
+        time.sleep(61 - time.time() % 60)
+    enqueue(r, "worker.held_jobs.release_for_user", 1, retry=None)
+    enqueue(r, "worker.held_jobs.release_for_user", 1, retry=None)  # a second, same minute
+    env = process_env(UPSTREAM_SMTP=f"127.0.0.1:{sink.port}")
+    result = run_worker_burst(env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(sink.handler.messages) == 3  # this minute's pace, whatever the jobs
+    assert states() == {"released": 3, "queued": 4}
+    for _ in range(2):  # the next minutes (their counters start empty)
+        for key in r.scan_iter("og:{*}:released:*"):
+            r.delete(key)
+        enqueue(r, "worker.held_jobs.release_for_user", 1, retry=None)
+        assert run_worker_burst(env).returncode == 0
+    assert states() == {"released": 7}
+    assert delivered_subjects(sink) == sorted(f"Held {i}" for i in range(7))  # once each
+
+
+def test_a_worker_killed_mid_release_loses_nothing_and_sends_nothing_twice(
+        instance, start_proxy, sink):
+    data.add_user("example.com", "user", "alice@example.com", PW,
+                  **dict(HOLD_ALL, detection_release_pace=100))
+    hold_messages(start_proxy, 4)
+    queue_all()
+    import redis as redis_module
+
+    from outgoing.jobs import enqueue
+
+    r = redis_module.from_url(os.environ["REDIS_URL"])
+    sink.handler.delay = 30  # the next hop hangs on the first message: kill the worker then
+    env = process_env(UPSTREAM_SMTP=f"127.0.0.1:{sink.port}", HELD_CLAIM_SECONDS="1",
+                      UPSTREAM_TIMEOUT="60")
+    enqueue(r, "worker.held_jobs.release_for_user", 1, retry=None)
+    worker = subprocess.Popen([str(os.path.join(os.path.dirname(sys.executable), "rq")),
+                               "worker", "--burst", "outgoing"], cwd=ROOT, env=env,
+                              start_new_session=True)
+    deadline = time.time() + 20
+    while states().get("sending", 0) == 0 and time.time() < deadline:
+        time.sleep(0.1)
+    assert states().get("sending") == 1
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    sink.handler.delay = 0
+    time.sleep(1.5)  # the claim goes stale
+    enqueue(r, "worker.held_jobs.release_for_user", 1, retry=None)
+    result = run_worker_burst(env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert states() == {"released": 4}
+    assert delivered_subjects(sink) == sorted(f"Held {i}" for i in range(4))
