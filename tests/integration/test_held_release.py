@@ -114,3 +114,37 @@ def test_a_worker_killed_mid_release_loses_nothing_and_sends_nothing_twice(
     assert result.returncode == 0, result.stderr[-2000:]
     assert states() == {"released": 4}
     assert delivered_subjects(sink) == sorted(f"Held {i}" for i in range(4))
+
+
+def test_held_mail_page_is_scoped_per_domain_and_releases_at_the_pace(
+        instance, app, start_proxy, sink):
+    from tests.support.web import csrf_token, log_in
+
+    data.add_user("example.com", "user", "alice@example.com", PW, **HOLD_ALL)
+    hold_messages(start_proxy, 2)
+    data.add_admin("ops@example.com", "Ops-pass-1234", domain="example.com")
+    data.add_admin("ops@other.example", "Ops-pass-1234", domain="other.example")
+    first = data.query(lambda s: s.scalars(select(HeldMessage.id)).first())
+    other = app.test_client()
+    log_in(other, "ops@other.example", "Ops-pass-1234")
+    assert b"Held 0" not in other.get("/outgoing/held").data
+    assert other.get(f"/outgoing/held/{first}").status_code == 404
+    token = csrf_token(other, "/outgoing/held")
+    assert other.post(f"/outgoing/held/{first}/release",
+                      data={"csrf_token": token}).status_code == 404
+    web = app.test_client()
+    log_in(web, "ops@example.com", "Ops-pass-1234")
+    page = web.get("/outgoing/held").data
+    assert b"Held 0" in page and b"Held 1" in page
+    assert b"message number 0" in web.get(f"/outgoing/held/{first}").data
+    token = csrf_token(web, "/outgoing/held")
+    web.post(f"/outgoing/held/{first}/release-identity", data={"csrf_token": token})
+    assert states() == {"queued": 2}
+    result = run_worker_burst(process_env(UPSTREAM_SMTP=f"127.0.0.1:{sink.port}"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert states() == {"released": 2}
+    hold_messages(start_proxy, 1)
+    last = data.query(lambda s: s.scalars(select(HeldMessage.id).where(
+        HeldMessage.state == "held")).first())
+    web.post(f"/outgoing/held/{last}/delete", data={"csrf_token": token})
+    assert states() == {"released": 2}

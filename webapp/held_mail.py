@@ -1,0 +1,104 @@
+"""Outgoing > Held Mail: messages compromise detection's Hold rung accepted and kept.
+
+Scoped per domain like the quarantine (another domain's id is a 404). Release only marks
+messages ``queued``; the worker sends them at the user's release pace
+(``worker.held_jobs.release_for_user``), so a release never floods the next hop.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
+from flask_login import login_required
+from sqlalchemy import select
+
+from outgoing import audit, held
+from outgoing.jobs import enqueue
+from outgoing.models import HELD, HeldMessage
+from outgoing.quarantine import recipients
+from outgoing.storage import StorageError, read_body
+from webapp import scope
+from webapp.extensions import db
+from webapp.services import actor, redis_client
+
+bp = Blueprint("held_mail", __name__, url_prefix="/outgoing/held")
+RELEASE_JOB = "worker.held_jobs.release_for_user"
+PAGE_SIZE = 100
+
+
+def _scoped():
+    return scope.restrict(select(HeldMessage), HeldMessage)
+
+
+def message_or_404(message_id: int) -> HeldMessage:
+    row = db.session.scalar(_scoped().where(HeldMessage.id == message_id))
+    if row is None:
+        abort(404)
+    return row
+
+
+@bp.get("")
+@login_required
+def index():
+    rows = db.session.scalars(_scoped().order_by(HeldMessage.id.desc()).limit(PAGE_SIZE)).all()
+    return render_template("held/index.html", rows=rows, recipients=recipients,
+                           signals_of=held.signals_of, title="Held Mail")
+
+
+@bp.get("/<int:message_id>")
+@login_required
+def view(message_id: int):
+    row = message_or_404(message_id)
+    try:
+        body = read_body(current_app.config, row)[:200_000].decode("utf-8", "replace")
+    except StorageError:
+        body = "(the stored body cannot be read)"
+    return render_template("held/view.html", row=row, body=body, recipients=recipients,
+                           signals=held.signals_of(row), title=f"Held message {row.id}")
+
+
+def _release(rows: list[HeldMessage], what: str) -> None:
+    users = held.queue_release(db.session, rows)
+    for row in rows:
+        audit.record(db.session, actor=actor(), action="release_held", target_type="held",
+                     target_id=row.id, domain_id=row.domain_id, identity=row.identity,
+                     what=what)
+    db.session.commit()
+    for user_id in users:
+        enqueue(redis_client(), RELEASE_JOB, user_id, retry=None)
+    flash(f"Releasing {len(rows)} message(s) at the user's release pace.", "success")
+
+
+@bp.post("/<int:message_id>/release")
+@login_required
+def release(message_id: int):
+    _release([message_or_404(message_id)], "message")
+    return redirect(url_for("held_mail.index"))
+
+
+@bp.post("/<int:message_id>/release-identity")
+@login_required
+def release_identity(message_id: int):
+    """Every held message of this message's identity (same user), in this admin's scope."""
+    row = message_or_404(message_id)
+    rows = db.session.scalars(_scoped().where(
+        HeldMessage.user_id == row.user_id, HeldMessage.identity == row.identity,
+        HeldMessage.state == HELD)).all()
+    _release(list(rows), "identity")
+    return redirect(url_for("held_mail.index"))
+
+
+@bp.post("/<int:message_id>/delete")
+@login_required
+def delete(message_id: int):
+    row = message_or_404(message_id)
+    audit.record(db.session, actor=actor(), action="delete_held", target_type="held",
+                 target_id=row.id, domain_id=row.domain_id, identity=row.identity,
+                 subject=row.subject)
+    count = held.delete_held(db.session, current_app.config, [row])
+    if not count:
+        db.session.rollback()
+    flash("Deleted." if count else "It is being sent right now; not deleted.",
+          "success" if count else "error")
+    if request.form.get("back") == "view" and not count:
+        return redirect(url_for("held_mail.view", message_id=message_id))
+    return redirect(url_for("held_mail.index"))
