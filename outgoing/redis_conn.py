@@ -25,13 +25,10 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import ClusterNode, RedisCluster
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException
 
 CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
 DEFAULT_PORT = 6379
-# What a Redis call may raise: some cluster faults (no node serves a slot yet) are not
-# RedisErrors.
-REDIS_ERRORS = (RedisError, RedisClusterException)
 
 
 def is_cluster_url(url: str) -> bool:
