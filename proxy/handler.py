@@ -296,6 +296,7 @@ class OutboundHandler:
         try:
             check = await throttle.check(self.redis, ip, login_text, now, self.throttle)
         except RedisError as exc:
+            metrics.REDIS_ERRORS.labels("AUTH").inc()
             self._faults.warning("AUTH", "Redis unavailable at AUTH (%s); throttling failed "
                                  "logins in this process only", exc)
             check = self.local_throttle.check(ip, login_text, now)

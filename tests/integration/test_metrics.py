@@ -141,8 +141,13 @@ def send_some(port: int, count: int) -> None:
 def test_proxy_serves_the_sum_of_its_processes(proxy_processes, instance):
     proc, smtp_port, listen = proxy_processes
     send_some(smtp_port, 6)
-    time.sleep(0.2)  # the last connection's close reaches its process
-    found = samples(scrape(f"http://{listen}/metrics"))
+    deadline = time.monotonic() + 5
+    while True:  # the last connection's close reaches its process a moment later
+        found = samples(scrape(f"http://{listen}/metrics"))
+        active = value(found, "outbound_guard_smtp_connections_active")
+        if active == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert value(found, "outbound_guard_smtp_transactions_total", stage="relay",
                  verdict="relayed") == 6
     assert value(found, "outbound_guard_smtp_replies_total", code="250") == 6
