@@ -1,8 +1,8 @@
 """Serving the proxy's metrics from the parent process (multiprocess mode).
 
 ``prepare_multiprocess`` runs before anything imports prometheus_client: it gives this run a
-fresh ``PROMETHEUS_MULTIPROC_DIR`` under the instance folder (files of an earlier run would
-add old counts to the new ones). The parent then serves the children's sum on
+fresh ``PROMETHEUS_MULTIPROC_DIR`` under the instance folder, one per SMTP port (files of an
+earlier run would add old counts to the new ones). The parent then serves the children's sum on
 ``METRICS_LISTEN`` and marks a dead child's files so its gauges stop counting.
 """
 
@@ -16,8 +16,15 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def multiprocess_dir(config: dict) -> Path:
+    """Per listening port: two proxies on one machine (deploy/haproxy-one-machine.cfg) must
+    not wipe or sum each other's files."""
+    port = config["SMTP_LISTEN"].rpartition(":")[2]
+    return Path(config["INSTANCE_PATH"]) / f"prometheus-smtp-{port}"
+
+
 def prepare_multiprocess(config: dict) -> Path:
-    path = Path(config["INSTANCE_PATH"]) / "prometheus-proxy"
+    path = multiprocess_dir(config)
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)

@@ -156,7 +156,7 @@ def test_proxy_serves_the_sum_of_its_processes(proxy_processes, instance):
     assert value(found, "outbound_guard_smtp_connections_active") == 0
 
     # A process that dies is replaced; its counts stay, its live gauge is forgotten.
-    folder = Path(instance) / "prometheus-proxy"
+    folder = Path(instance) / f"prometheus-smtp-{smtp_port}"
     children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)],
                                                capture_output=True, text=True).stdout.split()]
     (victim, live), *_ = [(pid, folder / f"gauge_livesum_{pid}.db") for pid in children
