@@ -218,6 +218,15 @@ class OutboundHandler:
         return refusal
 
     # -- the message log ---------------------------------------------------------------------
+    def connection_refused(self, session, reply: str) -> None:
+        """Refused before ``handle_connect`` (too many connections from one address)."""
+        try:
+            user = self.directory.user_for_ip(_client_ip(session)) if self.directory.ready \
+                else None
+        except Exception:
+            user = None
+        self._log_refusal(session, "connect", reply, user)
+
     def _log_refusal(self, session, stage: str, reply: str, user=None, **fields) -> None:
         """The record of a transaction that ended before it began (connect, AUTH, MAIL)."""
         self.log.write(mlog.finish(mlog.new_record(self.clock(), _client_ip(session), user,

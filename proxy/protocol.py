@@ -259,6 +259,8 @@ class LimitedSMTP(SMTP):
         connect = getattr(self.event_handler, "handle_connect", None)
         if refusal is None and connect is not None:
             refusal = await connect(self.session)  # e.g. an IP user's connection limits
+        elif refusal is not None and hasattr(self.event_handler, "connection_refused"):
+            self.event_handler.connection_refused(self.session, refusal)  # the message log
         if refusal is not None:
             try:
                 await self.push(refusal)

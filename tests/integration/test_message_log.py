@@ -142,6 +142,21 @@ def test_every_outcome_is_one_record_with_what_happened(instance, start_proxy, h
     assert len(rows()) == 9
 
 
+def test_a_connection_over_the_per_address_cap_is_a_connect_refusal(
+        instance, start_proxy, hop, redis_client):
+    proxy = start_proxy(UPSTREAM_SMTP=f"127.0.0.1:{hop.port}", SMTP_MAX_CONNECTIONS_PER_IP=1)
+    with client(proxy.port, source="127.0.0.6") as smtp:
+        smtp.noop()
+        with pytest.raises(smtplib.SMTPConnectError):
+            smtplib.SMTP("127.0.0.1", proxy.port, source_address=("127.0.0.6", 0), timeout=10)
+    wait_for_stream(redis_client, 1)
+    write_log(redis_client)
+    (refused,) = rows()
+    assert (refused.stage, refused.verdict, refused.client_ip) == (
+        "connect", "refused", "127.0.0.6")
+    assert refused.reply.startswith("421 4.7.0")
+
+
 def test_a_reply_never_waits_for_the_log_when_redis_refuses_the_append(
         instance, start_proxy, hop, redis_client):
     """The stream key holds the wrong type, so every XADD fails: mail flows on regardless."""
