@@ -133,7 +133,7 @@ class OutboundHandler:
         self.half_life = float(config.get("DETECTION_HALF_LIFE_SECONDS", 3600))
         self.campaigns = detection.CampaignCounts()
         self.log = mlog.MessageLog(redis, maxlen=int(config["MESSAGE_LOG_STREAM_MAXLEN"]),
-                                   background=self._background, faults=self._faults)
+                                   faults=self._faults)
 
     # -- helpers ---------------------------------------------------------------------------
     async def _in_thread(self, fn, *args, **kwargs):
@@ -797,9 +797,14 @@ class OutboundHandler:
                            actor="proxy")
 
     async def close(self) -> None:
-        """Finish background work: give-backs in flight and a last identity flush."""
+        """Finish background work: give-backs in flight, the message log's queued records
+        and a last identity flush."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self.log.close(), timeout=3)
+        except Exception as exc:
+            log.warning("message log records not sent at shutdown (%s)", exc)
         try:
             await self.flusher.flush()
         except Exception as exc:

@@ -1,12 +1,15 @@
 """The proxy's side of the message log: build one record per SMTP transaction and append it
 to the Redis stream without waiting (``outgoing/message_log.py`` has the rest).
 
-The XADD runs as a background task on the event loop, so the reply never waits for it; when
-Redis fails the record is lost, counted and logged (rate-limited), and the sender's mail is
-not affected.
+The reply never waits for the XADD: records queue in the process and one writer task sends
+them, pipelined; when Redis fails a record is lost, counted and logged (rate-limited), and
+the sender's mail is not affected.
 """
 
 from __future__ import annotations
+
+import asyncio
+from collections import deque
 
 from outgoing.message_log import FIRST_RECIPIENTS, STREAM, encode
 from proxy import metrics
@@ -48,26 +51,67 @@ def finish(record: dict, reply: str) -> dict:
 
 
 class MessageLog:
-    def __init__(self, redis, *, maxlen: int, background, faults):
+    """Records wait in a bounded in-process queue; one writer task sends them to Redis in
+    pipelined batches (one XADD per record, one round trip per batch). So a slow or hung
+    Redis holds one connection, never one per message, and costs no reply any time: the
+    queue fills, further records are dropped and counted, mail flows on."""
+
+    BATCH = 500
+
+    def __init__(self, redis, *, maxlen: int, faults, limit: int = 20000):
         self.redis = redis
         self.maxlen = maxlen
-        self._background = background
+        self.limit = limit
         self._faults = faults
+        self._pending: deque[dict] = deque()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._closing = False
 
     def write(self, record: dict) -> None:
-        """Count the transaction and append its record in the background."""
+        """Count the transaction and queue its record for the writer."""
         metrics.TRANSACTIONS.labels(record.get("stage") or "data",
                                     record.get("verdict") or "refused").inc()
         metrics.REPLIES.labels((record.get("reply") or "000")[:3]).inc()
-        try:
-            self._background(self._append(encode(record)))
-        except RuntimeError:  # no running loop (shutting down): the record is lost
+        if len(self._pending) >= self.limit:
             metrics.MESSAGE_LOG_ERRORS.inc()
+            self._faults.warning("message-log-full", "message log: %d records wait for "
+                                 "Redis already; dropping new ones", self.limit)
+            return
+        self._pending.append(encode(record))
+        if self._task is None or self._task.done():
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (shutting down): the record stays queued
+                return
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._run())
+        self._wake.set()
 
-    async def _append(self, fields: dict) -> None:
-        try:
-            await self.redis.xadd(STREAM, fields, maxlen=self.maxlen, approximate=True)
-        except Exception as exc:
-            metrics.MESSAGE_LOG_ERRORS.inc()
-            self._faults.warning("message-log", "could not append to the message log (%s); "
-                                 "records are lost until Redis answers", exc)
+    async def _run(self) -> None:
+        while not self._closing:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._send()
+
+    async def _send(self) -> None:
+        while self._pending:
+            batch = [self._pending.popleft()
+                     for _ in range(min(self.BATCH, len(self._pending)))]
+            pipe = self.redis.pipeline(transaction=False)
+            for fields in batch:
+                pipe.xadd(STREAM, fields, maxlen=self.maxlen, approximate=True)
+            try:
+                await pipe.execute()
+            except Exception as exc:
+                metrics.MESSAGE_LOG_ERRORS.inc(len(batch))
+                self._faults.warning("message-log", "could not append %d record(s) to the "
+                                     "message log (%s); they are lost", len(batch), exc)
+
+    async def close(self) -> None:
+        """Send what is queued and stop the writer (the caller bounds the wait)."""
+        self._closing = True
+        if self._task is not None and not self._task.done():
+            self._wake.set()
+            await self._task
+        await self._send()

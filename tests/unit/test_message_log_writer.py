@@ -1,0 +1,61 @@
+"""The proxy's message-log writer: a hung Redis holds one pipeline, never one connection per
+message, and a full queue drops records (counted) instead of growing or delaying anyone."""
+
+from __future__ import annotations
+
+import asyncio
+
+from proxy import message_log as mlog
+from proxy import metrics
+from proxy.handler import RateLimitedLog
+
+
+class HungRedis:
+    """A Redis whose pipelines never answer until released."""
+
+    def __init__(self):
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.sent: list[dict] = []
+        self.release = asyncio.Event()
+
+    def pipeline(self, transaction=False):
+        redis = self
+
+        class Pipe:
+            def __init__(self):
+                self.fields = []
+
+            def xadd(self, stream, fields, **_):
+                self.fields.append(fields)
+
+            async def execute(self):
+                redis.in_flight += 1
+                redis.most_in_flight = max(redis.most_in_flight, redis.in_flight)
+                await redis.release.wait()
+                redis.in_flight -= 1
+                redis.sent.extend(self.fields)
+        return Pipe()
+
+
+def lost() -> float:
+    return metrics.MESSAGE_LOG_ERRORS._value.get()
+
+
+def test_a_hung_redis_holds_one_round_trip_and_a_full_queue_drops_records():
+    async def scenario():
+        redis = HungRedis()
+        log = mlog.MessageLog(redis, maxlen=1000, faults=RateLimitedLog(), limit=50)
+        before = lost()
+        for n in range(80):
+            log.write(mlog.finish(mlog.new_record(float(n), "192.0.2.1"), "250 OK"))
+            await asyncio.sleep(0)  # each SMTP reply goes out at once: nothing awaits Redis
+        assert redis.most_in_flight == 1
+        redis.release.set()
+        await log.close()
+        assert redis.most_in_flight == 1
+        return len(redis.sent), lost() - before
+
+    sent, dropped = asyncio.run(scenario())
+    assert sent + dropped == 80
+    assert dropped == 29  # one record went out before the hang, 50 waited, the rest dropped
