@@ -215,6 +215,25 @@ class UserSettingsForm(FlaskForm):
     def validate_contact_email(self, field):
         optional_email(field, "postmaster@example.com")
 
+    # The ladder climbs: Throttle <= Hold <= Lock (0 turns a rung off and is not compared).
+    def _rung_at(self, name: str) -> int | None:
+        field = getattr(self, name, None)
+        value = field.data if field is not None else None
+        return value if isinstance(value, int) and value > 0 else None
+
+    def validate_detection_hold_at(self, field):
+        hold, throttle = self._rung_at("detection_hold_at"), self._rung_at("detection_throttle_at")
+        if hold is not None and throttle is not None and hold < throttle:
+            raise ValidationError(f"Hold must start at or above Throttle ({throttle}).")
+
+    def validate_detection_lock_at(self, field):
+        lock = self._rung_at("detection_lock_at")
+        for name, label in (("detection_hold_at", "Hold"), ("detection_throttle_at",
+                                                            "Throttle")):
+            below = self._rung_at(name)
+            if lock is not None and below is not None and lock < below:
+                raise ValidationError(f"Lock must start at or above {label} ({below}).")
+
 
 # Fields each type of user does not have.
 NOT_FOR = {
