@@ -36,6 +36,8 @@ VERDICTS = {
     "relayed": "Relayed",
     "partial": "Partially refused",
     "quarantined": "Quarantined",
+    "held": "Held",  # compromise detection's Hold: accepted, kept on Held Mail
+    "throttled": "Throttled",  # compromise detection's Throttle: 451 4.7.1 over the rate
     "rejected": "Rejected",
     "deferred": "Deferred",
     "refused": "Refused",

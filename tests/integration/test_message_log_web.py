@@ -141,3 +141,17 @@ def test_the_htmx_search_answers_with_the_rows_only(app, logged):
                           headers={"HX-Request": "true", "HX-Target": "log-rows"})
     body = response.get_data(as_text=True)
     assert "<html" not in body and body.count('id="log-') == 2
+
+
+def test_held_and_throttled_are_verdicts_to_search_by(app, logged):
+    store(record(6, 40, verdict="held", stage="content", identity="alice@example.com",
+                 mail_from="alice@example.com", **logged),
+          record(7, 41, verdict="throttled", stage="content", identity="alice@example.com",
+                 mail_from="alice@example.com", reply="451 4.7.1 Slow down", **logged))
+    client = app.test_client()
+    log_in(client, "ops@example.com", OPS_PW)
+    html = client.get("/outgoing/log").get_data(as_text=True)
+    assert '<option value="held">Held</option>' in html
+    assert '<option value="throttled">Throttled</option>' in html
+    assert ids_on(client, verdict="held") == by_n(6)
+    assert ids_on(client, verdict="throttled") == by_n(7)
