@@ -192,9 +192,13 @@ def test_two_proxies_behind_haproxy_share_limits_and_lose_nothing(deployment, si
     client.close()
     front = deployment["front"]
 
-    # Each customer is authenticated by its own range, through HAProxy.
-    wait_until(lambda: one_message(front, CUSTOMER_B, "b-hello")[0] == 250, 15,
-               "customer B was never accepted")
+    # Both proxies know the new users (straight to each, from a customer's address, which
+    # needs no PROXY header)...
+    for i, machine in enumerate(deployment["machines"]):
+        wait_until(lambda port=machine.port, i=i: one_message(
+            port, CUSTOMER_B, f"b-direct-{i}")[0] == 250, 15, "a proxy never saw the users")
+    # ...and each customer is authenticated by its own range, through HAProxy.
+    assert one_message(front, CUSTOMER_B, "b-hello")[0] == 250
     assert "([127.1.0.3])" in received_of(sink, "b-hello")
     assert "(IP/Range user 127.1.0.0/24)" in received_of(sink, "b-hello")
 
@@ -204,6 +208,7 @@ def test_two_proxies_behind_haproxy_share_limits_and_lose_nothing(deployment, si
     print(f"\nlimit {LIMIT}: {accepted} of {len(codes)} accepted across two proxies; "
           f"others {sorted(set(codes) - {250})}")
     assert accepted == LIMIT
+    assert codes[:LIMIT] == [250] * LIMIT
     assert "([127.0.0.2])" in received_of(sink, "a-0")
     assert "(IP/Range user 127.0.0.0/24)" in received_of(sink, "a-0")
     served = {name: int(row["stot"]) for name, row in haproxy_stat(deployment["stats"]).items()
