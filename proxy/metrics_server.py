@@ -57,7 +57,19 @@ def serve(config: dict):
                   config["METRICS_LISTEN"], exc)
         return None
     log.info("metrics on http://%s/metrics", config["METRICS_LISTEN"])
+    global _server
+    _server = server
     return server
+
+
+_server = None
+
+
+def close_inherited() -> None:
+    """In a forked child: close its copy of the parent's metrics socket, so the port is
+    free again once the parent is gone, whatever its children do."""
+    if _server is not None:
+        _server.socket.close()
 
 
 def child_died(pid: int) -> None:

@@ -148,6 +148,7 @@ def _child(config: dict, host: str, port: int, connections: ConnectionCounts,
     the shared connection counts."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    metrics_server.close_inherited()
     code = 0
     try:
         connections.worker = index
