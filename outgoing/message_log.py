@@ -222,7 +222,8 @@ def lag(redis, now: float | None = None) -> Lag:
         return Lag(length, max(0.0, now - _stream_time(first[0][0])), length)
     pending = int(group.get("pending") or 0)
     unread = group.get("lag")
-    unread = int(unread) if unread is not None else 0
+    # Redis answers no lag when it cannot tell (entries deleted in between): estimate.
+    unread = int(unread) if unread is not None else max(0, length - pending)
     oldest = None
     if pending:
         summary = redis.xpending(STREAM, GROUP)

@@ -8,7 +8,8 @@ and a worker restart needs nothing special. A run:
 1. takes over entries another consumer read but never acknowledged for
    ``MESSAGE_LOG_CLAIM_IDLE_SECONDS`` (it died mid-batch: XAUTOCLAIM);
 2. reads new entries (XREADGROUP) in batches of ``BATCH``;
-3. inserts each batch in one transaction and acknowledges it (XACK) only after the commit.
+3. inserts each batch in one transaction and acknowledges it (XACK) only after the commit;
+4. trims what the group has written from the stream.
 
 A run that dies between 3's commit and its XACK leaves entries that the next run claims and
 inserts again; the unique stream id turns that into a no-op, so nothing is lost or doubled.
@@ -99,7 +100,27 @@ def write_batches(redis, sessionmaker, *, consumer: str, claim_idle: float,
             break
         written += _write(redis, sessionmaker, entries)
     _forget_idle_consumers(redis, consumer)
+    trim_written(redis)
     return written
+
+
+def trim_written(redis) -> None:
+    """Drop the entries the group has written from the stream, so Redis holds only what is
+    still to be written (MAXLEN is the cap for when the worker is away): everything older
+    than the oldest entry still pending, or, with nothing pending, than the last one read.
+    Entries newer than that are never touched, whatever other consumers do meanwhile."""
+    group = next((g for g in redis.xinfo_groups(STREAM)
+                  if _text(g.get("name")) == GROUP), None)
+    if group is None:
+        return
+    oldest = _text(redis.xpending(STREAM, GROUP).get("min")) if group.get("pending") \
+        else _text(group.get("last-delivered-id"))
+    if oldest and oldest != "0-0":
+        redis.xtrim(STREAM, minid=oldest, approximate=False)
+
+
+def _text(value) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _forget_idle_consumers(redis, current: str) -> None:

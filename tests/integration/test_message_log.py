@@ -138,6 +138,7 @@ def test_every_outcome_is_one_record_with_what_happened(instance, start_proxy, h
 
     # Written once: the group has nothing pending, and a second run adds nothing.
     assert redis_client.xpending(message_log.STREAM, message_log.GROUP)["pending"] == 0
+    assert redis_client.xlen(message_log.STREAM) <= 1  # Redis keeps only what is unwritten
     write_log(redis_client, UPSTREAM_SMTP=f"127.0.0.1:{hop.port}")
     assert len(rows()) == 9
 
@@ -223,6 +224,7 @@ def test_entries_pending_for_less_than_the_claim_time_are_left_to_their_consumer
     write_log(redis_client)  # the default threshold: 60 s
     assert len(rows()) == 1
     assert message_log.lag(redis_client).entries == 2
+    assert redis_client.xlen(message_log.STREAM) == 3  # pending entries are never trimmed
 
 
 def insert(session, *entries) -> None:
