@@ -56,7 +56,7 @@ def delivered_subjects(sink) -> list[str]:
 
 
 def test_release_sends_at_most_the_pace_per_minute(instance, start_proxy, sink):
-    data.add_user("example.com", "user", "alice@example.com", PW, **HOLD_ALL)
+    alice = data.add_user("example.com", "user", "alice@example.com", PW, **HOLD_ALL)
     hold_messages(start_proxy, 7)
     assert states() == {"held": 7} and sink.handler.messages == []
     queue_all()
@@ -67,8 +67,8 @@ def test_release_sends_at_most_the_pace_per_minute(instance, start_proxy, sink):
     r = redis_module.from_url(os.environ["REDIS_URL"])
     if time.time() % 60 > 45:  # both jobs inside one minute
         time.sleep(61 - time.time() % 60)
-    enqueue(r, "worker.held_jobs.release_for_user", 1, retry=None)
-    enqueue(r, "worker.held_jobs.release_for_user", 1, retry=None)  # a second, same minute
+    enqueue(r, "worker.held_jobs.release_for_user", alice, retry=None)
+    enqueue(r, "worker.held_jobs.release_for_user", alice, retry=None)  # a second, same minute
     env = process_env(UPSTREAM_SMTP=f"127.0.0.1:{sink.port}")
     result = run_worker_burst(env)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -77,7 +77,7 @@ def test_release_sends_at_most_the_pace_per_minute(instance, start_proxy, sink):
     for _ in range(2):  # the next minutes (their counters start empty)
         for key in r.scan_iter("og:{*}:released:*"):
             r.delete(key)
-        enqueue(r, "worker.held_jobs.release_for_user", 1, retry=None)
+        enqueue(r, "worker.held_jobs.release_for_user", alice, retry=None)
         assert run_worker_burst(env).returncode == 0
     assert states() == {"released": 7}
     assert delivered_subjects(sink) == sorted(f"Held {i}" for i in range(7))  # once each
@@ -85,8 +85,8 @@ def test_release_sends_at_most_the_pace_per_minute(instance, start_proxy, sink):
 
 def test_a_worker_killed_mid_release_loses_nothing_and_sends_nothing_twice(
         instance, start_proxy, sink):
-    data.add_user("example.com", "user", "alice@example.com", PW,
-                  **dict(HOLD_ALL, detection_release_pace=100))
+    alice = data.add_user("example.com", "user", "alice@example.com", PW,
+                          **dict(HOLD_ALL, detection_release_pace=100))
     hold_messages(start_proxy, 4)
     queue_all()
     import redis as redis_module
@@ -97,7 +97,7 @@ def test_a_worker_killed_mid_release_loses_nothing_and_sends_nothing_twice(
     sink.handler.delay = 30  # the next hop hangs on the first message: kill the worker then
     env = process_env(UPSTREAM_SMTP=f"127.0.0.1:{sink.port}", HELD_CLAIM_SECONDS="1",
                       UPSTREAM_TIMEOUT="60")
-    enqueue(r, "worker.held_jobs.release_for_user", 1, retry=None)
+    enqueue(r, "worker.held_jobs.release_for_user", alice, retry=None)
     worker = subprocess.Popen([str(os.path.join(os.path.dirname(sys.executable), "rq")),
                                "worker", "--burst", "outgoing"], cwd=ROOT, env=env,
                               start_new_session=True)
@@ -109,7 +109,7 @@ def test_a_worker_killed_mid_release_loses_nothing_and_sends_nothing_twice(
     worker.wait()
     sink.handler.delay = 0
     time.sleep(1.5)  # the claim goes stale
-    enqueue(r, "worker.held_jobs.release_for_user", 1, retry=None)
+    enqueue(r, "worker.held_jobs.release_for_user", alice, retry=None)
     result = run_worker_burst(env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert states() == {"released": 4}

