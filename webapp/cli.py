@@ -4,10 +4,12 @@
 
 import click
 from email_validator import EmailNotValidError, validate_email
+from flask import current_app
 from flask.cli import with_appcontext
 from sqlalchemy import select
 
 from outgoing import audit
+from outgoing.changes import announce_config_change
 from outgoing.models import KIND_DOMAIN, KIND_IP, KIND_USER, Admin, Domain
 from outgoing.passwords import hash_password, weakness
 from outgoing.users import (
@@ -131,6 +133,10 @@ def create_user(domain: str, ip_range: str | None, username: str | None, domain_
                  after={"name": user.name, "kind": user.kind_label, "domain": dom.name},
                  **confirmed_overlaps(db.session, user))
     db.session.commit()
+    try:  # the proxies pick the new user up at once (else within their periodic reload)
+        announce_config_change(current_app.extensions["og_redis"])
+    except Exception as exc:
+        click.echo(f"note: could not tell the proxies ({exc}); they reload within a minute")
     click.echo(f"{user.kind_label} {user.name} in {dom.name}")
 
 

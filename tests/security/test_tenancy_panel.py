@@ -13,6 +13,7 @@ import re
 import pytest
 from sqlalchemy import select
 
+from outgoing import redis_keys
 from outgoing.models import AuditEvent, OutgoingUser
 from outgoing.users import get_or_create_domain
 from tests.integration.test_panel_settings import settings
@@ -293,16 +294,19 @@ def test_a_super_admin_sets_shared_smarthost_and_it_is_audited(root):
 
 # -- the CLI ---------------------------------------------------------------------------------
 
-def test_the_cli_goes_through_the_same_rules(app, other):
+def test_the_cli_goes_through_the_same_rules(app, other, redis_client):
     runner = app.test_cli_runner()
     whole = runner.invoke(args=["create-user", "one.example", "--ip", "0.0.0.0/0"])
     assert whole.exit_code != 0 and "open relay" in whole.output
     overlap = runner.invoke(args=["create-user", "one.example", "--ip", "10.2.0.4"])
     assert overlap.exit_code != 0 and "--confirm-overlap" in overlap.output
     assert user_named("10.2.0.4") is None
+    version = redis_client.get(redis_keys.CONFIG_VERSION)
     confirmed = runner.invoke(args=["create-user", "one.example", "--ip", "10.2.0.4",
                                     "--confirm-overlap"])
     assert confirmed.exit_code == 0, confirmed.output
+    # The proxies are told at once, as after a change in the panel.
+    assert redis_client.get(redis_keys.CONFIG_VERSION) != version
     assert ("10.2.0.4", "one.example") in users()
     assert [e["overlap_confirmed"] for e in audit_events("create")
             if e["name"] == "10.2.0.4"] == [["10.2.0.0/28 (two.example)"]]
