@@ -206,6 +206,9 @@ def _stream_time(entry_id) -> float:
     return int(text_id.split("-")[0]) / 1000.0
 
 
+MAX_LAG_COUNT = 100_000  # entries counted one by one when Redis cannot say
+
+
 def lag(redis, now: float | None = None) -> Lag:
     """How far the database is behind the stream (for the metrics)."""
     now = time.time() if now is None else now
@@ -222,8 +225,12 @@ def lag(redis, now: float | None = None) -> Lag:
         return Lag(length, max(0.0, now - _stream_time(first[0][0])), length)
     pending = int(group.get("pending") or 0)
     unread = group.get("lag")
-    # Redis answers no lag when it cannot tell (entries deleted in between): estimate.
-    unread = int(unread) if unread is not None else max(0, length - pending)
+    if unread is None:
+        # Redis before 7 has no lag, and 7 answers none when entries were deleted in
+        # between: count what lies after the last entry handed to a consumer (bounded).
+        last = _name(group.get("last-delivered-id")) or "0-0"
+        unread = len(redis.xrange(STREAM, min=f"({last}", count=MAX_LAG_COUNT))
+    unread = int(unread)
     oldest = None
     if pending:
         summary = redis.xpending(STREAM, GROUP)

@@ -8,13 +8,15 @@ command they send; the server says which arguments are keys (COMMAND GETKEYS) an
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import urlsplit
 
 import pytest
 import redis as redis_lib
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection as AsyncConnection
+from redis.asyncio.connection import UnixDomainSocketConnection as AsyncUnixConnection
 from redis.cluster import key_slot
-from redis.connection import Connection
+from redis.connection import Connection, UnixDomainSocketConnection
 
 from outgoing import auth_blocks, locks, redis_keys
 from outgoing.models import Identity
@@ -29,16 +31,16 @@ def _text(arg) -> str:
     return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
 
 
-class RecordingConnection(Connection):
+class Recording:
+    """Mixed into a connection class: every command packed is recorded."""
+
     def pack_command(self, *args):
         SENT.append(tuple(_text(a) for a in args))
         return super().pack_command(*args)
 
 
-class AsyncRecordingConnection(AsyncConnection):
-    def pack_command(self, *args):
-        SENT.append(tuple(_text(a) for a in args))
-        return super().pack_command(*args)
+def recording(base: type) -> type:
+    return type(f"Recording{base.__name__}", (Recording, base), {})
 
 
 ATOMIC_MULTI_KEY = {"DEL", "UNLINK", "MGET", "MSET", "EXISTS", "RENAME", "SUNIONSTORE",
@@ -75,10 +77,17 @@ def slots_of(client, unit) -> set[int]:
 
 @pytest.fixture
 def recorded(redis_url, redis_client):
-    sync = redis_lib.Redis(connection_pool=redis_lib.ConnectionPool.from_url(
-        redis_url, connection_class=RecordingConnection))
-    async_pool = aioredis.ConnectionPool.from_url(redis_url,
-                                                  connection_class=AsyncRecordingConnection)
+    if redis_url.startswith("unix://"):  # dev.py test's embedded Redis; from_url would
+        path = urlsplit(redis_url).path  # put its own connection class back
+        sync = redis_lib.Redis(connection_pool=redis_lib.ConnectionPool(
+            connection_class=recording(UnixDomainSocketConnection), path=path))
+        async_pool = aioredis.ConnectionPool(
+            connection_class=recording(AsyncUnixConnection), path=path)
+    else:
+        sync = redis_lib.Redis(connection_pool=redis_lib.ConnectionPool.from_url(
+            redis_url, connection_class=recording(Connection)))
+        async_pool = aioredis.ConnectionPool.from_url(
+            redis_url, connection_class=recording(AsyncConnection))
     SENT.clear()
     yield sync, async_pool
     sync.close()
