@@ -23,7 +23,7 @@ from outgoing.models import (
     OutgoingUser,
     utcnow,
 )
-from outgoing.quarantine import _durable_commits, remove_messages
+from outgoing.quarantine import remove_messages, store_durably
 from scoring import risk
 
 AREA = "held"
@@ -47,15 +47,7 @@ def hold_message(session, store, *, domain_id: int, user_id: int, mail_from: str
         identity=(identity or None) and identity[:255], client_ip=client_ip,
         risk=float(risk_value), signals=json.dumps(signals), state=HELD, attempts=0,
         received_at=received_at or utcnow())
-    store.attach(row, data, AREA)
-    session.add(row)
-    try:
-        _durable_commits(session)
-        session.commit()
-    except BaseException:
-        store.discard(row.storage_key)
-        raise
-    return row
+    return store_durably(session, store, row, data, AREA)
 
 
 def signals_of(row: HeldMessage) -> dict:

@@ -39,7 +39,13 @@ def quarantine_message(session, store, *, domain_id: int, user_id: int | None,
         reason=reason[:500], score=float(score), rules=json.dumps(list(rules)),
         received_at=received_at or utcnow(),
     )
-    store.attach(row, data, AREA)
+    return store_durably(session, store, row, data, AREA)
+
+
+def store_durably(session, store, row, data: bytes, area: str):
+    """The body, then the row; both durable when this returns (the sender may get 250). A
+    failed commit leaves no orphaned body behind."""
+    store.attach(row, data, area)
     session.add(row)
     try:
         _durable_commits(session)
