@@ -175,6 +175,16 @@ MAX_LINE = 998  # RFC 5322 2.1.1: characters per line, CRLF not counted
 _LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE + 1))
 
 
+def has_long_line(data: bytes) -> bool:
+    """A line of more than 998 characters (CR or LF ends a line). Runs on every message:
+    splitting at LF costs microseconds, where the regular expression alone tries a
+    999-character match at every offset (0.6 ms for 5 KB); it only looks at the rare
+    pieces that are long enough."""
+    if len(data) <= MAX_LINE:
+        return False
+    return any(_LONG_LINE.search(piece) for piece in data.split(b"\n") if len(piece) > MAX_LINE)
+
+
 class HeaderLineTooLong(ValueError):
     """A header line over 998 characters: we cannot rewrite it without changing its meaning,
     and the next hop may refuse or truncate it."""
@@ -186,17 +196,17 @@ def fit_long_lines(raw: bytes) -> bytes:
     text as quoted-printable and anything else as base64, both safe for MIME. Everything
     else stays byte for byte. Web forms and scripts send long HTML lines; Postfix would
     accept and wrap them, so refusing them bounces legitimate mail."""
-    if not _LONG_LINE.search(raw):
+    if not has_long_line(raw):
         return raw
     head, _ = header_block(raw)
-    if _LONG_LINE.search(head):
+    if has_long_line(head):
         raise HeaderLineTooLong("a header line is longer than 998 characters")
     message = email.message_from_bytes(raw, policy=email.policy.compat32)
     for part in message.walk():
         if part.is_multipart():
             continue
         payload = part.get_payload()
-        if not isinstance(payload, str) or not _LONG_LINE.search(
+        if not isinstance(payload, str) or not has_long_line(
                 payload.encode("utf-8", "surrogateescape")):
             continue
         decoded = part.get_payload(decode=True) or b""

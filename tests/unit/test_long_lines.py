@@ -6,10 +6,13 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from scoring.message import MAX_LINE, HeaderLineTooLong, fit_long_lines
+from scoring.message import MAX_LINE, HeaderLineTooLong, fit_long_lines, has_long_line
 
 LONG_HTML = b"<p>" + "D\xe9j\xe0 vu ".encode("latin-1") * 900 + b"</p>"
 
@@ -71,3 +74,12 @@ def test_a_message_without_mime_headers_gets_them():
 def test_a_header_line_over_998_characters_is_refused():
     with pytest.raises(HeaderLineTooLong):
         fit_long_lines(b"From: a@example.com\r\nX-Data: " + b"z" * 1200 + b"\r\n\r\nbody\r\n")
+
+
+@given(st.lists(st.tuples(st.integers(0, 1200), st.sampled_from([b"\r\n", b"\n", b"\r", b""])),
+                max_size=6))
+def test_the_fast_long_line_check_agrees_with_the_plain_definition(pieces):
+    """has_long_line splits at LF for speed; it must find exactly what a search for 999
+    characters without CR or LF finds."""
+    data = b"".join(b"a" * n + end for n, end in pieces)
+    assert has_long_line(data) == bool(re.search(rb"[^\r\n]{999}", data))
