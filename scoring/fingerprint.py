@@ -4,9 +4,11 @@ A one-permutation MinHash of word 3-shingles over the normalised subject and bod
 smallest CRC-32 of any shingle. Two messages get the same key with a probability equal to the
 Jaccard similarity of their shingle sets, so personalised copies (a name, a tracking link, an
 order number) still collide, and unrelated mail almost never does. Normalising keeps letters
-only (digits, punctuation, markup and URL tokens vanish) and drops base64-like runs. Cost: one
-regular expression over at most 8 KB and a few hundred ``zlib.crc32`` calls, tens of
-microseconds; stable across processes (``hash()`` is salted per process).
+only (digits, punctuation, markup and URL tokens vanish) and drops runs of 15 letters or more
+(base64 and the like). Cost, on the hot path of every message: one ``bytes.translate`` and
+``split`` over at most 4 KB (a regular expression only when there is markup or a link), and a
+few hundred ``zlib.crc32`` calls driven by ``map``: about 70 µs for a 5 KB message. Stable
+across processes (``hash()`` is salted per process).
 
 Why not TLSH or datasketch: TLSH gives a distance between two digests, not a key, so counting
 copies would need a neighbour search per message; a 128-permutation MinHash costs
@@ -19,16 +21,19 @@ from __future__ import annotations
 import re
 import zlib
 
-BODY_BYTES = 8192  # the start of a body is enough to tell copies apart
+BODY_BYTES = 4096  # the start of a body (several hundred words) tells copies apart
 MIN_WORDS = 6  # too little text to call anything a campaign
-_WORDS = re.compile(rb"[a-z]{2,14}")
-_MARKUP = re.compile(rb"<[^>]{0,200}>|&[a-z]{2,8};|https?://\S+")
+MAX_WORD = 14  # longer runs of letters are encoded data, not words
+_MARKUP = re.compile(rb"<[^>]{0,200}>|&[A-Za-z]{2,8};|[Hh][Tt][Tt][Pp][Ss]?://\S+")
+# Letters to lower case, everything else to a space: words are then what split() returns.
+_LETTERS = bytes(c + 32 if 65 <= c <= 90 else c if 97 <= c <= 122 else 32 for c in range(256))
 
 
 def normalised_words(subject: str, body: bytes) -> list[bytes]:
-    text = subject.lower().encode("utf-8", "replace") + b" " + body[:BODY_BYTES].lower()
-    text = _MARKUP.sub(b" ", text)
-    return _WORDS.findall(text)
+    text = subject.encode("utf-8", "replace") + b" " + body[:BODY_BYTES]
+    if b"<" in text or b"&" in text or b"://" in text:
+        text = _MARKUP.sub(b" ", text)
+    return [word for word in text.translate(_LETTERS).split() if 1 < len(word) <= MAX_WORD]
 
 
 def fingerprint(subject: str, body: bytes, shingle: int = 3) -> str | None:
@@ -36,10 +41,8 @@ def fingerprint(subject: str, body: bytes, shingle: int = 3) -> str | None:
     words = normalised_words(subject, body)
     if len(words) < MIN_WORDS:
         return None
-    crc = zlib.crc32
-    lowest = min(crc(b" ".join(words[i:i + shingle]))
-                 for i in range(len(words) - shingle + 1))
-    return f"{lowest:08x}"
+    shingles = map(b" ".join, zip(*(words[i:] for i in range(shingle)), strict=False))
+    return f"{min(map(zlib.crc32, shingles)):08x}"
 
 
 def body_of(data: bytes) -> bytes:

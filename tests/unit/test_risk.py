@@ -3,7 +3,7 @@
 import pytest
 
 from scoring import risk
-from scoring.fingerprint import fingerprint
+from scoring.fingerprint import fingerprint, normalised_words
 from scoring.risk import Settings, Signals
 
 SETTINGS = Settings(enabled=True, shadow=False, throttle_at=60, hold_at=120, lock_at=400)
@@ -115,3 +115,11 @@ def test_personalised_copies_share_a_fingerprint():
     other = fingerprint("Lunch", b"are we still on for lunch tomorrow at the usual place ok")
     assert a == b and a != other
     assert fingerprint("hi", b"ok") is None
+
+
+def test_markup_links_and_case_do_not_change_a_fingerprint():
+    plain = b"Your invoice is attached please pay within seven days thank you"
+    html = (b"<html><body><p>Your <b>INVOICE</b> is attached&nbsp;please pay within "
+            b"https://track.example/abc?u=1 seven days</p><p>Thank you</p></body></html>")
+    assert fingerprint("Invoice", plain) == fingerprint("invoice", html)
+    assert normalised_words("", b"ok QUJDREVGRhJSktMTUPUFFSU abc") == [b"ok", b"abc"]
