@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import NoScriptError
+
 from outgoing import redis_keys
 from outgoing.redis_conn import is_cluster
 from scoring import risk
@@ -167,14 +169,37 @@ async def measure(redis, user_id: int, evidence: Evidence, settings: risk.Settin
             count, raw = await asyncio.gather(count_script(keys=ckeys, args=cargs),
                                               script(keys=keys, args=args))
         else:
-            async with redis.pipeline(transaction=False) as pipe:
-                await count_script(keys=ckeys, args=cargs, client=pipe)
-                await script(keys=keys, args=args, client=pipe)
-                count, raw = await pipe.execute()
+            count, raw = await _both(redis, (count_script, ckeys, cargs), (script, keys, args))
         campaigns.put(fp, int(count))
     else:
         raw = await script(keys=keys, args=args)
     return parse(raw)
+
+
+async def _both(redis, *calls) -> list:
+    """Run scripts in one pipelined round trip. redis-py's own way (``script(client=pipe)``)
+    sends SCRIPT EXISTS first on every call, a second round trip per message: send EVALSHA
+    alone, and when Redis does not know a script (after a restart or a SCRIPT FLUSH) load it
+    and run again only the calls that did not run."""
+    results: list = [None] * len(calls)
+    pending = list(range(len(calls)))
+    for attempt in (1, 2):
+        async with redis.pipeline(transaction=False) as pipe:
+            for index in pending:
+                script, keys, args = calls[index]
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            answers = await pipe.execute(raise_on_error=False)
+        for index, answer in zip(pending, answers, strict=True):
+            results[index] = answer
+        pending = [i for i in pending if isinstance(results[i], NoScriptError)]
+        if not pending or attempt == 2:
+            break
+        for index in pending:
+            await redis.script_load(calls[index][0].script)
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return results
 
 
 def parse(raw) -> Measure:

@@ -143,3 +143,20 @@ def test_copying_a_rivals_newsletter_raises_only_the_copier():
     assert a.identity_signals.get("campaign", 0) > risk.WEIGHTS["campaign"]  # boosted
     assert a.rung in (risk.HOLD, risk.LOCK)
     assert "campaign" not in b.identity_signals and b.rung == risk.OBSERVE
+
+
+def test_measuring_survives_a_redis_that_forgot_its_scripts():
+    """The content count and the detection script go in one pipeline of EVALSHAs without
+    SCRIPT EXISTS; after a restart or SCRIPT FLUSH Redis knows neither, and the next message
+    loads them and is measured all the same, once."""
+    async def scenario(r):
+        evidence = mail(fingerprint="0badc0de")
+        first = await measure(r, USER_A, evidence, SETTINGS, T0)
+        await r.script_flush()
+        second = await measure(r, USER_A, evidence, SETTINGS, T0 + 1)
+        state = await r.hgetall(f"og:{{{USER_A}}}:risk")
+        return first, second, float(state[b"a@x.example|m"])
+
+    first, second, messages = run(scenario)
+    assert not first.throttled and not second.throttled
+    assert messages == 2  # the retried pipeline counted the message once
