@@ -16,9 +16,11 @@ import types
 from collections.abc import Callable
 
 from aiosmtpd.proxy_protocol import V2_CMD, get_proxy
-from aiosmtpd.smtp import SMTP, Session, _AuthMechAttr, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Session, _AuthMechAttr, syntax
 
+from proxy import data_stream
 from proxy.connections import ConnectionCounts
+from proxy.data_stream import DataState
 
 log = logging.getLogger("proxy")
 
@@ -33,6 +35,13 @@ TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address"
 PROXY_REFUSED = "554 5.7.0 PROXY protocol header not accepted from your address"
 PROXY_HEADER_TIMEOUT = 5.0  # seconds a load balancer has to send its header
 TOO_MANY_JUNK_COMMANDS = "421 4.7.0 Too many commands without sending mail"
+# aiosmtpd's words after DATA, kept: clients and tests know them.
+DATA_FAULTS = {DataState.TOO_LONG: "500 Line too long (see RFC5321 4.5.3.1.6)",
+               DataState.TOO_MUCH: "552 Error: Too much mail data"}
+# The bulk reader works on asyncio's StreamReader buffer, as aiosmtpd itself does for
+# STARTTLS; on a StreamReader without one, DATA is read aiosmtpd's way.
+_BULK_DATA = all(hasattr(asyncio.StreamReader, name)
+                 for name in ("_wait_for_data", "_maybe_resume_transport"))
 # Refusals of a MAIL or RCPT path at that very command (RFC 3463: 5.1.7 bad sender's
 # mailbox syntax, 5.1.3 bad destination mailbox syntax).
 PATH_REFUSALS = {
@@ -196,7 +205,10 @@ class LimitedSMTP(SMTP):
             self._behind_balancer = _in_networks(ip, self.proxy_protocol_from)
             if not self._behind_balancer:
                 self._count_connection(ip)
+        first = self.transport is None
         super().connection_made(transport)
+        if first:
+            self._handler_coroutine.add_done_callback(self._served)
         if self._real_peer is not None:  # STARTTLS made a new session: still the real client
             self.session.peer = self._real_peer
             self.session.proxy_data = self._proxy_data
@@ -245,6 +257,14 @@ class LimitedSMTP(SMTP):
         log.warning("%r: PROXY header from outside SMTP_PROXY_PROTOCOL_FROM refused",
                     self.session.peer)
         await self.push(PROXY_REFUSED)
+        if self.transport is not None:
+            self.transport.close()
+
+    def _served(self, _task) -> None:
+        """Nobody serves the connection once its handler has ended, so close it. aiosmtpd
+        closes it only from its command loop; a client that leaves (EOF cancels the handler)
+        before that loop runs, even before the handler's first step, would otherwise keep its
+        transport, and its slot of the per-IP cap, until the idle timeout (five minutes)."""
         if self.transport is not None:
             self.transport.close()
 
@@ -313,12 +333,104 @@ class LimitedSMTP(SMTP):
         if not await self._no_progress():
             await super().smtp_HELP(arg)
 
+    # -- DATA, read in bulk ----------------------------------------------------------------
+    bulk_data = _BULK_DATA  # False: aiosmtpd's own reader (the tests compare the two)
+
     @syntax("DATA")
     async def smtp_DATA(self, arg):
         envelope = self.envelope
-        await super().smtp_DATA(arg)
+        if self.bulk_data:
+            await self._bulk_DATA(arg)
+        else:
+            await super().smtp_DATA(arg)
         if self.envelope is not envelope:  # the message was read: a transaction completed
             self._junk_commands = 0
+
+    async def _bulk_DATA(self, arg) -> None:
+        """aiosmtpd's ``smtp_DATA`` with the stream read by :mod:`proxy.data_stream`."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            body, state = await self._read_data()
+        except asyncio.CancelledError:
+            log.info("Connection lost during DATA")
+            self._writer.close()
+            raise
+        if body is not None:
+            state = data_stream.check(body, self.data_size_limit, self.line_length_limit)
+        if state is not DataState.NOMINAL:
+            await self.push(DATA_FAULTS[state])
+            self._set_post_data_state()
+            return
+        original = data_stream.unstuff(body)
+        if self._decode_data:
+            if self.enable_SMTPUTF8:
+                content = original.decode("utf-8", errors="surrogateescape")
+            else:
+                try:
+                    content = original.decode("ascii", errors="strict")
+                except UnicodeDecodeError:
+                    await self.push("500 Error: strict ASCII mode")
+                    return
+        else:
+            content = original
+        self.envelope.content = content
+        self.envelope.original_content = original
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _read_data(self) -> tuple[bytes | None, DataState]:
+        """The data up to the end-of-data line, taken from the reader's buffer as segments
+        arrive. Past the size limit (plus a line) without an end, the rest is drained, kept
+        nowhere, and the data is None with the limit crossed first (:meth:`_drain_data`)."""
+        reader = self._reader
+        buffer = reader._buffer
+        bound = (self.data_size_limit + self.line_length_limit + len(data_stream.END)
+                 if self.data_size_limit else None)
+        searched = 0
+        while (found := data_stream.end_of_data(buffer, searched)) is None:
+            searched = len(buffer)
+            if bound is not None and searched > bound:
+                return await self._drain_data()
+            if reader._eof:  # the connection is going: eof_received cancels this task
+                raise asyncio.CancelledError
+            await reader._wait_for_data("DATA")
+        body_end, consumed = found
+        body = bytes(buffer[:body_end])
+        del buffer[:consumed]
+        reader._maybe_resume_transport()
+        return body, DataState.NOMINAL
+
+    async def _drain_data(self) -> tuple[None, DataState]:
+        """Over the size limit: aiosmtpd's line-by-line reading, keeping nothing, to find the
+        end and which limit was crossed first."""
+        limit, counted, state = self.data_size_limit, 0, DataState.NOMINAL
+        fragments = False
+        while True:
+            try:
+                line = await self._reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as exc:
+                if state is DataState.NOMINAL:
+                    state = DataState.TOO_LONG
+                line = await self._reader.read(exc.consumed)
+            if not fragments and line == b".\r\n":
+                break
+            counted += len(line)
+            if state is DataState.NOMINAL and counted > limit:
+                state = DataState.TOO_MUCH
+            fragments = not line.endswith(b"\r\n")
+            if (not fragments and state is DataState.NOMINAL
+                    and len(line) > self.line_length_limit):
+                state = DataState.TOO_LONG
+        return None, (state if state is not DataState.NOMINAL else DataState.TOO_MUCH)
 
     # -- envelope paths -----------------------------------------------------------------------
     async def _path_refused(self, arg: str | None, keyword: str) -> bool:

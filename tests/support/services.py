@@ -141,7 +141,9 @@ class TcpForwarder:
     def __init__(self, target_host: str, target_port: int):
         self.target = (target_host, target_port)
         self.port = free_port()
-        self.loop = asyncio.new_event_loop()
+        from proxy.server import new_event_loop
+
+        self.loop = new_event_loop()  # what `python -m proxy` runs on
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self._server = None
@@ -211,7 +213,7 @@ class InProcessProxy:
     """The real proxy server loop in a thread, so a test can inject a clock."""
 
     def __init__(self, config: dict, clock: Clock):
-        from proxy.server import listening_socket
+        from proxy.server import listening_socket, new_event_loop
 
         self.clock = clock
         host, _, port = config["SMTP_LISTEN"].rpartition(":")
@@ -221,7 +223,7 @@ class InProcessProxy:
         self.sock = listening_socket(self.host, int(port), reuse_port=False)
         self.port = self.sock.getsockname()[1]
         self.config = dict(config, SMTP_LISTEN=f"{host}:{self.port}")
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()  # the loop `python -m proxy` runs on
         self.thread = threading.Thread(target=self._run, daemon=True)
         self._stop: asyncio.Event | None = None
 
@@ -241,7 +243,10 @@ class InProcessProxy:
             except (asyncio.CancelledError, Exception):
                 pass
 
-        self.loop.run_until_complete(main())
+        try:
+            self.loop.run_until_complete(main())
+        finally:
+            self.loop.close()  # its descriptors, or a long test run runs out
 
     def start(self) -> InProcessProxy:
         self.thread.start()
