@@ -19,8 +19,9 @@ from scoring.limits import CONNECTION_WINDOWS
 NOT_MESSAGES_STAGES = ("connect", "auth")
 NOT_MESSAGES_VERDICTS = ("abandoned",)
 SPAM_VERDICTS = ("quarantined",)  # the content check called it spam (rejected or accepted)
-# Refused whole, by us or the next hop: one refusal each (besides the refused recipients of
-# a partly refused message, which count one per recipient).
+# Refusals count each refused recipient (``refused_count``: at RCPT by us, or by the next
+# hop); a transaction with one of these verdicts and no refused recipient (refused at
+# connect or MAIL, rejected for content or by the next hop at DATA, throttled) counts one.
 REFUSED_VERDICTS = ("refused", "rejected", "throttled")
 
 SERIES = ("messages", "recipients", "spam", "refusals")
