@@ -13,7 +13,7 @@ from outgoing import message_log
 from outgoing.jobs import enqueue
 from outgoing.models import Identity, QuarantinedMessage
 from tests.support import data
-from tests.support.content import NextHop
+from tests.support.content import NextHop, with_attachment
 from tests.support.mail import GTUBE, client, message, send
 from tests.support.services import process_env, run_worker_burst
 from tests.support.web import csrf_token, log_in
@@ -52,12 +52,14 @@ def chart(html: str, name: str) -> str:
 
 @pytest.fixture
 def sent(instance, start_proxy, hop, clock, redis_client):
-    """alice@example.com sent 6 messages this hour: 4 relayed (one partly refused by the
-    next hop, one from a second identity) to 6 recipients, and 2 spam to 2."""
+    """alice@example.com sent 7 messages this hour: 4 relayed (one partly refused by the
+    next hop, one from a second identity) to 6 recipients, 2 spam to 2, and 1 rejected for
+    its attachment."""
     alice = data.add_user("example.com", "user", "alice@example.com", PW,
                           connection_limits_enabled=True, limit_per_hour=20,
                           maximum_recipients_per_day=20, compromise_detection=True,
-                          detection_shadow_mode=True, detection_throttle_at=20)
+                          detection_shadow_mode=True, detection_throttle_at=20,
+                          block_unwanted_attachments=True)
     data.add_user("other.example", "user", "mallory@other.example", "Mal-pass-123")
     proxy = start_proxy(UPSTREAM_SMTP=f"127.0.0.1:{hop.port}")
     hop.handler.refuse_rcpt["nobody@example.org"] = "550 5.1.1 No such user"
@@ -72,7 +74,8 @@ def sent(instance, start_proxy, hop, clock, redis_client):
                     sender="billing@example.com")[0] == 250
         for n in range(2):
             assert send(smtp, message(subject=f"Prize {n}", body=GTUBE))[0] == 550
-    write_log(redis_client, 6, hop)
+        assert send(smtp, with_attachment("setup.exe", b"MZ\x90\x00" * 64))[0] == 550
+    write_log(redis_client, 7, hop)
     data.add_admin("ops@example.com", OPS_PW, domain="example.com")
     data.add_admin("ops@other.example", OPS_PW, domain="other.example")
     identities = data.query(lambda s: {i.value: i.id for i in s.scalars(select(Identity))})
@@ -89,10 +92,10 @@ def test_user_charts_count_this_hours_mail_and_draw_the_limits(app, sent):
     assert "<html" not in html and 'hx-trigger="every 60s"' in html  # refreshes itself
     volume, trouble = chart(html, "volume"), chart(html, "trouble")
     assert len(re.findall(r'data-series="messages"', volume)) == 48
-    assert bar(volume, "messages", sent["hour"]) == 6
-    assert bar(volume, "recipients", sent["hour"]) == 8
+    assert bar(volume, "messages", sent["hour"]) == 7
+    assert bar(volume, "recipients", sent["hour"]) == 9
     assert bar(trouble, "spam", sent["hour"]) == 2
-    assert bar(trouble, "refusals", sent["hour"]) == 1  # nobody@example.org
+    assert bar(trouble, "refusals", sent["hour"]) == 2  # nobody@example.org, setup.exe
     assert bar(volume, "messages", sent["hour"] - 3600) == 0
     assert 'data-limit="20"' in volume  # Limit per hour and Recipients per day, both 20
     assert "Limit per hour: 20" in volume and "Recipients per day: 20" in volume
@@ -102,8 +105,8 @@ def test_user_charts_count_this_hours_mail_and_draw_the_limits(app, sent):
                     headers=HX).get_data(as_text=True)
     volume = chart(daily, "volume")
     assert len(re.findall(r'data-series="messages"', volume)) == 30
-    assert bar(volume, "messages", sent["day"]) == 6
-    # 20 an hour is 480 a day: far above 6 bars, so named rather than drawn at 480.
+    assert bar(volume, "messages", sent["day"]) == 7
+    # 20 an hour is 480 a day: far above 7 bars, so named rather than drawn at 480.
     assert "Limit per hour: 20 (= 480 per day) (above the chart)" in volume
     assert 'data-limit="20"' in volume  # the recipients' 20 a day is drawn
 
@@ -116,7 +119,7 @@ def test_identity_charts_count_only_that_identity(app, sent):
     assert bar(chart(html, "volume"), "messages", sent["hour"]) == 1
     alice = sent["identities"]["alice@example.com"]
     html = web.get(f"/outgoing/identities/{alice}/charts", headers=HX).get_data(as_text=True)
-    assert bar(chart(html, "volume"), "messages", sent["hour"]) == 5
+    assert bar(chart(html, "volume"), "messages", sent["hour"]) == 6
     assert bar(chart(html, "trouble"), "spam", sent["hour"]) == 2
     page = web.get(f"/outgoing/identities/{alice}").get_data(as_text=True)
     assert f'hx-get="/outgoing/identities/{alice}/charts"' in page
@@ -141,7 +144,7 @@ def test_why_panel_shows_usage_signals_spam_and_the_last_lock(app, sent):
     html = web.get(url, headers=HX).get_data(as_text=True)
     assert "<html" not in html and 'id="why-panel"' in html
     recipients = re.search(r'<tr[^>]*data-window="recipients">(.*?)</tr>', html, re.S).group(1)
-    assert re.findall(r'class="num">([^<]*)<', recipients) == ["8", "20"]
+    assert re.findall(r'class="num">([^<]*)<', recipients) == ["9", "20"]
     assert "Resets in" in html
     hour = re.search(r'<tr[^>]*data-window="hour">(.*?)</tr>', html, re.S).group(1)
     assert re.findall(r'class="num">([^<]*)<', hour) == ["1", "20"]  # one connection
