@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from outgoing import audit, newdomains
 from outgoing.models import DKIM_DEFAULT, ID_HEADER, KIND_DOMAIN, KIND_IP, DkimKey, OutgoingUser
-from outgoing.usage import read_usage_sync
+from outgoing.usage import usage_rows
 from outgoing.users import (
     LIMIT_FIELDS,
     SETTINGS,
@@ -25,7 +25,6 @@ from outgoing.users import (
     confirmed_overlaps,
     limit_order_problem,
 )
-from scoring.limits import usage_report
 from webapp import scope
 from webapp.extensions import db, htmx
 from webapp.forms import choices
@@ -233,14 +232,10 @@ def _has_errors(form) -> bool:
 
 def _usage(user: OutgoingUser):
     """Every limit window's current use and reset time, or None when Redis cannot say."""
-    now = time.time()
-    limits = {**user.limits, "recipients": user.maximum_recipients_per_day}
     try:
-        counts = read_usage_sync(redis_client(), user.id, now)
+        return usage_rows(redis_client(), user, time.time())
     except Exception:  # Redis down: the page still works, without the numbers
         return None
-    return [(row, row.resets_at - now if row.resets_at else None)
-            for row in usage_report(counts, now, limits)]
 
 
 def _failed_registration_lookups() -> int | None:

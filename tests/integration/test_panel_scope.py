@@ -12,7 +12,7 @@ from tests.support import data
 
 OPS, OPS_PW = "ops@one.example", "Ops-pass-12345"
 PANEL_BLUEPRINTS = {"users", "user_settings", "identities", "domains", "lock_templates",
-                    "dkim_keys", "audit_log"}
+                    "dkim_keys", "audit_log", "activity"}
 
 
 def _other_domain(session) -> dict:
@@ -78,7 +78,9 @@ def test_every_panel_route_answers_404_for_another_domains_ids(app, ops, other, 
     assert {"users.lock", "users.unlock", "users.reset", "user_settings.edit",
             "user_settings.header_row", "identities.lock", "identities.unlock",
             "identities.reset", "domains.settings", "lock_templates.edit",
-            "lock_templates.delete", "dkim_keys.index", "dkim_keys.delete"} <= endpoints
+            "lock_templates.delete", "dkim_keys.index", "dkim_keys.delete",
+            "activity.user_charts", "activity.user_why", "activity.identity",
+            "activity.identity_charts", "activity.identity_why"} <= endpoints
     assert _snapshot() == before
     assert not redis_client.keys("og:{*}:*lock*")
 
