@@ -27,6 +27,7 @@ from outgoing.models import (
     QuarantinedMessage,
     utcnow,
 )
+from outgoing.tokens import make_unlock_token
 from tests.support import data, worker
 from tests.support.mail import GTUBE, client, message, send
 from tests.support.web import log_in
@@ -373,7 +374,7 @@ def test_another_domains_admin_gets_404_for_every_pack(app, customers):
 
 def test_the_panel_offers_the_pack_where_the_lock_is_shown(app, customers):
     worker.lock("user", customers["alice"])
-    worker.lock("identity", customers["news"])
+    lock_id = worker.lock("identity", customers["news"])
     own = panel(app, OPS, OPS_PW)
     user_pack = f"/outgoing/users/{customers['alice']}/incident-pack"
     identity_pack = f"/outgoing/identities/{customers['news']}/incident-pack"
@@ -382,6 +383,9 @@ def test_the_panel_offers_the_pack_where_the_lock_is_shown(app, customers):
     assert f'href="{user_pack}"' in own.get("/outgoing/users").get_data(as_text=True)
     identities = own.get(f"/outgoing/identities?user={customers['alice']}")
     assert f'href="{identity_pack}"' in identities.get_data(as_text=True)
+    token = make_unlock_token(app.config["SECRET_KEY"], kind="identity",
+                              target_id=customers["news"], lock_id=lock_id)
+    assert f'href="{identity_pack}"' in own.get(f"/unlock/{token}").get_data(as_text=True)
     summary, _ = opened(own.get(user_pack))
     assert summary["lock"]["locked"] is True
     assert summary["lock"]["trigger"] == ("Automatic lock by the SMTP proxy: "
