@@ -23,7 +23,7 @@ def _lock_key(target: OutgoingUser | Identity) -> str:
     return redis_keys.user_lock(target.id)
 
 
-def _kind(target: OutgoingUser | Identity) -> str:
+def kind_of(target: OutgoingUser | Identity) -> str:
     return "identity" if isinstance(target, Identity) else "user"
 
 
@@ -31,7 +31,7 @@ def _domain_id(target: OutgoingUser | Identity) -> int:
     return target.user.domain_id if isinstance(target, Identity) else target.domain_id
 
 
-def _owner(target: OutgoingUser | Identity) -> OutgoingUser:
+def owner_of(target: OutgoingUser | Identity) -> OutgoingUser:
     return target.user if isinstance(target, Identity) else target
 
 
@@ -57,15 +57,15 @@ def lock(session, redis, target: OutgoingUser | Identity, *, kind: str, reason: 
     target.lock_reason = reason[:500]
     target.locked_at = now
     target.lock_id = lock_id
-    audit.record(session, actor=actor, action="lock", target_type=_kind(target),
+    audit.record(session, actor=actor, action="lock", target_type=kind_of(target),
                  target_id=target.id, domain_id=_domain_id(target), reason=reason, kind=kind,
                  lock_id=lock_id)
     session.commit()
-    metrics.count(redis, f"locks:{_kind(target)}:{kind}")
-    jobs.enqueue(redis, "worker.jobs.notify_lock", _kind(target), target.id, lock_id)
-    owner = _owner(target)
+    metrics.count(redis, f"locks:{kind_of(target)}:{kind}")
+    jobs.enqueue(redis, "worker.jobs.notify_lock", kind_of(target), target.id, lock_id)
+    owner = owner_of(target)
     if kind == LOCK_AUTOMATIC and owner.lock_timeout_minutes:
-        jobs.enqueue(redis, "worker.jobs.auto_unlock", _kind(target), target.id, lock_id,
+        jobs.enqueue(redis, "worker.jobs.auto_unlock", kind_of(target), target.id, lock_id,
                      at=now + timedelta(minutes=owner.lock_timeout_minutes))
         # The sweep catches timed unlocks whose job was lost; make sure it is scheduled.
         jobs.ensure_periodic(redis)
@@ -102,7 +102,7 @@ def unlock(session, redis, target: OutgoingUser | Identity, *, actor: str, reaso
     redis.delete(_lock_key(target), *_spam_keys(session, target))
     if not was_locked:
         return False
-    audit.record(session, actor=actor, action="unlock", target_type=_kind(target),
+    audit.record(session, actor=actor, action="unlock", target_type=kind_of(target),
                  target_id=target.id, domain_id=_domain_id(target), reason=reason,
                  lock_id=target.lock_id, automatic=automatic)
     target.locked = False
@@ -113,7 +113,7 @@ def unlock(session, redis, target: OutgoingUser | Identity, *, actor: str, reaso
     if automatic:
         target.automatic_unlocks_used = (target.automatic_unlocks_used or 0) + 1
     session.commit()
-    metrics.count(redis, f"unlocks:{_kind(target)}:{'timed' if automatic else 'manual'}")
+    metrics.count(redis, f"unlocks:{kind_of(target)}:{'timed' if automatic else 'manual'}")
     return True
 
 
@@ -136,7 +136,7 @@ def triggering_spam(session, target: OutgoingUser | Identity, *, window_seconds:
 
 
 def reset_unlock_count(session, target: OutgoingUser | Identity, *, actor: str) -> None:
-    audit.record(session, actor=actor, action="reset_unlocks", target_type=_kind(target),
+    audit.record(session, actor=actor, action="reset_unlocks", target_type=kind_of(target),
                  target_id=target.id, domain_id=_domain_id(target),
                  before=target.automatic_unlocks_used)
     target.automatic_unlocks_used = 0

@@ -29,6 +29,10 @@ STREAM = "og:message-log"
 GROUP = "message-log-writers"
 FIRST_RECIPIENTS = 10  # recipients kept per record (the count is always kept)
 PAGE_SIZE = 50
+# The panel's Log Search (webapp/message_log.py is mounted here): the worker links to it from
+# lock alerts without importing the web app. Its filters: from, to (UTC, YYYY-MM-DDTHH:MM),
+# user, identity, sender, recipient, message_id, subject, verdict.
+SEARCH_PATH = "/outgoing/log"
 
 # Where the transaction ended, and what became of it.
 STAGES = ("connect", "auth", "mail", "rcpt", "data", "content", "relay")

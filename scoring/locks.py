@@ -67,19 +67,20 @@ def auth_blocked(until: float | None, now: float) -> bool:
     return until is not None and now < until
 
 
-def auth_network(client_ip: str) -> str:
+def auth_network(client_ip: str, *, v4: int = AUTH_KNOWN_NETWORK_PREFIX_V4,
+                 v6: int = AUTH_KNOWN_NETWORK_PREFIX_V6) -> str:
     """The network a client address stands for when remembering where a login succeeded:
     its /24 (IPv4) or /64 (IPv6), so a home router's next lease or a phone's next IPv6
-    privacy address still counts. An IPv4-mapped IPv6 address is its IPv4 address; anything
-    that is not an address stands for itself."""
+    privacy address still counts (other prefixes for other summaries, such as the incident
+    pack's /48). An IPv4-mapped IPv6 address is its IPv4 address; anything that is not an
+    address stands for itself."""
     try:
         address = ipaddress.ip_address(client_ip.strip().split("%", 1)[0])
     except ValueError:
         return client_ip.strip().lower()
     if address.version == 6 and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    prefix = AUTH_KNOWN_NETWORK_PREFIX_V4 if address.version == 4 \
-        else AUTH_KNOWN_NETWORK_PREFIX_V6
+    prefix = v4 if address.version == 4 else v6
     return str(ipaddress.ip_network((address, prefix), strict=False))
 
 

@@ -81,6 +81,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     app.register_blueprint(__import__("webapp.message_log", fromlist=["bp"]).bp)
     app.register_blueprint(__import__("webapp.held_mail", fromlist=["bp"]).bp)
     app.register_blueprint(__import__("webapp.activity", fromlist=["bp"]).bp)
+    app.register_blueprint(__import__("webapp.incident", fromlist=["bp"]).bp)
     app.register_blueprint(__import__("webapp.metrics", fromlist=["bp"]).bp)
     cli.init_app(app)
     ui.init_app(app)

@@ -19,7 +19,7 @@ from outgoing.models import MessageLogEntry, OutgoingUser
 from webapp import scope
 from webapp.extensions import db, htmx
 
-bp = Blueprint("message_log", __name__, url_prefix="/outgoing/log")
+bp = Blueprint("message_log", __name__, url_prefix=message_log.SEARCH_PATH)
 
 PAGE_SIZE = message_log.PAGE_SIZE
 FIELDS = ("from", "to", "user", "identity", "sender", "recipient", "message_id", "subject",

@@ -8,15 +8,24 @@ instead. Mail is sent at most once per purpose (``worker.mail.send_once``).
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 
 from rq.utils import import_attribute
 
-from outgoing import jobs, locks
+from outgoing import incident, jobs, locks
 from outgoing.db import session_scope
 from outgoing.models import Identity, OutgoingUser, utcnow
 from outgoing.tokens import make_unlock_token
-from worker import abuse, context, lock_mail, mail, quarantine_report, unlocks
+from worker import (
+    abuse,
+    context,
+    lock_mail,
+    mail,
+    message_log_jobs,
+    quarantine_report,
+    unlocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +40,43 @@ def unlock_link(config: dict, kind: str, target_id: int, lock_id: str) -> str:
     return f"{config['PUBLIC_URL'].rstrip('/')}/unlock/{token}"
 
 
+# How long the alert waits for the proxy to log the transaction that set the lock off.
+LOG_SETTLE_SECONDS = 5.0
+
+
+def write_log_up_to_lock(config: dict, redis, kind: str, target_id: int,
+                         wait: float = LOG_SETTLE_SECONDS) -> None:
+    """Write the message log's stream to the database before the incident pack reads it.
+
+    The proxy appends a transaction's record after its reply, and the lock comes before
+    that reply, so the record of the message that set the lock off may still be on its
+    way: write, and while the log lacks it, write again for up to ``wait`` seconds. A log
+    that cannot be written leaves the pack with what is already there."""
+    sessionmaker = context.sessionmaker()
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            message_log_jobs.write_batches(
+                redis, sessionmaker, consumer=message_log_jobs.consumer_name(),
+                claim_idle=float(config["MESSAGE_LOG_CLAIM_IDLE_SECONDS"]), budget=1.0)
+        except Exception as exc:
+            log.warning("incident pack: could not write the message log first (%s)", exc)
+            return
+        with session_scope(sessionmaker) as db:
+            target = _load(db, kind, target_id)
+            done = target is None or incident.trigger_logged(
+                db, target, spam_window_seconds=config["SPAM_WINDOW_SECONDS"])
+        if done or time.monotonic() >= deadline:
+            return
+        time.sleep(0.2)
+
+
 def notify_lock(kind: str, target_id: int, lock_id: str) -> str:
-    """Mail the lock template to the locked sender and an alert to the domain's contact."""
+    """Mail the lock template to the locked sender and an alert, with the incident pack, to
+    the domain's contact."""
     config, redis = context.config(), context.redis_client()
     notes = []
+    write_log_up_to_lock(config, redis, kind, target_id)
     with session_scope(context.sessionmaker()) as db:
         target = _load(db, kind, target_id)
         if target is None or not target.locked or target.lock_id != lock_id:
@@ -60,9 +102,11 @@ def notify_lock(kind: str, target_id: int, lock_id: str) -> str:
             spam = locks.triggering_spam(db, target,
                                          window_seconds=config["SPAM_WINDOW_SECONDS"])
             max_age = config["UNLOCK_LINK_MAX_AGE"]
+            pack = incident.build(db, target, now=utcnow(), public_url=config["PUBLIC_URL"],
+                                  spam_window_seconds=config["SPAM_WINDOW_SECONDS"])
             subject, body = lock_mail.alert(target, spam,
                                             unlock_link(config, kind, target_id, lock_id),
-                                            max(1, max_age // 3600))
+                                            max(1, max_age // 3600), pack)
             message = mail.compose(sender=sender, to=admin, subject=subject, body=body)
             notes.append(_send_once(config, redis, f"{lock_id}:alert", message, sender, admin,
                                     "alert"))

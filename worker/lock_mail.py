@@ -9,16 +9,12 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from outgoing.incident import Pack
 from outgoing.lock_templates import RenderedTemplate, render_lock_template
+from outgoing.locks import owner_of
+from outgoing.message_log import FIRST_RECIPIENTS
 from outgoing.models import LOCK_AUTOMATIC, Identity, OutgoingUser, QuarantinedMessage
-
-
-def owner_of(target: OutgoingUser | Identity) -> OutgoingUser:
-    return target.user if isinstance(target, Identity) else target
-
-
-def kind_of(target: OutgoingUser | Identity) -> str:
-    return "identity" if isinstance(target, Identity) else "user"
+from scoring.incident import NETWORK_PREFIX_V4, NETWORK_PREFIX_V6
 
 
 def describe(target: OutgoingUser | Identity) -> str:
@@ -95,9 +91,63 @@ def _recipients(row: QuarantinedMessage) -> str:
     return shown + (f" and {len(rcpts) - 5} more" if len(rcpts) > 5 else "")
 
 
+def _seconds(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "-"
+
+
+def _ranked(rows, unit: str, total: int | None = None) -> list[str]:
+    lines = [f"  {row.value}  {row.count} {unit if row.count != 1 else unit[:-1]}"
+             + (f" ({', '.join(row.extra)})" if row.extra else "") for row in rows]
+    if total is not None and total > len(rows):
+        lines.append(f"  ... and {total - len(rows)} more")
+    return lines or ["  (none)"]
+
+
+def pack_lines(pack: Pack) -> list[str]:
+    """The incident pack as the alert's plain-text section."""
+    counts, summary = pack.counts, pack.summary
+    verdicts = ", ".join(f"{name} {n}" for name, n in counts.by_verdict.items()) or "none"
+    lines = [
+        "Incident pack: what the message log recorded for "
+        f"{pack.who} in the last 24 hours",
+        f"({_when(pack.since)} to {_when(pack.generated_at)})",
+        "",
+        f"What triggered the lock: {pack.lock.trigger}",
+    ]
+    if pack.lock.locked:
+        lines.append(f"Spam in the spam window before the lock: {pack.lock.spam_before_lock}")
+    lines += [
+        f"Transactions: {counts.transactions} ({verdicts})",
+        f"Spam (quarantined): {counts.spam}",
+        f"Messages accepted: {counts.accepted}",
+        f"Refused transactions: {counts.refused}",
+        f"Recipients: {counts.recipients}, of them refused: {counts.refused_recipients}",
+        f"First message: {_seconds(pack.first_at)}",
+        f"Last message:  {_seconds(pack.last_at)}",
+        "",
+        f"Top recipient domains (of the first {FIRST_RECIPIENTS} recipients of each "
+        "transaction):",
+        *_ranked(summary.recipient_domains, "recipients"),
+        "Sample subjects:",
+        *[f'  "{row.value}"  {row.count} message(s)' for row in summary.subjects],
+        *([] if summary.subjects else ["  (none)"]),
+        "Client IP addresses:",
+        *_ranked(summary.client_ips, "transactions", summary.client_ips_total),
+        f"AUTH networks (/{NETWORK_PREFIX_V4}, /{NETWORK_PREFIX_V6}) and their logins:",
+        *_ranked(summary.auth_networks, "transactions", summary.auth_networks_total),
+        "",
+        "These transactions in Log Search:",
+        pack.log_search_url,
+        "The full pack with sample messages (.zip):",
+        pack.download_url,
+    ]
+    return lines
+
+
 def alert(target: OutgoingUser | Identity, spam: list[QuarantinedMessage], link: str,
-          link_hours: int) -> tuple[str, str]:
-    """Subject and body of the administrator's alert."""
+          link_hours: int, pack: Pack | None = None) -> tuple[str, str]:
+    """Subject and body of the administrator's alert, with the incident pack when there is
+    one."""
     owner = owner_of(target)
     who = describe(target)
     ahead = outlook(target)
@@ -133,4 +183,6 @@ def alert(target: OutgoingUser | Identity, spam: list[QuarantinedMessage], link:
         link,
         "",
     ]
+    if pack is not None:
+        lines += [*pack_lines(pack), ""]
     return f"[Outbound Guard] Locked: {who}", "\n".join(lines)

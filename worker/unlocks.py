@@ -9,9 +9,9 @@ from sqlalchemy import delete, select
 
 from outgoing import audit, jobs, locks
 from outgoing.changes import announce_config_change
+from outgoing.locks import kind_of, owner_of
 from outgoing.models import LOCK_AUTOMATIC, Identity, OutgoingUser, UsedToken
 from scoring.locks import auto_unlock_decision
-from worker.lock_mail import kind_of, owner_of
 
 # RQ's scheduler works in whole seconds and may start a job up to a second early.
 EARLY_TOLERANCE = timedelta(seconds=2)
