@@ -86,17 +86,26 @@ def scheduled_releases() -> list[float]:
             for job_id in registry.get_job_ids() if re.match(r"og-release-\d", job_id)]
 
 
+def age_last_attempt(seconds: float) -> None:
+    """Time is data: the last attempt of every retrying message lies ``seconds`` earlier."""
+    def move(s):
+        for row in s.scalars(select(HeldMessage).where(HeldMessage.state == "retrying")):
+            row.claimed_at -= timedelta(seconds=seconds)
+    data.query(move)
+
+
 def test_a_deferred_release_is_retried_after_its_delay_and_sent_once(
         alice, start_proxy, hop, app):
     hold(start_proxy, 1)
     hop.stop()  # the next hop is down at the release
     release(alice)
-    worker(hop, DEFER_RETRY_SECONDS="8,1")
+    started = time.time()
+    worker(hop, DEFER_RETRY_SECONDS="600,1200")
     (row,) = rows()
     assert row["state"] == "retrying" and row["attempts"] == 1
     assert "451" in row["note"] and "unreachable" in row["note"]
     (due,) = scheduled_releases()  # the retry is scheduled, after the first delay
-    assert 4 < due <= 8
+    assert started + 599 <= time.time() + due <= time.time() + 600  # (RQ keeps seconds)
 
     # Visible on the page, with its last reply and the next try.
     from tests.support.web import log_in
@@ -106,30 +115,34 @@ def test_a_deferred_release_is_retried_after_its_delay_and_sent_once(
     page = web.get("/outgoing/held").data
     assert b"retrying" in page and b"next try about" in page and b"unreachable" in page
 
+    r = redis_module.from_url(os.environ["REDIS_URL"])
     hop = NextHop(port=hop.port).start()  # back, but busy: 451 to the message
     try:
         hop.handler.refuse_data = "451 4.3.0 Try again later"
-        enqueue(redis_module.from_url(os.environ["REDIS_URL"]), RELEASE_JOB, alice,
-                retry=None)
-        worker(hop, DEFER_RETRY_SECONDS="8,1")  # before its delay: not tried
+        enqueue(r, RELEASE_JOB, alice, retry=None)
+        worker(hop, DEFER_RETRY_SECONDS="600,1200")  # before its delay: not tried
         assert rows()[0]["attempts"] == 1 and rows()[0]["state"] == "retrying"
 
-        time.sleep(max(scheduled_releases()) + 0.3)
-        worker(hop, DEFER_RETRY_SECONDS="8,1")  # the scheduled retry: 451 again
+        age_last_attempt(601)
+        enqueue(r, RELEASE_JOB, alice, retry=None)  # as the minutely release-held run does
+        worker(hop, DEFER_RETRY_SECONDS="600,1200")  # due: 451 again
         (row,) = rows()
         assert row["state"] == "retrying" and row["attempts"] == 2
         assert "451 4.3.0 Try again later" in row["note"]
         assert hop.handler.messages == []
+        age_last_attempt(601)  # the second delay is longer: still not due
+        enqueue(r, RELEASE_JOB, alice, retry=None)
+        worker(hop, DEFER_RETRY_SECONDS="600,1200")
+        assert rows()[0]["attempts"] == 2
 
         hop.handler.refuse_data = None
-        time.sleep(1.3)
-        worker(hop, DEFER_RETRY_SECONDS="8,1")
+        age_last_attempt(600)
+        enqueue(r, RELEASE_JOB, alice, retry=None)
+        worker(hop, DEFER_RETRY_SECONDS="600,1200")
         assert states() == {"released": 1}
         assert len(delivered(hop, "r@dest.example")) == 1 and reports(hop) == []
-        time.sleep(1.3)
-        enqueue(redis_module.from_url(os.environ["REDIS_URL"]), RELEASE_JOB, alice,
-                retry=None)
-        worker(hop, DEFER_RETRY_SECONDS="8,1")
+        enqueue(r, RELEASE_JOB, alice, retry=None)
+        worker(hop, DEFER_RETRY_SECONDS="600,1200")
         assert len(hop.handler.messages) == 1  # never twice
     finally:
         hop.stop()
