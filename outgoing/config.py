@@ -67,6 +67,9 @@ def _defaults(instance: Path) -> dict:
         "DETECTION_HALF_LIFE_SECONDS": 3600,
         # A claim on a held message older than this is taken over (its worker died).
         "HELD_CLAIM_SECONDS": 120,
+        # Days released or refused held mail (row and body) is kept after the worker finished
+        # with it; mail still held is never removed by itself (0 keeps everything).
+        "HELD_RETENTION_DAYS": 14,
         "SPAM_WINDOW_SECONDS": 600,
         "CONFIG_REFRESH_SECONDS": 1.0,
         "RQ_QUEUE": "outgoing",

@@ -3,27 +3,38 @@
 A held message is stored like a quarantined one (``outgoing.storage``: body durable, then
 the row) before the sender hears 250, and waits. Releasing it only marks it ``queued``; the
 worker sends queued messages at the user's release pace over the normal relay path
-(``worker/held_jobs.py``). States: held -> queued -> sending (claimed) -> released.
+(``worker/held_jobs.py``). States: held -> queued -> sending (claimed) -> released, or
+refused (no recipient took it; the sender got a delivery report), or retrying (deferred:
+claimed again once its retry delay has passed). When the next hop takes some recipients and
+defers others, the message is released for the ones it took and the deferred ones go on in a
+row of their own (``split_off``), so every row's recipients are its own envelope.
+
+Retention (``HELD_RETENTION_DAYS``, ``expire_finished``): released and refused rows and their
+bodies go that many days after they were finished. Mail still held is never removed by
+itself, because the sender was told 250: only an administrator's Release or Delete ends it.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
-from outgoing import redis_keys
+from outgoing import audit, redis_keys
 from outgoing.models import (
     HELD,
     QUEUED,
+    REFUSED,
+    RELEASED,
+    RETRYING,
     SENDING,
     GlobalSetting,
     HeldMessage,
     OutgoingUser,
     utcnow,
 )
-from outgoing.quarantine import remove_messages, store_durably
+from outgoing.quarantine import purge_where, remove_messages, store_durably
 from scoring import risk
 
 AREA = "held"
@@ -77,28 +88,101 @@ def delete_held(session, config: dict, rows) -> int:
     return remove_messages(session, config, [r for r in rows if r.state != SENDING])
 
 
-def claim_next(session, user_id: int, token: str, now: datetime,
-               stale_before: datetime) -> HeldMessage | None:
-    """Claim the oldest queued message of a user, or one whose claim went stale (its worker
-    was killed). The UPDATE ... WHERE state is the lock: two workers never claim one row."""
-    candidates = session.scalars(
-        select(HeldMessage.id).where(
-            HeldMessage.user_id == user_id,
-            (HeldMessage.state == QUEUED)
-            | ((HeldMessage.state == SENDING) & (HeldMessage.claimed_at < stale_before)))
-        .order_by(HeldMessage.id).limit(5)).all()
-    for row_id in candidates:
+def next_try_at(row: HeldMessage, delays: tuple[int, ...]) -> datetime | None:
+    """When a retrying message is due again: its last attempt plus that attempt's delay
+    (``delays`` from ``DEFER_RETRY_SECONDS``; the last one repeats)."""
+    if row.state != RETRYING or row.claimed_at is None:
+        return None
+    attempt = min(max(int(row.attempts or 1), 1), len(delays))
+    return row.claimed_at + timedelta(seconds=delays[attempt - 1])
+
+
+def claim_next(session, user_id: int, token: str, now: datetime, stale_before: datetime,
+               delays: tuple[int, ...] = (0,)) -> HeldMessage | None:
+    """Claim the oldest queued message of a user, a retrying one whose delay has passed, or
+    one whose claim went stale (its worker was killed). The UPDATE ... WHERE state (and, for
+    a retry, WHERE attempts is still what we read) is the lock: two workers never claim one
+    row."""
+    waiting = ((HeldMessage.state == QUEUED)
+               | ((HeldMessage.state == SENDING) & (HeldMessage.claimed_at < stale_before)))
+    candidates = [(row_id, waiting) for row_id in session.scalars(
+        select(HeldMessage.id).where(HeldMessage.user_id == user_id, waiting)
+        .order_by(HeldMessage.id).limit(5)).all()]
+    retrying = session.scalars(select(HeldMessage).where(
+        HeldMessage.user_id == user_id, HeldMessage.state == RETRYING)
+        .order_by(HeldMessage.claimed_at).limit(50)).all()
+    for row in retrying:
+        due = next_try_at(row, delays)
+        if due is not None and due <= now:
+            candidates.append((row.id, (HeldMessage.state == RETRYING)
+                               & (HeldMessage.attempts == row.attempts)))
+    for row_id, condition in sorted(candidates, key=lambda pair: pair[0]):
         done = session.execute(
-            update(HeldMessage).where(
-                HeldMessage.id == row_id,
-                (HeldMessage.state == QUEUED)
-                | ((HeldMessage.state == SENDING) & (HeldMessage.claimed_at < stale_before)))
+            update(HeldMessage).where(HeldMessage.id == row_id, condition)
             .values(state=SENDING, claim=token, claimed_at=now,
                     attempts=HeldMessage.attempts + 1))
         session.commit()
         if done.rowcount == 1:
-            return session.get(HeldMessage, row_id)
+            row = session.get(HeldMessage, row_id)
+            session.refresh(row)
+            return row
     return None
+
+
+def split_off(store, row: HeldMessage, rcpt_tos: list[str], data: bytes,
+              note: str) -> HeldMessage:
+    """A retrying copy of ``row`` for the recipients the next hop deferred while it took (or
+    refused for good) the others; its body is stored before the caller commits it."""
+    rest = HeldMessage(
+        domain_id=row.domain_id, user_id=row.user_id, mail_from=row.mail_from,
+        rcpt_tos=json.dumps(list(rcpt_tos), ensure_ascii=False), subject=row.subject,
+        size=row.size, identity=row.identity, client_ip=row.client_ip, risk=row.risk,
+        signals=row.signals, state=RETRYING, attempts=row.attempts, queued_at=row.queued_at,
+        claimed_at=row.claimed_at, last_error=note[:500], received_at=row.received_at)
+    store.attach(rest, data, AREA)
+    return rest
+
+
+def finished_at():
+    """When the worker was done with a row: released, else its last attempt (refused)."""
+    return func.coalesce(HeldMessage.released_at, HeldMessage.claimed_at,
+                         HeldMessage.received_at)
+
+
+def retention_cutoff(config: dict, now: datetime | None = None) -> datetime | None:
+    """``HELD_RETENTION_DAYS`` before ``now``, or None when it is 0 (keep everything)."""
+    days = int(config.get("HELD_RETENTION_DAYS") or 0)
+    return (now or utcnow()) - timedelta(days=days) if days > 0 else None
+
+
+def expire_finished(session, config: dict, now: datetime | None = None) -> dict[int, int]:
+    """Retention: released and refused messages finished before the cutoff go, row and body,
+    with one audit event per domain. Mail still held, queued or retrying is never touched.
+    Returns {domain id: messages removed}."""
+    cutoff = retention_cutoff(config, now)
+    if cutoff is None:
+        return {}
+    condition = HeldMessage.state.in_((RELEASED, REFUSED)) & (finished_at() < cutoff)
+    counts = dict(session.execute(select(HeldMessage.domain_id, func.count(HeldMessage.id))
+                                  .where(condition).group_by(HeldMessage.domain_id)).all())
+    if not counts:
+        return {}
+    purge_where(session, config, HeldMessage, condition)
+    for domain_id, count in sorted(counts.items()):
+        audit.record(session, actor="retention", action="expire_held", target_type="held",
+                     target_id=None, domain_id=domain_id, removed=count,
+                     days=int(config["HELD_RETENTION_DAYS"]))
+    session.commit()
+    return counts
+
+
+def held_past_retention(session, config: dict, now: datetime | None = None) -> int:
+    """Messages still held from before the cutoff: kept for an administrator's decision."""
+    cutoff = retention_cutoff(config, now)
+    if cutoff is None:
+        return 0
+    return int(session.scalar(select(func.count(HeldMessage.id)).where(
+        HeldMessage.state == HELD, HeldMessage.received_at < cutoff)) or 0)
 
 
 def detection_default(session) -> str:

@@ -79,6 +79,9 @@ PERIODIC = {
     # Held mail (compromise detection): automatic release once a sender calmed down, and
     # the paced release of queued messages (at most each user's pace per minute).
     "release-held": Periodic("worker.held_jobs.release_when_calm", every=60, catch_up=True),
+    # Held mail's retention (HELD_RETENTION_DAYS): released and refused rows and bodies.
+    "held-retention": Periodic("worker.held_jobs.expire_held_mail", every=3600,
+                               offset=25 * 60),
     "message-log-retention": Periodic("worker.message_log_jobs.expire_message_log",
                                       every=3600, offset=20 * 60, catch_up=True),
 }

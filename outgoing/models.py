@@ -316,7 +316,12 @@ class QuarantinedMessage(StoredMessage, Base):
 HELD = "held"  # waiting: released by an administrator or when the risk has fallen
 QUEUED = "queued"  # released: the worker sends it at the user's release pace
 SENDING = "sending"  # claimed by a worker; a stale claim is taken over (worker killed)
-RELEASED = "released"  # the next hop accepted it
+RELEASED = "released"  # the next hop accepted it (for some recipients: see last_error)
+# The next hop deferred it (4xx, or could not be reached): sent again after the retry delays
+# (DEFER_RETRY_SECONDS after ``claimed_at``, the last attempt), until DEFER_GIVE_UP_SECONDS
+# after ``queued_at`` (the release).
+RETRYING = "retrying"
+REFUSED = "refused"  # no recipient took it: refused for good, or given up; sender told (DSN)
 
 
 class HeldMessage(StoredMessage, Base):

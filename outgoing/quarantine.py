@@ -86,12 +86,17 @@ def remove_messages(session, config: dict, rows) -> int:
 
 
 def purge_older_than(session, config: dict, model, cutoff: datetime, batch: int = 500) -> int:
-    """Delete ``model`` rows (quarantined or archived) received before ``cutoff``, in batches
-    so a large backlog never holds one long transaction."""
+    """Delete ``model`` rows (quarantined or archived) received before ``cutoff``."""
+    return purge_where(session, config, model, model.received_at < cutoff, batch)
+
+
+def purge_where(session, config: dict, model, condition, batch: int = 500) -> int:
+    """Delete the stored messages (``model`` rows) that match ``condition``, and their bodies,
+    in batches so a large backlog never holds one long transaction."""
     total = 0
     while True:
         found = session.execute(select(model.id, model.storage_key)
-                                .where(model.received_at < cutoff)
+                                .where(condition)
                                 .order_by(model.id).limit(batch)).all()
         if not found:
             return total

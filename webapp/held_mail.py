@@ -2,7 +2,9 @@
 
 Scoped per domain like the quarantine (another domain's id is a 404). Release only marks
 messages ``queued``; the worker sends them at the user's release pace
-(``worker.held_jobs.release_for_user``), so a release never floods the next hop.
+(``worker.held_jobs.release_for_user``), so a release never floods the next hop. Each row
+shows what the next hop answered: released (with any recipients it refused), refused (the
+sender got a delivery report), or retrying (its last reply and the next try).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from outgoing.jobs import enqueue
 from outgoing.models import HELD, HeldMessage
 from outgoing.quarantine import recipients
 from outgoing.storage import StorageError, read_body
+from scoring.retry import parse_delays
 from webapp import scope
 from webapp.extensions import db
 from webapp.services import actor, redis_client
@@ -41,7 +44,16 @@ def message_or_404(message_id: int) -> HeldMessage:
 def index():
     rows = db.session.scalars(_scoped().order_by(HeldMessage.id.desc()).limit(PAGE_SIZE)).all()
     return render_template("held/index.html", rows=rows, recipients=recipients,
-                           signals_of=held.signals_of, title="Held Mail")
+                           signals_of=held.signals_of, title="Held Mail", **_state_help())
+
+
+def _state_help() -> dict:
+    """What the templates need to explain a row's state: when a retry is due, and the date
+    before which mail still held is past HELD_RETENTION_DAYS."""
+    delays = parse_delays(current_app.config["DEFER_RETRY_SECONDS"])
+    return {"next_try_at": lambda row: held.next_try_at(row, delays),
+            "overdue_before": held.retention_cutoff(current_app.config),
+            "retention_days": current_app.config.get("HELD_RETENTION_DAYS")}
 
 
 @bp.get("/<int:message_id>")
@@ -53,7 +65,8 @@ def view(message_id: int):
     except StorageError:
         body = "(the stored body cannot be read)"
     return render_template("held/view.html", row=row, body=body, recipients=recipients,
-                           signals=held.signals_of(row), title=f"Held message {row.id}")
+                           signals=held.signals_of(row), title=f"Held message {row.id}",
+                           **_state_help())
 
 
 def _release(rows: list[HeldMessage], what: str) -> None:

@@ -100,7 +100,7 @@ def _text(reply) -> str:
     return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
 
 
-def _try_relay(config: dict, mail_from: str, rcpt_tos: list[str],
+def try_relay(config: dict, mail_from: str, rcpt_tos: list[str],
                data: bytes) -> dict[str, tuple[int, str]]:
     """Relay once; the recipients that did not get it, each with the reply that said so
     (a next hop that cannot be reached or answers 4xx to the message defers them all)."""
@@ -131,7 +131,7 @@ def retry_deferred_recipients(mail_from: str, rcpt_tos: list[str], data: bytes,
     next one, and an RQ retry after a partial success would deliver twice."""
     config, redis = context.config(), context.redis_client()
     arrival = datetime.fromisoformat(arrival_iso)
-    refused = _try_relay(config, mail_from, list(rcpt_tos), data)
+    refused = try_relay(config, mail_from, list(rcpt_tos), data)
     final = {r: reply for r, reply in refused.items() if reply[0] >= 500}
     later = [r for r, reply in refused.items() if reply[0] < 500]
     now = datetime.now(UTC).replace(tzinfo=None)

@@ -3,37 +3,60 @@ the sender's risk has fallen below Hold and it is not locked.
 
 Never a flood: a user's releases share one counter per minute in Redis (``release_pace``), so
 however many workers and jobs run, at most the user's "Release pace" messages leave per
-minute. Never lost, never twice: a message is claimed in the database (``UPDATE ... WHERE
-state``) before it is relayed and marked released in the same row right after the next hop's
-250; a worker killed while relaying leaves a claim that goes stale after HELD_CLAIM_SECONDS
-and is taken over. The one window left is a kill between the next hop's 250 and our commit
+minute (a retry takes a slot too). Never lost, never twice: a message is claimed in the
+database (``UPDATE ... WHERE state``) before it is relayed and its outcome is written to the
+same row right after the next hop's answer, only while the claim is still ours; a worker
+killed while relaying leaves a claim that goes stale after HELD_CLAIM_SECONDS and is taken
+over. The one window left is a kill between the next hop's 250 and our commit
 (microseconds); the message is then sent again rather than lost.
+
+The next hop's answer is handled per recipient as the proxy's normal path does
+(``proxy/content.py``), except that the sender was told 250 long ago, so nothing can be
+passed back in the SMTP reply: recipients it took are done; those it refused for good get a
+delivery report (``worker.content_jobs.send_delivery_report``) to the envelope sender; those
+it deferred (4xx, or no next hop) are tried again after DEFER_RETRY_SECONDS from the stored
+body, and reported like refused ones once DEFER_GIVE_UP_SECONDS have passed since the
+release. Unlike the normal path's retries (``retry_deferred_recipients``, whose bytes live in
+the RQ job), a held message retries from its own durable row: it stays on the Held Mail page
+as "retrying", survives a worker or Redis restart, and can still be deleted.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-import smtplib
 import time
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from outgoing import held, redis_keys
 from outgoing.db import session_scope
 from outgoing.jobs import enqueue
-from outgoing.models import HELD, QUEUED, RELEASED, SENDING, HeldMessage, Identity, OutgoingUser
+from outgoing.models import (
+    HELD,
+    QUEUED,
+    REFUSED,
+    RELEASED,
+    RETRYING,
+    SENDING,
+    HeldMessage,
+    Identity,
+    OutgoingUser,
+)
 from outgoing.quarantine import recipients
-from outgoing.storage import read_body
+from outgoing.storage import read_body, store_for
 from scoring import risk
+from scoring.message import header_block
+from scoring.retry import next_attempt_at, parse_delays
 from worker import context
-from worker.quarantine_jobs import RelayRefused, prepared_for_relay, relay_sync
+from worker.content_jobs import try_relay
+from worker.quarantine_jobs import prepared_for_relay
 
 log = logging.getLogger(__name__)
 
-REFUSED = "refused"  # the next hop refused it for good (kept, with the reason)
 RELEASE_JOB = "worker.held_jobs.release_for_user"
+DSN_JOB = "worker.content_jobs.send_delivery_report"
 
 
 def _now() -> datetime:
@@ -57,11 +80,12 @@ def _give_slot_back(redis, user_id: int, now: float) -> None:
 
 
 def release_for_user(user_id: int) -> str:
-    """Send the user's queued held messages, at most its release pace this minute; schedules
-    itself for the next minute while some remain."""
+    """Send the user's queued held messages (and retries now due), at most its release pace
+    this minute; schedules itself for the next minute while queued ones remain."""
     config, redis = context.config(), context.redis_client()
-    sent = failed = 0
+    outcomes: dict[str, int] = {}
     stale = timedelta(seconds=float(config.get("HELD_CLAIM_SECONDS", 120)))
+    delays = parse_delays(config["DEFER_RETRY_SECONDS"])
     with session_scope(context.sessionmaker()) as db:
         user = db.get(OutgoingUser, user_id)
         pace = max(int(user.detection_release_pace or 1), 1) if user else 1
@@ -70,14 +94,12 @@ def release_for_user(user_id: int) -> str:
             if not _take_slot(redis, user_id, pace, now):
                 break
             token = secrets.token_hex(8)
-            row = held.claim_next(db, user_id, token, _now(), _now() - stale)
+            row = held.claim_next(db, user_id, token, _now(), _now() - stale, delays)
             if row is None:
                 _give_slot_back(redis, user_id, now)
                 break
-            if _send(db, config, user, row, token):
-                sent += 1
-            else:
-                failed += 1
+            outcome = _send(db, config, redis, user, row, token)
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
         remaining = db.scalar(select(HeldMessage.id).where(
             HeldMessage.user_id == user_id,
             HeldMessage.state.in_((QUEUED, SENDING))).limit(1))
@@ -85,37 +107,89 @@ def release_for_user(user_id: int) -> str:
         due = datetime.fromtimestamp((int(time.time() // 60) + 1) * 60, UTC)
         enqueue(redis, RELEASE_JOB, user_id, at=due.replace(tzinfo=None),
                 job_id=f"og-release-{user_id}-{int(due.timestamp())}", retry=None)
-    return f"released {sent}, failed {failed}" + (", more next minute" if remaining else "")
+    summary = ", ".join(f"{state} {count}" for state, count in sorted(outcomes.items()))
+    return (summary or "nothing due") + (", more next minute" if remaining else "")
 
 
-def _send(db, config: dict, user, row: HeldMessage, token: str) -> bool:
-    """Relay one claimed message over the normal path; True when the next hop took it."""
-    try:
-        data = prepared_for_relay(db, user, read_body(config, row))
-        refused = relay_sync(config, mail_from=row.mail_from, rcpt_tos=recipients(row),
-                             data=data)
-    except RelayRefused as exc:
-        _finish(db, row, token, REFUSED, str(exc))
-        log.warning("held message %s refused by the next hop: %s", row.id, exc)
-        return False
-    except (OSError, smtplib.SMTPException) as exc:
-        _finish(db, row, token, QUEUED, f"will retry: {exc}")  # deferred: next run
-        log.warning("held message %s not released yet: %s", row.id, exc)
-        return False
-    note = f"refused: {', '.join(sorted(refused))}" if refused else None
-    _finish(db, row, token, RELEASED, note)
-    return True
+def _brief(replies: dict[str, tuple[int, str]]) -> str:
+    return "; ".join(f"{rcpt}: {code} {' '.join(str(text).split())}"
+                     for rcpt, (code, text) in sorted(replies.items()))
 
 
-def _finish(db, row: HeldMessage, token: str, state: str, note: str | None) -> None:
-    db.refresh(row)
-    if row.claim != token:  # our claim went stale and someone else took it over
-        return
-    row.state = state
-    row.last_error = (note or None) and note[:500]
+def _send(db, config: dict, redis, user, row: HeldMessage, token: str) -> str:
+    """Relay one claimed message over the normal path and record the next hop's answer, per
+    recipient; returns the state the row is left in (or "lost claim")."""
+    rcpts = recipients(row)
+    stored = read_body(config, row)
+    data = prepared_for_relay(db, user, stored)
+    refused = try_relay(config, row.mail_from, rcpts, data)
+    accepted = [r for r in rcpts if r not in refused]
+    final = {r: reply for r, reply in refused.items() if reply[0] >= 500}
+    later = {r: reply for r, reply in refused.items() if reply[0] < 500}
+    due = None
+    if later:
+        due = next_attempt_at(attempt=int(row.attempts or 1), arrival=row.queued_at or
+                              row.received_at, now=_now(),
+                              delays=parse_delays(config["DEFER_RETRY_SECONDS"]),
+                              give_up_seconds=config["DEFER_GIVE_UP_SECONDS"])
+        if due is None:  # too old to try again: the sender hears of them as refused
+            log.warning("held message %s: giving up on %d deferred recipient(s) after %d "
+                        "attempts", row.id, len(later), row.attempts)
+            final.update(later)
+            later = {}
+    rest = None
+    if later and (accepted or final):  # the deferred ones go on in a row of their own
+        rest = held.split_off(store_for(config), row, sorted(later),
+                              stored, f"deferred: {_brief(later)}")
+    if final and row.mail_from and row.mail_from != "<>":
+        # Before our commit: a kill in between sends the report again, which send_once's
+        # marker (the same refusals of the same message) turns into nothing.
+        head, _ = header_block(data)
+        enqueue(redis, DSN_JOB, row.mail_from,
+                [[r, code, text] for r, (code, text) in sorted(final.items())],
+                head[:64 * 1024], row.received_at.isoformat(), config["SMTP_HOSTNAME"])
+    notes = []
+    if later and rest is None:
+        state = RETRYING
+        notes.append(f"attempt {row.attempts} deferred: {_brief(later)}")
+    else:
+        state = RELEASED if accepted else REFUSED
+        if final:
+            notes.append(f"refused (sender notified): {_brief(final)}")
+    if rest is not None:
+        notes.append(f"{len(later)} deferred recipient(s) retrying separately")
+    if accepted and (final or later):
+        notes.insert(0, f"delivered to {len(accepted)} of {len(rcpts)}")
+    if not _finish(db, config, row, token, state, "; ".join(notes) or None, rest):
+        return "lost claim"
+    if later:  # the retry's job; were it lost, the minutely release-held run finds it due
+        enqueue(redis, RELEASE_JOB, row.user_id, at=due,
+                job_id=f"og-release-{row.user_id}-{int(due.replace(tzinfo=UTC).timestamp())}",
+                retry=None)
+    if final or later:
+        log.warning("held message %s: %s", row.id, "; ".join(notes))
+    return state
+
+
+def _finish(db, config: dict, row: HeldMessage, token: str, state: str, note: str | None,
+            rest: HeldMessage | None = None) -> bool:
+    """Write the outcome (and add the split-off row) in one transaction, only while the claim
+    is still ours; False when another worker took it over (it then decides)."""
+    values = {"state": state, "last_error": (note or None) and note[:500]}
     if state == RELEASED:
-        row.released_at = _now()
+        values["released_at"] = _now()
+    done = db.execute(update(HeldMessage).where(
+        HeldMessage.id == row.id, HeldMessage.state == SENDING, HeldMessage.claim == token)
+        .values(**values))
+    if done.rowcount != 1:
+        db.rollback()
+        if rest is not None:
+            store_for(config).discard(rest.storage_key)
+        return False
+    if rest is not None:
+        db.add(rest)
     db.commit()
+    return True
 
 
 def release_when_calm(due: str | None = None) -> str:
@@ -144,11 +218,30 @@ def release_when_calm(due: str | None = None) -> str:
             users.update(held.queue_release(db, rows))
             log.info("automatic release of %d held message(s) of %s (%s): risk %.1f",
                      len(rows), user.name, identity, max(identity_risk, user_risk))
+        # Queued mail, stale claims and retries (each job claims only what is due).
         users.update(db.scalars(select(HeldMessage.user_id).where(
-            HeldMessage.state.in_((QUEUED, SENDING))).distinct()).all())
+            HeldMessage.state.in_((QUEUED, SENDING, RETRYING))).distinct()).all())
     for user_id in sorted(u for u in users if u is not None):
         release_for_user(user_id)
     return f"released held mail of {len(users)} user(s)"
+
+
+def expire_held_mail(due: str | None = None) -> str:
+    """Retention (periodic, takes its run's due time): released and refused held mail
+    finished more than HELD_RETENTION_DAYS ago goes, row and body, with an audit event per
+    domain. Mail still held past it is kept for an administrator's decision (the sender was
+    told 250) and only counted here; the Held Mail page flags it."""
+    config = context.config()
+    now = (datetime.fromisoformat(due).astimezone(UTC).replace(tzinfo=None) if due
+           else _now())
+    with session_scope(context.sessionmaker()) as db:
+        removed = held.expire_finished(db, config, now)
+        kept = held.held_past_retention(db, config, now)
+    if kept:
+        log.warning("%d held message(s) older than HELD_RETENTION_DAYS wait for an "
+                    "administrator's Release or Delete", kept)
+    return (f"removed {sum(removed.values())} finished held message(s); {kept} still held "
+            "past the retention, kept")
 
 
 def _identity_locked(db, user_id: int, identity: str | None) -> bool:
