@@ -8,8 +8,9 @@ Redis scripts (``proxy/detection.lua`` with the cross-customer campaign count, t
 ``proxy/detection.py`` builds and its ``parse``), then ``scoring.risk.decide`` and the proxy's
 reaction: throttled (the sender's MTA retries 5 minutes later, six times at most), held (not
 out), locked (identity, or the user when the user's risk locked; later messages are refused at
-MAIL and never scored), else relayed (out), after which the recipients the next hop refuses
-for good are counted as the proxy counts them (``record_refusals``). Every user is enforcing
+MAIL and never scored), else relayed (out), after which the next hop's answers (recipients
+taken, and those refused for good) go with the user's next script call as the proxy sends
+them (``detection.Answers``). Every user is enforcing
 (shadow mode off) with the default thresholds of ``scoring.risk.Settings``.
 
 Traffic (``--seed``; the tuned set is seed 1, the untuned one seed 2, which also draws every
@@ -440,6 +441,7 @@ def replay(client, traffic: Traffic, settings: risk.Settings) -> dict:
     detect = client.register_script(detection.DETECTION_LUA)
     count = client.register_script(detection.CAMPAIGN_LUA)
     campaigns = detection.CampaignCounts()
+    answers = detection.Answers(size=10**6)
     heap = traffic.messages
     heapq.heapify(heap)
     locked_users: set[int] = set()
@@ -488,15 +490,11 @@ def replay(client, traffic: Traffic, settings: risk.Settings) -> dict:
             if m.fp:
                 count(keys=[redis_keys.campaign_senders(hour, m.fp)],
                       args=[f"{m.user}:{identity}"], client=pipe)
-            detect(keys=[redis_keys.detection_state(m.user),
-                         redis_keys.detection_domains(m.user, identity, hour),
-                         redis_keys.detection_domains(m.user, "*", hour),
-                         redis_keys.detection_campaign(m.user, hour, m.fp or "-"),
-                         redis_keys.detection_refusals(m.user, hour)],
-                   args=detection._args(evidence, settings, m.t, senders, True), client=pipe)
+            detect(keys=detection.keys_for(m.user, identity, m.t, m.fp),
+                   args=detection._args(evidence, settings, m.t, senders, True,
+                                        answers.take(m.user, m.t)), client=pipe)
         replies = iter(pipe.execute())
         scored += len(batch)
-        refusals = client.pipeline(transaction=False)
         for m in batch:
             identity = m.identity.lower()
             if m.fp:
@@ -556,12 +554,7 @@ def replay(client, traffic: Traffic, settings: risk.Settings) -> dict:
                 (legit if is_legit else stats.__dict__)["held"] += 1
             else:
                 (legit if is_legit else stats.__dict__)["out"] += 1
-                if m.refused:
-                    hour = int(m.t // risk.HOUR)
-                    key = redis_keys.detection_refusals(m.user, hour)
-                    refusals.hincrby(key, identity, m.refused)
-                    refusals.hincrby(key, "*", m.refused)
-        refusals.execute()
+                answers.add(m.user, identity, len(m.rcpts), m.refused, m.t)
     return {"scenarios": scenarios, "legit": legit, "false": false, "why": why,
             "scored": scored,
             "attackers": traffic.attackers}
