@@ -8,8 +8,9 @@ Redis scripts (``proxy/detection.lua`` with the cross-customer campaign count, t
 ``proxy/detection.py`` builds and its ``parse``), then ``scoring.risk.decide`` and the proxy's
 reaction: throttled (the sender's MTA retries 5 minutes later, six times at most), held (not
 out), locked (identity, or the user when the user's risk locked; later messages are refused at
-MAIL and never scored), else relayed (out), after which the recipients the next hop refuses
-for good are counted as the proxy counts them (``record_refusals``). Every user is enforcing
+MAIL and never scored), else relayed (out), after which the next hop's answers (recipients
+taken, and those refused for good) go with the user's next script call as the proxy sends
+them (``detection.Answers``). Every user is enforcing
 (shadow mode off) with the default thresholds of ``scoring.risk.Settings``.
 
 Traffic (``--seed``; the tuned set is seed 1, the untuned one seed 2, which also draws every
@@ -432,6 +433,7 @@ class Scenario:
     deferred: int = 0
     firsts: dict = field(default_factory=dict)  # rung -> (minutes, out before)
     stopped: dict = field(default_factory=dict)  # attacker -> (minutes, out before)
+    split: dict = field(default_factory=dict)  # attacker -> its risk by signal when held
 
 
 def replay(client, traffic: Traffic, settings: risk.Settings) -> dict:
@@ -439,6 +441,7 @@ def replay(client, traffic: Traffic, settings: risk.Settings) -> dict:
     detect = client.register_script(detection.DETECTION_LUA)
     count = client.register_script(detection.CAMPAIGN_LUA)
     campaigns = detection.CampaignCounts()
+    answers = detection.Answers(size=10**6)
     heap = traffic.messages
     heapq.heapify(heap)
     locked_users: set[int] = set()
@@ -448,6 +451,20 @@ def replay(client, traffic: Traffic, settings: risk.Settings) -> dict:
              "throttled_msgs": 0}
     false = {risk.THROTTLE: set(), risk.HOLD: set(), risk.LOCK: set()}
     why: dict = {}
+    # each sender's risk split by signal, decayed like the risk: what put it on a rung
+    contrib: dict[tuple[int, str], list] = {}
+
+    def add_points(key, t, signals):
+        entry = contrib.setdefault(key, [t, {}])
+        factor = risk.decay(1.0, t - entry[0], settings.half_life)
+        parts = entry[1]
+        for name in parts:
+            parts[name] *= factor
+        for name, value in signals.items():
+            parts[name] = parts.get(name, 0.0) + value
+        entry[0] = t
+        return parts
+
     innocent = lambda m: m.tag == "legit" and m.user not in traffic.attacked_users  # noqa: E731
     scored = 0
     while heap:
@@ -473,15 +490,11 @@ def replay(client, traffic: Traffic, settings: risk.Settings) -> dict:
             if m.fp:
                 count(keys=[redis_keys.campaign_senders(hour, m.fp)],
                       args=[f"{m.user}:{identity}"], client=pipe)
-            detect(keys=[redis_keys.detection_state(m.user),
-                         redis_keys.detection_domains(m.user, identity, hour),
-                         redis_keys.detection_domains(m.user, "*", hour),
-                         redis_keys.detection_campaign(m.user, hour, m.fp or "-"),
-                         redis_keys.detection_refusals(m.user, hour)],
-                   args=detection._args(evidence, settings, m.t, senders, True), client=pipe)
+            detect(keys=detection.keys_for(m.user, identity, m.t, m.fp),
+                   args=detection._args(evidence, settings, m.t, senders, True,
+                                        answers.take(m.user, m.t)), client=pipe)
         replies = iter(pipe.execute())
         scored += len(batch)
-        refusals = client.pipeline(transaction=False)
         for m in batch:
             identity = m.identity.lower()
             if m.fp:
@@ -503,6 +516,8 @@ def replay(client, traffic: Traffic, settings: risk.Settings) -> dict:
                 continue
             decision = risk.decide(found.identity_risk, found.user_risk, settings,
                                    found.signals)
+            split = {identity: add_points((m.user, identity), m.t, found.identity_signals),
+                     "*": add_points((m.user, "*"), m.t, found.user_signals)}
             if is_legit and innocent(m):
                 for rung in (risk.THROTTLE, risk.HOLD, risk.LOCK):
                     if risk.RUNGS.index(decision.rung) >= risk.RUNGS.index(rung):
@@ -513,7 +528,7 @@ def replay(client, traffic: Traffic, settings: risk.Settings) -> dict:
                             false[rung].add(sender)
                             why[(rung, sender)] = (m.note,
                                                    found.identity_risk, found.user_risk,
-                                                   decision.signals)
+                                                   dict(split[sender[1]]))
             if not is_legit:
                 minutes = (m.t - traffic.attack_start[m.tag]) / MINUTE
                 if decision.rung != risk.OBSERVE:
@@ -521,6 +536,9 @@ def replay(client, traffic: Traffic, settings: risk.Settings) -> dict:
                         stats.firsts.setdefault(rung, (minutes, stats.out))
                 if decision.rung in (risk.HOLD, risk.LOCK):
                     stats.stopped.setdefault((m.user, identity), (minutes, stats.out))
+                    subject = identity if found.identity_rung[1] in (risk.HOLD, risk.LOCK) \
+                        else "*"
+                    stats.split.setdefault((m.user, identity), dict(split[subject]))
             effective = decision.effective
             if effective == risk.LOCK:
                 if found.identity_rung[1] != risk.LOCK:
@@ -536,12 +554,7 @@ def replay(client, traffic: Traffic, settings: risk.Settings) -> dict:
                 (legit if is_legit else stats.__dict__)["held"] += 1
             else:
                 (legit if is_legit else stats.__dict__)["out"] += 1
-                if m.refused:
-                    hour = int(m.t // risk.HOUR)
-                    key = redis_keys.detection_refusals(m.user, hour)
-                    refusals.hincrby(key, identity, m.refused)
-                    refusals.hincrby(key, "*", m.refused)
-        refusals.execute()
+                answers.add(m.user, identity, len(m.rcpts), m.refused, m.t)
     return {"scenarios": scenarios, "legit": legit, "false": false, "why": why,
             "scored": scored,
             "attackers": traffic.attackers}
@@ -553,7 +566,13 @@ LABELS = {"burst": "burst of spam, 1 identity", "slow": "low-and-slow, 30 identi
           "stuffing": "credential stuffing", "campaign": "campaign across 5 customers"}
 
 
-def report(name: str, result: dict, seconds: float) -> dict:
+def explain(parts: dict) -> str:
+    """A sender's risk by signal, biggest first (decayed points, rounded)."""
+    top = sorted(((k, v) for k, v in parts.items() if v >= 0.5), key=lambda kv: -kv[1])
+    return ", ".join(f"{k} {v:.0f}" for k, v in top) or "nothing"
+
+
+def report(name: str, result: dict, seconds: float, every: bool = False) -> dict:
     print(f"\n{name} set: {result['scored']} messages scored in {seconds:.0f} s")
     print(f"  {'scenario':30s} {'sent':>5s} {'out':>5s} {'held':>5s} {'refused':>7s} "
           f"{'deferred':>8s}   out before / minutes until: throttle, hold, lock, "
@@ -579,6 +598,8 @@ def report(name: str, result: dict, seconds: float) -> dict:
         print(f"  {LABELS[kind]:30s} {sent:5d} {s.out:5d} {s.held:5d} {s.refused:7d} "
               f"{s.deferred:8d}   {first(risk.THROTTLE)} {first(risk.HOLD)} "
               f"{first(risk.LOCK)} {everywhere}")
+        for attacker, parts in list(s.split.items())[:5]:
+            print(f"    held: user {attacker[0]} {attacker[1]}: {explain(parts)}")
         figures[f"{kind}_leaked"] = s.out
     legit, false = result["legit"], result["false"]
     figures.update(false_throttles=len(false[risk.THROTTLE]), false_holds=len(false[risk.HOLD]),
@@ -589,11 +610,11 @@ def report(name: str, result: dict, seconds: float) -> dict:
     print(f"  false throttles {figures['false_throttles']}, false holds "
           f"{figures['false_holds']} (target <= 1), false locks {figures['false_locks']} "
           "(target 0)   [a sender: an identity, or a user when the user's risk decided]")
-    for rung in (risk.HOLD, risk.LOCK):
-        for sender in sorted(false[rung])[:12]:
+    for rung in ((risk.THROTTLE,) if every else ()) + (risk.HOLD, risk.LOCK):
+        for sender in sorted(false[rung])[:None if every else 12]:
             note, i_risk, u_risk, signals = result["why"][(rung, sender)]
-            print(f"    {rung}: user {sender[0]} {sender[1]} ({note}): risk {i_risk:g}, "
-                  f"user {u_risk:g}; {risk.describe(signals)}")
+            print(f"    {rung}: user {sender[0]} {sender[1]} ({note}): risk {i_risk:.0f}, "
+                  f"user {u_risk:.0f}; {explain(signals)}")
     burst = result["scenarios"]["burst"]
     held_at = burst.firsts.get(risk.HOLD, (None, None))[1]
     print(f"  targets: burst held after <= {TARGETS['burst']} messages: "
@@ -628,6 +649,9 @@ def main() -> None:
     parser.add_argument("--sets", choices=("both", "tuned", "untuned"), default="both")
     parser.add_argument("--tuned-seed", type=int, default=1)
     parser.add_argument("--untuned-seed", type=int, default=2)
+    parser.add_argument("--every", action="store_true",
+                        help="list every false throttle, hold and lock (default: 12 of each "
+                             "hold and lock) with the sender's risk by signal")
     args = parser.parse_args()
     import redis
 
@@ -653,7 +677,7 @@ def main() -> None:
             generated = time.perf_counter() - began
             result = replay(client, traffic, settings)
             out[name] = report(f"{name} (seed {seed}, generated in {generated:.0f} s)",
-                               result, time.perf_counter() - began - generated)
+                               result, time.perf_counter() - began - generated, args.every)
         client.flushdb()
     finally:
         if server is not None:

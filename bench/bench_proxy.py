@@ -373,7 +373,10 @@ class World:
         big = 10**9
         limits = dict(connection_limits_enabled=True, limit_per_month=big, limit_per_week=big,
                       limit_per_day=big, limit_per_hour=big, limit_per_minute=big,
-                      maximum_recipients_per_day=big, identification_method="envelope_sender")
+                      maximum_recipients_per_day=big, identification_method="envelope_sender",
+                      # detection scores every message but, in shadow mode, holds none (new
+                      # users enforce by default, and a throughput run is a burst)
+                      compromise_detection=True, detection_shadow_mode=True)
         with session_scope(factory) as db:
             domain = get_or_create_domain(db, "bench.example")
             create_outgoing_user(db, domain=domain, kind="ip", name="127.0.0.0/8", **limits)

@@ -164,8 +164,9 @@ class OutgoingUser(LockState, Base):
     shared_smarthost: Mapped[bool] = mapped_column(Boolean, default=False,
                                                    server_default=false())
 
-    # Compromise detection (scoring/risk.py): on in shadow mode unless the provider's
-    # default for new users says otherwise (GlobalSetting "detection_default").
+    # Compromise detection (scoring/risk.py): create_outgoing_user sets both from the
+    # provider's default for new users (GlobalSetting "detection_default", enforcing when
+    # unset); the columns' own defaults only serve rows made outside it.
     compromise_detection: Mapped[bool] = mapped_column(Boolean, default=True,
                                                        server_default=true())
     detection_shadow_mode: Mapped[bool] = mapped_column(Boolean, default=True,

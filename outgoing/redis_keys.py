@@ -94,7 +94,8 @@ def detection_campaign(user_id: int, hour: int, fingerprint: str) -> str:
 
 
 def detection_refusals(user_id: int, hour: int) -> str:
-    """Hash of one hour's permanently refused recipients: subject -> count."""
+    """Hash of one hour's next-hop answers: subject -> recipients refused for good,
+    ``subject|k`` -> recipients answered (taken or refused for good)."""
     return f"og:{{{user_id}}}:ref:{hour}"
 
 

@@ -7,8 +7,12 @@
 -- KEYS[2] identity domains    og:{u}:dom:<identity>:<hour>   (HyperLogLog)
 -- KEYS[3] user domains        og:{u}:dom:*:<hour>            (HyperLogLog)
 -- KEYS[4] campaign copies     og:{u}:camp:<hour>:<fingerprint>  (hash: subject -> copies)
--- KEYS[5] refusals            og:{u}:ref:<hour>               (hash: subject -> refused)
--- ARGV: see proxy/detection.py ARGS; then the recipient domains.
+-- KEYS[5] next-hop answers    og:{u}:ref:<hour>      (hash: subject -> refused for good,
+--                                                       subject|k -> recipients answered)
+-- KEYS[6] the same, previous hour (the refused share is over a sliding hour)
+-- ARGV: see proxy/detection.py _args; then the answers the next hop gave since this process
+-- last scored the user (count, then identity, answered, refused each: they ride along here
+-- instead of costing a round trip of their own); then the recipient domains.
 
 local now = tonumber(ARGV[1])
 local identity = ARGV[2]
@@ -33,15 +37,30 @@ local w_volume, w_rcpts, w_spread, w_refusals = tonumber(ARGV[19]), tonumber(ARG
 local w_campaign, w_auth_failed, w_auth_new, w_content, w_spam = tonumber(ARGV[23]),
   tonumber(ARGV[24]), tonumber(ARGV[25]), tonumber(ARGV[26]), tonumber(ARGV[27])
 local peak, slack_m, slack_d = tonumber(ARGV[28]), tonumber(ARGV[29]), tonumber(ARGV[30])
-local refusal_floor, refusal_min = tonumber(ARGV[31]), tonumber(ARGV[32])
+local refusal_floor, refusal_clean = tonumber(ARGV[31]), tonumber(ARGV[32])
 local campaign_min, boost_step, boost_cap = tonumber(ARGV[33]), tonumber(ARGV[34]),
   tonumber(ARGV[35])
 local content_floor, span, ramp = tonumber(ARGV[36]), tonumber(ARGV[37]), tonumber(ARGV[38])
 local ttl = tonumber(ARGV[39])
-local first_domain = 40
+local refusal_prior, prior_share, bulk_cap = tonumber(ARGV[40]), tonumber(ARGV[41]),
+  tonumber(ARGV[42])
+local answers = tonumber(ARGV[43])
+local first_domain = 44 + 3 * answers
 
 local state = KEYS[1]
 local minute = math.floor(now / 60)
+
+-- The next hop's answers to this user's earlier messages (never lost to a throttle below).
+if answers > 0 then
+  for i = 44, 43 + 3 * answers, 3 do
+    local who, answered, refused = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+    for _, s in ipairs({who, "*"}) do
+      if answered > 0 then redis.call("HINCRBY", KEYS[5], s .. "|k", answered) end
+      if refused > 0 then redis.call("HINCRBY", KEYS[5], s, refused) end
+    end
+  end
+  redis.call("EXPIRE", KEYS[5], 7200)
+end
 
 local function num(field)
   return tonumber(redis.call("HGET", state, field) or "0") or 0
@@ -95,6 +114,25 @@ local function baseline(mean, age_hours)
   return mean / weight
 end
 
+-- The refused share over the last hour, pulled towards an unproven prior while few
+-- recipients have been answered; and what it makes of the bulk points (scoring.risk).
+local function answers_of(s)
+  local left = 1 - (now % 3600) / 3600
+  local cur = redis.call("HMGET", KEYS[5], s, s .. "|k")
+  local prev = redis.call("HMGET", KEYS[6], s, s .. "|k")
+  local refused = (tonumber(cur[1]) or 0) + (tonumber(prev[1]) or 0) * left
+  local answered = (tonumber(cur[2]) or 0) + (tonumber(prev[2]) or 0) * left
+  return (refused + refusal_prior * prior_share) / (math.max(answered, 0) + refusal_prior)
+end
+
+local function bulk_factor(share, age)
+  local by_share = math.min(math.max((share - refusal_clean) / (refusal_floor - refusal_clean),
+                                     0), bulk_cap)
+  if by_share >= 1 then return by_share end
+  local trust = math.min(math.max(age, 0) / ramp, 1)
+  return 1 - trust * (1 - by_share)
+end
+
 local domains = {}
 for i = first_domain, #ARGV do domains[#domains + 1] = ARGV[i] end
 
@@ -144,22 +182,24 @@ for _, pair in ipairs(subjects) do
   local age = (now - first * 3600)
   local base_m, base_n, base_d = baseline(bm, age_hours), baseline(bn, age_hours),
     baseline(bd, age_hours)
-  local p = {}
+  local bulk = {}
   local v = excess(m, expected(base_m, age, allowance, slack_m))
-  if v > 0 then p["volume"] = w_volume * v end
+  if v > 0 then bulk["volume"] = w_volume * v end
   v = excess(n, expected(base_n, age, allowance * 2, slack_m * 2))
-  if v > 0 then p["recipients"] = w_rcpts * v end
+  if v > 0 then bulk["recipients"] = w_rcpts * v end
   v = excess(d, expected(base_d, age, allowance / 2, slack_d))
-  if v > 0 then p["spread"] = w_spread * v end
-  local refused = tonumber(redis.call("HGET", KEYS[5], s) or "0") or 0
-  if n >= refusal_min then
-    local share = math.min(refused / n, 1)
-    if share > refusal_floor then p["refusals"] = w_refusals * (share - refusal_floor) end
-  end
+  if v > 0 then bulk["spread"] = w_spread * v end
   if has_fp and campaign_copies[s] > campaign_min + base_m then
     local doublings = math.log(math.max(senders, 1)) / math.log(2)
-    p["campaign"] = w_campaign * math.min(1 + boost_step * doublings, boost_cap)
+    bulk["campaign"] = w_campaign * math.min(1 + boost_step * doublings, boost_cap)
   end
+  local share = answers_of(s)
+  local factor = bulk_factor(share, age)
+  local p = {}
+  for name, value in pairs(bulk) do
+    if value * factor > 0 then p[name] = value * factor end
+  end
+  if share > refusal_floor then p["refusals"] = w_refusals * (share - refusal_floor) end
   if auth_failed then p["auth_failed"] = w_auth_failed end
   if auth_new then p["auth_new_network"] = w_auth_new end
   if spam then

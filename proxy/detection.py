@@ -1,12 +1,16 @@
 """Compromise detection on the hot path: one script per message on the user's keys.
 
 ``detection.lua`` measures the message (hourly volume and recipients against a 14-day moving
-average, distinct recipient domains in a HyperLogLog, own copies of the content, refusals),
+average, distinct recipient domains in a HyperLogLog, own copies of the content, the share of
+recipients the next hop refused over the last hour),
 adds the points ``scoring.risk`` defines, decays the risk and returns the rung before and
 after, for the identity and for the user. The cross-customer count of the content (how many
 identities anywhere send it this hour) lives under its own key, outside any user's slot: it
 is counted in the same pipeline (one round trip on one Redis server, two concurrent calls on a
 Cluster) and weighs the next message's points, never adds points by itself.
+
+The next hop's answers (recipients taken or refused for good) cost no round trip of their own:
+``Answers`` keeps them in the process and they ride along with the user's next script call.
 """
 
 from __future__ import annotations
@@ -123,8 +127,55 @@ class CampaignCounts:
             self._counts.popitem(last=False)
 
 
+class Answers:
+    """The next hop's answers not yet told to Redis, per user (this process), bounded. They
+    go with the user's next detection script: the refused share needs them only when the
+    user sends again, and a round trip per relayed message would double detection's cost.
+    With several proxy processes each brings its own, one message later."""
+
+    MAX_AGE = risk.HOUR  # an answer older than the sliding hour no longer counts
+
+    def __init__(self, size: int = 10000):
+        self.size = size
+        self._pending: OrderedDict[int, dict[str, list[float]]] = OrderedDict()
+
+    def add(self, user_id: int, identity: str, answered: int, refused: int,
+            now: float) -> None:
+        """``answered`` recipients got a final answer, ``refused`` of them a refusal."""
+        if answered <= 0 and refused <= 0:
+            return
+        per_user = self._pending.setdefault(user_id, {})
+        self._pending.move_to_end(user_id)
+        entry = per_user.setdefault(identity.lower(), [0, 0, now])
+        entry[0] += answered
+        entry[1] += refused
+        entry[2] = min(entry[2], now)
+        while len(self._pending) > self.size:
+            self._pending.popitem(last=False)
+
+    def take(self, user_id: int, now: float) -> list[tuple[str, int, int]]:
+        per_user = self._pending.pop(user_id, None) or {}
+        return [(identity, int(a), int(r)) for identity, (a, r, at) in per_user.items()
+                if now - at < self.MAX_AGE]
+
+    def give_back(self, user_id: int, taken: list[tuple[str, int, int]], now: float) -> None:
+        for identity, answered, refused in taken:
+            self.add(user_id, identity, answered, refused, now)
+
+
+def answered_by_next_hop(reply: str, recipients: int, refused_permanent: int,
+                         refused_temporary: int) -> tuple[int, int]:
+    """(recipients answered for good, refused for good) from a relay's outcome: a 2xx counts
+    the recipients not deferred, a 5xx all of them as refused, a 4xx nothing yet."""
+    if reply.startswith("2"):
+        return max(recipients - refused_temporary, 0), refused_permanent
+    if reply.startswith("5"):
+        return recipients, recipients
+    return 0, 0
+
+
 def _args(evidence: Evidence, settings: risk.Settings, now: float, senders: int,
-          enforce: bool) -> list:
+          enforce: bool, answers: list[tuple[str, int, int]] = ()) -> list:
     w = risk.WEIGHTS
     return [repr(float(now)), evidence.identity.lower(), int(now // risk.HOUR),
             len(evidence.recipients), 1 if evidence.fingerprint else 0, senders,
@@ -137,28 +188,48 @@ def _args(evidence: Evidence, settings: risk.Settings, now: float, senders: int,
             w["volume"], w["recipients"], w["spread"], w["refusals"], w["campaign"],
             w["auth_failed"], w["auth_new_network"], w["content"], w["spam"],
             risk.PEAK_FACTOR, risk.SLACK_MESSAGES, risk.SLACK_DOMAINS, risk.REFUSAL_FLOOR,
-            risk.REFUSAL_MIN_RECIPIENTS, risk.CAMPAIGN_MIN_COPIES,
+            risk.REFUSAL_CLEAN, risk.CAMPAIGN_MIN_COPIES,
             risk.CAMPAIGN_BOOST_PER_DOUBLING, risk.CAMPAIGN_BOOST_CAP, risk.CONTENT_FLOOR,
             risk.BASELINE_HOURS, risk.RAMP_SECONDS, STATE_TTL,
+            risk.REFUSAL_PRIOR, risk.REFUSAL_PRIOR_SHARE, risk.BULK_FACTOR_CAP,
+            len(answers), *[v for answer in answers for v in answer],
             *recipient_domains(evidence.recipients)]
 
 
+def keys_for(user_id: int, identity: str, now: float, fp: str | None) -> list[str]:
+    hour = int(now // risk.HOUR)
+    return [redis_keys.detection_state(user_id),
+            redis_keys.detection_domains(user_id, identity, hour),
+            redis_keys.detection_domains(user_id, "*", hour),
+            redis_keys.detection_campaign(user_id, hour, fp or "-"),
+            redis_keys.detection_refusals(user_id, hour),
+            redis_keys.detection_refusals(user_id, hour - 1)]
+
+
 async def measure(redis, user_id: int, evidence: Evidence, settings: risk.Settings,
-                  now: float, campaigns: CampaignCounts | None = None) -> Measure:
+                  now: float, campaigns: CampaignCounts | None = None,
+                  answers: Answers | None = None) -> Measure:
     """Score one message. Throttled (over the cap while throttled): nothing was counted."""
     hour = int(now // risk.HOUR)
     identity = evidence.identity.lower()
     fp = evidence.fingerprint
     campaigns = campaigns if campaigns is not None else CampaignCounts()
     senders = campaigns.get(fp) if fp else 1
-    keys = [redis_keys.detection_state(user_id),
-            redis_keys.detection_domains(user_id, identity, hour),
-            redis_keys.detection_domains(user_id, "*", hour),
-            redis_keys.detection_campaign(user_id, hour, fp or "-"),
-            redis_keys.detection_refusals(user_id, hour)]
+    keys = keys_for(user_id, identity, now, fp)
     enforce = settings.enabled and not settings.shadow
-    args = _args(evidence, settings, now, senders, enforce)
+    taken = answers.take(user_id, now) if answers is not None else []
+    args = _args(evidence, settings, now, senders, enforce, taken)
     script = _script(redis, "detect", DETECTION_LUA)
+    try:
+        return parse(await _run(redis, script, keys, args, fp, hour, user_id, identity,
+                                campaigns))
+    except BaseException:
+        if answers is not None and taken:
+            answers.give_back(user_id, taken, now)
+        raise
+
+
+async def _run(redis, script, keys, args, fp, hour, user_id, identity, campaigns):
     if fp:
         count_script = _script(redis, "campaign", CAMPAIGN_LUA)
         ckeys = [redis_keys.campaign_senders(hour, fp)]
@@ -171,9 +242,8 @@ async def measure(redis, user_id: int, evidence: Evidence, settings: risk.Settin
         else:
             count, raw = await _both(redis, (count_script, ckeys, cargs), (script, keys, args))
         campaigns.put(fp, int(count))
-    else:
-        raw = await script(keys=keys, args=args)
-    return parse(raw)
+        return raw
+    return await script(keys=keys, args=args)
 
 
 async def _both(redis, *calls) -> list:
@@ -212,14 +282,3 @@ def parse(raw) -> Measure:
         identity_rung=(RUNG_NAMES[int(values[3])], RUNG_NAMES[int(values[4])]),
         user_rung=(RUNG_NAMES[int(values[5])], RUNG_NAMES[int(values[6])]),
         identity_signals=_parse_signals(values[7]), user_signals=_parse_signals(values[8]))
-
-
-async def record_refusals(redis, user_id: int, identity: str, refused: int,
-                          now: float) -> None:
-    """Recipients the next hop refused permanently: the refusals signal of later messages."""
-    key = redis_keys.detection_refusals(user_id, int(now // risk.HOUR))
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hincrby(key, identity.lower(), refused)
-        pipe.hincrby(key, "*", refused)
-        pipe.expire(key, 7200)
-        await pipe.execute()

@@ -132,6 +132,7 @@ class OutboundHandler:
         self._tasks: set[asyncio.Task] = set()
         self.half_life = float(config.get("DETECTION_HALF_LIFE_SECONDS", 3600))
         self.campaigns = detection.CampaignCounts()
+        self.answers = detection.Answers()
         self.log = mlog.MessageLog(redis, maxlen=int(config["MESSAGE_LOG_STREAM_MAXLEN"]),
                                    faults=self._faults)
 
@@ -647,11 +648,14 @@ class OutboundHandler:
             except Exception:
                 log.exception("could not count spam or lock %s", user.name)
             return outcomes.quarantined(user.quarantine_response, inspection.spam.rules)
+        refused_before = record.get("refused_count", 0)
         reply = await self.content.deliver(msg, record)
-        permanent = record.pop("refused_permanent", 0) or (
-            len(msg.rcpt_tos) if reply.startswith("5") else 0)
-        if permanent and identity and user.detection.enabled:
-            self._background(self._record_refusals(user.id, identity, permanent))
+        permanent = record.pop("refused_permanent", 0)
+        if identity and user.detection.enabled:
+            temporary = record.get("refused_count", 0) - refused_before - permanent
+            answered, refused = detection.answered_by_next_hop(reply, len(msg.rcpt_tos),
+                                                               permanent, temporary)
+            self.answers.add(user.id, identity, answered, refused, self.clock())
         return reply
 
     # -- compromise detection ----------------------------------------------------------------
@@ -672,7 +676,7 @@ class OutboundHandler:
             spam_threshold=float(self.config["SPAM_THRESHOLD"]))
         try:
             found = await detection.measure(self.redis, user.id, evidence, settings,
-                                            self.clock(), self.campaigns)
+                                            self.clock(), self.campaigns, self.answers)
         except RedisError as exc:
             self._faults.warning("detection", "compromise detection skipped: Redis (%s)", exc)
             return None
@@ -727,13 +731,6 @@ class OutboundHandler:
                          identity_risk=decision.identity_risk, user_risk=decision.user_risk,
                          signals=decision.signals,
                          note=("would have " if decision.shadow else "") + found.rung)
-
-    async def _record_refusals(self, user_id: int, identity: str, refused: int) -> None:
-        try:
-            await detection.record_refusals(self.redis, user_id, identity, refused,
-                                            self.clock())
-        except Exception as exc:
-            self._faults.warning("refusals", "could not count refused recipients (%s)", exc)
 
     def _trace(self, session, state: SessionState, user: UserPolicy, envelope,
                queue_id: str) -> bytes:

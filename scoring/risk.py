@@ -8,6 +8,13 @@ Risk is a sum of points that halves every ``half_life`` seconds. Each message ad
 of what it shows; a one-off oddity fades, a pattern climbs the ladder:
 observe -> throttle -> hold -> lock.
 
+Bulk sending (volume, recipients, spread, own copies of one content) is what a compromised
+sender and a newsletter day or a shop's sale have in common; what tells them apart is how the
+recipients' servers answer. So the bulk points are weighed by the refusals (``bulk_factor``):
+a harvested list (many permanent refusals) multiplies them, a clean list cancels them for a
+sender with an established history (7 days), and a new sender keeps them whole. Before the next
+hop has answered, a prior counts as half-proven.
+
 The cross-customer rule: campaign points come only from the sender's own sending of that
 content beyond its own baseline. How many other senders use the same content only multiplies
 those points (``campaign_boost``), so copying a rival's newsletter can never raise the rival's
@@ -33,7 +40,7 @@ WEIGHTS = {
     "recipients": 2.0,     # likewise for recipients
     "spread": 4.0,         # distinct recipient domains beyond the expected spread (cap 3)
     "refusals": 30.0,      # times the permanently refused share beyond 10 %
-    "campaign": 3.0,       # per own copy of one content beyond the own baseline
+    "campaign": 5.0,       # per own copy of one content beyond the own baseline
     "auth_failed": 15.0,   # failed AUTH then success (once per session)
     "auth_new_network": 8.0,  # AUTH from a /24 or /48 new for the user (once per session)
     "content": 6.0,        # times the spam score as a share of the spam threshold
@@ -43,7 +50,10 @@ PEAK_FACTOR = 4.0  # an hour may run this many times the 14-day mean (diurnal pe
 SLACK_MESSAGES = 6.0  # and always this many messages more, so small senders are not noise
 SLACK_DOMAINS = 4.0
 REFUSAL_FLOOR = 0.10  # refused shares up to 10 % are normal (typos, full mailboxes)
-REFUSAL_MIN_RECIPIENTS = 5  # fewer recipients this hour say nothing about a share
+REFUSAL_CLEAN = 0.05  # at most this share refused: a clean list (bulk points fade by trust)
+REFUSAL_PRIOR = 20.0  # the share is estimated as if this many recipients had been answered
+REFUSAL_PRIOR_SHARE = 0.075  # ... with this share refused: unproven, between clean and floor
+BULK_FACTOR_CAP = 3.0  # a harvested list multiplies the bulk points at most this much
 CAMPAIGN_MIN_COPIES = 3  # own copies of one content per hour that are always fine
 CAMPAIGN_BOOST_PER_DOUBLING = 0.5  # x1.5 at 2 senders, x2 at 4, ... (cap x4)
 CAMPAIGN_BOOST_CAP = 4.0
@@ -61,8 +71,8 @@ class Signals:
     baseline_recipients: float = 0
     baseline_domains: float = 0
     age_seconds: float = 0  # since first seen
-    refused_hour: float = 0  # recipients the next hop refused permanently, this hour
-    refused_recipients_hour: float = 0  # recipients relayed this hour (the share's base)
+    refused_hour: float = 0  # recipients the next hop refused permanently, last hour
+    answered_hour: float = 0  # recipients it answered (took or refused for good), last hour
     campaign_own: float = 0  # own copies of this message's content this hour (this one too)
     campaign_senders: float = 1  # distinct identities anywhere sending it this hour
     auth_failed: bool = False  # failed AUTH then success in this session (first message)
@@ -120,34 +130,61 @@ def campaign_boost(senders: float) -> float:
     return min(1.0 + CAMPAIGN_BOOST_PER_DOUBLING * doublings, CAMPAIGN_BOOST_CAP)
 
 
+def last_hour(current: float, previous: float, now: float) -> float:
+    """A sliding hour from two hourly buckets: this hour's count and the part of the previous
+    hour's that still lies within the last 60 minutes (assumed even)."""
+    elapsed = (now % HOUR) / HOUR
+    return current + previous * (1.0 - elapsed)
+
+
+def refused_share(refused: float, answered: float) -> float:
+    """The share of recipients the next hop refused for good, pulled towards an unproven
+    prior while few have been answered (two refusals of three recipients prove nothing)."""
+    return ((refused + REFUSAL_PRIOR * REFUSAL_PRIOR_SHARE)
+            / (max(answered, 0.0) + REFUSAL_PRIOR))
+
+
+def bulk_factor(share: float, age_seconds: float) -> float:
+    """What the refused share makes of the bulk points: 0 for a clean list, 1 at the floor of
+    normal refusals, up to BULK_FACTOR_CAP for a harvested one. Below 1 only as far as the
+    sender has a history (age up to 7 days): a new sender's bulk is never excused."""
+    by_share = min(max((share - REFUSAL_CLEAN) / (REFUSAL_FLOOR - REFUSAL_CLEAN), 0.0),
+                   BULK_FACTOR_CAP)
+    if by_share >= 1.0:
+        return by_share
+    trust = min(max(age_seconds, 0.0) / RAMP_SECONDS, 1.0)
+    return 1.0 - trust * (1.0 - by_share)
+
+
 def points(s: Signals, settings: Settings, weights: dict[str, float] | None = None,
            ) -> dict[str, float]:
     """The points one message adds, per signal (only the signals that fired)."""
     w = weights or WEIGHTS
     allowance = settings.new_sender_allowance
-    out: dict[str, float] = {}
+    bulk: dict[str, float] = {}
     expected_messages = expected_per_hour(s.baseline_messages, s.age_seconds, allowance,
                                           SLACK_MESSAGES)
     value = _excess(s.messages_hour, expected_messages)
     if value:
-        out["volume"] = w["volume"] * value
+        bulk["volume"] = w["volume"] * value
     expected_rcpts = expected_per_hour(s.baseline_recipients, s.age_seconds, allowance * 2,
                                        SLACK_MESSAGES * 2)
     value = _excess(s.recipients_hour, expected_rcpts)
     if value:
-        out["recipients"] = w["recipients"] * value
+        bulk["recipients"] = w["recipients"] * value
     expected_domains = expected_per_hour(s.baseline_domains, s.age_seconds, allowance / 2,
                                          SLACK_DOMAINS)
     value = _excess(s.domains_hour, expected_domains)
     if value:
-        out["spread"] = w["spread"] * value
-    if s.refused_recipients_hour >= REFUSAL_MIN_RECIPIENTS:
-        share = min(s.refused_hour / s.refused_recipients_hour, 1.0)
-        if share > REFUSAL_FLOOR:
-            out["refusals"] = w["refusals"] * (share - REFUSAL_FLOOR)
+        bulk["spread"] = w["spread"] * value
     if s.campaign_own > CAMPAIGN_MIN_COPIES + s.baseline_messages:
         # Only one's own copies beyond one's own expectation count; others only weigh them.
-        out["campaign"] = w["campaign"] * campaign_boost(s.campaign_senders)
+        bulk["campaign"] = w["campaign"] * campaign_boost(s.campaign_senders)
+    share = refused_share(s.refused_hour, s.answered_hour)
+    factor = bulk_factor(share, s.age_seconds)
+    out = {name: value * factor for name, value in bulk.items() if value * factor > 0}
+    if share > REFUSAL_FLOOR:
+        out["refusals"] = w["refusals"] * (share - REFUSAL_FLOOR)
     if s.auth_failed:
         out["auth_failed"] = w["auth_failed"]
     if s.auth_new_network:

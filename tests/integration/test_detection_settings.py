@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from tests.integration.test_panel_settings import bob, load, root, settings  # noqa: F401
-from tests.integration.test_panel_users import text
+from outgoing import held
+from tests.integration.test_panel_settings import PW, bob, load, root, settings  # noqa: F401
+from tests.integration.test_panel_users import Panel, text
+from tests.support import data
 
 
 def detection(throttle: str, hold: str, lock: str) -> dict:
@@ -45,3 +49,32 @@ def test_thresholds_in_order_or_off_are_saved(root, bob, throttle, hold, lock): 
     user = load(bob)
     assert (user.detection_throttle_at, user.detection_hold_at, user.detection_lock_at) == (
         int(throttle), int(hold), int(lock))
+
+
+def test_new_users_enforce_unless_the_provider_chooses_shadow_mode(app, root):  # noqa: F811
+    """Shipped default: detection on, shadow mode off. The provider's choice on Outgoing >
+    Settings applies to users added afterwards and changes no existing user."""
+    first = load(data.add_user("example.com", "user", "first@example.com", PW))
+    assert first.compromise_detection is True and first.detection_shadow_mode is False
+    html = text(root.get(f"/outgoing/settings/{first.domain_id}"))
+    assert re.search(r'<option (selected )?value="on"( selected)?>On</option>', html).group(
+        0).count("selected") == 1
+
+    response = root.post("/outgoing/settings/detection-default",
+                         {"detection_default": held.DEFAULT_SHADOW})
+    assert response.status_code == 302
+    second = load(data.add_user("example.com", "user", "second@example.com", PW))
+    assert second.compromise_detection is True and second.detection_shadow_mode is True
+    assert load(first.id).detection_shadow_mode is False
+
+
+def test_a_domain_admin_cannot_change_the_default_for_new_users(app, root):  # noqa: F811
+    data.add_admin("ops@example.com", "Ops-pass-12345", domain="example.com")
+    ops = Panel(app.test_client()).login("ops@example.com", "Ops-pass-12345")
+    response = ops.post("/outgoing/settings/detection-default",
+                        {"detection_default": held.DEFAULT_OFF})
+    assert response.status_code == 404
+    assert data.query(held.detection_default) == held.DEFAULT_ON
+    own = ops.get("/outgoing/settings")
+    own = ops.get(own.headers["Location"]) if own.status_code == 302 else own
+    assert own.status_code == 200 and "for new users" not in text(own)

@@ -8,7 +8,7 @@ import random
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.detection import CampaignCounts, Evidence, measure, record_refusals
+from proxy.detection import Answers, CampaignCounts, Evidence, measure
 from scoring import risk
 
 T0 = 20_000 * 3600.0  # the start of an hour
@@ -86,13 +86,71 @@ def test_risk_decays_with_the_half_life():
 
 
 def test_refusals_share_raises_risk():
+    """The next hop's answers ride along with the user's next message and count for the
+    identity and the user; the one after has no answers to bring and still sees them."""
+    answers = Answers()
+
     async def scenario(r):
         for i in range(6):
-            await measure(r, USER_A, mail(), SETTINGS, T0 + i)
-        await record_refusals(r, USER_A, "a@x.example", 4, T0 + 6)
-        return await measure(r, USER_A, mail(), SETTINGS, T0 + 7)
+            await measure(r, USER_A, mail(), SETTINGS, T0 + i, answers=answers)
+            answers.add(USER_A, "a@x.example", 1, 1 if i < 4 else 0, T0 + i)
+        first = await measure(r, USER_A, mail(), SETTINGS, T0 + 7, answers=answers)
+        second = await measure(r, USER_A, mail(), SETTINGS, T0 + 8, answers=answers)
+        return first, second
 
-    assert "refusals" in run(scenario).identity_signals
+    first, second = run(scenario)
+    assert "refusals" in first.identity_signals and "refusals" in first.user_signals
+    assert second.identity_signals["refusals"] == first.identity_signals["refusals"]
+
+
+def test_script_weighs_bulk_by_refusals_as_scoring_does_for_an_established_identity():
+    """An identity with 10 days of history: the script's points equal scoring.points() with
+    the refused share of the sliding hour, clean (bulk cancelled) and harvested (multiplied),
+    across an hour's boundary."""
+    hour = int(T0 // 3600)
+
+    async def scenario(r):
+        start = T0 - 10 * 86400
+        await measure(r, USER_A, mail(), SETTINGS, start)  # first seen 10 days ago
+        results = {}
+        for label, refused_each in (("clean", 0), ("harvested", 1)):
+            answers = Answers()
+            identity = f"{label}@x.example"
+            await measure(r, USER_A, mail(identity), SETTINGS, start)
+            got = None
+            for i in range(60):
+                now = T0 - 1800 + i * 60  # half an hour before the boundary, half after
+                rcpts = tuple(f"u{i}.{k}@d{i}.{k}.example" for k in range(3))
+                got = await measure(r, USER_A, mail(identity, rcpts), SETTINGS, now,
+                                    answers=answers)
+                answers.add(USER_A, identity, 3, refused_each, now)
+            state = await r.hgetall(f"og:{{{USER_A}}}:risk")
+            cur = await r.hgetall(f"og:{{{USER_A}}}:ref:{hour}")
+            prev = await r.hgetall(f"og:{{{USER_A}}}:ref:{hour - 1}")
+
+            def field(h, name):
+                return float(h.get(name.encode(), 0))
+
+            now = T0 - 1800 + 59 * 60
+            domains = await r.pfcount(f"og:{{{USER_A}}}:dom:{hour}:{identity}")
+            age = now - (int(start // 3600) * 3600)
+            base = {k: risk.baseline(field(state, f"{identity}|b{k}"),
+                                     hour - int(start // 3600)) for k in "mnd"}
+            want = risk.points(risk.Signals(
+                messages_hour=field(state, f"{identity}|m"),
+                recipients_hour=field(state, f"{identity}|n"), domains_hour=domains,
+                baseline_messages=base["m"], baseline_recipients=base["n"],
+                baseline_domains=base["d"], age_seconds=age,
+                refused_hour=risk.last_hour(field(cur, identity), field(prev, identity), now),
+                answered_hour=risk.last_hour(field(cur, f"{identity}|k"),
+                                             field(prev, f"{identity}|k"), now)), SETTINGS)
+            assert got.identity_signals == pytest.approx(want, abs=1e-3)
+            results[label] = got.identity_signals
+        return results
+
+    results = run(scenario)
+    assert not {"volume", "spread", "recipients"} & set(results["clean"])
+    assert results["harvested"]["spread"] > 0 and results["harvested"]["refusals"] > 0
 
 
 def test_auth_and_content_signals_reach_identity_and_user():

@@ -27,7 +27,8 @@ def test_volume_far_beyond_baseline_scores():
     burst = Signals(messages_hour=100, recipients_hour=100, baseline_messages=1,
                     baseline_recipients=1, age_seconds=OLD)
     got = risk.points(burst, SETTINGS)
-    assert got["volume"] == risk.WEIGHTS["volume"] * 3  # capped at 3x the excess
+    unproven = risk.bulk_factor(risk.refused_share(0, 0), OLD)  # no answers yet
+    assert got["volume"] == pytest.approx(risk.WEIGHTS["volume"] * 3 * unproven)  # cap 3x
     assert got["recipients"] > 0
 
 
@@ -45,10 +46,61 @@ def test_spread_counts_distinct_domains_beyond_baseline():
 
 
 def test_refusals_count_only_beyond_the_normal_share():
-    few = Signals(refused_hour=1, refused_recipients_hour=20, age_seconds=OLD)
-    many = Signals(refused_hour=10, refused_recipients_hour=20, age_seconds=OLD)
+    few = Signals(refused_hour=1, answered_hour=20, age_seconds=OLD)
+    many = Signals(refused_hour=10, answered_hour=20, age_seconds=OLD)
     assert "refusals" not in risk.points(few, SETTINGS)
-    assert risk.points(many, SETTINGS)["refusals"] == pytest.approx(30 * 0.4)
+    share = (10 + risk.REFUSAL_PRIOR * risk.REFUSAL_PRIOR_SHARE) / (20 + risk.REFUSAL_PRIOR)
+    assert risk.points(many, SETTINGS)["refusals"] == pytest.approx(
+        risk.WEIGHTS["refusals"] * (share - risk.REFUSAL_FLOOR), abs=1e-3)
+
+
+def test_few_answers_prove_nothing_either_way():
+    assert risk.refused_share(0, 0) == risk.REFUSAL_PRIOR_SHARE
+    assert risk.refused_share(2, 3) < risk.REFUSAL_FLOOR * 2  # 2 of 3 is not 67 %
+    assert risk.refused_share(250, 1000) == pytest.approx(0.25, abs=0.01)
+
+
+# A newsletter hour: far beyond the own baseline on every bulk signal.
+BULK = dict(messages_hour=120, recipients_hour=4000, domains_hour=300, baseline_messages=0.3,
+            baseline_recipients=0.5, baseline_domains=0.4, campaign_own=120)
+
+
+def test_a_clean_list_cancels_the_bulk_points_of_an_established_sender():
+    newsletter = risk.points(Signals(**BULK, refused_hour=90, answered_hour=3000,
+                                     age_seconds=OLD), SETTINGS)
+    assert newsletter == {}  # 3 % refused: a newsletter day, not a compromise
+
+
+def test_a_new_sender_keeps_its_bulk_points_even_on_a_clean_list():
+    whole = risk.points(Signals(**BULK, age_seconds=OLD, refused_hour=500,
+                                answered_hour=5000), SETTINGS)
+    young = risk.points(Signals(**BULK, refused_hour=0, answered_hour=3000, age_seconds=3600),
+                        SETTINGS)
+    assert young["volume"] > 0.9 * whole["volume"] and young["spread"] > 0.9 * whole["spread"]
+
+
+def test_a_harvested_list_multiplies_the_bulk_points():
+    unproven = risk.points(Signals(**BULK, age_seconds=OLD), SETTINGS)
+    harvested = risk.points(Signals(**BULK, refused_hour=250, answered_hour=1000,
+                                    age_seconds=OLD), SETTINGS)
+    assert harvested["volume"] == pytest.approx(unproven["volume"] * 2 * risk.BULK_FACTOR_CAP,
+                                                rel=0.01)
+    assert harvested["refusals"] > 0
+    assert risk.bulk_factor(risk.REFUSAL_PRIOR_SHARE, OLD) == pytest.approx(0.5)
+
+
+def test_copies_of_a_clean_newsletter_cannot_push_its_sender():
+    """However many others send the same content, an established sender's own clean
+    newsletter scores nothing: the cross-customer count only weighs its own points."""
+    copied = risk.points(Signals(**dict(BULK, campaign_own=500), campaign_senders=10**6,
+                                 refused_hour=90, answered_hour=3000, age_seconds=OLD),
+                         SETTINGS)
+    assert "campaign" not in copied
+
+
+def test_last_hour_slides_over_two_buckets():
+    assert risk.last_hour(10, 40, 7 * 3600) == 50  # the hour just began
+    assert risk.last_hour(10, 40, 7 * 3600 + 2700) == pytest.approx(20)
 
 
 def test_campaign_points_come_only_from_own_copies_beyond_own_baseline():
