@@ -258,8 +258,8 @@ async def _both(redis, *calls) -> list:
             for index in pending:
                 script, keys, args = calls[index]
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
-            answers = await pipe.execute(raise_on_error=False)
-        for index, answer in zip(pending, answers, strict=True):
+            replies = await pipe.execute(raise_on_error=False)
+        for index, answer in zip(pending, replies, strict=True):
             results[index] = answer
         pending = [i for i in pending if isinstance(results[i], NoScriptError)]
         if not pending or attempt == 2:
