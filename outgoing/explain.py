@@ -29,12 +29,22 @@ SPAM_EVENTS_SHOWN = 20
 def read_standing(redis, user_id: int, subject: str, now: float,
                   settings: risk.Settings) -> Standing:
     """One subject's (an identity, or ``*`` for the user) detection state now: one HGETALL
-    of the state hash and one HGET of this hour's refusals, both in the user's slot."""
+    of the state hash and the next hop's answers of this hour and the last, all in the user's
+    slot."""
     fields = parse_state(redis.hgetall(redis_keys.detection_state(user_id)))
-    refused = redis.hget(redis_keys.detection_refusals(user_id, int(now // risk.HOUR)),
-                         subject.lower())
+    hour = int(now // risk.HOUR)
+    s = subject.lower()
+    now_refused, now_answered = redis.hmget(redis_keys.detection_refusals(user_id, hour),
+                                            [s, f"{s}|k"])
+    before_refused, before_answered = redis.hmget(
+        redis_keys.detection_refusals(user_id, hour - 1), [s, f"{s}|k"])
     return standing(fields, subject, now, settings,
-                    refused_hour=float(refused) if refused is not None else 0.0)
+                    refused=(_number(now_refused), _number(before_refused)),
+                    answered=(_number(now_answered), _number(before_answered)))
+
+
+def _number(value) -> float:
+    return float(value) if value is not None else 0.0
 
 
 def spam_in_window(redis, user_id: int, identity: str | None, now: float,

@@ -47,9 +47,12 @@ def _num(fields: Mapping[str, float], name: str) -> float:
 
 
 def standing(fields: Mapping[str, float], subject: str, now: float,
-             settings: risk.Settings, *, refused_hour: float = 0.0) -> Standing:
-    """``fields``: the state hash (``<subject>|<name>`` -> number); ``refused_hour``:
-    recipients refused for good this hour (the refusals hash)."""
+             settings: risk.Settings, *, refused: tuple[float, float] = (0.0, 0.0),
+             answered: tuple[float, float] = (0.0, 0.0)) -> Standing:
+    """``fields``: the state hash (``<subject>|<name>`` -> number); ``refused`` and
+    ``answered``: recipients the next hop refused for good, and answered at all, this hour
+    and the previous one (the answers hashes): the share is over a sliding hour, as the
+    script has it."""
     s = subject.lower()
 
     def get(name: str) -> float:
@@ -65,11 +68,11 @@ def standing(fields: Mapping[str, float], subject: str, now: float,
     if last and last < hour:  # the stored hour is over: fold it in, as the script will
         means = {k: risk.ema_fold(means[k], counts[k], hour - last) for k in "mnd"}
         counts = dict.fromkeys("mnd", 0.0)
-        refused_hour = 0.0
     age_hours = hour - first
     age = now - first * risk.HOUR
     base = {k: risk.baseline(means[k], age_hours) for k in "mnd"}
     allowance = settings.new_sender_allowance
+    share = risk.refused_share(risk.last_hour(*refused, now), risk.last_hour(*answered, now))
     readings = (
         Reading("volume", "Messages this hour", counts["m"], base["m"],
                 risk.expected_per_hour(base["m"], age, allowance, risk.SLACK_MESSAGES),
@@ -80,10 +83,8 @@ def standing(fields: Mapping[str, float], subject: str, now: float,
         Reading("spread", "Recipient domains this hour", counts["d"], base["d"],
                 risk.expected_per_hour(base["d"], age, allowance / 2, risk.SLACK_DOMAINS),
                 "domains"),
-        Reading("refusals", "Refused for good this hour",
-                round(min(refused_hour / counts["n"], 1.0), 3)
-                if counts["n"] >= risk.REFUSAL_MIN_RECIPIENTS else 0.0,
-                None, risk.REFUSAL_FLOOR, "share"),
+        Reading("refusals", "Refused for good, last hour (estimated while few answered)",
+                round(share, 3), None, risk.REFUSAL_FLOOR, "share"),
     )
     return Standing(risk=round(value, 2), rung=risk.rung_for(value, settings),
                     readings=readings, first_seen_hour=first if known else None, known=known)

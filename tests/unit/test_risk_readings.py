@@ -20,15 +20,16 @@ def by_signal(found):
 
 def test_a_new_senders_burst_is_over_its_allowance_as_points_says():
     fields = state(f=HOUR, h=HOUR, m=30, n=30, d=25, r=80, t=NOW - 3600, g=1)
-    found = standing(fields, "alice@example.com", NOW, SETTINGS, refused_hour=9)
+    found = standing(fields, "alice@example.com", NOW, SETTINGS, refused=(6, 6),
+                     answered=(20, 20))  # the previous hour's answers count whole at :00
     readings = by_signal(found)
     assert found.known and found.risk == 40.0  # halved once in an hour
     assert found.rung == risk.OBSERVE
     assert readings["volume"].value == 30 and readings["volume"].over
-    assert readings["refusals"].value == 0.3 and readings["refusals"].over
+    assert readings["refusals"].value == 0.225 and readings["refusals"].over  # 13.5 / 60
     expected = risk.points(risk.Signals(messages_hour=30, recipients_hour=30, domains_hour=25,
-                                        age_seconds=NOW - HOUR * 3600, refused_hour=9,
-                                        refused_recipients_hour=30), SETTINGS)
+                                        age_seconds=NOW - HOUR * 3600, refused_hour=12,
+                                        answered_hour=40), SETTINGS)
     assert {r.signal for r in found.readings if r.over} == set(expected)
 
 
