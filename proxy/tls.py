@@ -64,9 +64,13 @@ def _write_self_signed(cert_file: Path, key_file: Path, hostname: str) -> None:
     os.replace(tmp_cert, cert_file)
 
 
-# Made before any fork (see the module's docstring); the first server context of a process
-# is this object, so its ticket keys are the parent's.
+# Made before any fork (see the module's docstring): the first server context a process
+# configures is this object, so its ticket keys are the parent's.
 _inherited: ssl.SSLContext | None = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+# Contexts already configured, by certificate files: a parent that builds one before it forks
+# hands that very context (and keys) to its workers, and a process never makes two for the
+# same certificate.
+_configured: dict[tuple, ssl.SSLContext] = {}
 # One ticket per handshake: a sending MTA keeps one session per destination (Postfix's
 # smtp_tls_session_cache), and each ticket costs the server an encryption and the bytes.
 TICKETS_PER_HANDSHAKE = 1
@@ -78,6 +82,10 @@ def server_context(cert_path: str, key_path: str, hostname: str) -> ssl.SSLConte
     defaults of ``ssl.create_default_context`` otherwise (no client certificates asked)."""
     global _inherited
     ensure_certificate(cert_path, key_path, hostname)
+    files = (cert_path, key_path, os.stat(cert_path).st_mtime_ns, os.stat(key_path).st_mtime_ns)
+    context = _configured.get(files)
+    if context is not None:
+        return context
     context, _inherited = (_inherited or ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)), None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
@@ -85,4 +93,5 @@ def server_context(cert_path: str, key_path: str, hostname: str) -> ssl.SSLConte
     context.options &= ~ssl.OP_NO_TICKET
     context.num_tickets = TICKETS_PER_HANDSHAKE
     context.load_cert_chain(cert_path, key_path)
+    _configured[files] = context
     return context
