@@ -254,7 +254,7 @@ class InProcessProxy:
         return self
 
     def stop(self) -> None:
-        if self._stop is not None:
+        if self._stop is not None and not self.loop.is_closed():  # stopped once already
             self.loop.call_soon_threadsafe(self._stop.set)
         self.thread.join(timeout=10)
         self.sock.close()
