@@ -32,27 +32,27 @@ local hold_at = tonumber(ARGV[15])
 local lock_at = tonumber(ARGV[16])
 local throttle_rate = tonumber(ARGV[17])
 local enforce = ARGV[18] == "1"  -- enabled and not in shadow mode
-local w_volume, w_rcpts, w_spread, w_refusals = tonumber(ARGV[19]), tonumber(ARGV[20]),
-  tonumber(ARGV[21]), tonumber(ARGV[22])
-local w_campaign, w_auth_failed, w_auth_new, w_content, w_spam = tonumber(ARGV[23]),
-  tonumber(ARGV[24]), tonumber(ARGV[25]), tonumber(ARGV[26]), tonumber(ARGV[27])
-local peak, slack_m, slack_d = tonumber(ARGV[28]), tonumber(ARGV[29]), tonumber(ARGV[30])
-local refusal_floor, refusal_clean = tonumber(ARGV[31]), tonumber(ARGV[32])
-local campaign_min, boost_step, boost_cap = tonumber(ARGV[33]), tonumber(ARGV[34]),
-  tonumber(ARGV[35])
-local content_floor, span, ramp = tonumber(ARGV[36]), tonumber(ARGV[37]), tonumber(ARGV[38])
-local ttl = tonumber(ARGV[39])
-local refusal_prior, prior_share, bulk_cap = tonumber(ARGV[40]), tonumber(ARGV[41]),
-  tonumber(ARGV[42])
-local answers = tonumber(ARGV[43])
-local first_domain = 44 + 3 * answers
+-- The policy's constants come as one argument (one to encode, not 24): scoring.risk's
+-- weights, then its constants, in the order of proxy/detection.py _constants().
+local c = {}
+for v in string.gmatch(ARGV[19], "%S+") do c[#c + 1] = tonumber(v) end
+local w_volume, w_rcpts, w_spread, w_refusals = c[1], c[2], c[3], c[4]
+local w_campaign, w_auth_failed, w_auth_new, w_content, w_spam = c[5], c[6], c[7], c[8], c[9]
+local peak, slack_m, slack_d = c[10], c[11], c[12]
+local refusal_floor, refusal_clean = c[13], c[14]
+local campaign_min, boost_step, boost_cap = c[15], c[16], c[17]
+local content_floor, span, ramp = c[18], c[19], c[20]
+local ttl = c[21]
+local refusal_prior, prior_share, bulk_cap = c[22], c[23], c[24]
+local answers = tonumber(ARGV[20])
+local first_domain = 21 + 3 * answers
 
 local state = KEYS[1]
 local minute = math.floor(now / 60)
 
 -- The next hop's answers to this user's earlier messages (never lost to a throttle below).
 if answers > 0 then
-  for i = 44, 43 + 3 * answers, 3 do
+  for i = 21, 20 + 3 * answers, 3 do
     local who, answered, refused = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
     for _, s in ipairs({who, "*"}) do
       if answered > 0 then redis.call("HINCRBY", KEYS[5], s .. "|k", answered) end

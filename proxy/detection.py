@@ -174,9 +174,22 @@ def answered_by_next_hop(reply: str, recipients: int, refused_permanent: int,
     return 0, 0
 
 
+def _constants() -> str:
+    """scoring.risk's weights and constants as the script's one argument (read at each call:
+    a replay may change them)."""
+    w = risk.WEIGHTS
+    return " ".join(map(repr, map(float, (
+        w["volume"], w["recipients"], w["spread"], w["refusals"], w["campaign"],
+        w["auth_failed"], w["auth_new_network"], w["content"], w["spam"],
+        risk.PEAK_FACTOR, risk.SLACK_MESSAGES, risk.SLACK_DOMAINS, risk.REFUSAL_FLOOR,
+        risk.REFUSAL_CLEAN, risk.CAMPAIGN_MIN_COPIES,
+        risk.CAMPAIGN_BOOST_PER_DOUBLING, risk.CAMPAIGN_BOOST_CAP, risk.CONTENT_FLOOR,
+        risk.BASELINE_HOURS, risk.RAMP_SECONDS, STATE_TTL,
+        risk.REFUSAL_PRIOR, risk.REFUSAL_PRIOR_SHARE, risk.BULK_FACTOR_CAP))))
+
+
 def _args(evidence: Evidence, settings: risk.Settings, now: float, senders: int,
           enforce: bool, answers: list[tuple[str, int, int]] = ()) -> list:
-    w = risk.WEIGHTS
     return [repr(float(now)), evidence.identity.lower(), int(now // risk.HOUR),
             len(evidence.recipients), 1 if evidence.fingerprint else 0, senders,
             1 if evidence.auth_failed else 0, 1 if evidence.auth_new_network else 0,
@@ -184,14 +197,7 @@ def _args(evidence: Evidence, settings: risk.Settings, now: float, senders: int,
             repr(float(evidence.spam_threshold)), repr(float(settings.new_sender_allowance)),
             repr(float(settings.half_life)), repr(float(settings.throttle_at)),
             repr(float(settings.hold_at)), repr(float(settings.lock_at)),
-            int(settings.throttle_rate), 1 if enforce else 0,
-            w["volume"], w["recipients"], w["spread"], w["refusals"], w["campaign"],
-            w["auth_failed"], w["auth_new_network"], w["content"], w["spam"],
-            risk.PEAK_FACTOR, risk.SLACK_MESSAGES, risk.SLACK_DOMAINS, risk.REFUSAL_FLOOR,
-            risk.REFUSAL_CLEAN, risk.CAMPAIGN_MIN_COPIES,
-            risk.CAMPAIGN_BOOST_PER_DOUBLING, risk.CAMPAIGN_BOOST_CAP, risk.CONTENT_FLOOR,
-            risk.BASELINE_HOURS, risk.RAMP_SECONDS, STATE_TTL,
-            risk.REFUSAL_PRIOR, risk.REFUSAL_PRIOR_SHARE, risk.BULK_FACTOR_CAP,
+            int(settings.throttle_rate), 1 if enforce else 0, _constants(),
             len(answers), *[v for answer in answers for v in answer],
             *recipient_domains(evidence.recipients)]
 
