@@ -5,7 +5,7 @@ for a 5 KB message, a third of a proxy process's CPU. Here the whole stream up t
 end-of-data line is found with one ``bytes.find`` per TCP segment, and the checks are bytes
 operations over the whole message. The result is exactly aiosmtpd's: the same content, the
 same replies, the same order between a too-long line and too much data
-(``tests/unit/test_data_stream.py`` compares both on random streams split at random points).
+(``tests/integration/test_data_stream.py`` compares both on random streams split at random points).
 
 The rules, as aiosmtpd has them:
 - lines end with CRLF; a bare LF or CR is part of its line; the end is a line that is just

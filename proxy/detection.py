@@ -158,10 +158,6 @@ class Answers:
         return [(identity, int(a), int(r)) for identity, (a, r, at) in per_user.items()
                 if now - at < self.MAX_AGE]
 
-    def give_back(self, user_id: int, taken: list[tuple[str, int, int]], now: float) -> None:
-        for identity, answered, refused in taken:
-            self.add(user_id, identity, answered, refused, now)
-
 
 def answered_by_next_hop(reply: str, recipients: int, refused_permanent: int,
                          refused_temporary: int) -> tuple[int, int]:
@@ -226,13 +222,11 @@ async def measure(redis, user_id: int, evidence: Evidence, settings: risk.Settin
     taken = answers.take(user_id, now) if answers is not None else []
     args = _args(evidence, settings, now, senders, enforce, taken)
     script = _script(redis, "detect", DETECTION_LUA)
-    try:
-        return parse(await _run(redis, script, keys, args, fp, hour, user_id, identity,
-                                campaigns))
-    except BaseException:
-        if answers is not None and taken:
-            answers.give_back(user_id, taken, now)
-        raise
+    # Answers taken are not given back when the call fails: the script may have written them
+    # before the failure (a reply timeout, a cancelled session, the other call of a Cluster
+    # pair), and counting them twice would raise a sender's refused share; losing a few
+    # under a Redis fault only lowers it.
+    return parse(await _run(redis, script, keys, args, fp, hour, user_id, identity, campaigns))
 
 
 async def _run(redis, script, keys, args, fp, hour, user_id, identity, campaigns):

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from scoring.activity import REFUSED_VERDICTS
 from scoring.locks import auth_network
 
 TOP_RECIPIENT_DOMAINS = 10
@@ -24,7 +25,6 @@ NETWORK_PREFIX_V6 = 48
 
 SPAM_VERDICT = "quarantined"
 ACCEPTED_VERDICTS = ("relayed", "partial")
-REFUSED_VERDICTS = ("refused", "rejected")  # our 5xx/4xx at MAIL, RCPT or after DATA
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class Counts:
     transactions: int = 0
     accepted: int = 0
     spam: int = 0
-    refused: int = 0  # transactions we refused (at MAIL or RCPT, or after DATA)
+    refused: int = 0  # transactions we refused (at MAIL or RCPT, after DATA, or throttled)
     recipients: int = 0
     refused_recipients: int = 0
     by_verdict: dict[str, int] = field(default_factory=dict)

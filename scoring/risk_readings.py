@@ -25,10 +25,18 @@ class Reading:
     baseline: float | None
     limit: float
     unit: str
+    # What the refused share makes of a bulk signal's points (risk.bulk_factor): 0 for an
+    # established sender whose list the next hop takes cleanly; None for the others.
+    weight: float | None = None
+
+    @property
+    def beyond(self) -> bool:
+        return self.value > self.limit
 
     @property
     def over(self) -> bool:
-        return self.value > self.limit
+        """Beyond the limit and weighted: the next message adds this signal's points."""
+        return self.beyond and (self.weight is None or self.weight > 0)
 
 
 @dataclass(frozen=True)
@@ -73,16 +81,17 @@ def standing(fields: Mapping[str, float], subject: str, now: float,
     base = {k: risk.baseline(means[k], age_hours) for k in "mnd"}
     allowance = settings.new_sender_allowance
     share = risk.refused_share(risk.last_hour(*refused, now), risk.last_hour(*answered, now))
+    weight = round(risk.bulk_factor(share, age), 3)
     readings = (
         Reading("volume", "Messages this hour", counts["m"], base["m"],
                 risk.expected_per_hour(base["m"], age, allowance, risk.SLACK_MESSAGES),
-                "messages"),
+                "messages", weight),
         Reading("recipients", "Recipients this hour", counts["n"], base["n"],
                 risk.expected_per_hour(base["n"], age, allowance * 2,
-                                       risk.SLACK_MESSAGES * 2), "recipients"),
+                                       risk.SLACK_MESSAGES * 2), "recipients", weight),
         Reading("spread", "Recipient domains this hour", counts["d"], base["d"],
                 risk.expected_per_hour(base["d"], age, allowance / 2, risk.SLACK_DOMAINS),
-                "domains"),
+                "domains", weight),
         Reading("refusals", "Refused for good, last hour (estimated while few answered)",
                 round(share, 3), None, risk.REFUSAL_FLOOR, "share"),
     )

@@ -58,3 +58,21 @@ def test_the_user_subject_and_an_unknown_sender():
 
 def test_parse_state_reads_redis_bytes():
     assert parse_state({b"*|r": b"12.5", b"*|x": b"junk"}) == {"*|r": 12.5}
+
+
+def test_an_established_senders_clean_list_is_beyond_its_baseline_but_adds_no_points():
+    """A newsletter day: far over the baseline, but the next hop took the list cleanly, so
+    the bulk points are weighed to nothing, and the panel must not say they are added."""
+    fields = state(f=HOUR - 24 * 30, h=HOUR, m=400, n=4000, d=300, bm=2, bn=2, bd=2)
+    found = standing(fields, "alice@example.com", NOW, SETTINGS, refused=(20, 0),
+                     answered=(4000, 0))
+    readings = by_signal(found)
+    assert readings["volume"].beyond and not readings["volume"].over
+    assert readings["volume"].weight == 0
+    expected = risk.points(risk.Signals(messages_hour=400, recipients_hour=4000,
+                                        domains_hour=300, baseline_messages=2,
+                                        baseline_recipients=2, baseline_domains=2,
+                                        age_seconds=30 * 86400, refused_hour=20,
+                                        answered_hour=4000), SETTINGS)
+    assert "volume" not in expected
+    assert {r.signal for r in found.readings if r.over} == set(expected)
