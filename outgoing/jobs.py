@@ -129,3 +129,16 @@ def ensure_periodic(redis, now: datetime | None = None) -> list[str]:
         if job_id:
             scheduled.append(job_id)
     return scheduled
+
+
+DELIVERY_REPORT_JOB = "worker.content_jobs.send_delivery_report"
+REPORTED_HEADER_BYTES = 64 * 1024  # the original's header block quoted in a report, at most
+
+
+def enqueue_delivery_report(redis, mail_from: str, refused: dict[str, tuple[int, str]],
+                            head: bytes, arrival_iso: str, hostname: str):
+    """Have the worker tell ``mail_from`` which recipients will not get its message (a DSN
+    quoting ``head``, the message's header block)."""
+    return enqueue(redis, DELIVERY_REPORT_JOB, mail_from,
+                   [[rcpt, code, text] for rcpt, (code, text) in sorted(refused.items())],
+                   head[:REPORTED_HEADER_BYTES], arrival_iso, hostname)

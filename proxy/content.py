@@ -37,7 +37,7 @@ import httpx
 from outgoing.archive import archive_message
 from outgoing.db import session_scope
 from outgoing.dkim import DkimError, SigningKey, load_signing_key, sign_with
-from outgoing.jobs import enqueue
+from outgoing.jobs import enqueue, enqueue_delivery_report
 from outgoing.models import DKIM_DEFAULT
 from outgoing.quarantine import quarantine_message
 from outgoing.snapshot import UserPolicy
@@ -49,13 +49,12 @@ from scoring import outcomes
 from scoring.attachments import AttachmentVerdict, inspect_attachments
 from scoring.message import header_block, remove_headers, subject_of
 from scoring.newdomains import newly_registered_verdict, registrable_domain
-from scoring.retry import next_attempt_at, parse_delays
+from scoring.retry import next_attempt_at, parse_delays, split_refusals
 from scoring.spam import SpamVerdict, score_message
 
 log = logging.getLogger(__name__)
 
 ABUSE_REPORT_JOB = "worker.jobs.send_abuse_report"
-DSN_JOB = "worker.content_jobs.send_delivery_report"
 RETRY_JOB = "worker.content_jobs.retry_deferred_recipients"
 DKIM_KEY_TTL = 60.0  # seconds a loaded (or missing) key is trusted before asking again
 
@@ -294,9 +293,8 @@ class ContentPipeline:
         now (the worker holds the relayed bytes), report the ones it refused for good."""
         log.warning("next hop refused %d of %d recipient(s) of a message of %s: %s",
                     len(refused), len(msg.rcpt_tos), msg.user.name, refused)
-        final = {r: reply for r, reply in refused.items() if reply[0] >= 500}
-        later = [r for r, reply in refused.items() if reply[0] < 500]
-        if later and not self._defer(msg, data, later):
+        final, later = split_refusals(refused)
+        if later and not self._defer(msg, data, list(later)):
             final.update({r: refused[r] for r in later})
         if final:
             self._report_refused(msg, data, final)
@@ -329,9 +327,8 @@ class ContentPipeline:
             return
         head, _ = header_block(data)
         try:
-            enqueue(self.redis_sync, DSN_JOB, msg.mail_from,
-                    [[rcpt, code, text] for rcpt, (code, text) in refused.items()],
-                    head[:64 * 1024], self._now().isoformat(), self.config["SMTP_HOSTNAME"])
+            enqueue_delivery_report(self.redis_sync, msg.mail_from, refused, head,
+                                    self._now().isoformat(), self.config["SMTP_HOSTNAME"])
         except Exception:
             log.exception("could not enqueue the delivery report to %s", msg.mail_from)
 

@@ -30,3 +30,11 @@ def next_attempt_at(*, attempt: int, arrival: datetime, now: datetime,
     if (due - arrival).total_seconds() > give_up_seconds:
         return None
     return due
+
+
+def split_refusals(refused: dict[str, tuple[int, str]],
+                   ) -> tuple[dict[str, tuple[int, str]], dict[str, tuple[int, str]]]:
+    """The next hop's refusals, per recipient, as (for good: 5xx, for now: 4xx or no answer)."""
+    final = {r: reply for r, reply in refused.items() if reply[0] >= 500}
+    later = {r: reply for r, reply in refused.items() if reply[0] < 500}
+    return final, later

@@ -13,10 +13,10 @@ import time
 from datetime import UTC, datetime
 from email.utils import format_datetime, make_msgid
 
-from outgoing.jobs import enqueue
+from outgoing.jobs import REPORTED_HEADER_BYTES, enqueue
 from outgoing.newdomains import import_file
 from scoring.message import header_block
-from scoring.retry import next_attempt_at, parse_delays
+from scoring.retry import next_attempt_at, parse_delays, split_refusals
 from worker import context, mail
 from worker.quarantine_jobs import RelayRefused, relay_sync
 
@@ -132,8 +132,8 @@ def retry_deferred_recipients(mail_from: str, rcpt_tos: list[str], data: bytes,
     config, redis = context.config(), context.redis_client()
     arrival = datetime.fromisoformat(arrival_iso)
     refused = try_relay(config, mail_from, list(rcpt_tos), data)
-    final = {r: reply for r, reply in refused.items() if reply[0] >= 500}
-    later = [r for r, reply in refused.items() if reply[0] < 500]
+    final, deferred = split_refusals(refused)
+    later = list(deferred)
     now = datetime.now(UTC).replace(tzinfo=None)
     outcome = f"attempt {attempt}: {len(rcpt_tos) - len(refused)} of {len(rcpt_tos)} delivered"
     if later:
@@ -157,7 +157,7 @@ def retry_deferred_recipients(mail_from: str, rcpt_tos: list[str], data: bytes,
     if final and mail_from and mail_from != "<>":
         head, _ = header_block(data)
         send_delivery_report(mail_from, [[r, code, text] for r, (code, text) in final.items()],
-                             head[:64 * 1024], arrival_iso, config["SMTP_HOSTNAME"])
+                             head[:REPORTED_HEADER_BYTES], arrival_iso, config["SMTP_HOSTNAME"])
         outcome += f", reported {len(final)} to the sender"
     return outcome
 

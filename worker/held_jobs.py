@@ -32,7 +32,7 @@ from sqlalchemy import select, update
 
 from outgoing import held, redis_keys
 from outgoing.db import session_scope
-from outgoing.jobs import enqueue
+from outgoing.jobs import enqueue, enqueue_delivery_report
 from outgoing.models import (
     HELD,
     QUEUED,
@@ -48,7 +48,7 @@ from outgoing.quarantine import recipients
 from outgoing.storage import read_body, store_for
 from scoring import risk
 from scoring.message import header_block
-from scoring.retry import next_attempt_at, parse_delays
+from scoring.retry import next_attempt_at, parse_delays, split_refusals
 from worker import context
 from worker.content_jobs import try_relay
 from worker.quarantine_jobs import prepared_for_relay
@@ -56,7 +56,6 @@ from worker.quarantine_jobs import prepared_for_relay
 log = logging.getLogger(__name__)
 
 RELEASE_JOB = "worker.held_jobs.release_for_user"
-DSN_JOB = "worker.content_jobs.send_delivery_report"
 
 
 def _now() -> datetime:
@@ -124,8 +123,7 @@ def _send(db, config: dict, redis, user, row: HeldMessage, token: str) -> str:
     data = prepared_for_relay(db, user, stored)
     refused = try_relay(config, row.mail_from, rcpts, data)
     accepted = [r for r in rcpts if r not in refused]
-    final = {r: reply for r, reply in refused.items() if reply[0] >= 500}
-    later = {r: reply for r, reply in refused.items() if reply[0] < 500}
+    final, later = split_refusals(refused)
     due = None
     if later:
         due = next_attempt_at(attempt=int(row.attempts or 1), arrival=row.queued_at or
@@ -145,9 +143,8 @@ def _send(db, config: dict, redis, user, row: HeldMessage, token: str) -> str:
         # Before our commit: a kill in between sends the report again, which send_once's
         # marker (the same refusals of the same message) turns into nothing.
         head, _ = header_block(data)
-        enqueue(redis, DSN_JOB, row.mail_from,
-                [[r, code, text] for r, (code, text) in sorted(final.items())],
-                head[:64 * 1024], row.received_at.isoformat(), config["SMTP_HOSTNAME"])
+        enqueue_delivery_report(redis, row.mail_from, final, head, row.received_at.isoformat(),
+                                config["SMTP_HOSTNAME"])
     notes = []
     if later and rest is None:
         state = RETRYING
