@@ -96,14 +96,8 @@ def spam_events(session, target: OutgoingUser | Identity, *, now: datetime,
     if target.locked and target.locked_at is not None:
         return locks.triggering_spam(session, target, window_seconds=window_seconds,
                                      limit=SPAM_EVENTS_SHOWN)
-    row = QuarantinedMessage
-    query = select(row).where(row.received_at >= now - timedelta(seconds=window_seconds))
-    if isinstance(target, Identity):
-        query = query.where(row.user_id == target.user_id, row.identity == target.value)
-    else:
-        query = query.where(row.user_id == target.id)
-    return list(session.scalars(query.order_by(row.received_at.desc(), row.id.desc())
-                                .limit(SPAM_EVENTS_SHOWN)))
+    return locks.spam_between(session, target, now - timedelta(seconds=window_seconds),
+                              limit=SPAM_EVENTS_SHOWN)
 
 
 @dataclass

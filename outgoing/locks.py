@@ -117,22 +117,30 @@ def unlock(session, redis, target: OutgoingUser | Identity, *, actor: str, reaso
     return True
 
 
-def triggering_spam(session, target: OutgoingUser | Identity, *, window_seconds: int,
-                    limit: int = 10) -> list[QuarantinedMessage]:
-    """The quarantined messages of ``target`` in the spam window before its lock, newest
-    first: what an administrator needs to see to judge the lock."""
-    if target.locked_at is None:
-        return []
+def spam_between(session, target: OutgoingUser | Identity, since: datetime,
+                 until: datetime | None = None, limit: int = 10) -> list[QuarantinedMessage]:
+    """The quarantined messages of ``target`` received from ``since`` (to ``until``), newest
+    first."""
     row = QuarantinedMessage
-    query = select(row).where(
-        row.received_at >= target.locked_at - timedelta(seconds=window_seconds),
-        row.received_at <= target.locked_at + timedelta(seconds=60))
+    query = select(row).where(row.received_at >= since)
+    if until is not None:
+        query = query.where(row.received_at <= until)
     if isinstance(target, Identity):
         query = query.where(row.user_id == target.user_id, row.identity == target.value)
     else:
         query = query.where(row.user_id == target.id)
     return list(session.scalars(query.order_by(row.received_at.desc(), row.id.desc())
                                 .limit(limit)))
+
+
+def triggering_spam(session, target: OutgoingUser | Identity, *, window_seconds: int,
+                    limit: int = 10) -> list[QuarantinedMessage]:
+    """The quarantined messages of ``target`` in the spam window before its lock, newest
+    first: what an administrator needs to see to judge the lock."""
+    if target.locked_at is None:
+        return []
+    return spam_between(session, target, target.locked_at - timedelta(seconds=window_seconds),
+                        target.locked_at + timedelta(seconds=60), limit)
 
 
 def reset_unlock_count(session, target: OutgoingUser | Identity, *, actor: str) -> None:
