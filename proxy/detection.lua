@@ -10,6 +10,9 @@
 -- KEYS[5] next-hop answers    og:{u}:ref:<hour>      (hash: subject -> refused for good,
 --                                                       subject|k -> recipients answered)
 -- KEYS[6] the same, previous hour (the refused share is over a sliding hour)
+-- KEYS[7] optional, on a single Redis only (another slot): the identities anywhere sending
+--         this content this hour, og:{camp:<fp>}:senders:<hour> (HyperLogLog); counted here
+--         so the message costs one call, returned last. On a Cluster CAMPAIGN_LUA counts it.
 -- ARGV: see proxy/detection.py _args; then the answers the next hop gave since this process
 -- last scored the user (count, then identity, answered, refused each: they ride along here
 -- instead of costing a round trip of their own); then the recipient domains.
@@ -44,15 +47,22 @@ local campaign_min, boost_step, boost_cap = c[15], c[16], c[17]
 local content_floor, span, ramp = c[18], c[19], c[20]
 local ttl = c[21]
 local refusal_prior, prior_share, bulk_cap = c[22], c[23], c[24]
-local answers = tonumber(ARGV[20])
-local first_domain = 21 + 3 * answers
+local campaign_member = ARGV[20]
+local answers = tonumber(ARGV[21])
+local first_domain = 22 + 3 * answers
 
 local state = KEYS[1]
+local campaign_senders = ""
+if KEYS[7] and campaign_member ~= "" then
+  redis.call("PFADD", KEYS[7], campaign_member)
+  redis.call("EXPIRE", KEYS[7], 7200)
+  campaign_senders = tostring(redis.call("PFCOUNT", KEYS[7]))
+end
 local minute = math.floor(now / 60)
 
 -- The next hop's answers to this user's earlier messages (never lost to a throttle below).
 if answers > 0 then
-  for i = 21, 20 + 3 * answers, 3 do
+  for i = 22, 21 + 3 * answers, 3 do
     local who, answered, refused = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
     for _, s in ipairs({who, "*"}) do
       if answered > 0 then redis.call("HINCRBY", KEYS[5], s .. "|k", answered) end
@@ -91,7 +101,7 @@ local minute_count = 0
 if num(minute_field) == minute then minute_count = num(identity .. "|mc") end
 if enforce and rung_before == 1 and throttle_rate > 0 and minute_count >= throttle_rate then
   return {"throttled", tostring(before_i), tostring(before_u), tostring(rung_before),
-          tostring(rung_before), ""}
+          tostring(rung_before), "", campaign_senders}
 end
 redis.call("HSET", state, minute_field, minute, identity .. "|mc", minute_count + 1)
 
@@ -227,6 +237,7 @@ for _, pair in ipairs(subjects) do
 end
 redis.call("EXPIRE", state, ttl)
 -- {"ok", identity risk, user risk, identity rung before/after, user rung before/after,
---  identity signals, user signals}
+--  identity signals, user signals, the content's senders anywhere (KEYS[7], or "")}
 return {"ok", risks[1], risks[2], tostring(new_rungs[1]), tostring(new_rungs[2]),
-        tostring(new_rungs[3]), tostring(new_rungs[4]), signals[1], signals[2]}
+        tostring(new_rungs[3]), tostring(new_rungs[4]), signals[1], signals[2],
+        campaign_senders}

@@ -5,9 +5,9 @@ average, distinct recipient domains in a HyperLogLog, own copies of the content,
 recipients the next hop refused over the last hour),
 adds the points ``scoring.risk`` defines, decays the risk and returns the rung before and
 after, for the identity and for the user. The cross-customer count of the content (how many
-identities anywhere send it this hour) lives under its own key, outside any user's slot: it
-is counted in the same pipeline (one round trip on one Redis server, two concurrent calls on a
-Cluster) and weighs the next message's points, never adds points by itself.
+identities anywhere send it this hour) lives under its own key, outside any user's slot: on
+one Redis server the same script counts it (one call per message), on a Cluster a second
+script does, concurrently; it weighs the next message's points, never adds points by itself.
 
 The next hop's answers (recipients taken or refused for good) cost no round trip of their own:
 ``Answers`` keeps them in the process and they ride along with the user's next script call.
@@ -15,13 +15,12 @@ The next hop's answers (recipients taken or refused for good) cost no round trip
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from redis.exceptions import NoScriptError
 
 from outgoing import redis_keys
 from outgoing.redis_conn import is_cluster
@@ -185,7 +184,8 @@ def _constants() -> str:
 
 
 def _args(evidence: Evidence, settings: risk.Settings, now: float, senders: int,
-          enforce: bool, answers: list[tuple[str, int, int]] = ()) -> list:
+          enforce: bool, answers: list[tuple[str, int, int]] = (),
+          campaign_member: str = "") -> list:
     return [repr(float(now)), evidence.identity.lower(), int(now // risk.HOUR),
             len(evidence.recipients), 1 if evidence.fingerprint else 0, senders,
             1 if evidence.auth_failed else 0, 1 if evidence.auth_new_network else 0,
@@ -193,7 +193,7 @@ def _args(evidence: Evidence, settings: risk.Settings, now: float, senders: int,
             repr(float(evidence.spam_threshold)), repr(float(settings.new_sender_allowance)),
             repr(float(settings.half_life)), repr(float(settings.throttle_at)),
             repr(float(settings.hold_at)), repr(float(settings.lock_at)),
-            int(settings.throttle_rate), 1 if enforce else 0, _constants(),
+            int(settings.throttle_rate), 1 if enforce else 0, _constants(), campaign_member,
             len(answers), *[v for answer in answers for v in answer],
             *recipient_domains(evidence.recipients)]
 
@@ -211,7 +211,9 @@ def keys_for(user_id: int, identity: str, now: float, fp: str | None) -> list[st
 async def measure(redis, user_id: int, evidence: Evidence, settings: risk.Settings,
                   now: float, campaigns: CampaignCounts | None = None,
                   answers: Answers | None = None) -> Measure:
-    """Score one message. Throttled (over the cap while throttled): nothing was counted."""
+    """Score one message in one call. Throttled (over the cap while throttled): nothing was
+    counted. The content's count of senders anywhere is another slot's key: on one Redis the
+    script counts it too; on a Cluster it is a second call, concurrent with the first."""
     hour = int(now // risk.HOUR)
     identity = evidence.identity.lower()
     fp = evidence.fingerprint
@@ -219,57 +221,29 @@ async def measure(redis, user_id: int, evidence: Evidence, settings: risk.Settin
     senders = campaigns.get(fp) if fp else 1
     keys = keys_for(user_id, identity, now, fp)
     enforce = settings.enabled and not settings.shadow
-    taken = answers.take(user_id, now) if answers is not None else []
-    args = _args(evidence, settings, now, senders, enforce, taken)
-    script = _script(redis, "detect", DETECTION_LUA)
     # Answers taken are not given back when the call fails: the script may have written them
     # before the failure (a reply timeout, a cancelled session, the other call of a Cluster
     # pair), and counting them twice would raise a sender's refused share; losing a few
     # under a Redis fault only lowers it.
-    return parse(await _run(redis, script, keys, args, fp, hour, user_id, identity, campaigns))
-
-
-async def _run(redis, script, keys, args, fp, hour, user_id, identity, campaigns):
-    if fp:
+    taken = answers.take(user_id, now) if answers is not None else []
+    script = _script(redis, "detect", DETECTION_LUA)
+    member = f"{user_id}:{identity}"
+    if fp and is_cluster(redis):
         count_script = _script(redis, "campaign", CAMPAIGN_LUA)
-        ckeys = [redis_keys.campaign_senders(hour, fp)]
-        cargs = [f"{user_id}:{identity}"]
-        if is_cluster(redis):
-            import asyncio
-
-            count, raw = await asyncio.gather(count_script(keys=ckeys, args=cargs),
-                                              script(keys=keys, args=args))
-        else:
-            count, raw = await _both(redis, (count_script, ckeys, cargs), (script, keys, args))
+        args = _args(evidence, settings, now, senders, enforce, taken)
+        count, raw = await asyncio.gather(
+            count_script(keys=[redis_keys.campaign_senders(hour, fp)], args=[member]),
+            script(keys=keys, args=args))
+    else:
+        if fp:
+            keys.append(redis_keys.campaign_senders(hour, fp))
+        args = _args(evidence, settings, now, senders, enforce, taken,
+                     campaign_member=member if fp else "")
+        raw = await script(keys=keys, args=args)
+        count = raw[-1]
+    if fp and count not in (None, b"", ""):
         campaigns.put(fp, int(count))
-        return raw
-    return await script(keys=keys, args=args)
-
-
-async def _both(redis, *calls) -> list:
-    """Run scripts in one pipelined round trip. redis-py's own way (``script(client=pipe)``)
-    sends SCRIPT EXISTS first on every call, a second round trip per message: send EVALSHA
-    alone, and when Redis does not know a script (after a restart or a SCRIPT FLUSH) load it
-    and run again only the calls that did not run."""
-    results: list = [None] * len(calls)
-    pending = list(range(len(calls)))
-    for attempt in (1, 2):
-        async with redis.pipeline(transaction=False) as pipe:
-            for index in pending:
-                script, keys, args = calls[index]
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            replies = await pipe.execute(raise_on_error=False)
-        for index, answer in zip(pending, replies, strict=True):
-            results[index] = answer
-        pending = [i for i in pending if isinstance(results[i], NoScriptError)]
-        if not pending or attempt == 2:
-            break
-        for index in pending:
-            await redis.script_load(calls[index][0].script)
-    for result in results:
-        if isinstance(result, Exception):
-            raise result
-    return results
+    return parse(raw)
 
 
 def parse(raw) -> Measure:
