@@ -10,9 +10,15 @@
 -- KEYS[5] next-hop answers    og:{u}:ref:<hour>      (hash: subject -> refused for good,
 --                                                       subject|k -> recipients answered)
 -- KEYS[6] the same, previous hour (the refused share is over a sliding hour)
--- KEYS[7] optional, on a single Redis only (another slot): the identities anywhere sending
+-- KEYS[7] the identity's lock      og:{u}:idlock:<identity>
+-- KEYS[8] the identity counts     og:{u}:idcounts   (the proxy's flusher empties it)
+--         With ARGV[21] set, the script is also the identity check: a locked identity
+--         returns {"locked", lock} and nothing is counted; else its message is counted in
+--         KEYS[8] under ARGV[21] (what proxy/identities.py's check does on its own when
+--         detection is off), so the message costs one call.
+-- KEYS[9] optional, on a single Redis only (another slot): the identities anywhere sending
 --         this content this hour, og:{camp:<fp>}:senders:<hour> (HyperLogLog); counted here
---         so the message costs one call, returned last. On a Cluster CAMPAIGN_LUA counts it.
+--         too, returned last. On a Cluster CAMPAIGN_LUA counts it, concurrently.
 -- ARGV: see proxy/detection.py _args; then the answers the next hop gave since this process
 -- last scored the user (count, then identity, answered, refused each: they ride along here
 -- instead of costing a round trip of their own); then the recipient domains.
@@ -48,21 +54,22 @@ local content_floor, span, ramp = c[18], c[19], c[20]
 local ttl = c[21]
 local refusal_prior, prior_share, bulk_cap = c[22], c[23], c[24]
 local campaign_member = ARGV[20]
-local answers = tonumber(ARGV[21])
-local first_domain = 22 + 3 * answers
+local identity_field = ARGV[21]
+local answers = tonumber(ARGV[22])
+local first_domain = 23 + 3 * answers
 
 local state = KEYS[1]
 local campaign_senders = ""
-if KEYS[7] and campaign_member ~= "" then
-  redis.call("PFADD", KEYS[7], campaign_member)
-  redis.call("EXPIRE", KEYS[7], 7200)
-  campaign_senders = tostring(redis.call("PFCOUNT", KEYS[7]))
+if KEYS[9] and campaign_member ~= "" then
+  redis.call("PFADD", KEYS[9], campaign_member)
+  redis.call("EXPIRE", KEYS[9], 7200)
+  campaign_senders = tostring(redis.call("PFCOUNT", KEYS[9]))
 end
 local minute = math.floor(now / 60)
 
 -- The next hop's answers to this user's earlier messages (never lost to a throttle below).
 if answers > 0 then
-  for i = 22, 21 + 3 * answers, 3 do
+  for i = 23, 22 + 3 * answers, 3 do
     local who, answered, refused = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
     for _, s in ipairs({who, "*"}) do
       if answered > 0 then redis.call("HINCRBY", KEYS[5], s .. "|k", answered) end
@@ -70,6 +77,13 @@ if answers > 0 then
     end
   end
   redis.call("EXPIRE", KEYS[5], 7200)
+end
+
+-- The identity check (KEYS[7], KEYS[8]): a locked identity's message goes no further.
+if identity_field ~= "" then
+  local lock = redis.call("GET", KEYS[7])
+  if lock then return {"locked", lock} end
+  redis.call("HINCRBY", KEYS[8], identity_field, 1)
 end
 
 local function num(field)

@@ -67,6 +67,7 @@ class Measure:
     user_rung: tuple[str, str]
     identity_signals: dict[str, float] = field(default_factory=dict)
     user_signals: dict[str, float] = field(default_factory=dict)
+    lock: str | None = None  # the identity's lock (JSON) when the script checked and found one
 
     @property
     def rung(self) -> str:
@@ -185,7 +186,7 @@ def _constants() -> str:
 
 def _args(evidence: Evidence, settings: risk.Settings, now: float, senders: int,
           enforce: bool, answers: list[tuple[str, int, int]] = (),
-          campaign_member: str = "") -> list:
+          campaign_member: str = "", identity_field: str = "") -> list:
     return [repr(float(now)), evidence.identity.lower(), int(now // risk.HOUR),
             len(evidence.recipients), 1 if evidence.fingerprint else 0, senders,
             1 if evidence.auth_failed else 0, 1 if evidence.auth_new_network else 0,
@@ -194,7 +195,7 @@ def _args(evidence: Evidence, settings: risk.Settings, now: float, senders: int,
             repr(float(settings.half_life)), repr(float(settings.throttle_at)),
             repr(float(settings.hold_at)), repr(float(settings.lock_at)),
             int(settings.throttle_rate), 1 if enforce else 0, _constants(), campaign_member,
-            len(answers), *[v for answer in answers for v in answer],
+            identity_field, len(answers), *[v for answer in answers for v in answer],
             *recipient_domains(evidence.recipients)]
 
 
@@ -205,15 +206,19 @@ def keys_for(user_id: int, identity: str, now: float, fp: str | None) -> list[st
             redis_keys.detection_domains(user_id, "*", hour),
             redis_keys.detection_campaign(user_id, hour, fp or "-"),
             redis_keys.detection_refusals(user_id, hour),
-            redis_keys.detection_refusals(user_id, hour - 1)]
+            redis_keys.detection_refusals(user_id, hour - 1),
+            redis_keys.identity_lock(user_id, identity),
+            redis_keys.identity_counts(user_id)]
 
 
 async def measure(redis, user_id: int, evidence: Evidence, settings: risk.Settings,
                   now: float, campaigns: CampaignCounts | None = None,
-                  answers: Answers | None = None) -> Measure:
+                  answers: Answers | None = None, check_identity: bool = False) -> Measure:
     """Score one message in one call. Throttled (over the cap while throttled): nothing was
-    counted. The content's count of senders anywhere is another slot's key: on one Redis the
-    script counts it too; on a Cluster it is a second call, concurrent with the first."""
+    counted. ``check_identity``: the script is also the identity check (``lock`` set when the
+    identity is locked, nothing scored), so the message costs one call, not two. The
+    content's count of senders anywhere is another slot's key: on one Redis the script counts
+    it too; on a Cluster it is a second call, concurrent with the first."""
     hour = int(now // risk.HOUR)
     identity = evidence.identity.lower()
     fp = evidence.fingerprint
@@ -228,9 +233,10 @@ async def measure(redis, user_id: int, evidence: Evidence, settings: risk.Settin
     taken = answers.take(user_id, now) if answers is not None else []
     script = _script(redis, "detect", DETECTION_LUA)
     member = f"{user_id}:{identity}"
+    count_field = redis_keys.identity_count_field("m", identity) if check_identity else ""
     if fp and is_cluster(redis):
         count_script = _script(redis, "campaign", CAMPAIGN_LUA)
-        args = _args(evidence, settings, now, senders, enforce, taken)
+        args = _args(evidence, settings, now, senders, enforce, taken, identity_field=count_field)
         count, raw = await asyncio.gather(
             count_script(keys=[redis_keys.campaign_senders(hour, fp)], args=[member]),
             script(keys=keys, args=args))
@@ -238,16 +244,19 @@ async def measure(redis, user_id: int, evidence: Evidence, settings: risk.Settin
         if fp:
             keys.append(redis_keys.campaign_senders(hour, fp))
         args = _args(evidence, settings, now, senders, enforce, taken,
-                     campaign_member=member if fp else "")
+                     campaign_member=member if fp else "", identity_field=count_field)
         raw = await script(keys=keys, args=args)
         count = raw[-1]
-    if fp and count not in (None, b"", ""):
+    if fp and count not in (None, b"", "") and _text(raw[0]) != "locked":
         campaigns.put(fp, int(count))
     return parse(raw)
 
 
 def parse(raw) -> Measure:
     values = [_text(v) for v in raw]
+    if values[0] == "locked":
+        return Measure(False, 0.0, 0.0, (risk.OBSERVE, risk.OBSERVE),
+                       (risk.OBSERVE, risk.OBSERVE), lock=values[1])
     if values[0] == "throttled":
         rung = RUNG_NAMES[int(values[3])]
         return Measure(True, float(values[1]), float(values[2]), (rung, rung), (rung, rung))

@@ -20,7 +20,8 @@ from redis.connection import Connection, UnixDomainSocketConnection
 
 from outgoing import auth_blocks, locks, redis_keys
 from outgoing.models import Identity
-from proxy import counters, identities, throttle
+from proxy import counters, detection, identities, throttle
+from scoring import risk
 from scoring.limits import CONNECTION_WINDOWS
 from worker import abuse
 
@@ -107,6 +108,12 @@ async def _drive_proxy(pool) -> None:
     await counters.record_spam_event(client, counters.spam_key(42, "bob@example.com"), now)
     await identities.check_and_count(client, 42, "bob@example.com")
     await identities.check_and_count(client, 43, "carol@example.com")
+    # Compromise detection with the identity check folded in (without a content
+    # fingerprint: with one, a single Redis also counts the content's senders in the same
+    # call, another slot's key; on a Cluster that is a call of its own).
+    await detection.measure(client, 42, detection.Evidence(
+        identity="bob@example.com", recipients=("r@example.org",)),
+        risk.Settings(enabled=True), now, check_identity=True)
     flusher = identities.IdentityFlusher(client, None, lambda: now)
     flusher.dirty = {42, 43}
     flusher._write = lambda batches, when: 0  # the database is not this test's subject

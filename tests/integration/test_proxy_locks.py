@@ -47,8 +47,13 @@ def test_manual_user_lock_and_unlock_from_the_panel_apply_to_the_next_message(
     assert len(sink.handler.messages) == 2
 
 
+@pytest.mark.parametrize("detection", [True, False], ids=["detection on", "detection off"])
 def test_locked_identity_is_refused_after_data_and_others_of_the_user_still_send(
-        alice, admin, start_proxy, sink):
+        instance, admin, start_proxy, sink, detection):
+    """With compromise detection on, its one call per message checks the identity's lock;
+    off, the identity check makes its own: the same replies either way."""
+    alice = data.add_user("example.com", "user", "alice@example.com", PASSWORD,
+                          compromise_detection=detection)
     shop = data.add_identity(alice, "shop@example.com")
     response = admin.post(f"/outgoing/identities/{shop}/lock",
                           data={"csrf_token": admin.token, "reason": "phishing"})
@@ -61,6 +66,8 @@ def test_locked_identity_is_refused_after_data_and_others_of_the_user_still_send
         code, reply = smtp.data(message(sender="shop@example.com"))
         assert code == 550
         assert reply.startswith(b"5.7.1 Sender shop@example.com is locked: phishing")
+        code, reply = send(smtp, message(body=GTUBE), sender="shop@example.com")
+        assert code == 550 and b"is locked: phishing" in reply  # locked, not quarantined
         assert send(smtp, message(sender="news@example.com"), sender="news@example.com")[0] \
             == 250
         admin.post(f"/outgoing/identities/{shop}/unlock", data={"csrf_token": admin.token})
