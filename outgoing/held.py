@@ -39,13 +39,15 @@ from scoring import risk
 
 AREA = "held"
 
-# "Compromise detection for new users" on Outgoing > Settings. Unset, new users enforce: on
-# the replay benchmark's two traffic sets the ladder holds and locks no legitimate sender
-# (README "Compromise detection"); a provider can still start them in shadow mode.
+# "Compromise detection for new users" on Outgoing > Settings. Unset, new users start in
+# shadow mode: every rung is computed and recorded ("would have"), no mail is touched, and the
+# provider enforces once the records show the ladder fits its customers (DESIGN: tune before
+# enforcing). The replay benchmark's legitimate sets give no false hold or lock, but they hold
+# no brand-new customer's first bulk sending, which the ladder does throttle or hold.
 DETECTION_DEFAULT = "detection_default"
 DEFAULT_OFF, DEFAULT_SHADOW, DEFAULT_ON = "off", "shadow", "on"
-SHIPPED_DEFAULT = DEFAULT_ON
-DEFAULT_CHOICES = [(DEFAULT_ON, "On"), (DEFAULT_SHADOW, "On, in shadow mode"),
+SHIPPED_DEFAULT = DEFAULT_SHADOW
+DEFAULT_CHOICES = [(DEFAULT_SHADOW, "On, in shadow mode"), (DEFAULT_ON, "On"),
                    (DEFAULT_OFF, "Off")]
 
 

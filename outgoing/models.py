@@ -165,7 +165,7 @@ class OutgoingUser(LockState, Base):
                                                    server_default=false())
 
     # Compromise detection (scoring/risk.py): create_outgoing_user sets both from the
-    # provider's default for new users (GlobalSetting "detection_default", enforcing when
+    # provider's default for new users (GlobalSetting "detection_default", shadow mode when
     # unset); the columns' own defaults only serve rows made outside it.
     compromise_detection: Mapped[bool] = mapped_column(Boolean, default=True,
                                                        server_default=true())

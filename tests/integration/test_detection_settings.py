@@ -51,21 +51,22 @@ def test_thresholds_in_order_or_off_are_saved(root, bob, throttle, hold, lock): 
         int(throttle), int(hold), int(lock))
 
 
-def test_new_users_enforce_unless_the_provider_chooses_shadow_mode(app, root):  # noqa: F811
-    """Shipped default: detection on, shadow mode off. The provider's choice on Outgoing >
+def test_new_users_start_in_shadow_mode_unless_the_provider_chooses_to_enforce(
+        app, root):  # noqa: F811
+    """Shipped default: detection on, in shadow mode. The provider's choice on Outgoing >
     Settings applies to users added afterwards and changes no existing user."""
     first = load(data.add_user("example.com", "user", "first@example.com", PW))
-    assert first.compromise_detection is True and first.detection_shadow_mode is False
+    assert first.compromise_detection is True and first.detection_shadow_mode is True
     html = text(root.get(f"/outgoing/settings/{first.domain_id}"))
-    assert re.search(r'<option (selected )?value="on"( selected)?>On</option>', html).group(
-        0).count("selected") == 1
+    assert re.search(r'<option (selected )?value="shadow"( selected)?>On, in shadow mode'
+                     r'</option>', html).group(0).count("selected") == 1
 
     response = root.post("/outgoing/settings/detection-default",
-                         {"detection_default": held.DEFAULT_SHADOW})
+                         {"detection_default": held.DEFAULT_ON})
     assert response.status_code == 302
     second = load(data.add_user("example.com", "user", "second@example.com", PW))
-    assert second.compromise_detection is True and second.detection_shadow_mode is True
-    assert load(first.id).detection_shadow_mode is False
+    assert second.compromise_detection is True and second.detection_shadow_mode is False
+    assert load(first.id).detection_shadow_mode is True
 
 
 def test_a_domain_admin_cannot_change_the_default_for_new_users(app, root):  # noqa: F811
@@ -74,7 +75,7 @@ def test_a_domain_admin_cannot_change_the_default_for_new_users(app, root):  # n
     response = ops.post("/outgoing/settings/detection-default",
                         {"detection_default": held.DEFAULT_OFF})
     assert response.status_code == 404
-    assert data.query(held.detection_default) == held.DEFAULT_ON
+    assert data.query(held.detection_default) == held.DEFAULT_SHADOW
     own = ops.get("/outgoing/settings")
     own = ops.get(own.headers["Location"]) if own.status_code == 302 else own
     assert own.status_code == 200 and "for new users" not in text(own)
