@@ -44,10 +44,13 @@ class FileStore:
         return f"{area}/{day}/{uuid.uuid4().hex}.eml"
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if self.root.resolve() not in path.parents:
+        """The file of ``key``, which must name one below the store: a relative path of
+        plain names (no ``..``, no empty or absolute part). Checked by its text: resolving
+        the path on every message cost a sixteenth of the content pipeline's CPU."""
+        parts = key.split("/")
+        if not key or any(part in ("", ".", "..") or "\0" in part for part in parts):
             raise ValueError(f"storage key escapes the store: {key!r}")
-        return path
+        return self.root.joinpath(*parts)
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
