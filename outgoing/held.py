@@ -225,3 +225,21 @@ def current_risk(redis, user_id: int, identity: str | None, now: float,
     numbers = [float(v) if v is not None else 0.0 for v in values]
     return (risk.decay(numbers[0], now - numbers[1], half_life),
             risk.decay(numbers[2], now - numbers[3], half_life))
+
+
+def record_next_hop_answers(redis, user_id: int, identity: str | None, answered: int,
+                            refused: int, now: float) -> None:
+    """Count a release's final answers (recipients answered, of them refused for good) in the
+    hour's answers that compromise detection's refused share reads (``proxy/detection.lua``
+    KEYS[5]): mail refused on release weighs on the sender as it would have inline."""
+    if answered <= 0 and refused <= 0:
+        return
+    key = redis_keys.detection_refusals(user_id, int(now // risk.HOUR))
+    with redis.pipeline(transaction=True) as pipe:
+        for subject in {(identity or "*").lower(), "*"}:
+            if answered > 0:
+                pipe.hincrby(key, f"{subject}|k", answered)
+            if refused > 0:
+                pipe.hincrby(key, subject, refused)
+        pipe.expire(key, 7200)
+        pipe.execute()

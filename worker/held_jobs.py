@@ -31,6 +31,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select, update
 
 from outgoing import held, redis_keys
+from outgoing.archive import archive_message
 from outgoing.db import session_scope
 from outgoing.jobs import enqueue, enqueue_delivery_report
 from outgoing.models import (
@@ -47,7 +48,7 @@ from outgoing.models import (
 from outgoing.quarantine import recipients
 from outgoing.storage import read_body, store_for
 from scoring import risk
-from scoring.message import header_block
+from scoring.message import header_block, parse_headers, subject_of
 from scoring.retry import next_attempt_at, parse_delays, split_refusals
 from worker import context
 from worker.content_jobs import try_relay
@@ -159,6 +160,7 @@ def _send(db, config: dict, redis, user, row: HeldMessage, token: str) -> str:
         notes.insert(0, f"delivered to {len(accepted)} of {len(rcpts)}")
     if not _finish(db, config, row, token, state, "; ".join(notes) or None, rest):
         return "lost claim"
+    _after_answer(db, config, redis, user, row, accepted, final, data)
     if later:  # the retry's job; were it lost, the minutely release-held run finds it due
         enqueue(redis, RELEASE_JOB, row.user_id, at=due,
                 job_id=f"og-release-{row.user_id}-{int(due.replace(tzinfo=UTC).timestamp())}",
@@ -166,6 +168,29 @@ def _send(db, config: dict, redis, user, row: HeldMessage, token: str) -> str:
     if final or later:
         log.warning("held message %s: %s", row.id, "; ".join(notes))
     return state
+
+
+def _after_answer(db, config: dict, redis, user, row: HeldMessage, accepted: list[str],
+                  final: dict, data: bytes) -> None:
+    """What the proxy does after the next hop's answer, for a released message too: the copy
+    for "Message archiving for senders" (of the recipients the next hop took, the bytes as
+    relayed), and the answers for compromise detection's refused share. Neither can undo
+    the delivery, so a failure is logged, not raised."""
+    if user is None:
+        return
+    if accepted and user.message_archiving:
+        try:
+            archive_message(db, store_for(config), domain_id=row.domain_id, user_id=user.id,
+                            mail_from=row.mail_from, rcpt_tos=accepted, data=data,
+                            subject=subject_of(parse_headers(data)))
+        except Exception:
+            log.exception("held message %s was relayed but not archived", row.id)
+    if user.compromise_detection and (accepted or final):
+        try:
+            held.record_next_hop_answers(redis, user.id, row.identity,
+                                         len(accepted) + len(final), len(final), time.time())
+        except Exception:
+            log.exception("could not count the next hop's answers to held message %s", row.id)
 
 
 def _finish(db, config: dict, row: HeldMessage, token: str, state: str, note: str | None,

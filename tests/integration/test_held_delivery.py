@@ -4,6 +4,7 @@ reported to the sender, each recipient handled on its own; and the retention of 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -18,9 +19,12 @@ import redis as redis_module
 from rq.registry import ScheduledJobRegistry
 from sqlalchemy import select
 
+from outgoing import redis_keys
+from outgoing.config import load_config
 from outgoing.jobs import enqueue
-from outgoing.models import AuditEvent, HeldMessage
+from outgoing.models import ArchivedMessage, AuditEvent, HeldMessage, OutgoingUser
 from outgoing.quarantine import recipients
+from outgoing.storage import read_body
 from tests.integration.test_held_release import HOLD_ALL, PW, queue_all, states
 from tests.support import data
 from tests.support.content import NextHop
@@ -214,6 +218,32 @@ def test_partial_acceptance_is_handled_per_recipient(alice, start_proxy, hop):
     assert len(reports(hop)) == 1
     assert delivered(hop, "busy@dest.example")[0].data == delivered(hop, "ok@dest.example")[
         0].data  # the same stored message, prepared the same way
+
+
+def test_a_release_is_archived_and_its_refusals_weigh_on_the_sender(
+        alice, start_proxy, hop):
+    """As on the inline path: the archive gets the bytes as relayed, for the recipients the
+    next hop took, and the refused ones count in detection's refused share."""
+    data.query(lambda s: setattr(s.get(OutgoingUser, alice), "message_archiving", True))
+    hold(start_proxy, 1, rcpts=("ok@dest.example", "nobody@dest.example"))
+    hop.handler.refuse_rcpt["nobody@dest.example"] = "550 5.1.1 No such user here"
+    release(alice)
+    worker(hop)
+    assert states() == {"released": 1}
+    (sent,) = delivered(hop, "ok@dest.example")
+
+    def archived(s):
+        return [(json.loads(a.rcpt_tos), read_body(load_config(), a))
+                for a in s.scalars(select(ArchivedMessage))]
+    assert data.query(archived) == [(["ok@dest.example"], sent.data)]
+
+    r = redis_module.from_url(os.environ["REDIS_URL"])
+    hour = int(time.time() // 3600)
+    answers = {}
+    for h in (hour - 1, hour):
+        for name, value in r.hgetall(redis_keys.detection_refusals(alice, h)).items():
+            answers[name.decode()] = answers.get(name.decode(), 0) + int(value)
+    assert answers == {"alice@example.com|k": 2, "alice@example.com": 1, "*|k": 2, "*": 1}
 
 
 def test_a_worker_killed_mid_retry_loses_nothing_and_sends_nothing_twice(
