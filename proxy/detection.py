@@ -170,18 +170,27 @@ def answered_by_next_hop(reply: str, recipients: int, refused_permanent: int,
     return 0, 0
 
 
+_constants_text: dict[tuple, str] = {}
+
+
 def _constants() -> str:
     """scoring.risk's weights and constants as the script's one argument (read at each call:
-    a replay may change them)."""
+    a replay may change them; their text is made once per set of values)."""
     w = risk.WEIGHTS
-    return " ".join(map(repr, map(float, (
+    values = (
         w["volume"], w["recipients"], w["spread"], w["refusals"], w["campaign"],
         w["auth_failed"], w["auth_new_network"], w["content"], w["spam"],
         risk.PEAK_FACTOR, risk.SLACK_MESSAGES, risk.SLACK_DOMAINS, risk.REFUSAL_FLOOR,
         risk.REFUSAL_CLEAN, risk.CAMPAIGN_MIN_COPIES,
         risk.CAMPAIGN_BOOST_PER_DOUBLING, risk.CAMPAIGN_BOOST_CAP, risk.CONTENT_FLOOR,
         risk.BASELINE_HOURS, risk.RAMP_SECONDS, STATE_TTL,
-        risk.REFUSAL_PRIOR, risk.REFUSAL_PRIOR_SHARE, risk.BULK_FACTOR_CAP))))
+        risk.REFUSAL_PRIOR, risk.REFUSAL_PRIOR_SHARE, risk.BULK_FACTOR_CAP)
+    text = _constants_text.get(values)
+    if text is None:
+        if len(_constants_text) > 64:  # a replay tuning the weights
+            _constants_text.clear()
+        text = _constants_text[values] = " ".join(map(repr, map(float, values)))
+    return text
 
 
 def _args(evidence: Evidence, settings: risk.Settings, now: float, senders: int,

@@ -95,6 +95,50 @@ async def _rcpt(client: aiosmtplib.SMTP, rcpt: str, encoding: str) -> None:
         raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, rcpt)
 
 
+def _lines_end_in_crlf(data: bytes) -> bool:
+    """Every CR and LF is part of a CRLF (what the proxy relays: ``proxy.handler`` normalises
+    or refuses bare ones); three C scans, a few µs for 5 KB."""
+    crlf = data.count(b"\r\n")
+    return data.count(b"\r") == crlf and data.count(b"\n") == crlf
+
+
+def dot_stuffed(data: bytes) -> bytes:
+    """``data`` (CRLF line endings) as it goes after DATA: a dot doubled at the start of
+    each line, a CRLF at the end, then the end-of-data line."""
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    stuffed = data.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    return stuffed + b".\r\n"
+
+
+async def _data(client: aiosmtplib.SMTP, data: bytes, timeout: float) -> aiosmtplib.SMTPResponse:
+    """DATA with data whose line endings are already CRLF: dot-stuffed with one
+    ``bytes.replace`` instead of aiosmtplib's two regular expressions over the whole message
+    (normalising what is normal already; they were a tenth of the proxy's CPU). Anything
+    else goes through ``client.data``. Raises what ``client.data`` raises."""
+    if not _lines_end_in_crlf(data):
+        return await client.data(data)
+    start = await client.execute_command(b"DATA")
+    if start.code != 354:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
+    protocol = client.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    # No await between the write and read_response, which marks the reply as expected
+    # before anything can arrive (aiosmtplib drops replies it does not expect).
+    protocol.write(dot_stuffed(data))
+    try:
+        response = await protocol.read_response(timeout=timeout)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        client.close()
+        raise
+    if response.code != 250:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    return response
+
+
 def _needs_utf8(mail_from: str, rcpt_tos: list[str]) -> bool:
     return any(not s.isascii() for s in [mail_from, *rcpt_tos])
 
@@ -194,7 +238,7 @@ class Relay:
                 return RelayResult(False, _all_refused(refused), refused,
                                    next_hop_reply=_said(code, text))
             started = True
-            response = await client.data(data)
+            response = await _data(client, data, self.upstream.timeout)
         except aiosmtplib.SMTPResponseException as exc:
             # A real answer (MAIL or DATA refused): the connection is still good after RSET.
             await self._reset(client)

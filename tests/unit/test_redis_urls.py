@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.exceptions import DataError
 
 from outgoing import redis_conn
 from outgoing.config import ConfigError, load_config
@@ -23,6 +24,30 @@ def test_a_cluster_url_lists_its_seed_nodes_and_credentials():
 def test_the_proxy_gets_redis_pys_cluster_client_for_a_cluster_url():
     client = redis_conn.connect_async(CLUSTER, socket_timeout=1)
     assert isinstance(client, AsyncRedisCluster) and redis_conn.is_cluster(client)
+
+
+ARGUMENTS = [("SET", "k", "v"), ("CONFIG GET", "maxmemory"), (b"CLIENT SETNAME", b"og"),
+             ("EVALSHA", "a" * 40, 2, "og:{1}:k", "og:{1}:l", 1.5, 1 / 3, 1e20, -3, 0,
+              "ünïcode", b"\x00\xff")]
+
+
+def test_the_proxys_clients_pack_commands_in_c_into_the_same_bytes():
+    from redis.asyncio.connection import Connection, SSLConnection
+
+    single = redis_conn.connect_async("redis://127.0.0.1:6379/0").connection_pool
+    cluster = redis_conn.connect_async(CLUSTER)
+    assert issubclass(single.connection_class, redis_conn._HiredisPacking)
+    assert issubclass(cluster.connection_kwargs["connection_class"], redis_conn._HiredisPacking)
+    assert all(issubclass(node.connection_class, redis_conn._HiredisPacking)
+               for node in cluster.startup_nodes)
+    secure = redis_conn.connect_async("rediss://127.0.0.1:6380/0").connection_pool
+    assert issubclass(secure.connection_class, SSLConnection)
+    ours, theirs = single.connection_class(), Connection()
+    for args in ARGUMENTS:
+        assert b"".join(ours.pack_command(*args)) == b"".join(theirs.pack_command(*args))
+    for bad in (None, True, 1j):
+        with pytest.raises(DataError):
+            ours.pack_command("SET", bad)
 
 
 def config(tmp_path, **environ):
