@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +66,18 @@ class Measure:
     user_risk: float
     identity_rung: tuple[str, str]  # (before, after)
     user_rung: tuple[str, str]
-    identity_signals: dict[str, float] = field(default_factory=dict)
-    user_signals: dict[str, float] = field(default_factory=dict)
+    identity_signals_text: str = ""  # "name points name points ..." as the script said
+    user_signals_text: str = ""
     lock: str | None = None  # the identity's lock (JSON) when the script checked and found one
+
+    @cached_property
+    def identity_signals(self) -> dict[str, float]:
+        return _parse_signals(self.identity_signals_text)
+
+    @cached_property
+    def user_signals(self) -> dict[str, float]:
+        """(Read only when a rung is at stake: most messages never need them parsed.)"""
+        return _parse_signals(self.user_signals_text)
 
     @property
     def rung(self) -> str:
@@ -273,4 +283,4 @@ def parse(raw) -> Measure:
         throttled=False, identity_risk=float(values[1]), user_risk=float(values[2]),
         identity_rung=(RUNG_NAMES[int(values[3])], RUNG_NAMES[int(values[4])]),
         user_rung=(RUNG_NAMES[int(values[5])], RUNG_NAMES[int(values[6])]),
-        identity_signals=_parse_signals(values[7]), user_signals=_parse_signals(values[8]))
+        identity_signals_text=values[7], user_signals_text=values[8])

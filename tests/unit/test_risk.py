@@ -3,7 +3,7 @@
 import pytest
 
 from scoring import risk
-from scoring.fingerprint import fingerprint, normalised_words
+from scoring.fingerprint import fingerprint, phrases
 from scoring.risk import Settings, Signals
 
 SETTINGS = Settings(enabled=True, shadow=False, throttle_at=60, hold_at=120, lock_at=400)
@@ -174,4 +174,27 @@ def test_markup_links_and_case_do_not_change_a_fingerprint():
     html = (b"<html><body><p>Your <b>INVOICE</b> is attached&nbsp;please pay within "
             b"https://track.example/abc?u=1 seven days</p><p>Thank you</p></body></html>")
     assert fingerprint("Invoice", plain) == fingerprint("invoice", html)
-    assert normalised_words("", b"ok QUJDREVGRhJSktMTUPUFFSU abc") == [b"ok", b"abc"]
+    # Spaces, line breaks (a quoted-printable soft break too) and digits do not count;
+    # punctuation breaks phrases, and short ones (a greeting, a name) are left out.
+    assert phrases("Hi Bob", b"Dear Bob,\r\nyour parcel 4711 is on its way; track it he=\r\n"
+                   b"re today!") == [b"yourparcelisonitsway", b"trackitheretoday"]
+    assert fingerprint("Hi Bob", b"Dear Bob, your parcel 4711 is on its way; track it here") \
+        == fingerprint("Hi Alice", b"Dear Alice, your parcel 9 is on its  way;\r\ntrack it here")
+
+
+def test_mime_structure_is_not_content():
+    """Two unrelated multipart messages share only MIME's lines: different keys; the same
+    text in a multipart and a plain message: one key."""
+    def multipart(text: bytes, boundary: bytes) -> bytes:
+        return (b"This is a multi-part message in MIME format.\r\n--" + boundary + b"\r\n"
+                b"Content-Type: text/plain;\r\n\tcharset=utf-8, format=flowed\r\n"
+                b"Content-Transfer-Encoding: 7bit\r\n\r\n" + text + b"\r\n--" + boundary
+                + b"--\r\n")
+    a = (b"Are we still meeting for the planning session on Thursday afternoon? "
+         b"Bring the budget figures, please.")
+    b = (b"The garden centre opens again next week. New seedlings arrived, "
+         b"and the cafe serves soup again.")
+    assert fingerprint("x", multipart(a, b"AAA")) != fingerprint("x", multipart(b, b"BBB"))
+    assert phrases("x", multipart(a, b"AAA")) == phrases("x", a)
+    assert fingerprint("x", multipart(a, b"AAA")) == fingerprint("x", a)
+
