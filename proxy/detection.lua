@@ -12,9 +12,9 @@
 -- KEYS[6] the same, previous hour (the refused share is over a sliding hour)
 -- KEYS[7] the identity's lock      og:{u}:idlock:<identity>
 -- KEYS[8] the identity counts     og:{u}:idcounts   (the proxy's flusher empties it)
---         With ARGV[21] set, the script is also the identity check: a locked identity
+--         With ARGV[6] set, the script is also the identity check: a locked identity
 --         returns {"locked", lock} and nothing is counted; else its message is counted in
---         KEYS[8] under ARGV[21] (what proxy/identities.py's check does on its own when
+--         KEYS[8] under ARGV[6] (what proxy/identities.py's check does on its own when
 --         detection is off), so the message costs one call.
 -- KEYS[9] optional, on a single Redis only (another slot): the identities anywhere sending
 --         this content this hour, og:{camp:<fp>}:senders:<hour> (HyperLogLog); counted here
@@ -25,26 +25,19 @@
 
 local now = tonumber(ARGV[1])
 local identity = ARGV[2]
-local hour = tonumber(ARGV[3])
-local rcpts = tonumber(ARGV[4])
-local has_fp = ARGV[5] == "1"
-local senders = tonumber(ARGV[6])
-local auth_failed = ARGV[7] == "1"
-local auth_new = ARGV[8] == "1"
-local spam = ARGV[9] == "1"
-local score = tonumber(ARGV[10])
-local spam_threshold = tonumber(ARGV[11])
-local allowance = tonumber(ARGV[12])
-local half_life = tonumber(ARGV[13])
-local throttle_at = tonumber(ARGV[14])
-local hold_at = tonumber(ARGV[15])
-local lock_at = tonumber(ARGV[16])
-local throttle_rate = tonumber(ARGV[17])
-local enforce = ARGV[18] == "1"  -- enabled and not in shadow mode
+-- The message's numbers come as one argument (one to encode, not 16), in the order of
+-- proxy/detection.py _numbers().
+local m = {}
+for v in string.gmatch(ARGV[3], "%S+") do m[#m + 1] = tonumber(v) end
+local hour, rcpts, has_fp, senders = m[1], m[2], m[3] == 1, m[4]
+local auth_failed, auth_new, spam = m[5] == 1, m[6] == 1, m[7] == 1
+local score, spam_threshold, allowance, half_life = m[8], m[9], m[10], m[11]
+local throttle_at, hold_at, lock_at, throttle_rate = m[12], m[13], m[14], m[15]
+local enforce = m[16] == 1  -- enabled and not in shadow mode
 -- The policy's constants come as one argument (one to encode, not 24): scoring.risk's
 -- weights, then its constants, in the order of proxy/detection.py _constants().
 local c = {}
-for v in string.gmatch(ARGV[19], "%S+") do c[#c + 1] = tonumber(v) end
+for v in string.gmatch(ARGV[4], "%S+") do c[#c + 1] = tonumber(v) end
 local w_volume, w_rcpts, w_spread, w_refusals = c[1], c[2], c[3], c[4]
 local w_campaign, w_auth_failed, w_auth_new, w_content, w_spam = c[5], c[6], c[7], c[8], c[9]
 local peak, slack_m, slack_d = c[10], c[11], c[12]
@@ -53,10 +46,10 @@ local campaign_min, boost_step, boost_cap = c[15], c[16], c[17]
 local content_floor, span, ramp = c[18], c[19], c[20]
 local ttl = c[21]
 local refusal_prior, prior_share, bulk_cap = c[22], c[23], c[24]
-local campaign_member = ARGV[20]
-local identity_field = ARGV[21]
-local answers = tonumber(ARGV[22])
-local first_domain = 23 + 3 * answers
+local campaign_member = ARGV[5]
+local identity_field = ARGV[6]
+local answers = tonumber(ARGV[7])
+local first_domain = 8 + 3 * answers
 
 local state = KEYS[1]
 local campaign_senders = ""
@@ -69,7 +62,7 @@ local minute = math.floor(now / 60)
 
 -- The next hop's answers to this user's earlier messages (never lost to a throttle below).
 if answers > 0 then
-  for i = 23, 22 + 3 * answers, 3 do
+  for i = 8, 7 + 3 * answers, 3 do
     local who, answered, refused = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
     for _, s in ipairs({who, "*"}) do
       if answered > 0 then redis.call("HINCRBY", KEYS[5], s .. "|k", answered) end

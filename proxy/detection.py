@@ -203,18 +203,27 @@ def _constants() -> str:
     return text
 
 
+def _numbers(evidence: Evidence, settings: risk.Settings, now: float, senders: int,
+             enforce: bool) -> str:
+    """The message's numbers as the script's one argument (see detection.lua)."""
+    return " ".join((
+        str(int(now // risk.HOUR)), str(len(evidence.recipients)),
+        "1" if evidence.fingerprint else "0", str(int(senders)),
+        "1" if evidence.auth_failed else "0", "1" if evidence.auth_new_network else "0",
+        "1" if evidence.spam else "0", repr(float(evidence.spam_score)),
+        repr(float(evidence.spam_threshold)), repr(float(settings.new_sender_allowance)),
+        repr(float(settings.half_life)), repr(float(settings.throttle_at)),
+        repr(float(settings.hold_at)), repr(float(settings.lock_at)),
+        str(int(settings.throttle_rate)), "1" if enforce else "0"))
+
+
 def _args(evidence: Evidence, settings: risk.Settings, now: float, senders: int,
           enforce: bool, answers: list[tuple[str, int, int]] = (),
           campaign_member: str = "", identity_field: str = "") -> list:
-    return [repr(float(now)), evidence.identity.lower(), int(now // risk.HOUR),
-            len(evidence.recipients), 1 if evidence.fingerprint else 0, senders,
-            1 if evidence.auth_failed else 0, 1 if evidence.auth_new_network else 0,
-            1 if evidence.spam else 0, repr(float(evidence.spam_score)),
-            repr(float(evidence.spam_threshold)), repr(float(settings.new_sender_allowance)),
-            repr(float(settings.half_life)), repr(float(settings.throttle_at)),
-            repr(float(settings.hold_at)), repr(float(settings.lock_at)),
-            int(settings.throttle_rate), 1 if enforce else 0, _constants(), campaign_member,
-            identity_field, len(answers), *[v for answer in answers for v in answer],
+    return [repr(float(now)), evidence.identity.lower(),
+            _numbers(evidence, settings, now, senders, enforce), _constants(),
+            campaign_member, identity_field, len(answers),
+            *[v for answer in answers for v in answer],
             *recipient_domains(evidence.recipients)]
 
 
