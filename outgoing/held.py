@@ -235,7 +235,7 @@ def record_next_hop_answers(redis, user_id: int, identity: str | None, answered:
     if answered <= 0 and refused <= 0:
         return
     key = redis_keys.detection_refusals(user_id, int(now // risk.HOUR))
-    with redis.pipeline(transaction=True) as pipe:
+    with redis.pipeline(transaction=False) as pipe:  # one key: no MULTI needed, Cluster too
         for subject in {(identity or "*").lower(), "*"}:
             if answered > 0:
                 pipe.hincrby(key, f"{subject}|k", answered)
