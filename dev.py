@@ -227,6 +227,17 @@ def run() -> int:
             redis_proc.wait(timeout=10)
 
 
+def _spread(args: list[str]) -> list[str]:
+    """The whole suite over the cores (pytest-xdist, a file per worker at a time: a file's
+    fixtures and order stay as they are); a chosen ``-n`` or a single test is left alone."""
+    if any(a == "-n" or a.startswith(("-n", "--numprocesses")) for a in args):
+        return args
+    if any("::" in a for a in args):
+        return args
+    workers = min(os.cpu_count() or 1, 4)
+    return ["-n", str(workers), "--dist", "loadfile", *args] if workers > 1 else args
+
+
 def test(args: list[str]) -> int:
     ensure_venv()
     env = venv_env()
@@ -240,7 +251,8 @@ def test(args: list[str]) -> int:
         redis_proc, env["REDIS_URL"] = start_embedded_redis(tmp, persistent=False)
         say(f"tests use an embedded Redis on {env['REDIS_URL']}")
     try:
-        return subprocess.run([str(PY), "-m", "pytest", *args], cwd=ROOT, env=env).returncode
+        return subprocess.run([str(PY), "-m", "pytest", *_spread(args)], cwd=ROOT,
+                              env=env).returncode
     finally:
         if redis_proc is not None:
             redis_proc.terminate()

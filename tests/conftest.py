@@ -19,6 +19,28 @@ from tests.support.services import Clock, InProcessProxy, Sink
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
+def pytest_configure(config):
+    """Under pytest-xdist each worker is a test session of its own: its own database already
+    (``database_url``), and here its own Redis database (REDIS_URL's, plus the worker's
+    number), because every test empties Redis. Set in the environment, so that the proxies,
+    workers and apps the tests start use it too."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    url = os.environ.get("REDIS_URL", "")
+    if not worker.startswith("gw") or not url:
+        return
+    os.environ["REDIS_URL"] = worker_redis_url(url)
+
+
+def worker_redis_url(url: str) -> str:
+    """REDIS_URL with its database number moved up by the xdist worker's number."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    index = int(os.environ["PYTEST_XDIST_WORKER"][2:])
+    parts = urlsplit(url)
+    base = int(parts.path.strip("/") or 0)
+    return urlunsplit(parts._replace(path=f"/{base + index}"))
+
+
 def pytest_collection_modifyitems(items):
     """Fast feedback first: unit, then integration, then end-to-end."""
     order = {"unit": 0, "integration": 1, "e2e": 2}

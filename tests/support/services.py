@@ -246,7 +246,14 @@ class InProcessProxy:
         try:
             self.loop.run_until_complete(main())
         finally:
-            self.loop.close()  # its descriptors, or a long test run runs out
+            try:  # as asyncio.run does: no task left to be destroyed pending in a later test
+                pending = asyncio.all_tasks(self.loop)
+                for task in pending:
+                    task.cancel()
+                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            finally:
+                self.loop.close()  # its descriptors, or a long test run runs out
 
     def start(self) -> InProcessProxy:
         self.thread.start()
