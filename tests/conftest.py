@@ -32,11 +32,16 @@ def pytest_configure(config):
 
 
 def worker_redis_url(url: str) -> str:
-    """REDIS_URL with its database number moved up by the xdist worker's number."""
-    from urllib.parse import urlsplit, urlunsplit
+    """REDIS_URL with its database number moved up by the xdist worker's number (in the path,
+    or in ``?db=`` for a unix socket, as the embedded Redis of ``dev.py test`` is)."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
     index = int(os.environ["PYTEST_XDIST_WORKER"][2:])
     parts = urlsplit(url)
+    if parts.scheme == "unix":
+        query = dict(parse_qsl(parts.query))
+        query["db"] = str(int(query.get("db") or 0) + index)
+        return f"unix://{parts.netloc}{parts.path}?{urlencode(query)}"
     base = int(parts.path.strip("/") or 0)
     return urlunsplit(parts._replace(path=f"/{base + index}"))
 
