@@ -43,11 +43,16 @@ def browser():
         browser.close()
 
 
+PAGE_TIMEOUT_MS = 30_000
+
+
 @pytest.fixture
 def page(browser):
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
-    page.set_default_timeout(10_000)
+    # How long a step may wait for the page, not a speed target: with the suite spread over
+    # the cores, a loaded 2-core machine has taken more than 10 s for a first page.
+    page.set_default_timeout(PAGE_TIMEOUT_MS)
     yield page
     context.close()
 

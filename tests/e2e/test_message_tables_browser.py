@@ -11,6 +11,7 @@ from outgoing.config import load_config
 from outgoing.quarantine import quarantine_message
 from outgoing.storage import store_for
 from outgoing.users import get_or_create_domain
+from tests.e2e.conftest import PAGE_TIMEOUT_MS
 from tests.support import data
 from tests.support.browser import login
 from tests.support.mail import GTUBE, message
@@ -74,7 +75,7 @@ def test_quarantine_and_archive_lists_fit_a_1366_screen(stack, browser, artifact
     hold_and_archive()
     context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT})
     page = context.new_page()
-    page.set_default_timeout(10_000)
+    page.set_default_timeout(PAGE_TIMEOUT_MS)
     try:
         login(page, stack.web_url, OPS, OPS_PW)
         page.get_by_text("Outgoing", exact=True).click()
