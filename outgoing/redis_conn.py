@@ -148,5 +148,14 @@ def rq_connection(client) -> redis.Redis:
 _CLUSTERS = (RedisCluster, AsyncRedisCluster)  # a tuple: isinstance with a union is slower
 
 
+_cluster_types: dict[type, bool] = {}
+
+
 def is_cluster(client) -> bool:
-    return isinstance(client, _CLUSTERS)
+    """Known per class: redis-py's clients derive from a ``typing.Protocol``, which makes a
+    plain isinstance cost microseconds, and the proxy asks for every message."""
+    kind = type(client)
+    found = _cluster_types.get(kind)
+    if found is None:
+        found = _cluster_types[kind] = isinstance(client, _CLUSTERS)
+    return found

@@ -12,9 +12,9 @@
 -- KEYS[6] the same, previous hour (the refused share is over a sliding hour)
 -- KEYS[7] the identity's lock      og:{u}:idlock:<identity>
 -- KEYS[8] the identity counts     og:{u}:idcounts   (the proxy's flusher empties it)
---         With ARGV[6] set, the script is also the identity check: a locked identity
+--         With ARGV[5] set, the script is also the identity check: a locked identity
 --         returns {"locked", lock} and nothing is counted; else its message is counted in
---         KEYS[8] under ARGV[6] (what proxy/identities.py's check does on its own when
+--         KEYS[8] under ARGV[5] (what proxy/identities.py's check does on its own when
 --         detection is off), so the message costs one call.
 -- KEYS[9] optional, on a single Redis only (another slot): the identities anywhere sending
 --         this content this hour, og:{camp:<fp>}:senders:<hour> (HyperLogLog); counted here
@@ -34,10 +34,10 @@ local auth_failed, auth_new, spam = m[5] == 1, m[6] == 1, m[7] == 1
 local score, spam_threshold, allowance, half_life = m[8], m[9], m[10], m[11]
 local throttle_at, hold_at, lock_at, throttle_rate = m[12], m[13], m[14], m[15]
 local enforce = m[16] == 1  -- enabled and not in shadow mode
--- The policy's constants come as one argument (one to encode, not 24): scoring.risk's
--- weights, then its constants, in the order of proxy/detection.py _constants().
-local c = {}
-for v in string.gmatch(ARGV[4], "%S+") do c[#c + 1] = tonumber(v) end
+-- The policy's constants are written into this source when the proxy loads it (nothing to
+-- send or parse per message): scoring.risk's weights, then its constants, in the order of
+-- proxy/detection.py _constants().
+local c = {--[[CONSTANTS]]}
 local w_volume, w_rcpts, w_spread, w_refusals = c[1], c[2], c[3], c[4]
 local w_campaign, w_auth_failed, w_auth_new, w_content, w_spam = c[5], c[6], c[7], c[8], c[9]
 local peak, slack_m, slack_d = c[10], c[11], c[12]
@@ -46,10 +46,10 @@ local campaign_min, boost_step, boost_cap = c[15], c[16], c[17]
 local content_floor, span, ramp = c[18], c[19], c[20]
 local ttl = c[21]
 local refusal_prior, prior_share, bulk_cap = c[22], c[23], c[24]
-local campaign_member = ARGV[5]
-local identity_field = ARGV[6]
-local answers = tonumber(ARGV[7])
-local first_domain = 8 + 3 * answers
+local campaign_member = ARGV[4]
+local identity_field = ARGV[5]
+local answers = tonumber(ARGV[6])
+local first_domain = 7 + 3 * answers
 
 local state = KEYS[1]
 local campaign_senders = ""
@@ -62,7 +62,7 @@ local minute = math.floor(now / 60)
 
 -- The next hop's answers to this user's earlier messages (never lost to a throttle below).
 if answers > 0 then
-  for i = 8, 7 + 3 * answers, 3 do
+  for i = 7, 6 + 3 * answers, 3 do
     local who, answered, refused = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
     for _, s in ipairs({who, "*"}) do
       if answered > 0 then redis.call("HINCRBY", KEYS[5], s .. "|k", answered) end
@@ -243,8 +243,9 @@ for _, pair in ipairs(subjects) do
   signals[#signals + 1] = table.concat(flat, " ")
 end
 redis.call("EXPIRE", state, ttl)
--- {"ok", identity risk, user risk, identity rung before/after, user rung before/after,
---  identity signals, user signals, the content's senders anywhere (KEYS[7], or "")}
-return {"ok", risks[1], risks[2], tostring(new_rungs[1]), tostring(new_rungs[2]),
-        tostring(new_rungs[3]), tostring(new_rungs[4]), signals[1], signals[2],
-        campaign_senders}
+-- {"ok <identity risk> <user risk> <identity rung before, after> <user rung before,
+--  after>|<identity signals>|<user signals>", the content's senders anywhere (KEYS[9], or
+--  "")}: one string to read for the common case, not nine.
+return {"ok " .. risks[1] .. " " .. risks[2] .. " " .. new_rungs[1] .. " " .. new_rungs[2]
+        .. " " .. new_rungs[3] .. " " .. new_rungs[4] .. "|" .. signals[1] .. "|"
+        .. signals[2], campaign_senders}

@@ -27,7 +27,6 @@ from outgoing import redis_keys
 from outgoing.redis_conn import is_cluster
 from scoring import risk
 
-DETECTION_LUA = Path(__file__).with_name("detection.lua").read_text(encoding="utf-8")
 CAMPAIGN_LUA = """
 redis.call("PFADD", KEYS[1], ARGV[1])
 redis.call("EXPIRE", KEYS[1], 7200)
@@ -57,7 +56,7 @@ def _parse_signals(text: str) -> dict[str, float]:
                                                                   strict=False)}
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: a frozen dataclass's __init__ costs a microsecond more, per message
 class Measure:
     """What the script found: risks, rungs before and after, and this message's points."""
 
@@ -95,7 +94,7 @@ class Measure:
         return self.identity_signals or self.user_signals
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen, as Measure
 class Evidence:
     """One message's facts, as the proxy saw them."""
 
@@ -180,12 +179,8 @@ def answered_by_next_hop(reply: str, recipients: int, refused_permanent: int,
     return 0, 0
 
 
-_constants_text: dict[tuple, str] = {}
-
-
 def _constants() -> str:
-    """scoring.risk's weights and constants as the script's one argument (read at each call:
-    a replay may change them; their text is made once per set of values)."""
+    """scoring.risk's weights and constants, as detection.lua's table of them."""
     w = risk.WEIGHTS
     values = (
         w["volume"], w["recipients"], w["spread"], w["refusals"], w["campaign"],
@@ -195,33 +190,32 @@ def _constants() -> str:
         risk.CAMPAIGN_BOOST_PER_DOUBLING, risk.CAMPAIGN_BOOST_CAP, risk.CONTENT_FLOOR,
         risk.BASELINE_HOURS, risk.RAMP_SECONDS, STATE_TTL,
         risk.REFUSAL_PRIOR, risk.REFUSAL_PRIOR_SHARE, risk.BULK_FACTOR_CAP)
-    text = _constants_text.get(values)
-    if text is None:
-        if len(_constants_text) > 64:  # a replay tuning the weights
-            _constants_text.clear()
-        text = _constants_text[values] = " ".join(map(repr, map(float, values)))
-    return text
+    return ", ".join(map(repr, map(float, values)))
+
+
+# The policy's constants are part of the script's source, not of every call's arguments:
+# they change only with the code (a new source, a new SHA, loaded on first use).
+DETECTION_LUA = (Path(__file__).with_name("detection.lua").read_text(encoding="utf-8")
+                 .replace("--[[CONSTANTS]]", _constants()))
 
 
 def _numbers(evidence: Evidence, settings: risk.Settings, now: float, senders: int,
              enforce: bool) -> str:
     """The message's numbers as the script's one argument (see detection.lua)."""
-    return " ".join((
-        str(int(now // risk.HOUR)), str(len(evidence.recipients)),
-        "1" if evidence.fingerprint else "0", str(int(senders)),
-        "1" if evidence.auth_failed else "0", "1" if evidence.auth_new_network else "0",
-        "1" if evidence.spam else "0", repr(float(evidence.spam_score)),
-        repr(float(evidence.spam_threshold)), repr(float(settings.new_sender_allowance)),
-        repr(float(settings.half_life)), repr(float(settings.throttle_at)),
-        repr(float(settings.hold_at)), repr(float(settings.lock_at)),
-        str(int(settings.throttle_rate)), "1" if enforce else "0"))
+    e, s = evidence, settings
+    return (f"{int(now // risk.HOUR)} {len(e.recipients)} {bool(e.fingerprint):d} "
+            f"{int(senders)} {bool(e.auth_failed):d} {bool(e.auth_new_network):d} "
+            f"{bool(e.spam):d} {float(e.spam_score)!r} {float(e.spam_threshold)!r} "
+            f"{float(s.new_sender_allowance)!r} {float(s.half_life)!r} "
+            f"{float(s.throttle_at)!r} {float(s.hold_at)!r} {float(s.lock_at)!r} "
+            f"{int(s.throttle_rate)} {bool(enforce):d}")
 
 
 def _args(evidence: Evidence, settings: risk.Settings, now: float, senders: int,
           enforce: bool, answers: list[tuple[str, int, int]] = (),
           campaign_member: str = "", identity_field: str = "") -> list:
     return [repr(float(now)), evidence.identity.lower(),
-            _numbers(evidence, settings, now, senders, enforce), _constants(),
+            _numbers(evidence, settings, now, senders, enforce),
             campaign_member, identity_field, len(answers),
             *[v for answer in answers for v in answer],
             *recipient_domains(evidence.recipients)]
@@ -275,21 +269,23 @@ async def measure(redis, user_id: int, evidence: Evidence, settings: risk.Settin
                      campaign_member=member if fp else "", identity_field=count_field)
         raw = await script(keys=keys, args=args)
         count = raw[-1]
-    if fp and count not in (None, b"", "") and _text(raw[0]) != "locked":
+    if fp and count not in (None, b"", "") and raw[0] not in (b"locked", "locked"):
         campaigns.put(fp, int(count))
     return parse(raw)
 
 
 def parse(raw) -> Measure:
-    values = [_text(v) for v in raw]
-    if values[0] == "locked":
+    head = _text(raw[0])
+    if head == "locked":
         return Measure(False, 0.0, 0.0, (risk.OBSERVE, risk.OBSERVE),
-                       (risk.OBSERVE, risk.OBSERVE), lock=values[1])
-    if values[0] == "throttled":
-        rung = RUNG_NAMES[int(values[3])]
-        return Measure(True, float(values[1]), float(values[2]), (rung, rung), (rung, rung))
+                       (risk.OBSERVE, risk.OBSERVE), lock=_text(raw[1]))
+    if head == "throttled":
+        rung = RUNG_NAMES[int(raw[3])]
+        return Measure(True, float(raw[1]), float(raw[2]), (rung, rung), (rung, rung))
+    numbers, identity_signals, user_signals = head.split("|")
+    _, identity_risk, user_risk, i0, i1, u0, u1 = numbers.split(" ")
     return Measure(
-        throttled=False, identity_risk=float(values[1]), user_risk=float(values[2]),
-        identity_rung=(RUNG_NAMES[int(values[3])], RUNG_NAMES[int(values[4])]),
-        user_rung=(RUNG_NAMES[int(values[5])], RUNG_NAMES[int(values[6])]),
-        identity_signals_text=values[7], user_signals_text=values[8])
+        throttled=False, identity_risk=float(identity_risk), user_risk=float(user_risk),
+        identity_rung=(RUNG_NAMES[int(i0)], RUNG_NAMES[int(i1)]),
+        user_rung=(RUNG_NAMES[int(u0)], RUNG_NAMES[int(u1)]),
+        identity_signals_text=identity_signals, user_signals_text=user_signals)

@@ -698,8 +698,10 @@ class OutboundHandler:
         if found.throttled:
             record.update(stage="content", verdict="throttled")
             return outcomes.DETECTION_THROTTLED
-        if found.rung == risk.OBSERVE and found.previous_rung == risk.OBSERVE:
-            return None  # most messages: no rung, nothing to decide or record
+        rung = found.rung
+        if rung == found.previous_rung and (settings.shadow or spam is not None
+                                            or rung in (risk.OBSERVE, risk.THROTTLE)):
+            return None  # most messages: no rung change to record, nothing to enforce
         decision = risk.decide(found.identity_risk, found.user_risk, settings, found.signals)
         if found.rung != found.previous_rung:
             self._background(self._in_thread(self._audit_rung, user, msg.identity, found,

@@ -17,4 +17,4 @@ def test_detection_arguments_keep_a_hostile_identity_in_an_argument_of_its_own()
     assert args[1] == hostile.lower()
     assert args[2].split() == ["5", "1", "1", "2", "0", "0", "0", "2.5", "5.0", "20.0",
                                "3600.0", "60.0", "120.0", "400.0", "10", "1"]
-    assert args[4:11] == ["m x", "f y", 1, "a b 9 9", 3, 1, "d.example"]
+    assert args[3:10] == ["m x", "f y", 1, "a b 9 9", 3, 1, "d.example"]
