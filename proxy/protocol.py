@@ -542,20 +542,33 @@ def protocol_factory(handler, **options) -> Callable[[], LimitedSMTP]:
                                         client_connected_cb=lambda reader, writer: None)
     state = {k: v for k, v in vars(template).items() if k not in vars(base)}
 
-    def own(value, obj):
+    def plan(value):
+        """How a connection gets its own ``value``, worked out once for the template: None
+        when it is shared as it is, else a function of the new object (a method rebound to
+        it, a fresh container)."""
         if inspect.ismethod(value) and value.__self__ is template:
-            return types.MethodType(value.__func__, obj)
+            func = value.__func__
+            return lambda obj: types.MethodType(func, obj)
         if isinstance(value, _AuthMechAttr):
-            return value._replace(method=own(value.method, obj))
+            method = plan(value.method)
+            return (lambda obj: value._replace(method=method(obj))) if method else None
         if isinstance(value, dict):
-            return {k: own(v, obj) for k, v in value.items()}
+            items = [(k, v, plan(v)) for k, v in value.items()]
+            return lambda obj: {k: make(obj) if make else v for k, v, make in items}
         if isinstance(value, list):
-            return [own(v, obj) for v in value]
-        return value
+            items = [(v, plan(v)) for v in value]
+            return lambda obj: [make(obj) if make else v for v, make in items]
+        return None
+
+    shared = {k: v for k, v in state.items() if plan(v) is None}
+    own = [(k, make) for k, make in ((k, plan(v)) for k, v in state.items()) if make]
 
     def factory() -> LimitedSMTP:
         obj = LimitedSMTP.__new__(LimitedSMTP)
-        vars(obj).update({k: own(v, obj) for k, v in state.items()})
+        attributes = vars(obj)
+        attributes.update(shared)
+        for name, make in own:
+            attributes[name] = make(obj)
         asyncio.StreamReaderProtocol.__init__(
             obj, asyncio.StreamReader(loop=loop, limit=obj.line_length_limit),
             client_connected_cb=obj._cb_client_connected, loop=loop)
