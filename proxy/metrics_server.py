@@ -23,17 +23,32 @@ def multiprocess_dir(config: dict) -> Path:
     return Path(config["INSTANCE_PATH"]) / f"prometheus-smtp-{port}"
 
 
+_pid = os.getpid()
+
+
+def _renew_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_renew_pid)
+
+
+def process_identifier() -> int:
+    """This process's id, kept: in multiprocess mode prometheus_client asks for it on every
+    update of every metric (to notice a fork), and ``os.getpid`` is a system call each time
+    (a dozen per message). It changes only at a fork, where it is renewed."""
+    return _pid
+
+
 def prepare_multiprocess(config: dict) -> Path:
     path = multiprocess_dir(config)
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
-    import sys
+    from prometheus_client import values
 
-    if "prometheus_client.values" in sys.modules:  # imported already: choose again
-        from prometheus_client import values
-
-        values.ValueClass = values.get_value_class()
+    values.ValueClass = values.MultiProcessValue(process_identifier)
     return path
 
 
