@@ -1116,9 +1116,9 @@ def main() -> None:
                              "connections within each)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="proxy processes for the scaling run (default: the cores)")
-    parser.add_argument("--detection-rounds", type=int, default=3,
-                        help="rounds of detection on then off (1 proc, a fresh proxy each) "
-                             "for its added CPU")
+    parser.add_argument("--detection-rounds", type=int, default=4,
+                        help="rounds of detection on and off, every other round off first "
+                             "(1 proc, a fresh proxy each), for its added CPU")
     parser.add_argument("--latency-messages", type=int, default=500)
     parser.add_argument("--memory-users", type=int, default=200)
     parser.add_argument("--profile", action="store_true",
@@ -1263,21 +1263,22 @@ def main() -> None:
             measured["memory"] = memory_per_user(world, port, args.size)
 
         with_proxy(1, one_process)
-        # Rounds of detection on, then off (--detection-rounds), each run with a fresh proxy: a
+        # Rounds of detection on and off (--detection-rounds), each run with a fresh proxy: a
         # difference of a tenth of a millisecond needs the median of the rounds' differences on
-        # a machine shared with others.
-        for index in range(args.detection_rounds):
-            suffix = f"_{index + 1}"
-            with_proxy(1, lambda port, proxy, suffix=suffix: run(
-                f"proxy_1_detection_on{suffix}", "(c) proxy, detection on, 1 proc", port,
-                proxy))
-            world.update_user(BENCH_USER, compromise_detection=False)
+        # a machine shared with others. Every other round runs off first (on-off, off-on, ...):
+        # a machine that drifts steadily over the rounds then weighs on both sides alike.
+        def detection_run(state: str, suffix: str) -> None:
+            world.update_user(BENCH_USER, compromise_detection=state == "on")
             try:
-                with_proxy(1, lambda port, proxy, suffix=suffix: run(
-                    f"proxy_1_detection_off{suffix}", "(c) proxy, detection off, 1 proc",
+                with_proxy(1, lambda port, proxy: run(
+                    f"proxy_1_detection_{state}{suffix}", f"(c) proxy, detection {state}, 1 proc",
                     port, proxy))
             finally:
                 world.update_user(BENCH_USER, compromise_detection=True)
+
+        for index in range(args.detection_rounds):
+            for state in ("on", "off") if index % 2 == 0 else ("off", "on"):
+                detection_run(state, f"_{index + 1}")
         if args.workers > 1:
             def many_processes(port: int, proxy) -> None:
                 n = args.workers
