@@ -164,6 +164,11 @@ def connect_async(url: str, **options):
             node.connection_class = fast
         return client
     pool = HotPathPool.from_url(url, **options)
+    settings = pool.connection_kwargs
+    if str(settings.get("protocol", 2)) == "3" or settings.get("credential_provider"):
+        # RESP3's maintenance notices and streaming credentials re-authenticate or drop idle
+        # connections while holding the pool's lock: those need redis-py's own pool.
+        pool = aioredis.ConnectionPool.from_url(url, **options)
     pool.connection_class = with_c_packing(pool.connection_class)
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from redis.asyncio import ConnectionPool
 from redis.exceptions import ConnectionError, MaxConnectionsError
 
 from outgoing import redis_conn
@@ -20,6 +21,11 @@ def run(coroutine):
 def test_the_proxy_gets_the_hot_path_pool_on_a_single_redis(redis_url):
     client = redis_conn.connect_async(redis_url)
     assert isinstance(client.connection_pool, redis_conn.HotPathPool)
+    # RESP3 (maintenance notices work under the pool's lock): redis-py's own pool.
+    resp3 = redis_conn.connect_async(redis_url + ("&" if "?" in redis_url else "?")
+                                     + "protocol=3").connection_pool
+    assert type(resp3) is ConnectionPool
+    assert issubclass(resp3.connection_class, redis_conn._HiredisPacking)
 
 
 def test_connections_are_reused_and_opened_only_for_concurrent_calls(redis_url):
