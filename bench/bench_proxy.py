@@ -1338,6 +1338,17 @@ def main() -> None:
         if args.profile:
             summary["profile"] = profile(world, sink_port, run, "proxy_1_profiled",
                                          "(c) proxy, 1 proc", plain)
+            if py_spy():
+                sampled = detection_sampled(world, sink_port, run, plain)
+                summary["detection_sampled"] = sampled
+                if sampled:
+                    print("\ncompromise detection's added CPU by py-spy (the handler's "
+                          "detection step, on, less the identity check it replaces, off)")
+                    for text, field, target in (
+                            ("detection step, detection on", "detection_step_ms", ""),
+                            ("identity check, detection off", "identity_check_ms", ""),
+                            ("detection's added CPU, sampled", "added_ms", "target < 0.15")):
+                        print(f"      {text:54s} {sampled[field]:6.3f} ms   {target}")
             with world.content_policies():
                 summary["profile_content"] = profile(world, sink_port, run,
                                                      "proxy_content_profiled", CONTENT_LABEL,
@@ -1447,36 +1458,83 @@ def report(results: dict[str, dict], args, reused: bool) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def sampled_run(world: World, sink_port: int, run, key: str, label: str,
+                data: bytes) -> tuple[dict, Path | None]:
+    """A run with 1 process and a fresh proxy, sampled by py-spy: its figures and py-spy's
+    raw samples (None when py-spy wrote nothing)."""
+    port = free_port()
+    proxy = world.start_proxy(port, sink_port, 1)
+    raw = world.dir / f"py-spy-{key}.txt"
+    sampler = subprocess.Popen(
+        [py_spy(), "record", "--pid", str(proxy.pid), "--rate", "250", "--format", "raw",
+         "--nonblocking", "--output", str(raw)],
+        stdout=subprocess.DEVNULL, stderr=open(world.dir / "py-spy.log", "wb"))  # noqa: SIM115
+    time.sleep(1.0)
+    try:
+        figures = run(key, f"{label}, sampled by py-spy", port, proxy, data=data)
+    finally:
+        sampler.send_signal(signal.SIGINT)  # py-spy writes what it has on Ctrl-C
+        try:
+            sampler.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            sampler.kill()
+        stop(proxy)
+    if not raw.exists():
+        print("  (py-spy wrote nothing: "
+              + (world.dir / "py-spy.log").read_text(errors="replace")[-300:] + ")")
+        return figures, None
+    return figures, raw
+
+
+def share_under(raw: Path, function: str) -> float:
+    """The share of py-spy's samples whose stack passes through ``function`` (py-spy names
+    a frame "function (file:line)", one name per line of the function)."""
+    total = under = 0
+    prefix = function + " ("
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        total += int(count)
+        if any(frame.startswith(prefix) for frame in stack.split(";")):
+            under += int(count)
+    return under / total if total else 0.0
+
+
+def detection_sampled(world: World, sink_port: int, run, data: bytes) -> dict:
+    """Detection's added CPU by attribution, the figure that holds still: the CPU under the
+    handler's detection step with detection on, less the CPU under the identity check that
+    step replaces with detection off (py-spy's share of samples times the run's CPU per
+    message). Whole-process on - off differences move as much as the machine drifts between
+    two runs; the attribution does not count that drift."""
+    on, on_raw = sampled_run(world, sink_port, run, "proxy_1_sampled_detection_on",
+                             "(c) proxy, detection on, 1 proc", data)
+    world.update_user(BENCH_USER, compromise_detection=False)
+    try:
+        off, off_raw = sampled_run(world, sink_port, run, "proxy_1_sampled_detection_off",
+                                   "(c) proxy, detection off, 1 proc", data)
+    finally:
+        world.update_user(BENCH_USER, compromise_detection=True)
+    if on_raw is None or off_raw is None:
+        return {}
+    step = share_under(on_raw, "OutboundHandler._detect") * on["cpu_ms"]
+    check = share_under(off_raw, "OutboundHandler._check_identity") * off["cpu_ms"]
+    return {"detection_step_ms": round(step, 3), "identity_check_ms": round(check, 3),
+            "added_ms": round(step - check, 3)}
+
+
 def profile(world: World, sink_port: int, run, key: str, label: str, data: bytes) -> dict:
     """A run with 1 process once more, sampled by py-spy (or under cProfile); its CPU by
     part."""
-    port = free_port()
-    spy = py_spy()
-    if spy:
-        proxy = world.start_proxy(port, sink_port, 1)
-        raw = world.dir / "py-spy.txt"
-        sampler = subprocess.Popen(
-            [spy, "record", "--pid", str(proxy.pid), "--rate", "250", "--format", "raw",
-             "--nonblocking", "--output", str(raw)],
-            stdout=subprocess.DEVNULL, stderr=open(world.dir / "py-spy.log", "wb"))  # noqa: SIM115
-        time.sleep(1.0)
-        try:
-            figures = run(key, f"{label}, sampled by py-spy", port, proxy, data=data)
-        finally:
-            sampler.send_signal(signal.SIGINT)  # py-spy writes what it has on Ctrl-C
-            try:
-                sampler.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                sampler.kill()
-            stop(proxy)
-        if not raw.exists():
-            print("  (py-spy wrote nothing: "
-                  + (world.dir / "py-spy.log").read_text(errors="replace")[-300:] + ")")
+    if py_spy():
+        figures, raw = sampled_run(world, sink_port, run, key, label, data)
+        if raw is None:
             return {}
         print(f"\nwhere the proxy spends its CPU, {label}: py-spy samples by part (and the "
               "frames that decided it)")
         parts, leaves, via = group_py_spy(raw)
         return print_grouped(parts, leaves, figures["cpu_ms"], "samples", via)
+    port = free_port()
     path = world.dir / "proxy.prof"
     proxy = world.start_proxy(port, sink_port, 1, profile=path)
     try:
