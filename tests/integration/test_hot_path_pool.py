@@ -6,6 +6,7 @@ closing the client closes its connections."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from redis.asyncio import ConnectionPool
@@ -86,16 +87,17 @@ def test_a_cancelled_call_never_hands_its_reply_to_the_next_caller(redis_url, re
 
 
 def test_a_connection_redis_dropped_is_replaced(redis_url, redis_client):
-    """As with redis-py's own pool, the call that finds the connection closed fails (the
-    proxy answers it 4xx); the next one gets a new connection."""
+    """The call that finds the connection closed may fail, as with redis-py's own pool (the
+    proxy answers it 4xx), or the connection check may catch it first; either way the next
+    call gets a new connection."""
     async def body():
         client = redis_conn.connect_async(redis_url)
         try:
             ours = await client.client_id()
             redis_client.client_kill_filter(_id=ours)
             await asyncio.sleep(0.1)
-            with pytest.raises(ConnectionError):
-                await client.set("og:test:after", "lost")
+            with contextlib.suppress(ConnectionError):
+                await client.set("og:test:after", "maybe")
             assert await client.set("og:test:after", "ok")
             assert await client.get("og:test:after") == b"ok"
             assert await client.client_id() != ours
