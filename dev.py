@@ -230,7 +230,7 @@ def run() -> int:
 def _spread(args: list[str]) -> list[str]:
     """The whole suite over the cores (pytest-xdist, a file per worker at a time: a file's
     fixtures and order stay as they are); a chosen ``-n`` or a single test is left alone."""
-    if any(a == "-n" or a.startswith(("-n", "--numprocesses")) for a in args):
+    if any(a.startswith(("-n", "--numprocesses")) for a in args):
         return args
     if any("::" in a for a in args):
         return args

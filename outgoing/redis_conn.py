@@ -24,6 +24,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.connection import parse_url
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import DataError, MaxConnectionsError, RedisClusterException
 
@@ -163,12 +164,11 @@ def connect_async(url: str, **options):
         for node in client.startup_nodes:
             node.connection_class = fast
         return client
-    pool = HotPathPool.from_url(url, **options)
-    settings = pool.connection_kwargs
-    if str(settings.get("protocol", 2)) == "3" or settings.get("credential_provider"):
-        # RESP3's maintenance notices and streaming credentials re-authenticate or drop idle
-        # connections while holding the pool's lock: those need redis-py's own pool.
-        pool = aioredis.ConnectionPool.from_url(url, **options)
+    settings = {**parse_url(url), **options}
+    # RESP3's maintenance notices and streaming credentials re-authenticate or drop idle
+    # connections while holding the pool's lock: those need redis-py's own pool.
+    locked = str(settings.get("protocol", 2)) == "3" or settings.get("credential_provider")
+    pool = (aioredis.ConnectionPool if locked else HotPathPool).from_url(url, **options)
     pool.connection_class = with_c_packing(pool.connection_class)
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 

@@ -68,4 +68,3 @@ def test_rq_needs_its_own_single_redis_next_to_a_cluster(tmp_path):
 def test_a_malformed_cluster_url_names_the_setting(tmp_path, url):
     with pytest.raises(ConfigError, match="REDIS_URL"):
         config(tmp_path, REDIS_URL=url, RQ_REDIS_URL="redis://127.0.0.1:6379/0")
-
