@@ -233,6 +233,15 @@ def validate_redis_url(url: str, name: str = "REDIS_URL", cluster: bool = True) 
             parts.port  # noqa: B018 - raises on a bad port
         except ValueError:
             raise ConfigError(f"{name}: bad port in {url!r}") from None
+        database = parts.path.strip("/")
+        if database and not database.isdigit():  # redis-py would quietly use database 0
+            raise ConfigError(f"{name}: the database is a number, got {database!r} in {url!r}")
+    from redis.connection import parse_url
+
+    try:  # its options (db, protocol, timeouts...) as redis-py will read them at start
+        parse_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc} ({url!r})") from None
     return url
 
 

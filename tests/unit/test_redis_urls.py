@@ -68,3 +68,13 @@ def test_rq_needs_its_own_single_redis_next_to_a_cluster(tmp_path):
 def test_a_malformed_cluster_url_names_the_setting(tmp_path, url):
     with pytest.raises(ConfigError, match="REDIS_URL"):
         config(tmp_path, REDIS_URL=url, RQ_REDIS_URL="redis://127.0.0.1:6379/0")
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0?protocol=abc",
+                                 "redis://127.0.0.1:6379/x", "unix:///tmp/r.sock?db=two",
+                                 "redis://127.0.0.1:6379/0?protocol=3%00"])
+def test_a_bad_option_in_a_redis_url_names_the_setting(tmp_path, url):
+    """The proxy reads the URL's options (``protocol`` picks its pool): a bad one is a
+    configuration error at start, not a traceback from redis-py."""
+    with pytest.raises(ConfigError, match="^REDIS_URL: "):
+        config(tmp_path, REDIS_URL=url)
