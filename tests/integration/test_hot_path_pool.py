@@ -11,6 +11,7 @@ import contextlib
 import pytest
 from redis.asyncio import ConnectionPool
 from redis.exceptions import ConnectionError, MaxConnectionsError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from outgoing import redis_conn
 
@@ -22,6 +23,16 @@ def run(coroutine):
 def test_the_proxy_gets_the_hot_path_pool_on_a_single_redis(redis_url):
     client = redis_conn.connect_async(redis_url)
     assert isinstance(client.connection_pool, redis_conn.HotPathPool)
+
+    async def spoken() -> bytes:
+        try:
+            return await client.execute_command("CLIENT", "INFO")
+        finally:
+            await client.aclose()
+
+    # RESP2 (no maintenance notices), though redis-py 8 speaks RESP3 unless told otherwise.
+    info = dict(field.split(b"=", 1) for field in run(spoken()).split())
+    assert info[b"resp"] == b"2"
     # RESP3 (maintenance notices work under the pool's lock): redis-py's own pool.
     resp3 = redis_conn.connect_async(redis_url + ("&" if "?" in redis_url else "?")
                                      + "protocol=3").connection_pool
@@ -103,5 +114,61 @@ def test_a_connection_redis_dropped_is_replaced(redis_url, redis_client):
             assert await client.client_id() != ours
         finally:
             await client.aclose()
+
+    run(body())
+
+
+def test_a_command_is_written_without_a_task_of_its_own(redis_url):
+    """With a socket timeout (the proxy's), redis-py bounds each write by ``wait_for``, a new
+    task per command on Python 3.11; a command that goes out at once needs none."""
+    async def body():
+        client = redis_conn.connect_async(redis_url, socket_timeout=5)
+        loop = asyncio.get_running_loop()
+        made = []
+
+        def factory(loop, coroutine, **kwargs):
+            made.append(coroutine)
+            return asyncio.Task(coroutine, loop=loop, **kwargs)
+
+        try:
+            await client.set("og:test:direct", "1")  # connected before counting
+            loop.set_task_factory(factory)
+            for _ in range(20):
+                assert await client.incr("og:test:direct") > 1
+        finally:
+            loop.set_task_factory(None)
+            await client.aclose()
+        assert made == []
+
+    run(body())
+
+
+def test_a_write_the_server_does_not_take_times_out_and_drops_the_connection():
+    """A server that stops reading: the write of a large command waits under the socket
+    timeout, fails as redis-py's own would, and the connection is not reused."""
+    async def body():
+        accepted = []
+
+        async def stalled(reader, writer):  # takes the connection, never reads from it
+            accepted.append(writer)
+
+        server = await asyncio.start_server(stalled, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = redis_conn.connect_async(f"redis://127.0.0.1:{port}/0", socket_timeout=0.3,
+                                          retry=None, driver_info=None)  # no handshake
+        try:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(RedisTimeoutError, match="writing"):
+                await client.set("og:test:big", b"x" * (64 << 20))
+            assert asyncio.get_running_loop().time() - started < 5
+            pool = client.connection_pool
+            assert not pool._in_use_connections
+            assert not any(c.is_connected for c in pool._available_connections)
+        finally:
+            await client.aclose()
+            for writer in accepted:
+                writer.close()
+            server.close()
+            await server.wait_closed()
 
     run(body())
