@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 
 import dkim as dkimpy
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from dkim import canonicalization
 
 ALGORITHMS = ("rsa", "ed25519")
 RSA_KEY_BITS = 2048
@@ -114,19 +116,21 @@ def sign(
     if "from" not in include:
         raise DkimError("message has no From header; DKIM requires signing From")
     include += list(OVERSIGNED_HEADERS)
+    domain_bytes = _normalise_domain(domain, error=DkimError).encode("ascii")
     try:
-        signer = (_OpenSslRsaDKIM(message, rsa_key=_private_key(private_pem), linesep=b"\r\n")
-                  if algorithm == "rsa" else
-                  dkimpy.DKIM(message, signature_algorithm=signature_algorithm,
-                              linesep=b"\r\n"))
-        signature = signer.sign(
-            selector.encode("ascii"),
-            _normalise_domain(domain, error=DkimError).encode("ascii"),
-            privkey,
-            signature_algorithm=signature_algorithm,
-            canonicalize=(b"relaxed", b"relaxed"),
-            include_headers=[h.encode("ascii") for h in include],
-        )
+        if algorithm == "rsa":
+            signer = _OpenSslRsaDKIM(message, rsa_key=_private_key(private_pem),
+                                     linesep=b"\r\n")
+            signature = signer.sign_relaxed(selector.encode("ascii"), domain_bytes,
+                                            [h.encode("ascii") for h in include])
+        else:
+            signature = dkimpy.DKIM(message, signature_algorithm=signature_algorithm,
+                                    linesep=b"\r\n").sign(
+                selector.encode("ascii"), domain_bytes, privkey,
+                signature_algorithm=signature_algorithm,
+                canonicalize=(b"relaxed", b"relaxed"),
+                include_headers=[h.encode("ascii") for h in include],
+            )
     except (dkimpy.DKIMException, UnicodeError) as exc:
         raise DkimError(f"DKIM signing failed: {exc}") from exc
     return signature + message
@@ -138,19 +142,72 @@ def _private_key(private_pem: str):
     return serialization.load_pem_private_key(private_pem.encode("ascii"), password=None)
 
 
+_RELAXED = dkimpy.CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+
+
+def relaxed_body(body: bytes) -> bytes:
+    """RFC 6376 3.4.4's relaxed body, as dkimpy's ``Relaxed.canonicalize_body`` gives it,
+    without its two regular expressions over the whole body (two thirds of a millisecond
+    for 48 KB) when there is no whitespace for them to change: no tab, no two spaces in a
+    row, no space before a line end, the usual case of text and base64."""
+    if b"\t" in body or b"  " in body or b" \r\n" in body:
+        return _RELAXED.canonicalize_body(body)
+    return canonicalization.correct_empty_body(canonicalization.strip_trailing_lines(body))
+
+
+def split_message(message: bytes) -> tuple[list, bytes]:
+    """(headers, body) as dkimpy's ``rfc822_parse`` gives them. dkimpy splits the whole
+    message into lines with a regular expression and joins the body's lines again (a third
+    of a millisecond for 48 KB); a message whose every line ends in CRLF (the proxy's) has
+    its body after the first empty line as it is, and only the header block is parsed."""
+    end = message.find(b"\r\n\r\n")
+    if end < 0 or message.startswith(b"\r\n") or message.count(b"\n") != message.count(b"\r\n"):
+        return dkimpy.rfc822_parse(message)
+    return dkimpy.rfc822_parse(message[:end + 4])[0], message[end + 4:]
+
+
 class _OpenSslRsaDKIM(dkimpy.DKIM):
     """dkimpy's signer with the RSA operation done by OpenSSL (``cryptography``).
 
     dkimpy computes RSA signatures with Python integers, about 30 ms for a 2048-bit key; the
-    same PKCS#1 v1.5 signature from OpenSSL takes well under a millisecond. Everything else
-    (canonicalisation, header selection, folding, the b= placement) is dkimpy's own code path,
-    copied from ``DKIM.gen_header`` (dkimpy 1.1) with only the signing call replaced; the
-    tests verify the result with dkimpy's ``verify``.
+    same PKCS#1 v1.5 signature from OpenSSL takes well under a millisecond. Header selection,
+    canonicalisation, folding and the b= placement are dkimpy's own code path, copied from
+    ``DKIM.sign`` and ``DKIM.gen_header`` (dkimpy 1.1) for the one form we sign
+    (rsa-sha256, relaxed/relaxed, no l= or i=) without parsing the PEM key again per
+    message, and with the message split and its body canonicalised by the bytes operations
+    above; the tests compare the result byte for byte with dkimpy's own ``sign``.
     """
 
     def __init__(self, message: bytes, *, rsa_key: rsa.RSAPrivateKey, linesep: bytes):
         super().__init__(message, signature_algorithm=b"rsa-sha256", linesep=linesep)
         self._rsa_key = rsa_key
+
+    def set_message(self, message: bytes) -> None:
+        super().set_message(b"")  # dkimpy's state for a new message
+        if message:
+            self.headers, self.body = split_message(message)
+
+    def sign_relaxed(self, selector: bytes, domain: bytes, include_headers: list[bytes],
+                     now: float | None = None) -> bytes:
+        """The DKIM-Signature header field (dkimpy's ``sign`` with relaxed/relaxed)."""
+        include = tuple(x.lower() for x in include_headers)
+        self.include_headers = include
+        if b"from" not in include:
+            raise dkimpy.ParameterError("The From header field MUST be signed")
+        for name in set(include).intersection(self.should_not_sign):
+            raise dkimpy.ParameterError(f"The {name} header field SHOULD NOT be signed")
+        self.hasher = dkimpy.HASH_ALGORITHMS[self.signature_algorithm]
+        bodyhash = base64.b64encode(self.hasher(relaxed_body(self.body)).digest())
+        fields = [
+            (b"v", b"1"), (b"a", self.signature_algorithm), (b"c", _RELAXED.to_c_value()),
+            (b"d", domain), (b"i", b"@" + domain), (b"q", b"dns/txt"), (b"s", selector),
+            (b"t", str(int(time.time() if now is None else now)).encode("ascii")),
+            (b"h", b" : ".join(include)), (b"bh", bodyhash),
+            (b"b", b"0" * 60),  # b= folds onto its own line, as dkimpy's
+        ]
+        header = self.gen_header(fields, include, _RELAXED, b"DKIM-Signature", None)
+        self.domain, self.selector, self.signature_fields = domain, selector, dict(fields)
+        return b"DKIM-Signature: " + header
 
     def gen_header(self, fields, include_headers, canon_policy, header_name, pk,
                    standardize=False):
