@@ -22,30 +22,61 @@ AREA = "archive"
 def sender_domain_id(session, mail_from: str, fallback_domain_id: int) -> int:
     """The domain whose archive gets the copy: the envelope sender's domain when it is one of
     ours, else the outgoing user's own domain."""
-    name = (mail_from or "").rpartition("@")[2].strip().strip(">").rstrip(".").lower()
-    if name:
-        found = session.scalar(select(Domain.id).where(Domain.name == name))
-        if found is not None:
-            return found
-    return fallback_domain_id
+    return sender_domain_ids(session, [(mail_from, fallback_domain_id)])[0]
+
+
+def _domain_name(mail_from: str) -> str:
+    return (mail_from or "").rpartition("@")[2].strip().strip(">").rstrip(".").lower()
+
+
+def sender_domain_ids(session, senders: list[tuple[str, int]]) -> list[int]:
+    """``sender_domain_id`` for many (envelope sender, fallback domain) pairs, one query."""
+    names = {name for name in (_domain_name(sender) for sender, _ in senders) if name}
+    found = dict(session.execute(select(Domain.name, Domain.id)
+                                 .where(Domain.name.in_(sorted(names)))).all()) if names else {}
+    return [found.get(_domain_name(sender), fallback) for sender, fallback in senders]
+
+
+@dataclass(frozen=True)
+class ToArchive:
+    """One relayed message for the archive."""
+
+    domain_id: int  # the outgoing user's domain, when the sender's is not ours
+    user_id: int | None
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    subject: str
+    received_at: datetime | None = None
 
 
 def archive_message(session, store, *, domain_id: int, user_id: int | None, mail_from: str,
                     rcpt_tos: list[str], data: bytes, subject: str,
                     received_at: datetime | None = None) -> ArchivedMessage:
-    row = ArchivedMessage(
-        domain_id=sender_domain_id(session, mail_from, domain_id), user_id=user_id,
-        mail_from=mail_from[:320], rcpt_tos=json.dumps(list(rcpt_tos), ensure_ascii=False),
-        subject=(subject or "")[:500], size=len(data), received_at=received_at or utcnow(),
-    )
-    store.attach(row, data, AREA)
-    session.add(row)
+    return archive_messages(session, store, [ToArchive(
+        domain_id=domain_id, user_id=user_id, mail_from=mail_from, rcpt_tos=rcpt_tos,
+        data=data, subject=subject, received_at=received_at)])[0]
+
+
+def archive_messages(session, store, messages: list[ToArchive]) -> list[ArchivedMessage]:
+    """File every message, committed in one transaction: the bodies are durable first, and
+    a failure leaves none of them (their bodies discarded), so the caller can retry each
+    on its own."""
+    domains = sender_domain_ids(session, [(m.mail_from, m.domain_id) for m in messages])
+    rows = [ArchivedMessage(
+        domain_id=domain_id, user_id=m.user_id, mail_from=m.mail_from[:320],
+        rcpt_tos=json.dumps(list(m.rcpt_tos), ensure_ascii=False),
+        subject=(m.subject or "")[:500], size=len(m.data), received_at=m.received_at or utcnow(),
+    ) for m, domain_id in zip(messages, domains, strict=True)]
+    store.attach_many([(row, m.data) for row, m in zip(rows, messages, strict=True)], AREA)
+    session.add_all(rows)
     try:
         session.commit()
     except BaseException:
-        store.discard(row.storage_key)
+        for row in rows:
+            store.discard(row.storage_key)
         raise
-    return row
+    return rows
 
 
 @dataclass(frozen=True)

@@ -53,19 +53,44 @@ class FileStore:
         return self.root.joinpath(*parts)
 
     def put(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        self.put_many([(key, data)])
+
+    def put_many(self, items: list[tuple[str, bytes]]) -> None:
+        """Every body on disk before it returns. All the files are written before the first
+        is synced, so that the file system can flush them together (one journal commit on
+        ext4, where a sync per file written would wait for one each); then each is renamed
+        into place and each folder synced once for all the files it got."""
+        written: list[tuple[Path, Path, int]] = []
+        folders: dict[Path, None] = {}
         try:
-            os.fsync(dir_fd)
+            for key, data in items:
+                path = self._path(key)
+                if path.parent not in folders:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    folders[path.parent] = None
+                tmp = path.with_suffix(".tmp")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+                written.append((tmp, path, fd))
+                with memoryview(data) as view:
+                    while view:
+                        view = view[os.write(fd, view):]
+            for _, _, fd in written:
+                os.fsync(fd)
+        except BaseException:
+            for tmp, _, _ in written:
+                tmp.unlink(missing_ok=True)
+            raise
         finally:
-            os.close(dir_fd)
+            for _, _, fd in written:
+                os.close(fd)
+        for tmp, path, _ in written:
+            os.replace(tmp, path)
+        for folder in folders:
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
 
     def get(self, key: str) -> bytes:
         return self._path(key).read_bytes()
@@ -76,9 +101,18 @@ class FileStore:
     # -- the store interface -----------------------------------------------------------------
     def attach(self, row, data: bytes, area: str) -> None:
         """Write ``data`` durably and point ``row`` at it (before the row is committed)."""
-        key = self.new_key(area)
-        self.put(key, data)
-        row.storage_key = key
+        self.attach_many([(row, data)], area)
+
+    def attach_many(self, rows: list[tuple[object, bytes]], area: str) -> None:
+        keys = [self.new_key(area) for _ in rows]
+        try:
+            self.put_many([(key, data) for key, (_, data) in zip(keys, rows, strict=True)])
+        except BaseException:
+            for key in keys:  # the ones written before the failure
+                self.delete(key)
+            raise
+        for key, (row, _) in zip(keys, rows, strict=True):
+            row.storage_key = key
 
     def discard(self, key: str) -> None:
         """Forget a body whose row is gone (or was never committed)."""
@@ -91,6 +125,10 @@ class DatabaseStore:
     def attach(self, row, data: bytes, area: str) -> None:
         row.body = bytes(data)
         row.storage_key = DB_PREFIX
+
+    def attach_many(self, rows: list[tuple[object, bytes]], area: str) -> None:
+        for row, data in rows:
+            self.attach(row, data, area)
 
     def discard(self, key: str) -> None:
         """Nothing to do: the body went with its row."""

@@ -34,7 +34,7 @@ from functools import partial
 
 import httpx
 
-from outgoing.archive import archive_message
+from outgoing.archive import ToArchive, archive_messages
 from outgoing.db import session_scope
 from outgoing.dkim import DkimError, SigningKey, load_signing_key, sign_with
 from outgoing.jobs import enqueue, enqueue_delivery_report
@@ -43,6 +43,7 @@ from outgoing.quarantine import quarantine_message
 from outgoing.snapshot import UserPolicy
 from outgoing.storage import store_for
 from proxy import metrics, rspamd
+from proxy.batches import Batches
 from proxy.relay import Relay, Upstream
 from proxy.sender_domains import RegistrationDates
 from scoring import outcomes
@@ -114,6 +115,7 @@ class ContentPipeline:
         self.rspamd_url = (config.get("RSPAMD_URL") or "").strip()
         self._http: httpx.AsyncClient | None = None
         self._keys: dict[tuple[int, str], tuple[float, SigningKey | None]] = {}
+        self.archives = Batches(self._archive)
 
     async def _in_thread(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(None, partial(fn, *args, **kwargs))
@@ -131,6 +133,7 @@ class ContentPipeline:
         return datetime.fromtimestamp(self.clock(), UTC).replace(tzinfo=None)
 
     async def close(self) -> None:
+        await self.archives.close()
         await self.relay.close()
         await self.dates.close()
         if self._http is not None:
@@ -271,21 +274,37 @@ class ContentPipeline:
             await self._in_thread(self._after_partial_refusal, msg, data, result.refused)
         if msg.user.message_archiving:
             try:
-                record["stored_id"] = await self._in_thread(self._archive, msg, data)
+                record["stored_id"] = await self.archives.add(ToArchive(
+                    domain_id=msg.user.domain_id, user_id=msg.user.id, mail_from=msg.mail_from,
+                    rcpt_tos=list(msg.rcpt_tos), data=data,
+                    subject=subject_of(list(msg.headers)), received_at=self._now()))
                 record["stored_kind"] = "archive"
             except Exception:
                 log.exception("relayed a message of %s but could not archive it",
                               msg.user.name)
         return outcomes.QUEUED
 
-    def _archive(self, msg: Message, data: bytes) -> int:
+    def _archive(self, messages: list[ToArchive]) -> list[int | Exception]:
+        """Archive ids, one transaction for the batch; when that fails, each message on its
+        own, so that one message's fault costs only its own copy."""
+        try:
+            return self._archive_together(messages)
+        except Exception:
+            if len(messages) == 1:
+                raise
+            log.warning("could not archive a batch of %d; filing them one by one",
+                        len(messages), exc_info=True)
+        results: list[int | Exception] = []
+        for message in messages:
+            try:
+                results += self._archive_together([message])
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    def _archive_together(self, messages: list[ToArchive]) -> list[int]:
         with session_scope(self.sessionmaker) as db:
-            row = archive_message(db, self.store, domain_id=msg.user.domain_id,
-                                  user_id=msg.user.id, mail_from=msg.mail_from,
-                                  rcpt_tos=list(msg.rcpt_tos), data=data,
-                                  subject=subject_of(list(msg.headers)),
-                                  received_at=self._now())
-            return row.id
+            return [row.id for row in archive_messages(db, self.store, messages)]
 
     def _after_partial_refusal(self, msg: Message, data: bytes,
                                refused: dict[str, tuple[int, str]]) -> None:

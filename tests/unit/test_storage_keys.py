@@ -18,3 +18,22 @@ def test_a_generated_key_is_written_and_read_back(tmp_path):
     store.put(key, b"body")
     assert store.get(key) == b"body"
     assert (tmp_path / key).read_bytes() == b"body"
+
+
+def test_a_batch_is_written_whole_or_not_at_all(tmp_path):
+    """Bodies of a batch are written and synced together; when one fails, none is left,
+    neither in place nor as a temporary file, and no row points at one."""
+    store = FileStore(tmp_path)
+    good = [(store.new_key("archive"), b"one" * 1000), (store.new_key("archive"), b"two")]
+    store.put_many(good)
+    assert [store.get(key) for key, _ in good] == [b"one" * 1000, b"two"]
+
+    class Row:
+        storage_key = None
+
+    rows = [(Row(), b"three"), (Row(), "not bytes")]
+    before = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    with pytest.raises(TypeError):
+        store.attach_many(rows, "archive")
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == before
+    assert [row.storage_key for row, _ in rows] == [None, None]

@@ -1,0 +1,79 @@
+"""The archive in batches: many sessions relaying at once get every message archived exactly
+once, each under its own sender's domain, and one message the archive cannot take costs only
+its own copy."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from sqlalchemy import select
+
+from outgoing.archive import ToArchive
+from outgoing.db import make_sessionmaker
+from outgoing.models import ArchivedMessage, Domain
+from outgoing.storage import read_body
+from proxy.content import ContentPipeline
+from tests.support import data
+from tests.support.mail import client, message, send
+
+PASSWORD = "Alice-pass-123"
+
+
+def archived() -> list[tuple[str, str, str]]:
+    return data.query(lambda s: sorted(
+        (a.subject, a.mail_from, s.get(Domain, a.domain_id).name)
+        for a in s.scalars(select(ArchivedMessage))))
+
+
+def test_concurrent_sessions_get_every_message_archived_once_under_its_domain(
+        instance, start_proxy, sink):
+    data.add_user("example.com", "user", "alice@example.com", PASSWORD, message_archiving=True)
+    data.add_user("shop.example.net", "user", "owner@shop.example.net", PASSWORD)
+    proxy = start_proxy()
+
+    def session(n: int) -> int:
+        sender = "alice@example.com" if n % 2 else "sales@shop.example.net"
+        with client(proxy.port) as smtp:
+            smtp.login("alice@example.com", PASSWORD)
+            return send(smtp, message(sender=sender, subject=f"copy {n:02d}"),
+                        sender=sender)[0]
+
+    with ThreadPoolExecutor(24) as pool:
+        assert list(pool.map(session, range(48))) == [250] * 48
+    assert archived() == sorted(
+        (f"copy {n:02d}", *(("alice@example.com", "example.com") if n % 2 else
+                            ("sales@shop.example.net", "shop.example.net")))
+        for n in range(48))
+
+
+def test_a_message_the_archive_cannot_take_costs_only_its_own_copy(instance, proxy_config):
+    data.add_user("example.com", "user", "alice@example.com", PASSWORD)
+    domain_id = data.query(lambda s: s.scalar(select(Domain.id)))
+    pipeline = ContentPipeline(config=proxy_config,
+                               sessionmaker=make_sessionmaker(os.environ["DATABASE_URL"]),
+                               redis=None, redis_sync=None, clock=time.time)
+
+    def copy(subject: str, body: bytes | None) -> ToArchive:
+        return ToArchive(domain_id=domain_id, user_id=None, mail_from="alice@example.com",
+                         rcpt_tos=["bob@example.org"], data=body, subject=subject)
+
+    async def body():
+        return await asyncio.gather(
+            pipeline.archives.add(copy("first", b"Subject: first\r\n\r\none\r\n")),
+            pipeline.archives.add(copy("broken", None)),  # no bytes to store
+            pipeline.archives.add(copy("third", b"Subject: third\r\n\r\nthree\r\n")),
+            return_exceptions=True)
+
+    first, broken, third = asyncio.run(body())
+    assert isinstance(broken, TypeError)
+    assert [a[0] for a in archived()] == ["first", "third"]
+
+    def bodies(s):
+        return {row.id: read_body(proxy_config, row)
+                for row in s.scalars(select(ArchivedMessage))}
+
+    assert data.query(bodies) == {first: b"Subject: first\r\n\r\none\r\n",
+                                  third: b"Subject: third\r\n\r\nthree\r\n"}
