@@ -186,6 +186,17 @@ class HotPathPool(aioredis.ConnectionPool):
             raise
         return connection
 
+    async def ensure_connection(self, connection) -> None:
+        """redis-py's check, without going through ``connect()`` (a retry wrapper around a
+        call that returns at once) for a connection that is connected and has nothing left
+        unread, the usual case; anything else gets redis-py's own check and reconnect."""
+        try:
+            if connection.is_connected and not await connection.can_read():
+                return
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            pass
+        await super().ensure_connection(connection)
+
     async def release(self, connection) -> None:
         self._in_use_connections.remove(connection)
         if connection.should_reconnect():

@@ -121,10 +121,11 @@ class ContentPipeline:
         return await asyncio.get_running_loop().run_in_executor(None, partial(fn, *args, **kwargs))
 
     async def _off_loop(self, size: int, fn, *args, **kwargs):
-        """Run a CPU-bound check of a message of ``size`` bytes: in a thread when the message
-        is big, so one large attachment cannot stall every other session of this process;
-        inline when it is small, where the checks take a fraction of a millisecond and the
-        hop to a thread and back would cost more than it saves."""
+        """Run CPU-bound work on a message of ``size`` bytes (a check, the DKIM signature):
+        in a thread when the message is big, so one large attachment cannot stall every
+        other session of this process; inline when it is small, where the work takes a
+        fraction of a millisecond and the hop to a thread and back would cost more than it
+        saves."""
         if size <= INLINE_CHECK_BYTES:
             return fn(*args, **kwargs)
         return await self._in_thread(fn, *args, **kwargs)
@@ -245,7 +246,7 @@ class ContentPipeline:
         if key is None:
             return data
         try:
-            return await self._in_thread(sign_with, data, key)
+            return await self._off_loop(len(data), sign_with, data, key)
         except DkimError as exc:
             log.warning("not DKIM-signing a message of %s: %s", msg.user.name, exc)
             return data

@@ -172,3 +172,22 @@ def test_a_write_the_server_does_not_take_times_out_and_drops_the_connection():
             await server.wait_closed()
 
     run(body())
+
+
+def test_a_connection_given_back_with_a_reply_unread_is_not_reused_as_it_is(redis_url):
+    """A reply left on a connection (its reader went away) must not become the next
+    caller's: the pool checks a connection before handing it out."""
+    async def body():
+        client = redis_conn.connect_async(redis_url)
+        pool = client.connection_pool
+        try:
+            await client.set("og:test:mine", "mine")
+            connection = await pool.get_connection()
+            await connection.send_command("ECHO", "stale")  # the reply is never read
+            await asyncio.sleep(0.1)
+            await pool.release(connection)
+            assert await client.get("og:test:mine") == b"mine"
+        finally:
+            await client.aclose()
+
+    run(body())
