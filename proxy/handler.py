@@ -31,7 +31,6 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from redis.exceptions import RedisError
 
 from outgoing import audit, held, locks
-from outgoing import redis_keys as keys
 from outgoing.db import session_scope
 from outgoing.models import LOCK_AUTOMATIC, Identity, OutgoingUser
 from outgoing.passwords import verify_password
@@ -330,10 +329,9 @@ class OutboundHandler:
         if ok:
             # Where the owner logs in from: the username's block never applies there.
             self.local_throttle.record_success(ip, login_text, now)
-            _, refusal, failed = await asyncio.gather(
-                self._remember_network(redis_up, ip, login_text, now),
-                self._count_connection(session, user, 454) if redis_up else _nothing(),
-                self._failed_before(redis_up, user, ip, login_text))
+            failed, refusal = await asyncio.gather(
+                self._after_success(redis_up, user, ip, login_text, now),
+                self._count_connection(session, user, 454) if redis_up else _nothing())
             if refusal:
                 return AuthResult(success=False, handled=False, message=refusal)
             state = _state(session)
@@ -361,30 +359,21 @@ class OutboundHandler:
             return AuthResult(success=False, handled=False, message=outcomes.AUTH_TEMPORARY)
         return AuthResult(success=False, handled=False, message=outcomes.AUTH_INVALID)
 
-    async def _failed_before(self, redis_up: bool, user: UserPolicy, ip: str,
-                             login: str) -> bool:
-        """Failed AUTH for this login or from this address shortly before this success
-        (compromise detection's "failed AUTH followed by success"). Only when detection is
-        on for the user: a detail, one pipelined read at AUTH, never per message."""
-        if not redis_up or not user.detection.enabled:
-            return False
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zcard(keys.auth_failures(keys.auth_subject_user(login)))
-                pipe.zcard(keys.auth_failures(keys.auth_subject_ip(ip)))
-                counts = await pipe.execute()
-        except RedisError:
-            return False
-        return any(int(c or 0) > 0 for c in counts)
-
-    async def _remember_network(self, redis_up: bool, ip: str, login: str, now: float) -> None:
+    async def _after_success(self, redis_up: bool, user: UserPolicy, ip: str, login: str,
+                             now: float) -> bool:
+        """Remember the login's network, and tell whether the login or the address failed
+        AUTH shortly before this success (compromise detection's "failed AUTH followed by
+        success", asked only when detection is on for the user): one pipelined round trip
+        at AUTH, never per message."""
         if not redis_up:
-            return
+            return False
         try:
-            await throttle.record_success(self.redis, ip, login, now, self.throttle)
+            return await throttle.record_success(self.redis, ip, login, now, self.throttle,
+                                                 ask_failures=user.detection.enabled)
         except RedisError as exc:
             self._faults.warning("AUTH-success", "Redis unavailable after AUTH (%s); this "
                                  "login's network is remembered in this process only", exc)
+            return False
 
     def _logged_auth(self, server, result: AuthResult) -> AuthResult:
         """A refused AUTH is a transaction of its own in the message log (no user: nobody

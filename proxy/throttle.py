@@ -112,19 +112,28 @@ async def blocked_subject(redis, client_ip: str, login: str | None, now: float,
 
 
 async def record_success(redis, client_ip: str, login: str | None, now: float,
-                         policy: ThrottlePolicy) -> None:
+                         policy: ThrottlePolicy, *, ask_failures: bool = False) -> bool:
     """Remember the client's network as one the login succeeded from: one pipelined write
-    that also forgets networks older than the policy's days and keeps the newest few."""
-    if not _has_login(login) or policy.known_network_days <= 0:
-        return
-    key = redis_keys.auth_networks(login)
+    that also forgets networks older than the policy's days and keeps the newest few.
+    ``ask_failures``: in the same round trip, whether the login or the address has failed
+    AUTH within the window (compromise detection's "failed AUTH followed by success"); the
+    answer is returned (False when not asked)."""
+    remember = _has_login(login) and policy.known_network_days > 0
+    if not (remember or ask_failures):
+        return False
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.zadd(key, {auth_network(client_ip): now})
-        pipe.zremrangebyscore(key, "-inf",
-                              auth_known_network_since(now, days=policy.known_network_days))
-        pipe.zremrangebyrank(key, 0, -(max(policy.known_networks_kept, 1) + 1))
-        pipe.expire(key, policy.known_network_seconds + 60)
-        await pipe.execute()
+        if remember:
+            key = redis_keys.auth_networks(login)
+            pipe.zadd(key, {auth_network(client_ip): now})
+            pipe.zremrangebyscore(key, "-inf", auth_known_network_since(
+                now, days=policy.known_network_days))
+            pipe.zremrangebyrank(key, 0, -(max(policy.known_networks_kept, 1) + 1))
+            pipe.expire(key, policy.known_network_seconds + 60)
+        if ask_failures:
+            pipe.zcard(redis_keys.auth_failures(redis_keys.auth_subject_user(login or "")))
+            pipe.zcard(redis_keys.auth_failures(redis_keys.auth_subject_ip(client_ip)))
+        results = await pipe.execute()
+    return ask_failures and any(int(count or 0) > 0 for count in results[-2:])
 
 
 async def record_failure(redis, client_ip: str, login: str | None, now: float,

@@ -16,6 +16,7 @@ from rq import Queue
 
 from outgoing import redis_conn, redis_keys
 from outgoing.changes import announce_config_change
+from scoring.locks import auth_network
 from tests.support import data
 from tests.support.cluster import RedisClusterProcesses, missing_binaries
 from tests.support.mail import GTUBE, message, send
@@ -79,6 +80,14 @@ def test_limits_spam_lock_and_auth_throttle_run_on_the_cluster(instance, cluster
     code, reply = one_message(proxy.port, "127.0.1.9")
     assert code == 550 and "is locked" in reply
     assert Queue("outgoing", connection=redis_client).count >= 1
+
+    # A successful AUTH remembers its network and, detection being on, asks for earlier
+    # failures in the same pipeline.
+    good = base64.b64encode(f"\0alice@example.com\0{PASSWORD}".encode()).decode()
+    with plain_client(proxy.port, "127.0.4.9") as smtp:
+        assert smtp.docmd("AUTH", f"PLAIN {good}")[0] == 235
+    assert client.zscore(redis_keys.auth_networks("alice@example.com"),
+                         auth_network("127.0.4.9"))
 
     # AUTH throttling: two failures block the address ({auth} slot, MULTI/EXEC on it).
     blob = base64.b64encode(b"\0alice@example.com\0wrong").decode()
