@@ -76,15 +76,15 @@ class FileStore:
                         view = view[os.write(fd, view):]
             for _, _, fd in written:
                 os.fsync(fd)
+            for tmp, path, _ in written:
+                os.replace(tmp, path)
         except BaseException:
-            for tmp, _, _ in written:
+            for tmp, _, _ in written:  # those not yet in place (the caller removes the rest)
                 tmp.unlink(missing_ok=True)
             raise
         finally:
             for _, _, fd in written:
                 os.close(fd)
-        for tmp, path, _ in written:
-            os.replace(tmp, path)
         for folder in folders:
             dir_fd = os.open(folder, os.O_RDONLY)
             try:

@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from functools import partial
 
 import httpx
+import sqlalchemy.exc
 
 from outgoing.archive import ToArchive, archive_messages
 from outgoing.db import session_scope
@@ -80,6 +81,10 @@ class Inspection:
     spam: SpamVerdict | None = None  # set when the message belongs in the quarantine
     score: float = 0.0  # the spam score of a message below the threshold (detection)
 
+
+# Faults of the database or the disk rather than of one message's data.
+_STORE_FAULTS = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+                 sqlalchemy.exc.InternalError, sqlalchemy.exc.ProgrammingError, OSError)
 
 # Messages up to this size are checked on the event loop itself (see ContentPipeline._off_loop).
 INLINE_CHECK_BYTES = 32 * 1024
@@ -286,10 +291,15 @@ class ContentPipeline:
         return outcomes.QUEUED
 
     def _archive(self, messages: list[ToArchive]) -> list[int | Exception]:
-        """Archive ids, one transaction for the batch; when that fails, each message on its
-        own, so that one message's fault costs only its own copy."""
+        """Archive ids, one transaction for the batch; when a message's data fails it, each
+        message on its own, so that one message's fault costs only its own copy. When the
+        database or the disk fails it, every message of the batch gets that error at once:
+        filing them one by one would make each session wait for every attempt in turn (a
+        locked SQLite waits 30 s an attempt) while its message is already relayed."""
         try:
             return self._archive_together(messages)
+        except _STORE_FAULTS:
+            raise
         except Exception:
             if len(messages) == 1:
                 raise

@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from outgoing.archive import ToArchive
 from outgoing.db import make_sessionmaker
@@ -77,3 +78,30 @@ def test_a_message_the_archive_cannot_take_costs_only_its_own_copy(instance, pro
 
     assert data.query(bodies) == {first: b"Subject: first\r\n\r\none\r\n",
                                   third: b"Subject: third\r\n\r\nthree\r\n"}
+
+
+def test_a_database_outage_fails_the_batch_at_once_not_message_by_message(
+        instance, proxy_config, tmp_path):
+    """The database cannot be opened: every copy of the batch gets the error after one
+    attempt (the sessions answer as relayed, the copies are logged as lost); filing them
+    one by one would make each session wait for every attempt in turn."""
+    attempts = []
+
+    class Counted(ContentPipeline):
+        def _archive_together(self, messages):
+            attempts.append(len(messages))
+            return super()._archive_together(messages)
+
+    unreachable = make_sessionmaker(f"sqlite:///{tmp_path / 'no-such-folder' / 'x.db'}")
+    pipeline = Counted(config=proxy_config, sessionmaker=unreachable, redis=None,
+                       redis_sync=None, clock=time.time)
+
+    async def body():
+        return await asyncio.gather(*(pipeline.archives.add(ToArchive(
+            domain_id=1, user_id=None, mail_from="alice@example.com",
+            rcpt_tos=["bob@example.org"], data=b"Subject: x\r\n\r\nx\r\n", subject=f"{n}"))
+            for n in range(3)), return_exceptions=True)
+
+    outcomes = asyncio.run(body())
+    assert all(isinstance(o, OperationalError) for o in outcomes)
+    assert attempts == [3]
