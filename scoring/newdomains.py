@@ -10,6 +10,7 @@ one.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from publicsuffixlist import PublicSuffixList
@@ -25,6 +26,15 @@ def registrable_domain(address_or_domain: str) -> str | None:
     IP literals, bare public suffixes, single labels and anything unparseable."""
     if not isinstance(address_or_domain, str):
         return None
+    if len(address_or_domain) <= _CACHED_LENGTH:  # an address: the same few, every message
+        return _registrable_cached(address_or_domain)
+    return _registrable(address_or_domain)
+
+
+_CACHED_LENGTH = 320
+
+
+def _registrable(address_or_domain: str) -> str | None:
     text = address_or_domain.strip().strip("<>").strip()
     if "@" in text:
         text = text.rsplit("@", 1)[1]
@@ -41,6 +51,9 @@ def registrable_domain(address_or_domain: str) -> str | None:
     if all(label.isdigit() for label in labels):
         return None  # a dotted IPv4 address, not a domain
     return _PSL.privatesuffix(text)
+
+
+_registrable_cached = lru_cache(maxsize=4096)(_registrable)
 
 
 def _span(seconds: float) -> str:

@@ -152,3 +152,36 @@ def test_malformed_messages_get_a_verdict_not_an_exception(raw):
 def test_arbitrary_bytes_and_envelopes_never_raise(raw, mail_from, rcpts):
     verdict = score_message(raw, mail_from=mail_from, rcpt_tos=rcpts)
     assert verdict.score == sum(RULE_SCORES[rule] for rule in verdict.rules)
+
+
+def _from_domain_by_the_email_package(value: str):
+    """What _from_domain gave before its shortcut: the e-mail package's address parser."""
+    from email.utils import getaddresses
+
+    from scoring.newdomains import registrable_domain
+
+    for _, address in getaddresses([value[:2048]]):
+        if "@" in address:
+            domain = registrable_domain(address)
+            if domain is not None:
+                return domain
+    return None
+
+
+_NAME = st.text(alphabet=st.sampled_from("Ab zé.'-_9\"()<>,;:@\\[]\t"), max_size=12)
+_PART = st.text(alphabet=st.sampled_from("ab.Z9-+_=!#$%&'*/?^`{|}~é\"()<>,;:@\\[] "),
+                min_size=1, max_size=10)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_NAME, _PART, st.sampled_from(["example.com", "shop.example.co.uk", "github.io",
+                                      "b", "EXAMPLE.org.", "xn--bcher-kva.example", "1.2.3.4",
+                                      "[127.0.0.1]", "bücher.example", "a..b.com"]),
+       st.sampled_from(["{name} <{addr}>", "{name}<{addr}>", "{addr}", "<{addr}>",
+                        " {addr} ", "{name} <{addr}> ", "{name} {addr}"]))
+def test_the_from_domain_shortcut_gives_what_the_email_package_gives(name, local, domain,
+                                                                      form):
+    from scoring.spam import _from_domain
+
+    value = form.format(name=name, addr=f"{local}@{domain}")
+    assert _from_domain({"from": [value]}) == _from_domain_by_the_email_package(value)
