@@ -19,18 +19,14 @@ from outgoing.quarantine import purge_older_than
 AREA = "archive"
 
 
-def sender_domain_id(session, mail_from: str, fallback_domain_id: int) -> int:
-    """The domain whose archive gets the copy: the envelope sender's domain when it is one of
-    ours, else the outgoing user's own domain."""
-    return sender_domain_ids(session, [(mail_from, fallback_domain_id)])[0]
-
-
 def _domain_name(mail_from: str) -> str:
     return (mail_from or "").rpartition("@")[2].strip().strip(">").rstrip(".").lower()
 
 
 def sender_domain_ids(session, senders: list[tuple[str, int]]) -> list[int]:
-    """``sender_domain_id`` for many (envelope sender, fallback domain) pairs, one query."""
+    """The domain whose archive gets each copy, for (envelope sender, fallback domain) pairs,
+    in one query: the envelope sender's domain when it is one of ours, else the outgoing
+    user's own domain (the fallback)."""
     names = {name for name in (_domain_name(sender) for sender, _ in senders) if name}
     found = dict(session.execute(select(Domain.name, Domain.id)
                                  .where(Domain.name.in_(sorted(names)))).all()) if names else {}
