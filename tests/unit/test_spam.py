@@ -168,7 +168,8 @@ def _from_domain_by_the_email_package(value: str):
     return None
 
 
-_NAME = st.text(alphabet=st.sampled_from("Ab zé.'-_9\"()<>,;:@\\[]\t"), max_size=12)
+_NAME = st.text(alphabet=st.sampled_from("Ab zé.'-_9\"()<>,;:@\\[]\t\x00\r\n\x7f"),
+               max_size=12)
 _PART = st.text(alphabet=st.sampled_from("ab.Z9-+_=!#$%&'*/?^`{|}~é\"()<>,;:@\\[] "),
                 min_size=1, max_size=10)
 
@@ -178,10 +179,23 @@ _PART = st.text(alphabet=st.sampled_from("ab.Z9-+_=!#$%&'*/?^`{|}~é\"()<>,;:@\\
                                       "b", "EXAMPLE.org.", "xn--bcher-kva.example", "1.2.3.4",
                                       "[127.0.0.1]", "bücher.example", "a..b.com"]),
        st.sampled_from(["{name} <{addr}>", "{name}<{addr}>", "{addr}", "<{addr}>",
-                        " {addr} ", "{name} <{addr}> ", "{name} {addr}"]))
+                        " {addr} ", "{name} <{addr}> ", "{name} {addr}", "  {name} <{addr}>",
+                        "\t{addr}\r\n", "{name} <{addr}>, {addr}"]))
 def test_the_from_domain_shortcut_gives_what_the_email_package_gives(name, local, domain,
                                                                       form):
     from scoring.spam import _from_domain
 
     value = form.format(name=name, addr=f"{local}@{domain}")
+    assert _from_domain({"from": [value]}) == _from_domain_by_the_email_package(value)
+
+
+@pytest.mark.parametrize("value", [
+    "", " " * 5000, " " * 2047 + "<", "a" * 5000 + "@example.com",
+    "x" * 2040 + " <alice@example.com>",  # the address falls past the 2,048 read
+    "Alice <alice@example.com>" + " " * 5000, "Al\x00ice <alice@exa\x00mple.com>",
+    "<alice@example.com\r\n>", "Alice <alice@@example.com>", "=?utf-8?q?A?= <a@example.com>",
+])
+def test_a_hostile_from_gets_what_the_email_package_gives(value):
+    from scoring.spam import _from_domain
+
     assert _from_domain({"from": [value]}) == _from_domain_by_the_email_package(value)
