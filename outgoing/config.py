@@ -239,9 +239,11 @@ def validate_redis_url(url: str, name: str = "REDIS_URL", cluster: bool = True) 
     from redis.connection import parse_url
 
     try:  # its options (db, protocol, timeouts...) as redis-py will read them at start
-        parse_url(url)
+        options = parse_url(url)
     except ValueError as exc:
         raise ConfigError(f"{name}: {exc} ({url!r})") from None
+    if str(options.get("protocol", 2)) not in ("2", "3"):  # the proxy picks its pool by it
+        raise ConfigError(f"{name}: protocol is 2 or 3, got {options['protocol']!r} in {url!r}")
     return url
 
 

@@ -72,7 +72,9 @@ def test_a_malformed_cluster_url_names_the_setting(tmp_path, url):
 
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0?protocol=abc",
                                  "redis://127.0.0.1:6379/x", "unix:///tmp/r.sock?db=two",
-                                 "redis://127.0.0.1:6379/0?protocol=3%00"])
+                                 "redis://127.0.0.1:6379/0?protocol=3%00",
+                                 "redis://127.0.0.1:6379/0?protocol=4",
+                                 "redis://127.0.0.1:6379/0?protocol=0"])
 def test_a_bad_option_in_a_redis_url_names_the_setting(tmp_path, url):
     """The proxy reads the URL's options (``protocol`` picks its pool): a bad one is a
     configuration error at start, not a traceback from redis-py."""
