@@ -46,12 +46,12 @@ def test_an_error_goes_to_its_own_caller_only():
         run = Recorder()
         run.release.set()
         batches = Batches(run)
-        return await asyncio.gather(batches.add(1), batches.add(-2), batches.add(3),
-                                    return_exceptions=True)
+        ok, bad, other = (asyncio.ensure_future(batches.add(n)) for n in (1, -2, 3))
+        with pytest.raises(ValueError, match="bad -2"):  # raised, not handed back
+            await bad
+        return await ok, await other, run.batches
 
-    ok, bad, other = asyncio.run(body())
-    assert (ok, other) == (10, 30)
-    assert isinstance(bad, ValueError) and str(bad) == "bad -2"
+    assert asyncio.run(body()) == (10, 30, [[1, -2, 3]])
 
 
 def test_a_batch_that_fails_fails_its_callers_and_the_next_batch_still_runs():
