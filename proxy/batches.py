@@ -37,7 +37,7 @@ class Batches:
         self._queued.append((item, done))
         if self._runner is None:
             self._runner = loop.create_task(self._drain())
-        return await asyncio.shield(done)
+        return await done
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
