@@ -1,5 +1,11 @@
-"""Message archiving for senders: a copy of every relayed message, filed under the envelope
-sender's domain, searchable in the control panel.
+"""Message archiving for senders: a copy of every relayed message, filed under the outgoing
+user's domain, searchable in the control panel.
+
+Under the user's domain, not the envelope sender's: a customer writes any MAIL FROM it likes,
+and filing by it would let one customer put its mail into another customer's archive (and hide
+it from its own). Only a shared smarthost, the provider's own relay for every customer (a
+setting only super admins set), files each copy under the envelope sender's domain when that
+domain is one of ours: that relay's mail belongs to the domains it sends for.
 
 The copy is made after the next hop accepted the message (so nothing unsent is archived), of
 the bytes as relayed (identity headers removed, DKIM signature added).
@@ -19,46 +25,48 @@ from outgoing.quarantine import purge_older_than
 AREA = "archive"
 
 
-def _domain_name(mail_from: str) -> str:
-    return (mail_from or "").rpartition("@")[2].strip().strip(">").rstrip(".").lower()
-
-
-def sender_domain_ids(session, senders: list[tuple[str, int]]) -> list[int]:
-    """The domain whose archive gets each copy, for (envelope sender, fallback domain) pairs,
-    in one query: the envelope sender's domain when it is one of ours, else the outgoing
-    user's own domain (the fallback)."""
-    names = {name for name in (_domain_name(sender) for sender, _ in senders) if name}
-    found = dict(session.execute(select(Domain.name, Domain.id)
-                                 .where(Domain.name.in_(sorted(names)))).all()) if names else {}
-    return [found.get(_domain_name(sender), fallback) for sender, fallback in senders]
-
-
 @dataclass(frozen=True)
 class ToArchive:
     """One relayed message for the archive."""
 
-    domain_id: int  # the outgoing user's domain, when the sender's is not ours
+    domain_id: int  # the outgoing user's domain
     user_id: int | None
     mail_from: str
     rcpt_tos: list[str]
     data: bytes
     subject: str
     received_at: datetime | None = None
+    by_sender: bool = False  # a shared smarthost's copy: under the sender's domain if ours
+
+
+def _domain_name(mail_from: str) -> str:
+    return (mail_from or "").rpartition("@")[2].strip().strip(">").rstrip(".").lower()
+
+
+def archive_domain_ids(session, messages: list[ToArchive]) -> list[int]:
+    """The domain whose archive gets each copy, in one query: the user's own, or for a shared
+    smarthost's copy (``by_sender``) the envelope sender's domain when it is one of ours."""
+    names = {_domain_name(m.mail_from) for m in messages if m.by_sender} - {""}
+    found = dict(session.execute(select(Domain.name, Domain.id)
+                                 .where(Domain.name.in_(sorted(names)))).all()) if names else {}
+    return [found.get(_domain_name(m.mail_from), m.domain_id) if m.by_sender else m.domain_id
+            for m in messages]
 
 
 def archive_message(session, store, *, domain_id: int, user_id: int | None, mail_from: str,
                     rcpt_tos: list[str], data: bytes, subject: str,
-                    received_at: datetime | None = None) -> ArchivedMessage:
+                    received_at: datetime | None = None,
+                    by_sender: bool = False) -> ArchivedMessage:
     return archive_messages(session, store, [ToArchive(
         domain_id=domain_id, user_id=user_id, mail_from=mail_from, rcpt_tos=rcpt_tos,
-        data=data, subject=subject, received_at=received_at)])[0]
+        data=data, subject=subject, received_at=received_at, by_sender=by_sender)])[0]
 
 
 def archive_messages(session, store, messages: list[ToArchive]) -> list[ArchivedMessage]:
     """File every message, committed in one transaction: the bodies are durable first, and
     a failure leaves none of them (their bodies discarded), so the caller can retry each
     on its own."""
-    domains = sender_domain_ids(session, [(m.mail_from, m.domain_id) for m in messages])
+    domains = archive_domain_ids(session, messages)
     rows = [ArchivedMessage(
         domain_id=domain_id, user_id=m.user_id, mail_from=m.mail_from[:320],
         rcpt_tos=json.dumps(list(m.rcpt_tos), ensure_ascii=False),

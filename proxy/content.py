@@ -283,7 +283,8 @@ class ContentPipeline:
                 record["stored_id"] = await self.archives.add(ToArchive(
                     domain_id=msg.user.domain_id, user_id=msg.user.id, mail_from=msg.mail_from,
                     rcpt_tos=list(msg.rcpt_tos), data=data,
-                    subject=subject_of(list(msg.headers)), received_at=self._now()))
+                    subject=subject_of(list(msg.headers)), received_at=self._now(),
+                    by_sender=msg.user.shared_smarthost))
                 record["stored_kind"] = "archive"
             except Exception:
                 log.exception("relayed a message of %s but could not archive it",

@@ -1,5 +1,6 @@
 """Outgoing > Archive: copies of relayed messages of senders with "Message archiving for
-senders" on, filed under the envelope sender's domain. Search by sender, recipient, subject
+senders" on, filed under the sending user's domain (a shared smarthost's under the envelope
+sender's, see ``outgoing.archive``). Search by sender, recipient, subject
 and date; read safely; download as ``.eml``. Domain admins see their domain's archive only.
 """
 

@@ -182,7 +182,8 @@ def _after_answer(db, config: dict, redis, user, row: HeldMessage, accepted: lis
         try:
             archive_message(db, store_for(config), domain_id=row.domain_id, user_id=user.id,
                             mail_from=row.mail_from, rcpt_tos=accepted, data=data,
-                            subject=subject_of(parse_headers(data)))
+                            subject=subject_of(parse_headers(data)),
+                            by_sender=bool(user.shared_smarthost))
         except Exception:
             log.exception("held message %s was relayed but not archived", row.id)
     if user.compromise_detection and (accepted or final):

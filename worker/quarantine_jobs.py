@@ -116,7 +116,8 @@ def release_quarantined(message_id: int) -> str:
             try:
                 archive_message(db, store_for(config), domain_id=row.domain_id,
                                 user_id=user.id, mail_from=row.mail_from, rcpt_tos=rcpts,
-                                data=data, subject=subject_of(parse_headers(data)))
+                                data=data, subject=subject_of(parse_headers(data)),
+                                by_sender=bool(user.shared_smarthost))
             except Exception:
                 log.exception("released message %s was relayed but not archived", message_id)
     note = f"released to {len(rcpts) - len(refused)} recipient(s)"

@@ -31,23 +31,33 @@ def archived() -> list[tuple[str, str, str]]:
 
 def test_concurrent_sessions_get_every_message_archived_once_under_its_domain(
         instance, start_proxy, sink):
+    """Alice's copies under her domain, whatever sender she gives; the provider's shared
+    smarthost's under the sender's domain when it is one of ours: both kinds in the same
+    batches."""
     data.add_user("example.com", "user", "alice@example.com", PASSWORD, message_archiving=True)
     data.add_user("shop.example.net", "user", "owner@shop.example.net", PASSWORD)
+    data.add_user("provider.example", "ip", "127.0.0.0/24", shared_smarthost=True,
+                  message_archiving=True)
     proxy = start_proxy()
 
     def session(n: int) -> int:
         sender = "alice@example.com" if n % 2 else "sales@shop.example.net"
-        with client(proxy.port) as smtp:
-            smtp.login("alice@example.com", PASSWORD)
+        with client(proxy.port, source="127.0.5.1" if n % 3 else None) as smtp:
+            if n % 3:
+                smtp.login("alice@example.com", PASSWORD)
             return send(smtp, message(sender=sender, subject=f"copy {n:02d}"),
                         sender=sender)[0]
 
     with ThreadPoolExecutor(24) as pool:
         assert list(pool.map(session, range(48))) == [250] * 48
-    assert archived() == sorted(
-        (f"copy {n:02d}", *(("alice@example.com", "example.com") if n % 2 else
-                            ("sales@shop.example.net", "shop.example.net")))
-        for n in range(48))
+
+    def expected(n: int) -> tuple[str, str, str]:
+        sender = "alice@example.com" if n % 2 else "sales@shop.example.net"
+        if n % 3:  # alice, authenticated
+            return f"copy {n:02d}", sender, "example.com"
+        return f"copy {n:02d}", sender, sender.partition("@")[2]  # the smarthost
+
+    assert archived() == sorted(map(expected, range(48)))
 
 
 def test_a_message_the_archive_cannot_take_costs_only_its_own_copy(instance, proxy_config):

@@ -27,15 +27,21 @@ def relayed(instance, start_proxy, sink):
     """Three messages relayed through the proxy by an archiving user, one unarchived."""
     data.add_user("example.com", "user", "alice@example.com", PASSWORD, message_archiving=True)
     data.add_user("example.com", "user", "quiet@example.com", PASSWORD)
-    data.add_user("shop.example.net", "user", "owner@shop.example.net", PASSWORD)
+    data.add_user("shop.example.net", "user", "owner@shop.example.net", PASSWORD,
+                  message_archiving=True)
     proxy = start_proxy()
     with client(proxy.port) as smtp:
         smtp.login("alice@example.com", PASSWORD)
         assert send(smtp, message(subject="Quarterly numbers"), rcpts=("bob@example.org",))[0] \
             == 250
         assert send(smtp, message(subject="Lunch?"), rcpts=("carol@example.org",))[0] == 250
-        assert send(smtp, message(sender="sales@shop.example.net", subject="Shop offer"),
+        # Another customer's domain as the envelope sender: still alice's copy.
+        assert send(smtp, message(sender="sales@shop.example.net", subject="Sent as the shop"),
                     sender="sales@shop.example.net", rcpts=("dave@example.org",))[0] == 250
+    with client(proxy.port) as smtp:
+        smtp.login("owner@shop.example.net", PASSWORD)
+        assert send(smtp, message(sender="owner@shop.example.net", subject="Shop offer"),
+                    sender="owner@shop.example.net", rcpts=("erin@example.org",))[0] == 250
     with client(proxy.port) as smtp:
         smtp.login("quiet@example.com", PASSWORD)
         assert send(smtp, message(sender="quiet@example.com", subject="Not archived"),
@@ -43,11 +49,14 @@ def relayed(instance, start_proxy, sink):
     return sink
 
 
-def test_relayed_messages_are_archived_under_the_envelope_senders_domain(relayed):
+def test_relayed_messages_are_archived_under_the_sending_users_domain(relayed):
+    """Even with another customer's domain as the envelope sender: that customer must not
+    get (or see) alice's mail in its archive (tests/security/test_tenancy_smtp.py)."""
     assert [(mail_from, subject, domain) for _, mail_from, subject, domain in archived()] == [
         ("alice@example.com", "Quarterly numbers", "example.com"),
         ("alice@example.com", "Lunch?", "example.com"),
-        ("sales@shop.example.net", "Shop offer", "shop.example.net"),
+        ("sales@shop.example.net", "Sent as the shop", "example.com"),
+        ("owner@shop.example.net", "Shop offer", "shop.example.net"),
     ]
 
 
@@ -78,7 +87,7 @@ def listed(web, query="") -> str:
 
 def test_domain_admin_sees_only_their_domains_archive(admin):
     page = listed(admin)
-    assert "Quarterly numbers" in page and "Lunch?" in page
+    assert "Quarterly numbers" in page and "Lunch?" in page and "Sent as the shop" in page
     assert "Shop offer" not in page and "Not archived" not in page
 
 
@@ -118,5 +127,5 @@ def test_view_shows_the_message_as_text(admin):
 
 @pytest.mark.parametrize("suffix", ["", "/download"])
 def test_another_domains_archived_message_is_a_404(admin, suffix):
-    shop = archived()[2][0]
+    shop = next(a[0] for a in archived() if a[3] == "shop.example.net")
     assert admin.get(f"/outgoing/archive/{shop}{suffix}").status_code == 404

@@ -148,3 +148,31 @@ def test_held_mail_page_is_scoped_per_domain_and_releases_at_the_pace(
         HeldMessage.state == "held")).first())
     web.post(f"/outgoing/held/{last}/delete", data={"csrf_token": token})
     assert states() == {"released": 2}
+
+
+def test_a_released_copy_is_archived_under_the_users_domain_whatever_its_sender(
+        instance, start_proxy, sink):
+    """Held with another customer's domain as the envelope sender, then released: the
+    archive copy is alice's domain's, not that customer's."""
+    import redis as redis_module
+
+    from outgoing.jobs import enqueue
+    from outgoing.models import ArchivedMessage, Domain
+
+    alice = data.add_user("example.com", "user", "alice@example.com", PW,
+                          **dict(HOLD_ALL, message_archiving=True))
+    data.add_user("shop.example.net", "user", "owner@shop.example.net", PW)
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PW)
+        assert send(smtp, message(sender="sales@shop.example.net", subject="Held as the shop"),
+                    sender="sales@shop.example.net")[0] == 250
+    assert states() == {"held": 1}
+    queue_all()
+    r = redis_module.from_url(os.environ["REDIS_URL"])
+    enqueue(r, "worker.held_jobs.release_for_user", alice, retry=None)
+    assert run_worker_burst(process_env(UPSTREAM_SMTP=f"127.0.0.1:{sink.port}")).returncode == 0
+    assert states() == {"released": 1}
+    assert data.query(lambda s: [(a.subject, s.get(Domain, a.domain_id).name)
+                                 for a in s.scalars(select(ArchivedMessage))]) == [
+        ("Held as the shop", "example.com")]

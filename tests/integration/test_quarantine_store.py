@@ -137,3 +137,25 @@ def test_retention_follows_the_configured_days(instance, app):
     result = app.test_cli_runner().invoke(args=["quarantine", "expire"])
     assert result.exit_code == 0 and "removed 1" in result.output
     assert [row.id for row in stored_rows()] == [keep_id]
+
+
+def test_a_released_copy_is_archived_under_the_users_domain_whatever_its_sender(
+        instance, start_proxy, sink, redis_client):
+    """Quarantined with another customer's domain as the envelope sender, then released: the
+    archive copy is alice's domain's, not that customer's."""
+    from outgoing.models import ArchivedMessage, Domain
+
+    add_alice(quarantine_response="accept", message_archiving=True)
+    data.add_user("shop.example.net", "user", "owner@shop.example.net", PASSWORD)
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        assert send(smtp, message(sender="sales@shop.example.net", subject="Spam as the shop",
+                                  body=GTUBE), sender="sales@shop.example.net")[0] == 250
+    [row] = stored_rows()
+    enqueue(redis_client, "worker.quarantine_jobs.release_quarantined", row.id)
+    result = run_worker_burst(process_env(UPSTREAM_SMTP=f"127.0.0.1:{sink.port}"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert data.query(lambda s: [(a.subject, s.get(Domain, a.domain_id).name)
+                                 for a in s.scalars(select(ArchivedMessage))]) == [
+        ("Spam as the shop", "example.com")]

@@ -78,8 +78,9 @@ HELP = {
                                   "means no cap.",
     "quarantine_response": "What the sending server hears when a message is quarantined: a "
                            "bounce (550) or a silent accept (250).",
-    "message_archiving": "Keep a copy of every message in the archive of the envelope "
-                         "sender's domain.",
+    "message_archiving": "Keep a copy of every message in this user's domain's archive (a "
+                         "shared smarthost's: in the archive of the envelope sender's "
+                         "domain, when it is one of ours).",
     "block_macro_attachments": "Reject messages carrying office documents that contain "
                                "macros.",
     "block_unwanted_attachments": "Reject messages carrying executables and other risky "
