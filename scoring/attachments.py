@@ -37,8 +37,10 @@ Limits (:class:`WalkLimits`, whenever either setting is on)
     judged by name only.
 
 Parsing
-    ``email.parser.BytesParser`` with a compat32 policy that cuts header values at 8 KB (see
-    :class:`_BoundedPolicy` for why not ``policy.default``). The walk itself is iterative.
+    The standard library's parser (``scoring.mimeparse``: ``email``'s feed parser given the
+    whole message, so that a body is not read line by line) with a compat32 policy that cuts
+    header values at 8 KB (see :class:`_BoundedPolicy` for why not ``policy.default``). The
+    walk itself is iterative.
 """
 
 from __future__ import annotations
@@ -54,12 +56,13 @@ import zlib
 from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.message import Message
-from email.parser import BytesParser
 from email.policy import Compat32
 
 import msoffcrypto
 import olefile
 from oletools.olevba import TYPE_OLE, TYPE_PPT, TYPE_OpenXML, VBA_Parser
+
+from scoring.mimeparse import parse_whole
 
 REASON_MACROS = "macros"
 REASON_UNWANTED = "unwanted"
@@ -207,7 +210,7 @@ _POLICY = _BoundedPolicy()
 def _parse(raw: bytes) -> Message | None:
     """Parse the message; None when it is too deep for the parser (it recurses per level)."""
     try:
-        return BytesParser(policy=_POLICY).parsebytes(bytes(raw))
+        return parse_whole(raw, _POLICY)
     except RecursionError:
         return None
 
