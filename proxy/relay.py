@@ -1,4 +1,8 @@
-"""Hand a message to the next hop with aiosmtplib and report exactly what it said.
+"""Hand a message to the next hop and report exactly what it said.
+
+aiosmtplib opens each connection (EHLO, STARTTLS, AUTH). A next hop that offers PIPELINING
+(Postfix does) gets MAIL, every RCPT and DATA in one write (``proxy.pipelining``); one that
+does not is spoken to one command at a time through aiosmtplib.
 
 One :class:`Relay` per proxy process keeps a few idle connections to the next hop (STARTTLS
 whenever the next hop offers it, AUTH when ``UPSTREAM_USERNAME`` is set), because the TLS
@@ -11,14 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
 import aiosmtplib
+from aiosmtplib.protocol import normalize_message_line_endings
 
+from proxy.pipelining import NextHopGone, PipelinedConnection
 from scoring import outcomes
 
 log = logging.getLogger(__name__)
+
+# What aiosmtplib refuses to put in a command (CR, LF, NUL and the other controls).
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 # An idle connection older than this is closed instead of reused (next hops often drop idle
 # clients after a minute or so; Postfix's default is 300 s).
@@ -143,6 +153,32 @@ def _needs_utf8(mail_from: str, rcpt_tos: list[str]) -> bool:
     return any(not s.isascii() for s in [mail_from, *rcpt_tos])
 
 
+def _envelope_options(supports, mail_from: str, rcpt_tos: list[str],
+                      data: bytes) -> tuple[list[str], str] | RelayResult:
+    """MAIL's options and the paths' encoding for what the next hop ``supports``; the
+    refusal when it cannot take the addresses."""
+    options = []
+    encoding = "ascii"
+    if _needs_utf8(mail_from, rcpt_tos):
+        if not supports("smtputf8"):
+            return RelayResult(False, "550 5.6.7 The next hop does not accept "
+                                      "internationalised addresses (SMTPUTF8)")
+        options.append("SMTPUTF8")
+        encoding = "utf-8"
+    if supports("size"):
+        options.append(f"SIZE={len(data)}")
+    if not data.isascii() and supports("8bitmime"):
+        options.append("BODY=8BITMIME")
+    return options, encoding
+
+
+Connection = aiosmtplib.SMTP | PipelinedConnection
+
+
+def _usable(client: Connection) -> bool:
+    return client.usable if isinstance(client, PipelinedConnection) else client.is_connected
+
+
 class Relay:
     def __init__(self, upstream: Upstream):
         self.upstream = upstream
@@ -158,23 +194,25 @@ class Relay:
         try:
             if up.username:
                 await client.login(up.username, up.password)
+            connection = (PipelinedConnection.take_over(client)
+                          if client.supports_extension("pipelining") else client)
         except BaseException:
             client.close()
             raise
         self.connections_opened += 1
-        return client
+        return connection
 
-    async def _acquire(self) -> tuple[aiosmtplib.SMTP, bool]:
+    async def _acquire(self) -> tuple[Connection, bool]:
         now = time.monotonic()
         while self._idle:
             client, since = self._idle.pop()
-            if client.is_connected and now - since < IDLE_SECONDS:
+            if _usable(client) and now - since < IDLE_SECONDS:
                 return client, True
             client.close()
         return await self._connect(), False
 
-    def _release(self, client: aiosmtplib.SMTP) -> None:
-        if client.is_connected and len(self._idle) < self.upstream.pool_size:
+    def _release(self, client: Connection) -> None:
+        if _usable(client) and len(self._idle) < self.upstream.pool_size:
             self._idle.append((client, time.monotonic()))
         else:
             client.close()
@@ -200,27 +238,22 @@ class Relay:
                 log.warning("next hop %s:%s unavailable: %s", self.upstream.host,
                             self.upstream.port, exc)
                 return RelayResult(False, outcomes.NEXT_HOP_DOWN)
+            transaction = (self._pipelined if isinstance(client, PipelinedConnection)
+                           else self._transaction)
             try:
-                return await self._transaction(client, reused, mail_from, rcpt_tos, data)
+                return await transaction(client, reused, mail_from, rcpt_tos, data)
             except _Retry:
                 continue
         return RelayResult(False, outcomes.NEXT_HOP_DOWN)
 
     async def _transaction(self, client: aiosmtplib.SMTP, reused: bool, mail_from: str,
                            rcpt_tos: list[str], data: bytes) -> RelayResult:
-        options = []
-        encoding = "ascii"
-        if _needs_utf8(mail_from, rcpt_tos):
-            if not client.supports_extension("smtputf8"):
-                self._release(client)
-                return RelayResult(False, "550 5.6.7 The next hop does not accept "
-                                          "internationalised addresses (SMTPUTF8)")
-            options.append("SMTPUTF8")
-            encoding = "utf-8"
-        if client.supports_extension("size"):
-            options.append(f"SIZE={len(data)}")
-        if not data.isascii() and client.supports_extension("8bitmime"):
-            options.append("BODY=8BITMIME")
+        """One command at a time, through aiosmtplib (a next hop without PIPELINING)."""
+        envelope = _envelope_options(client.supports_extension, mail_from, rcpt_tos, data)
+        if isinstance(envelope, RelayResult):
+            self._release(client)
+            return envelope
+        options, encoding = envelope
         started = False
         try:
             await _mail(client, mail_from, options, encoding)
@@ -255,6 +288,106 @@ class Relay:
         reply = f"250 2.0.0 Accepted by next hop: {response.message}"[:400]
         return RelayResult(True, " ".join(reply.split()), refused, tuple(accepted),
                            next_hop_reply=_said(response.code, response.message))
+
+    async def _pipelined(self, conn: PipelinedConnection, reused: bool, mail_from: str,
+                         rcpt_tos: list[str], data: bytes) -> RelayResult:
+        """MAIL, every RCPT and DATA in one write, the replies read in order (RFC 2920); the
+        message only after the 354, so a connection that dies before it is retried once when
+        it was a reused one, as in :meth:`_transaction`."""
+        envelope = _envelope_options(conn.supports, mail_from, rcpt_tos, data)
+        if isinstance(envelope, RelayResult):
+            self._release(conn)
+            return envelope
+        options, encoding = envelope
+        commands = [b" ".join([b"MAIL FROM:" + _path(mail_from, encoding),
+                               *(option.encode("ascii") for option in options)]),
+                    *(b"RCPT TO:" + _path(rcpt, encoding) for rcpt in rcpt_tos), b"DATA"]
+        if any(_CONTROL.search(command) for command in commands):
+            # what aiosmtplib refuses to send (ValueError): nothing was sent
+            self._release(conn)
+            log.warning("relay to next hop failed: a control character in a path")
+            return RelayResult(False, outcomes.NEXT_HOP_DOWN)
+        timeout = self.upstream.timeout
+        replies: list[tuple[int, str]] = []
+        try:
+            conn.send(b"\r\n".join(commands) + b"\r\n")
+            async with asyncio.timeout(timeout):
+                while len(replies) < len(commands):
+                    replies.append(await conn.reply())
+        except (NextHopGone, OSError, TimeoutError) as exc:
+            conn.close()
+            if replies and replies[0][0] != 250:  # MAIL refused, then the next hop left
+                return RelayResult(False, outcomes.next_hop_refused(*replies[0]),
+                                   next_hop_reply=_said(*replies[0]))
+            if reused:
+                raise _Retry() from exc
+            log.warning("relay to next hop failed: %s", exc)
+            return RelayResult(False, outcomes.NEXT_HOP_DOWN)
+        mail, *answers, start = replies
+        accepted = [rcpt for rcpt, (code, _) in zip(rcpt_tos, answers, strict=True)
+                    if code in (250, 251)]
+        refused = {rcpt: answer for rcpt, answer in zip(rcpt_tos, answers, strict=True)
+                   if answer[0] not in (250, 251)}
+        if start[0] == 354 and (mail[0] != 250 or not accepted):
+            # DATA opened after the envelope was refused (RFC 2920 says it must not be):
+            # end it with nothing in it, and do not trust the connection again.
+            await self._end_empty(conn)
+        if mail[0] != 250:
+            await self._reset_pipelined(conn)
+            return RelayResult(False, outcomes.next_hop_refused(*mail),
+                               next_hop_reply=_said(*mail))
+        if not accepted:
+            await self._reset_pipelined(conn)
+            return RelayResult(False, _all_refused(refused), refused,
+                               next_hop_reply=_said(*next(iter(refused.values()))))
+        if start[0] != 354:
+            await self._reset_pipelined(conn)
+            return RelayResult(False, outcomes.next_hop_refused(*start),
+                               next_hop_reply=_said(*start))
+        if not _lines_end_in_crlf(data):
+            data = normalize_message_line_endings(data)
+        try:
+            conn.send(dot_stuffed(data))
+            async with asyncio.timeout(timeout):
+                done = await conn.reply()
+        except (NextHopGone, OSError, TimeoutError) as exc:
+            conn.close()
+            log.warning("relay to next hop failed during DATA: %s", exc)
+            return RelayResult(False, outcomes.NEXT_HOP_DOWN)
+        if done[0] != 250:
+            await self._reset_pipelined(conn)
+            return RelayResult(False, outcomes.next_hop_refused(*done),
+                               next_hop_reply=_said(*done))
+        self._release(conn)
+        reply = f"250 2.0.0 Accepted by next hop: {done[1]}"[:400]
+        return RelayResult(True, " ".join(reply.split()), refused, tuple(accepted),
+                           next_hop_reply=_said(*done))
+
+    async def _end_empty(self, conn: PipelinedConnection) -> None:
+        try:
+            conn.send(b".\r\n")
+            async with asyncio.timeout(self.upstream.timeout):
+                await conn.reply()
+        except (NextHopGone, OSError, TimeoutError):
+            pass
+        conn.close()
+
+    async def _reset_pipelined(self, conn: PipelinedConnection) -> None:
+        """RSET after a refusal: the connection is reused only when it answers 250."""
+        if not conn.usable:
+            conn.close()
+            return
+        try:
+            conn.send(b"RSET\r\n")
+            async with asyncio.timeout(self.upstream.timeout):
+                code, _ = await conn.reply()
+        except (NextHopGone, OSError, TimeoutError):
+            conn.close()
+            return
+        if code == 250:
+            self._release(conn)
+        else:
+            conn.close()
 
     async def _reset(self, client: aiosmtplib.SMTP) -> None:
         try:

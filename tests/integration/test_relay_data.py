@@ -1,6 +1,7 @@
 """The relay's own DATA (dot-stuffing with ``bytes.replace`` for data already in CRLF) against
 aiosmtplib's ``data()``: the same random messages reach a real next hop as the same bytes, and
-the next hop's refusal of the data is reported as before."""
+the next hop's refusal of the data is reported as before; both with a next hop that offers
+PIPELINING (the relay's own transaction) and one that does not (aiosmtplib's)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from proxy.relay import Relay, Upstream, dot_stuffed
 from tests.support.content import NextHop
 
 
-@pytest.fixture(scope="module")
-def hop():
-    server = NextHop().start()
+@pytest.fixture(scope="module", params=[True, False], ids=["pipelining", "one-by-one"])
+def hop(request):
+    server = NextHop(pipelining=request.param).start()
     yield server
     server.stop()
 

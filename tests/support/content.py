@@ -49,10 +49,13 @@ class HopHandler:
     ehlo_count: int = 0
     tls_transactions: list[bool] = field(default_factory=list)
     logins: list[str] = field(default_factory=list)
+    pipelining: bool = True  # advertise PIPELINING, as Postfix does (aiosmtpd does not)
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         self.ehlo_count += 1
         session.host_name = hostname
+        if self.pipelining:
+            responses.insert(1, "250-PIPELINING")
         return responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
@@ -88,9 +91,10 @@ class NextHop:
     """An aiosmtpd next hop; ``tls`` demands STARTTLS, ``password`` demands AUTH."""
 
     def __init__(self, *, tls_context=None, username: str | None = None,
-                 password: str | None = None, port: int | None = None):
+                 password: str | None = None, port: int | None = None,
+                 pipelining: bool = True):
         self.port = port or free_port()
-        self.handler = HopHandler()
+        self.handler = HopHandler(pipelining=pipelining)
         options = {}
         if tls_context is not None:
             options.update(tls_context=tls_context, require_starttls=True)
