@@ -13,6 +13,7 @@ import ipaddress
 from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 MAX_TEXT = 100  # longer than any address or range; bounds work on hostile input
@@ -159,6 +160,13 @@ def parse_client_ip(ip_text: str) -> tuple[int, int] | None:
     not an IP address (e.g. a Unix socket peer)."""
     if not isinstance(ip_text, str) or len(ip_text) > MAX_TEXT:
         return None
+    return _parsed(ip_text)
+
+
+@lru_cache(maxsize=4096)
+def _parsed(ip_text: str) -> tuple[int, int] | None:
+    """Cached: a session looks its client up several times, and clients come back
+    (``ipaddress`` takes microseconds per parse)."""
     try:
         address = ipaddress.ip_address(ip_text.strip().split("%", 1)[0])
     except ValueError:

@@ -182,7 +182,10 @@ def has_long_line(data: bytes) -> bool:
     pieces that are long enough."""
     if len(data) <= MAX_LINE:
         return False
-    return any(_LONG_LINE.search(piece) for piece in data.split(b"\n") if len(piece) > MAX_LINE)
+    pieces = data.split(b"\n")
+    if max(map(len, pieces)) <= MAX_LINE:  # the usual case, without a Python step per line
+        return False
+    return any(_LONG_LINE.search(piece) for piece in pieces if len(piece) > MAX_LINE)
 
 
 class HeaderLineTooLong(ValueError):

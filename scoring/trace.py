@@ -12,6 +12,7 @@ import ipaddress
 import re
 from datetime import datetime
 from email.utils import format_datetime
+from functools import lru_cache
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\]")  # controls, spaces, non-ASCII, comment syntax
 MAX_TEXT = 255
@@ -29,8 +30,9 @@ def _safe(text: str | None, fallback: str = "unknown") -> str:
     return cleaned or fallback
 
 
+@lru_cache(maxsize=4096)
 def _literal(ip: str | None) -> str:
-    """The client address as an RFC 5321 address literal."""
+    """The client address as an RFC 5321 address literal (cached: clients come back)."""
     try:
         address = ipaddress.ip_address((ip or "").split("%", 1)[0])
     except ValueError:
@@ -59,4 +61,10 @@ def received_header(*, helo: str | None, client_ip: str | None, by_host: str, pr
              f"({user_kind} {_safe(user_name)})")
     if recipient:
         lines += f"\r\n\tfor <{_safe(recipient)}>"
-    return f"{lines}; {format_datetime(when)}\r\n".encode()
+    return f"{lines}; {_date(when.replace(microsecond=0))}\r\n".encode()
+
+
+@lru_cache(maxsize=8)
+def _date(when: datetime) -> str:
+    """RFC 5322's date of ``when``, whole seconds (messages of one second share it)."""
+    return format_datetime(when)
