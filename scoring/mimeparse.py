@@ -9,7 +9,8 @@ only ever joins them (``_parsegen`` collects a body, an epilogue or a part witho
 with ``for line in input`` and ``"".join``).
 
 So the parse is the standard library's own code, its decisions (headers, boundaries,
-preamble, epilogue, defects, nesting) unchanged; only the input object differs:
+preamble, epilogue, defects, nesting) unchanged; only the input object differs (and one
+regular expression, see :class:`_EndOfText`):
 
 - lines are split as the feed parser splits them (``StringIO(newline="")``: after CRLF,
   LF or a lone CR);
@@ -27,9 +28,14 @@ from __future__ import annotations
 
 import re
 import types
+from collections import deque
 from email import feedparser
 from email.feedparser import FeedParser
 from email.message import Message
+from io import StringIO
+
+MAX_MISSES = 1000  # lines starting "--" that end no part, before reading line by line
+_DASHES_AFTER_BREAK = re.compile(r"[\r\n]--")  # a line that starts with "--"
 
 # What feedparser's boundary pattern starts with: '(?P<sep>' + re.escape('--' + boundary).
 _BOUNDARY_PATTERN = "(?P<sep>" + re.escape("--")
@@ -52,6 +58,9 @@ class _WholeInput:
         self._back: list[str] = []  # lines given back (unreadline), last first
         self._eofstack: list = []
         self.one_line_at_a_time = True  # set by the parser while it reads headers
+        self._lines_only = False  # past MAX_MISSES: one line at a time to the end
+        self._misses = 0
+        self._pending: deque[str] | None = None  # the rest, split into lines (_lines_only)
 
     # -- what the parser calls -----------------------------------------------------------
     def push(self, data: str) -> None:
@@ -71,8 +80,14 @@ class _WholeInput:
         self._back.append(line)
 
     def readline(self) -> str:
+        if self._lines_only and self._pending is None:  # split the rest once, in C
+            self._pending = deque(StringIO(self._text[self._at:], newline="").readlines())
         if self._back:
             line = self._back.pop()
+        elif self._pending is not None:
+            if not self._pending:
+                return ""
+            line = self._pending.popleft()
         elif self._at < len(self._text):
             end = self._line_end(self._at)
             line = self._text[self._at:end]
@@ -117,14 +132,26 @@ class _WholeInput:
         """The offset of the first line from ``at`` on that an end-of-part test matches
         (only a line starting "--" can), else the end of the text."""
         text = self._text
-        candidate = at if text.startswith("--", at) else text.find("--", at)
+        candidate = at if text.startswith("--", at) else self._next_dashes(at)
         while candidate >= 0:
-            if candidate == at or text[candidate - 1] in "\r\n":
-                line = text[candidate:self._line_end(candidate)]
-                if any(ateof(line) for ateof in self._eofstack):
-                    return candidate
-            candidate = text.find("--", candidate + 1)
+            line = text[candidate:self._line_end(candidate)]
+            if any(ateof(line) for ateof in self._eofstack):
+                return candidate
+            self._misses += 1
+            if self._misses > MAX_MISSES:
+                # Many lines that start with "--" and end nothing (crafted, most likely):
+                # each costs more here than a line does in the feed parser's own loop, so
+                # the rest goes one line at a time, as the feed parser reads it.
+                self.one_line_at_a_time = self._lines_only = True
+                return candidate
+            candidate = self._next_dashes(candidate)
         return len(text)
+
+    def _next_dashes(self, at: int) -> int:
+        """The start of the next line after ``at`` that starts with "--", else -1 (a regular
+        expression, so that dashes inside lines cost no Python step each)."""
+        found = _DASHES_AFTER_BREAK.search(self._text, at)
+        return found.start() + 1 if found else -1
 
 
 class _EndOfText:
@@ -167,7 +194,7 @@ class _WholeParser(FeedParser):
 
     def _parse_headers(self, lines) -> None:
         super()._parse_headers(lines)
-        self._input.one_line_at_a_time = False
+        self._input.one_line_at_a_time = self._input._lines_only
 
 
 def parse_whole(raw: bytes, policy) -> Message:

@@ -136,6 +136,28 @@ def test_random_trees_parse_as_the_standard_library_parses_them(text):
 
 
 @SETTINGS
+@given(text=entity(0, []))
+def test_random_trees_parse_alike_when_it_falls_back_to_one_line_at_a_time(text):
+    """Past MAX_MISSES look-alike lines the rest is read line by line (a crafted message
+    of many "--" lines costs no more than in the feed parser); here from the first one."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mimeparse, "MAX_MISSES", 0)
+        assert_same(text.encode("utf-8", "surrogateescape"))
+
+
+def test_many_look_alike_lines_fall_back_to_one_line_at_a_time(monkeypatch):
+    raw = (b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\n"
+           + b"--x\r\n" * (mimeparse.MAX_MISSES + 10) + b"--b\r\nContent-Type: text/plain\r\n"
+           b"\r\nafter\r\n--b--\r\n")
+    calls = []
+    monkeypatch.setattr(mimeparse._WholeInput, "_next_dashes",
+                        lambda self, at, real=mimeparse._WholeInput._next_dashes:
+                        calls.append(at) or real(self, at))
+    assert_same(raw)
+    assert len(calls) <= mimeparse.MAX_MISSES + 2
+
+
+@SETTINGS
 @given(raw=st.binary(max_size=400),
        cut=st.lists(st.sampled_from([b"\r\n", b"\n", b"\r", b"--b", b"--b--", b"\r\n\r\n",
                                      b"Content-Type: multipart/mixed; boundary=b\r\n"]),
