@@ -35,7 +35,6 @@ from email.message import Message
 from io import StringIO
 
 MAX_MISSES = 1000  # lines starting "--" that end no part, before reading line by line
-_DASHES_AFTER_BREAK = re.compile(r"[\r\n]--")  # a line that starts with "--"
 
 # What feedparser's boundary pattern starts with: '(?P<sep>' + re.escape('--' + boundary).
 _BOUNDARY_PATTERN = "(?P<sep>" + re.escape("--")
@@ -113,6 +112,8 @@ class _WholeInput:
         start = self._at
         end = self._next_end(start) if self._eofstack else len(self._text)
         if end == start:
+            if self._lines_only:  # it fell back at this very line, which ends nothing
+                return self.__next__()
             raise StopIteration
         self._at = end
         return self._text[start:end]
@@ -141,17 +142,24 @@ class _WholeInput:
             if self._misses > MAX_MISSES:
                 # Many lines that start with "--" and end nothing (crafted, most likely):
                 # each costs more here than a line does in the feed parser's own loop, so
-                # the rest goes one line at a time, as the feed parser reads it.
+                # the rest goes one line at a time, as the feed parser reads it, from this
+                # line on (the piece before it is still body: __next__ returns it).
                 self.one_line_at_a_time = self._lines_only = True
                 return candidate
             candidate = self._next_dashes(candidate)
         return len(text)
 
     def _next_dashes(self, at: int) -> int:
-        """The start of the next line after ``at`` that starts with "--", else -1 (a regular
-        expression, so that dashes inside lines cost no Python step each)."""
-        found = _DASHES_AFTER_BREAK.search(self._text, at)
-        return found.start() + 1 if found else -1
+        """The start of the next line after ``at`` that starts with "--", else -1. Dashes
+        inside a line send the search to the next line: one step per such line, not per
+        dash."""
+        text = self._text
+        found = text.find("--", at + 1)
+        while found >= 0:
+            if text[found - 1] in "\r\n":
+                return found
+            found = text.find("--", self._line_end(found))
+        return -1
 
 
 class _EndOfText:
