@@ -145,6 +145,15 @@ def test_random_trees_parse_alike_when_it_falls_back_to_one_line_at_a_time(text)
         assert_same(text.encode("utf-8", "surrogateescape"))
 
 
+@pytest.mark.parametrize("text", [
+    "Content-Type: multipart/mixed; boundary=b\r\n--b\r\n\r\n--\r\n",  # found by Hypothesis
+    "Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nx\r\n--c\r\ny\r\n--b--\r\n",
+])
+def test_the_fall_back_happens_at_a_line_that_ends_nothing(monkeypatch, text):
+    monkeypatch.setattr(mimeparse, "MAX_MISSES", 0)
+    assert_same(text.encode())
+
+
 def test_many_look_alike_lines_fall_back_to_one_line_at_a_time(monkeypatch):
     raw = (b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\n"
            + b"--x\r\n" * (mimeparse.MAX_MISSES + 10) + b"--b\r\nContent-Type: text/plain\r\n"
