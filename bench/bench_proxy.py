@@ -931,16 +931,18 @@ def memory_per_user(world: World, port: int, size: int) -> dict:
 # here match none: they count for the innermost frame above them that does, else for the
 # event loop (a stack of nothing but asyncio) or "other".
 HEADERS = "headers, identity, normalisation (scoring/message.py)"
+RELAY = "relay (aiosmtplib, proxy/relay.py, proxy/pipelining.py)"
 PARTS = (
     ("/aiosmtpd/", "SMTP protocol (aiosmtpd, proxy/protocol.py)"),
     ("proxy/protocol.py", "SMTP protocol (aiosmtpd, proxy/protocol.py)"),
     ("/redis/", "redis-py (and hiredis)"),
     ("hiredis", "redis-py (and hiredis)"),
-    ("/aiosmtplib/", "relay (aiosmtplib, proxy/relay.py)"),
-    ("proxy/relay.py", "relay (aiosmtplib, proxy/relay.py)"),
+    ("/aiosmtplib/", RELAY),
+    ("proxy/relay.py", RELAY), ("proxy/pipelining.py", RELAY),
     ("/uvloop/", "event loop"),
     ("proxy/content.py", "content"), ("proxy/rspamd.py", "content"),
     ("scoring/spam.py", "content"), ("scoring/attachments.py", "content"),
+    ("scoring/mimeparse.py", "content"),
     ("outgoing/dkim.py", "content"), ("/dkim/", "content"), ("/oletools/", "content"),
     ("/olefile/", "content"), ("/msoffcrypto/", "content"),
     ("outgoing/archive.py", "content"), ("outgoing/storage.py", "content"),
