@@ -11,11 +11,11 @@ Only the transaction is here; what a reply means for the sender stays in ``proxy
 from __future__ import annotations
 
 import asyncio
-import re
 from collections import deque
 
 MAX_REPLY_BYTES = 64 * 1024  # a next hop that sends more in one reply is broken
-_LINE = re.compile(rb"(\d{3})(?:([ -])(.*))?")  # RFC 5321 4.2: the code, then SP, "-" or the end
+MAX_REPLY_LINES = 1000
+MAX_QUEUED_REPLIES = 4096  # more than a transaction asks (MAIL, 1,000 RCPTs, DATA)
 
 
 class NextHopGone(ConnectionError):
@@ -29,32 +29,45 @@ class _Replies(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._lines: list[bytes] = []
+        self._reply_bytes = 0  # of the reply being read, line breaks included
         self.replies: deque[tuple[int, str]] = deque()
         self.error: Exception | None = None
         self._waiter: asyncio.Future | None = None
 
     def data_received(self, data: bytes) -> None:
+        """Lines are read as aiosmtplib reads them (three digits; a "-" in the fourth place
+        continues the reply; the text from the fifth), so that an answer means here what it
+        meant through aiosmtplib; a reply of more than MAX_REPLY_BYTES or MAX_REPLY_LINES
+        ends the connection."""
+        if self.error is not None:
+            return
         self._buffer += data
+        start = 0
         while True:
-            end = self._buffer.find(b"\n")
+            end = self._buffer.find(b"\n", start)
             if end < 0:
-                if len(self._buffer) > MAX_REPLY_BYTES:
-                    self._fail(NextHopGone("reply line too long"))
                 break
-            line = bytes(self._buffer[:end]).rstrip(b"\r")
-            del self._buffer[:end + 1]
-            match = _LINE.fullmatch(line)
-            if match is None:
+            line = bytes(self._buffer[start:end]).rstrip(b"\r")
+            self._reply_bytes += end + 1 - start
+            start = end + 1
+            if len(line) < 3 or not line[:3].isdigit():
                 self._fail(NextHopGone(f"not an SMTP reply: {line[:100]!r}"))
                 return
-            self._lines.append((match.group(3) or b"").strip(b" \t"))
-            if sum(len(each) for each in self._lines) > MAX_REPLY_BYTES:
+            self._lines.append(line[4:].strip(b" \t"))
+            if self._reply_bytes > MAX_REPLY_BYTES or len(self._lines) > MAX_REPLY_LINES:
                 self._fail(NextHopGone("reply too long"))
                 return
-            if match.group(2) != b"-":
+            if line[3:4] != b"-":
                 text = b"\n".join(self._lines).decode("utf-8", "surrogateescape")
-                self._lines = []
-                self.replies.append((int(match.group(1)), text))
+                self._lines, self._reply_bytes = [], 0
+                self.replies.append((int(line[:3]), text))
+                if len(self.replies) > MAX_QUEUED_REPLIES:  # more than anything asked
+                    self._fail(NextHopGone("replies nobody asked for"))
+                    return
+        del self._buffer[:start]
+        if self._reply_bytes + len(self._buffer) > MAX_REPLY_BYTES:
+            self._fail(NextHopGone("reply too long"))
+            return
         if self.replies:
             self._wake()
 

@@ -311,9 +311,13 @@ class Relay:
         replies: list[tuple[int, str]] = []
         try:
             conn.send(b"\r\n".join(commands) + b"\r\n")
-            async with asyncio.timeout(timeout):
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout(timeout) as deadline:
                 while len(replies) < len(commands):
                     replies.append(await conn.reply())
+                    # each reply has the timeout to come, as each command had through
+                    # aiosmtplib (a next hop may take its time over every RCPT)
+                    deadline.reschedule(loop.time() + timeout)
         except (NextHopGone, OSError, TimeoutError) as exc:
             conn.close()
             if replies and replies[0][0] != 250:  # MAIL refused, then the next hop left
@@ -321,16 +325,18 @@ class Relay:
                                    next_hop_reply=_said(*replies[0]))
             if reused:
                 raise _Retry() from exc
-            log.warning("relay to next hop failed: %s", exc)
+            log.warning("relay to next hop failed: %s", _why(exc))
             return RelayResult(False, outcomes.NEXT_HOP_DOWN)
         mail, *answers, start = replies
         accepted = [rcpt for rcpt, (code, _) in zip(rcpt_tos, answers, strict=True)
                     if code in (250, 251)]
         refused = {rcpt: answer for rcpt, answer in zip(rcpt_tos, answers, strict=True)
                    if answer[0] not in (250, 251)}
-        if start[0] == 354 and (mail[0] != 250 or not accepted):
-            # DATA opened after the envelope was refused (RFC 2920 says it must not be):
-            # end it with nothing in it, and do not trust the connection again.
+        if start[0] == 354 and mail[0] != 250:
+            conn.close()  # DATA opened without a sender: abort it, sending nothing at all
+        elif start[0] == 354 and not accepted:
+            # DATA opened after every recipient was refused (RFC 2920 says it must not be):
+            # end it with nothing in it, as RFC 2920 says, and do not trust the connection.
             await self._end_empty(conn)
         if mail[0] != 250:
             await self._reset_pipelined(conn)
@@ -339,7 +345,7 @@ class Relay:
         if not accepted:
             await self._reset_pipelined(conn)
             return RelayResult(False, _all_refused(refused), refused,
-                               next_hop_reply=_said(*next(iter(refused.values()))))
+                               next_hop_reply=_said(*next(iter(refused.values()), (451, ""))))
         if start[0] != 354:
             await self._reset_pipelined(conn)
             return RelayResult(False, outcomes.next_hop_refused(*start),
@@ -352,7 +358,7 @@ class Relay:
                 done = await conn.reply()
         except (NextHopGone, OSError, TimeoutError) as exc:
             conn.close()
-            log.warning("relay to next hop failed during DATA: %s", exc)
+            log.warning("relay to next hop failed during DATA: %s", _why(exc))
             return RelayResult(False, outcomes.NEXT_HOP_DOWN)
         if done[0] != 250:
             await self._reset_pipelined(conn)
@@ -396,6 +402,10 @@ class Relay:
             client.close()
             return
         self._release(client)
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__  # a TimeoutError says nothing of itself
 
 
 def _said(code: int, message: str) -> str:

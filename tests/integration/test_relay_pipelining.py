@@ -191,7 +191,7 @@ def test_a_reused_connection_that_dies_before_the_data_is_replaced_once():
     assert sum(1 for data in hop.received if data.endswith(b"\r\n.\r\n")) == 2
 
 
-@pytest.mark.parametrize("answer", [b"hello there\r\n", b"", b"2500 ok\r\n"],
+@pytest.mark.parametrize("answer", [b"hello there\r\n", b"", b"2x0 ok\r\n"],
                          ids=["not-smtp", "silence", "bad-code"])
 def test_a_next_hop_that_does_not_answer_in_smtp_gets_a_temporary_failure(answer):
     async def transaction(hop, reader, writer):
@@ -241,3 +241,68 @@ def test_a_sender_refused_before_the_next_hop_hangs_up_is_its_refusal():
     assert not result.delivered
     assert result.next_hop_reply == "421 4.7.0 too many messages from you"
     assert result.reply == outcomes.next_hop_refused(421, "4.7.0 too many messages from you")
+
+
+def test_each_reply_has_the_timeout_not_the_whole_envelope():
+    """A next hop that takes its time over every RCPT (a policy service, recipient checks)
+    gets the timeout per reply, as it had when each command went on its own."""
+    async def transaction(hop, reader, writer):
+        await hop.until(reader, b"DATA\r\n")
+        writer.write(b"250 ok\r\n")
+        for _ in range(6):
+            await asyncio.sleep(0.25)
+            writer.write(b"250 ok\r\n")
+        writer.write(b"354 go\r\n")
+        await hop.until(reader, b"\r\n.\r\n")
+        writer.write(b"250 2.0.0 taken\r\n")
+        await hop.rest(reader, writer)
+
+    async def main():
+        async with ScriptedHop(transaction) as hop:
+            relay = relay_for(hop, timeout=1.0)
+            result = await relay.send(mail_from="a@x.test",
+                                      rcpt_tos=[f"r{i}@y.test" for i in range(6)], data=MESSAGE)
+            await relay.close()
+            return result
+
+    result = asyncio.run(main())
+    assert result.delivered, result.reply
+
+
+def test_data_opened_after_the_sender_was_refused_is_aborted_not_ended():
+    """The next hop refused MAIL yet took a recipient and opened DATA: a lone dot could
+    deliver an empty message; the connection is closed instead."""
+    async def transaction(hop, reader, writer):
+        await hop.until(reader, b"DATA\r\n")
+        writer.write(b"550 5.1.8 sender refused\r\n250 ok\r\n354 go ahead anyway\r\n")
+        hop.received.append(await reader.read(1000))  # EOF: nothing more
+
+    async def main():
+        async with ScriptedHop(transaction) as hop:
+            relay = relay_for(hop)
+            result = await relay.send(mail_from="a@x.test", rcpt_tos=["b@y.test"],
+                                      data=MESSAGE)
+            await asyncio.sleep(0.1)
+            return hop, result
+
+    hop, result = asyncio.run(main())
+    assert not result.delivered
+    assert result.next_hop_reply == "550 5.1.8 sender refused"
+    assert hop.received[1:] == [b""]
+
+
+def test_no_recipients_is_a_temporary_refusal_not_a_crash():
+    async def transaction(hop, reader, writer):
+        await hop.until(reader, b"DATA\r\n")
+        writer.write(b"250 ok\r\n503 5.5.1 no valid recipients\r\n")
+        await hop.rest(reader, writer)
+
+    async def main():
+        async with ScriptedHop(transaction) as hop:
+            relay = relay_for(hop)
+            result = await relay.send(mail_from="a@x.test", rcpt_tos=[], data=MESSAGE)
+            await relay.close()
+            return result
+
+    result = asyncio.run(main())
+    assert not result.delivered and result.reply.startswith("451")
