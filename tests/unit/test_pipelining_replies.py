@@ -6,6 +6,8 @@ that will not stop answering cut off without a quadratic walk over what it sent.
 
 from __future__ import annotations
 
+import asyncio
+
 import aiosmtplib.protocol
 import pytest
 
@@ -35,9 +37,12 @@ def test_replies_split_and_joined_across_reads():
                                    b"250-a\r\n250 b\r\n", b"250-a\r\n250b\r\n",
                                    b"354 \t go \r\n", b"250 caf\xc3\xa9\r\n"])
 def test_a_reply_means_what_it_meant_to_aiosmtplib(reply):
-    theirs = aiosmtplib.protocol.SMTPProtocol()
-    theirs._buffer = bytearray(reply)
-    expected = theirs._read_response_from_buffer()
+    async def theirs():
+        protocol = aiosmtplib.protocol.SMTPProtocol()  # wants a running loop
+        protocol._buffer = bytearray(reply)
+        return protocol._read_response_from_buffer()
+
+    expected = asyncio.run(theirs())
     assert list(feed(reply).replies) == [(expected.code, expected.message)]
 
 
