@@ -54,6 +54,12 @@ class ScriptedHop:
         self.received.append(data)
         return data
 
+    async def take_message(self, reader, writer) -> None:
+        """After the 354: read the message, take it, then answer RSET and QUIT."""
+        await self.until(reader, b"\r\n.\r\n")
+        writer.write(b"250 2.0.0 taken\r\n")
+        await self.rest(reader, writer)
+
     async def rest(self, reader, writer) -> None:
         """After a transaction: RSET gets 250, QUIT 221, until the client leaves."""
         while line := await reader.readline():
@@ -117,9 +123,7 @@ def test_a_refused_sender_is_reported_and_the_connection_reused_after_rset():
         writer.write(b"250 2.0.0 reset\r\n")
         await hop.until(reader, b"DATA\r\n")
         writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
-        await hop.until(reader, b"\r\n.\r\n")
-        writer.write(b"250 2.0.0 taken\r\n")
-        await hop.rest(reader, writer)
+        await hop.take_message(reader, writer)
 
     async def main():
         async with ScriptedHop(transaction) as hop:
@@ -253,9 +257,7 @@ def test_each_reply_has_the_timeout_not_the_whole_envelope():
             await asyncio.sleep(0.25)
             writer.write(b"250 ok\r\n")
         writer.write(b"354 go\r\n")
-        await hop.until(reader, b"\r\n.\r\n")
-        writer.write(b"250 2.0.0 taken\r\n")
-        await hop.rest(reader, writer)
+        await hop.take_message(reader, writer)
 
     async def main():
         async with ScriptedHop(transaction) as hop:
