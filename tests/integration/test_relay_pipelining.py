@@ -71,8 +71,22 @@ class ScriptedHop:
                          else b"500 what\r\n")
 
 
-def relay_for(hop: ScriptedHop, timeout: float = 5.0) -> Relay:
-    return Relay(Upstream(host="127.0.0.1", port=hop.port, timeout=timeout, pool_size=2))
+def exchange(transaction, *envelopes: tuple[str, list[str]], timeout: float = 5.0):
+    """``transaction`` plays the next hop; MESSAGE goes through one Relay once per (sender,
+    recipients); then the relay closes and the hop has a moment to see the connection end.
+    Returns (hop, relay, results)."""
+    async def main():
+        async with ScriptedHop(transaction) as hop:
+            relay = Relay(Upstream(host="127.0.0.1", port=hop.port, timeout=timeout,
+                                   pool_size=2))
+            results = [await relay.send(mail_from=sender, rcpt_tos=rcpts, data=MESSAGE)
+                       for sender, rcpts in envelopes]
+            await asyncio.sleep(0.1)
+            await relay.close()
+            await asyncio.sleep(0.05)
+            return hop, relay, results
+
+    return asyncio.run(main())
 
 
 async def trickle(writer, data: bytes) -> None:
@@ -93,17 +107,7 @@ def test_the_envelope_goes_in_one_write_and_replies_are_read_in_order():
         await trickle(writer, b"250-2.0.0 queued\r\n250 2.0.0 as ABC123\r\n")
         await hop.rest(reader, writer)
 
-    async def main():
-        async with ScriptedHop(transaction) as hop:
-            relay = relay_for(hop)
-            result = await relay.send(mail_from="a@x.test",
-                                      rcpt_tos=["b@y.test", "c@y.test", "d@y.test"],
-                                      data=MESSAGE)
-            await relay.close()
-            await asyncio.sleep(0.05)
-            return hop, result
-
-    hop, result = asyncio.run(main())
+    hop, _, (result,) = exchange(transaction, ("a@x.test", ["b@y.test", "c@y.test", "d@y.test"]))
     assert result.delivered, result.reply
     assert result.accepted == ("b@y.test", "c@y.test")
     assert result.refused == {"d@y.test": (451, "4.2.0 later")}
@@ -125,17 +129,8 @@ def test_a_refused_sender_is_reported_and_the_connection_reused_after_rset():
         writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
         await hop.take_message(reader, writer)
 
-    async def main():
-        async with ScriptedHop(transaction) as hop:
-            relay = relay_for(hop)
-            first = await relay.send(mail_from="bad@x.test", rcpt_tos=["b@y.test"],
-                                     data=MESSAGE)
-            second = await relay.send(mail_from="a@x.test", rcpt_tos=["b@y.test"],
-                                      data=MESSAGE)
-            await relay.close()
-            return hop, relay, first, second
-
-    hop, relay, first, second = asyncio.run(main())
+    hop, relay, (first, second) = exchange(transaction, ("bad@x.test", ["b@y.test"]),
+                                           ("a@x.test", ["b@y.test"]))
     assert not first.delivered
     assert first.reply == outcomes.next_hop_refused(553, "5.1.8 sender refused")
     assert first.next_hop_reply == "553 5.1.8 sender refused"
@@ -153,16 +148,7 @@ def test_data_opened_after_every_recipient_was_refused_is_ended_empty():
         writer.write(b"554 5.5.1 no valid recipients\r\n")
         hop.received.append(await reader.read(1000))  # EOF: no RSET, no QUIT
 
-    async def main():
-        async with ScriptedHop(transaction) as hop:
-            relay = relay_for(hop)
-            result = await relay.send(mail_from="a@x.test", rcpt_tos=["b@y.test"],
-                                      data=MESSAGE)
-            await asyncio.sleep(0.1)
-            await relay.close()
-            return hop, result
-
-    hop, result = asyncio.run(main())
+    hop, _, (result,) = exchange(transaction, ("a@x.test", ["b@y.test"]))
     assert not result.delivered
     assert result.refused == {"b@y.test": (550, "5.1.1 no such user")}
     assert result.reply.startswith("550")
@@ -180,16 +166,8 @@ def test_a_reused_connection_that_dies_before_the_data_is_replaced_once():
         writer.write(b"250 2.0.0 taken\r\n")
         await transaction(hop, reader, writer)
 
-    async def main():
-        async with ScriptedHop(transaction) as hop:
-            relay = relay_for(hop)
-            first = await relay.send(mail_from="a@x.test", rcpt_tos=["b@y.test"], data=MESSAGE)
-            second = await relay.send(mail_from="a@x.test", rcpt_tos=["c@y.test"],
-                                      data=MESSAGE)
-            await relay.close()
-            return hop, relay, first, second
-
-    hop, relay, first, second = asyncio.run(main())
+    hop, relay, (first, second) = exchange(transaction, ("a@x.test", ["b@y.test"]),
+                                           ("a@x.test", ["c@y.test"]))
     assert first.delivered and second.delivered, (first.reply, second.reply)
     assert relay.connections_opened == hop.connections == 2
     assert sum(1 for data in hop.received if data.endswith(b"\r\n.\r\n")) == 2
@@ -203,12 +181,7 @@ def test_a_next_hop_that_does_not_answer_in_smtp_gets_a_temporary_failure(answer
         writer.write(answer)
         await reader.read(1000)
 
-    async def main():
-        async with ScriptedHop(transaction) as hop:
-            relay = relay_for(hop, timeout=0.5)
-            return await relay.send(mail_from="a@x.test", rcpt_tos=["b@y.test"], data=MESSAGE)
-
-    result = asyncio.run(main())
+    _, _, (result,) = exchange(transaction, ("a@x.test", ["b@y.test"]), timeout=0.5)
     assert not result.delivered
     assert result.reply == outcomes.NEXT_HOP_DOWN
 
@@ -217,15 +190,7 @@ def test_a_control_character_in_a_path_is_not_sent():
     async def transaction(hop, reader, writer):
         await hop.rest(reader, writer)
 
-    async def main():
-        async with ScriptedHop(transaction) as hop:
-            relay = relay_for(hop)
-            result = await relay.send(mail_from="a@x.test", rcpt_tos=["b@y.test\r\nRCPT TO:<c>"],
-                                      data=MESSAGE)
-            await relay.close()
-            return hop, result
-
-    hop, result = asyncio.run(main())
+    hop, _, (result,) = exchange(transaction, ("a@x.test", ["b@y.test\r\nRCPT TO:<c>"]))
     assert result.reply == outcomes.NEXT_HOP_DOWN
     assert hop.received == []
 
@@ -236,12 +201,7 @@ def test_a_sender_refused_before_the_next_hop_hangs_up_is_its_refusal():
         await hop.until(reader, b"DATA\r\n")
         writer.write(b"421 4.7.0 too many messages from you\r\n")
 
-    async def main():
-        async with ScriptedHop(transaction) as hop:
-            relay = relay_for(hop)
-            return await relay.send(mail_from="a@x.test", rcpt_tos=["b@y.test"], data=MESSAGE)
-
-    result = asyncio.run(main())
+    _, _, (result,) = exchange(transaction, ("a@x.test", ["b@y.test"]))
     assert not result.delivered
     assert result.next_hop_reply == "421 4.7.0 too many messages from you"
     assert result.reply == outcomes.next_hop_refused(421, "4.7.0 too many messages from you")
@@ -259,15 +219,8 @@ def test_each_reply_has_the_timeout_not_the_whole_envelope():
         writer.write(b"354 go\r\n")
         await hop.take_message(reader, writer)
 
-    async def main():
-        async with ScriptedHop(transaction) as hop:
-            relay = relay_for(hop, timeout=1.0)
-            result = await relay.send(mail_from="a@x.test",
-                                      rcpt_tos=[f"r{i}@y.test" for i in range(6)], data=MESSAGE)
-            await relay.close()
-            return result
-
-    result = asyncio.run(main())
+    _, _, (result,) = exchange(transaction, ("a@x.test", [f"r{i}@y.test" for i in range(6)]),
+                               timeout=1.0)
     assert result.delivered, result.reply
 
 
@@ -279,15 +232,7 @@ def test_data_opened_after_the_sender_was_refused_is_aborted_not_ended():
         writer.write(b"550 5.1.8 sender refused\r\n250 ok\r\n354 go ahead anyway\r\n")
         hop.received.append(await reader.read(1000))  # EOF: nothing more
 
-    async def main():
-        async with ScriptedHop(transaction) as hop:
-            relay = relay_for(hop)
-            result = await relay.send(mail_from="a@x.test", rcpt_tos=["b@y.test"],
-                                      data=MESSAGE)
-            await asyncio.sleep(0.1)
-            return hop, result
-
-    hop, result = asyncio.run(main())
+    hop, _, (result,) = exchange(transaction, ("a@x.test", ["b@y.test"]))
     assert not result.delivered
     assert result.next_hop_reply == "550 5.1.8 sender refused"
     assert hop.received[1:] == [b""]
@@ -299,12 +244,5 @@ def test_no_recipients_is_a_temporary_refusal_not_a_crash():
         writer.write(b"250 ok\r\n503 5.5.1 no valid recipients\r\n")
         await hop.rest(reader, writer)
 
-    async def main():
-        async with ScriptedHop(transaction) as hop:
-            relay = relay_for(hop)
-            result = await relay.send(mail_from="a@x.test", rcpt_tos=[], data=MESSAGE)
-            await relay.close()
-            return result
-
-    result = asyncio.run(main())
+    _, _, (result,) = exchange(transaction, ("a@x.test", []))
     assert not result.delivered and result.reply.startswith("451")
