@@ -285,9 +285,7 @@ class Relay:
                         " during DATA" if started else "", exc)
             return RelayResult(False, outcomes.NEXT_HOP_DOWN)
         self._release(client)
-        reply = f"250 2.0.0 Accepted by next hop: {response.message}"[:400]
-        return RelayResult(True, " ".join(reply.split()), refused, tuple(accepted),
-                           next_hop_reply=_said(response.code, response.message))
+        return _taken(response.code, response.message, refused, accepted)
 
     async def _pipelined(self, conn: PipelinedConnection, reused: bool, mail_from: str,
                          rcpt_tos: list[str], data: bytes) -> RelayResult:
@@ -365,9 +363,7 @@ class Relay:
             return RelayResult(False, outcomes.next_hop_refused(*done),
                                next_hop_reply=_said(*done))
         self._release(conn)
-        reply = f"250 2.0.0 Accepted by next hop: {done[1]}"[:400]
-        return RelayResult(True, " ".join(reply.split()), refused, tuple(accepted),
-                           next_hop_reply=_said(*done))
+        return _taken(*done, refused, accepted)
 
     async def _end_empty(self, conn: PipelinedConnection) -> None:
         try:
@@ -402,6 +398,14 @@ class Relay:
             client.close()
             return
         self._release(client)
+
+
+def _taken(code: int, message: str, refused: dict[str, tuple[int, str]],
+           accepted: list[str]) -> RelayResult:
+    """The next hop took the message (for ``accepted``): our 250 quotes its reply."""
+    reply = f"250 2.0.0 Accepted by next hop: {message}"[:400]
+    return RelayResult(True, " ".join(reply.split()), refused, tuple(accepted),
+                       next_hop_reply=_said(code, message))
 
 
 def _why(exc: BaseException) -> str:
