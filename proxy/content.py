@@ -30,7 +30,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import partial
+from functools import cached_property, partial
 
 import httpx
 import sqlalchemy.exc
@@ -73,6 +73,11 @@ class Message:
     identity: str | None
     client_ip: str | None
     remove_headers: tuple[str, ...] = ()
+
+    @cached_property
+    def on_the_loop(self) -> bool:
+        """Its checks and signature run on the event loop (decided once a message)."""
+        return on_the_loop(self.data)
 
 
 @dataclass(frozen=True)
@@ -136,13 +141,13 @@ class ContentPipeline:
     async def _in_thread(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(None, partial(fn, *args, **kwargs))
 
-    async def _off_loop(self, data: bytes, fn, *args, **kwargs):
-        """Run CPU-bound work on the message ``data`` (a check, the DKIM signature): in a
-        thread when the message is big, or made of many MIME parts (the checks' cost grows
-        with the parts: 64 KB of empty parts took 80-96 ms), so that it cannot stall every
-        other session of this process; inline otherwise, where the work takes about a
-        millisecond and the hop to a thread and back would cost more than it saves."""
-        if on_the_loop(data):
+    async def _off_loop(self, msg: Message, fn, *args, **kwargs):
+        """Run CPU-bound work on ``msg`` (a check, the DKIM signature): in a thread when the
+        message is big, or made of many MIME parts (the checks' cost grows with the parts:
+        64 KB of empty parts took 80-96 ms), so that it cannot stall every other session of
+        this process; inline otherwise, where the work takes about a millisecond and the hop
+        to a thread and back would cost more than it saves."""
+        if msg.on_the_loop:
             return fn(*args, **kwargs)
         return await self._in_thread(fn, *args, **kwargs)
 
@@ -171,7 +176,7 @@ class ContentPipeline:
     async def inspect(self, msg: Message) -> Inspection:
         user = msg.user
         attachments, spam = await self._off_loop(
-            msg.data, local_checks, msg.data, mail_from=msg.mail_from,
+            msg, local_checks, msg.data, mail_from=msg.mail_from,
             rcpt_tos=list(msg.rcpt_tos),
             block_macros=user.block_macro_attachments,
             block_unwanted=user.block_unwanted_attachments,
@@ -194,7 +199,7 @@ class ContentPipeline:
                 timeout=self.config["RSPAMD_TIMEOUT"])
         except rspamd.RspamdError as exc:
             log.warning("%s; using the built-in scorer", exc)
-        return await self._off_loop(msg.data, score_message, msg.data,
+        return await self._off_loop(msg, score_message, msg.data,
                                     mail_from=msg.mail_from, rcpt_tos=list(msg.rcpt_tos),
                                     threshold=self.config["SPAM_THRESHOLD"])
 
@@ -262,7 +267,7 @@ class ContentPipeline:
         if key is None:
             return data
         try:
-            return await self._off_loop(data, sign_with, data, key)
+            return await self._off_loop(msg, sign_with, data, key)
         except DkimError as exc:
             log.warning("not DKIM-signing a message of %s: %s", msg.user.name, exc)
             return data
