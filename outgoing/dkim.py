@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim import canonicalization
 
+from scoring.message import crlf_lines, lines_end_in_crlf
+
 ALGORITHMS = ("rsa", "ed25519")
 RSA_KEY_BITS = 2048
 
@@ -106,7 +108,8 @@ def sign(
 ) -> bytes:
     """Return ``message`` with a relaxed/relaxed DKIM-Signature header prepended.
 
-    The message's own bytes (CRLF line endings) are kept unchanged after the new header.
+    The message's own bytes (CRLF line endings) are kept unchanged after the new header;
+    ``CrlfLines`` in, ``CrlfLines`` out.
     """
     if not valid_selector(selector):
         raise DkimError(f"invalid DKIM selector {selector!r}")
@@ -133,7 +136,7 @@ def sign(
             )
     except (dkimpy.DKIMException, UnicodeError) as exc:
         raise DkimError(f"DKIM signing failed: {exc}") from exc
-    return signature + message
+    return crlf_lines(signature, message)
 
 
 @lru_cache(maxsize=256)
@@ -161,7 +164,7 @@ def split_message(message: bytes) -> tuple[list, bytes]:
     of a millisecond for 48 KB); a message whose every line ends in CRLF (the proxy's) has
     its body after the first empty line as it is, and only the header block is parsed."""
     end = message.find(b"\r\n\r\n")
-    if end < 0 or message.startswith(b"\r\n") or message.count(b"\n") != message.count(b"\r\n"):
+    if end < 0 or message.startswith(b"\r\n") or not lines_end_in_crlf(message):
         return dkimpy.rfc822_parse(message)
     return dkimpy.rfc822_parse(message[:end + 4])[0], message[end + 4:]
 

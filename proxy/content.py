@@ -358,8 +358,9 @@ class ContentPipeline:
                         "recipient(s) to the sender", len(rcpt_tos))
             return False
         try:
-            enqueue(self.redis_sync, RETRY_JOB, msg.mail_from, rcpt_tos, data, now.isoformat(),
-                    1, at=None if due <= now else due, retry=None)
+            # plain bytes in the job: the mark of CrlfLines means nothing to the worker
+            enqueue(self.redis_sync, RETRY_JOB, msg.mail_from, rcpt_tos, bytes(data),
+                    now.isoformat(), 1, at=None if due <= now else due, retry=None)
         except Exception:
             log.exception("could not hand %d deferred recipient(s) to the worker; reporting "
                           "them to the sender", len(rcpt_tos))

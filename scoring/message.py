@@ -27,7 +27,35 @@ class LineEndings:
 def normalise_line_endings(raw: bytes) -> LineEndings:
     """Turn bare CR and bare LF into CRLF, so nothing can smuggle an end-of-data past us."""
     fixed, count = _BARE.subn(b"\r\n", raw)
-    return LineEndings(fixed, count > 0)
+    return LineEndings(CrlfLines(fixed), count > 0)
+
+
+class CrlfLines(bytes):
+    """Bytes in which every CR and LF is part of a CRLF, as checked where they were made
+    (``crlf_lines``, ``normalise_line_endings``). The proxy's message is such bytes from
+    DATA on, and each later step (the DKIM signer, the relay) would scan the whole of it
+    again to know that: three scans each, a tenth of a millisecond for 48 KB. Slicing,
+    joining or replacing gives plain bytes again, so the mark never outlives its check."""
+
+    __slots__ = ()
+
+
+def lines_end_in_crlf(data: bytes) -> bool:
+    """Every CR and LF of ``data`` is part of a CRLF: known for ``CrlfLines``, else three
+    scans (a few µs for 5 KB)."""
+    if type(data) is CrlfLines:
+        return True
+    crlf = data.count(b"\r\n")
+    return data.count(b"\r") == crlf and data.count(b"\n") == crlf
+
+
+def crlf_lines(*parts: bytes) -> bytes:
+    """The parts joined, as ``CrlfLines`` when every part's CR and LF are in CRLFs (then so
+    are the joined bytes'), else as plain bytes."""
+    joined = b"".join(parts)
+    if all(lines_end_in_crlf(part) for part in parts):
+        return CrlfLines(joined)
+    return joined
 
 
 def header_block(raw: bytes) -> tuple[bytes, bytes]:
