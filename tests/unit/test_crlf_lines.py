@@ -52,6 +52,7 @@ def test_a_marked_part_is_not_scanned_again_and_a_plain_one_is():
 def test_any_change_to_marked_bytes_gives_plain_bytes():
     data = CrlfLines(b"Subject: x\r\n\r\nbody\r\n")
     for changed in (data[:-1], data + b"\n", b"\r" + data, data.replace(b"\r\n", b"\n"),
-                    data.rstrip(b"\n"), data.split(b"\r\n\r\n")[1], data.lower()):
+                    data.rstrip(b"\n"), data.split(b"\r\n\r\n")[1], data.lower(),
+                    CrlfLines.fromhex("0a2e0a"), data.fromhex("0d2e0d0a")):
         assert type(changed) is bytes
         assert lines_end_in_crlf(changed) == _crlf_only(changed)
