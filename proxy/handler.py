@@ -71,6 +71,10 @@ class SessionState:
     auth_user_id: int | None = None
     auth_login: str | None = None
     counted_user_ids: set[int] = field(default_factory=set)
+    # Users this connection is owed to but not counted for yet: with no connection limit
+    # nothing can refuse it, so it is counted in the round trip of the user's first MAIL, or
+    # when the connection ends without one (``_count_connection``).
+    owed_user_ids: set[int] = field(default_factory=set)
     user_id: int | None = None  # the user the current message is attributed to
     # A recipient counted at MAIL for the first RCPT: (user id, hash field). Given back with
     # the next MAIL or when the connection ends if no RCPT used it.
@@ -174,6 +178,8 @@ class OutboundHandler:
             return
         fresh = _state(new)
         fresh.counted_user_ids |= state.counted_user_ids
+        fresh.owed_user_ids |= state.owed_user_ids
+        state.owed_user_ids = set()  # owed once, by the session that goes on
         fresh.active, state.active = state.active, False
         fresh.txn, state.txn = state.txn, None
         fresh.auth_failed, fresh.auth_new_network = state.auth_failed, state.auth_new_network
@@ -183,9 +189,16 @@ class OutboundHandler:
     async def _count_connection(self, session, user: UserPolicy, code: int) -> str | None:
         """Count this connection for ``user`` (each user once per connection); the reply
         refusing it when a window is full. With Redis down it is left to MAIL, which answers
-        451 (or, with REDIS_FAIL_OPEN, lets it through)."""
+        451 (or, with REDIS_FAIL_OPEN, lets it through). A user with no connection limit (the
+        default) cannot be refused here, so the count waits for the user's first MAIL, whose
+        round trip counts it too (``counters.check_mail``), or for the end of a connection
+        that sent none: one round trip a connection less for a client that sends one message
+        per connection."""
         state = _state(session)
         if user.id in state.counted_user_ids:
+            return None
+        if not user.limits:
+            state.owed_user_ids.add(user.id)
             return None
         try:
             decision = await counters.count_connection(self.redis, user.id, user.limits,
@@ -253,7 +266,8 @@ class OutboundHandler:
         self.log.write(mlog.finish(record, reply))
 
     def session_closed(self, session) -> None:
-        """The connection ended: give back a recipient reserved at MAIL but never used."""
+        """The connection ended: give back a recipient reserved at MAIL but never used, and
+        count the connection for users it is still owed to (no MAIL of theirs counted it)."""
         state = getattr(session, "og_state", None)
         if state is not None and state.active:
             state.active = False
@@ -263,6 +277,18 @@ class OutboundHandler:
             user_id, field_name = state.reserved
             state.reserved = None
             self._background(self._give_back(user_id, field_name))
+        if state is not None and state.owed_user_ids:
+            owed, state.owed_user_ids = state.owed_user_ids - state.counted_user_ids, set()
+            state.counted_user_ids |= owed
+            for user_id in owed:
+                self._background(self._count_owed(user_id))
+
+    async def _count_owed(self, user_id: int) -> None:
+        try:
+            await counters.count_connection(self.redis, user_id, {}, self.clock())
+        except Exception as exc:
+            self._faults.warning("count-owed", "could not count a connection that sent no "
+                                 "mail (%s)", exc)
 
     async def _give_back(self, user_id: int, field_name: str) -> None:
         try:
@@ -499,6 +525,7 @@ class OutboundHandler:
                 return str(check.decision.reply)
             if first_message:
                 state.counted_user_ids.add(user.id)
+                state.owed_user_ids.discard(user.id)
             if RECIPIENTS in check.fields:
                 state.reserved = (user.id, check.fields[RECIPIENTS])
         refusal = await self.content.check_sender(user, address)

@@ -1,6 +1,7 @@
 """Connection and recipient limits through the real proxy, with the clock injected: each
 window, counting once per SMTP connection when it opens (at connect for IP users, at AUTH for
-logins), recipients over a rolling day, "no limit" values, and two proxy instances sharing
+logins; for users without connection limits with the first MAIL, or as a connection without
+one ends), recipients over a rolling day, "no limit" values, and two proxy instances sharing
 one Redis."""
 
 from __future__ import annotations
@@ -214,3 +215,102 @@ def test_a_recipient_reserved_before_starttls_is_given_back_after_it(instance, s
         smtp.ehlo("client.example.com")
         assert send(smtp, message())[0] == 250
     assert usage(redis_client, ip_user, at_t0(), "recipients") == (0, 1)
+
+
+def eventually_counted(redis_client, user_id: int, now: float, expected: int) -> int:
+    """The hour's count once it reaches ``expected`` (a connection that ends without MAIL
+    is counted as it closes, after the client has gone), or what it is after 10 s."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while True:
+        count = usage(redis_client, user_id, now, "hour")[1]
+        if count >= expected or time.monotonic() > deadline:
+            time.sleep(0.2)  # and nothing more comes
+            return usage(redis_client, user_id, now, "hour")[1]
+        time.sleep(0.02)
+
+
+def test_connections_of_users_without_limits_count_once_with_or_without_mail(
+        instance, start_proxy, at_t0, redis_client, sink):
+    """With no connection limit nothing can refuse a connection, so it is counted with the
+    first MAIL's round trip or, without one, as it ends: the same count, once per
+    connection, STARTTLS or not, for an IP user and a login."""
+    ip_user = data.add_user("example.com", "ip", "127.0.0.5")
+    alice = data.add_user("example.com", "user", "alice@example.com", PASSWORD)
+    proxy = start_proxy()
+    assert greeting(proxy.port, "127.0.0.5").startswith(b"220 ")  # nothing sent
+    with client(proxy.port, source="127.0.0.5") as smtp:  # STARTTLS, no MAIL
+        smtp.noop()
+    with client(proxy.port, source="127.0.0.5") as smtp:  # STARTTLS, two messages
+        assert send(smtp, message())[0] == 250
+        assert send(smtp, message())[0] == 250
+    with client(proxy.port, starttls=False, source="127.0.0.5") as smtp:  # MAIL, then TLS
+        assert smtp.mail("alice@example.com")[0] == 250
+        smtp.rset()
+        import ssl
+
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        smtp.starttls(context=context)
+        smtp.ehlo("client.example.com")
+        assert send(smtp, message())[0] == 250
+    assert eventually_counted(redis_client, ip_user, at_t0(), 4) == 4
+    with client(proxy.port) as smtp:  # a login that never sends
+        smtp.login("alice@example.com", PASSWORD)
+    assert session(proxy.port, messages=2) == 250
+    assert eventually_counted(redis_client, alice, at_t0(), 2) == 2
+
+
+class ScriptsRun:
+    """Counts the scripts run (EVALSHA) in this test's Redis database while inside, with
+    MONITOR: the server's command statistics would count other tests' too."""
+
+    def __init__(self, redis_client):
+        self.redis = redis_client
+        kwargs = redis_client.connection_pool.connection_kwargs
+        self.address = (kwargs.get("host", "127.0.0.1"), int(kwargs.get("port", 6379)))
+        self.tag = f"[{int(kwargs.get('db', 0))} ".encode()
+        self.count = 0
+
+    def __enter__(self):
+        self.sock = socket.create_connection(self.address, timeout=10)
+        self.sock.sendall(b"MONITOR\r\n")
+        assert self.sock.recv(5) == b"+OK\r\n"
+        return self
+
+    def __exit__(self, *exc):
+        marker = f"end-{id(self)}".encode()
+        self.redis.echo(marker)  # MONITOR shows it after everything before it: read up to it
+        seen = b""
+        while marker not in seen:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            seen += chunk
+        self.sock.close()
+        self.count = sum(1 for line in seen.split(b"\r\n")
+                         if self.tag in line and b'"evalsha"' in line.lower())
+        return False
+
+
+def test_a_user_without_connection_limits_costs_one_round_trip_less_a_connection(
+        instance, start_proxy, at_t0, redis_client, sink):
+    """A one-message connection of an IP user without connection limits: its count rides
+    on MAIL's script, where a user with limits has it checked at connect first."""
+    limited = data.add_user("example.com", "ip", "127.0.0.5", connection_limits_enabled=True,
+                            limit_per_hour=100)
+    free = data.add_user("example.com", "ip", "127.0.0.6")
+    proxy = start_proxy()
+    calls = {}
+    for user_id, source in ((limited, "127.0.0.5"), (free, "127.0.0.6")):
+        with client(proxy.port, starttls=False, source=source) as smtp:
+            assert send(smtp, message())[0] == 250  # warms every script up
+        assert eventually_counted(redis_client, user_id, at_t0(), 1) == 1
+        with ScriptsRun(redis_client) as scripts:
+            with client(proxy.port, starttls=False, source=source) as smtp:
+                assert send(smtp, message())[0] == 250
+            assert eventually_counted(redis_client, user_id, at_t0(), 2) == 2
+        calls[source] = scripts.count
+    assert calls["127.0.0.6"] == calls["127.0.0.5"] - 1
