@@ -75,6 +75,7 @@ class SessionState:
     # nothing can refuse it, so it is counted in the round trip of the user's first MAIL, or
     # when the connection ends without one (``_count_connection``).
     owed_user_ids: set[int] = field(default_factory=set)
+    closed: bool = False  # the connection has ended (``session_closed``)
     user_id: int | None = None  # the user the current message is attributed to
     # A recipient counted at MAIL for the first RCPT: (user id, hash field). Given back with
     # the next MAIL or when the connection ends if no RCPT used it.
@@ -269,6 +270,8 @@ class OutboundHandler:
         """The connection ended: give back a recipient reserved at MAIL but never used, and
         count the connection for users it is still owed to (no MAIL of theirs counted it)."""
         state = getattr(session, "og_state", None)
+        if state is not None:
+            state.closed = True
         if state is not None and state.active:
             state.active = False
             metrics.CONNECTIONS.dec()
@@ -282,6 +285,18 @@ class OutboundHandler:
             state.counted_user_ids |= owed
             for user_id in owed:
                 self._background(self._count_owed(user_id))
+
+    def _settle_owed(self, state: SessionState, user_id: int, call: asyncio.Future) -> None:
+        """MAIL's script has run: when it counted no connection (refused, locked, failed),
+        the user is owed one still, counted at once if the connection has ended."""
+        if not call.cancelled() and call.exception() is None:
+            check = call.result()
+            if check.lock is None and check.decision.allowed:
+                return
+        if state.closed:
+            self._background(self._count_owed(user_id))
+        else:
+            state.owed_user_ids.add(user_id)
 
     async def _count_owed(self, user_id: int) -> None:
         try:
@@ -507,12 +522,22 @@ class OutboundHandler:
             else:
                 await self._give_back(*pending)
         first_message = user.id not in state.counted_user_ids
+        call = counters.check_mail(
+            self.redis, user.id, self.clock(),
+            connection_limits=user.limits if first_message else None,
+            maximum_recipients_per_day=user.maximum_recipients_per_day,
+            give_back=give_back)
+        if first_message and user.id in state.owed_user_ids:
+            # The script counts the connection owed to the user. Whether it did is known
+            # only once it has run, which it does even when the client leaves meanwhile
+            # (shielded): a MAIL followed at once by a hang-up would otherwise count the
+            # connection here and again at the close, or not at all.
+            state.owed_user_ids.discard(user.id)
+            call = asyncio.ensure_future(call)
+            call.add_done_callback(partial(self._settle_owed, state, user.id))
+            call = asyncio.shield(call)
         try:
-            check = await counters.check_mail(
-                self.redis, user.id, self.clock(),
-                connection_limits=user.limits if first_message else None,
-                maximum_recipients_per_day=user.maximum_recipients_per_day,
-                give_back=give_back)
+            check = await call
         except RedisError as exc:
             if not self._redis_down("MAIL", exc):
                 return outcomes.TEMPORARY
@@ -525,7 +550,6 @@ class OutboundHandler:
                 return str(check.decision.reply)
             if first_message:
                 state.counted_user_ids.add(user.id)
-                state.owed_user_ids.discard(user.id)
             if RECIPIENTS in check.fields:
                 state.reserved = (user.id, check.fields[RECIPIENTS])
         refusal = await self.content.check_sender(user, address)

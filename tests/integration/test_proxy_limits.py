@@ -314,3 +314,41 @@ def test_a_user_without_connection_limits_costs_one_round_trip_less_a_connection
             assert eventually_counted(redis_client, user_id, at_t0(), 2) == 2
         calls[source] = scripts.count
     assert calls["127.0.0.6"] == calls["127.0.0.5"] - 1
+
+
+def test_a_client_leaving_during_mail_is_counted_once(instance, start_proxy, at_t0,
+                                                      redis_client, sink):
+    """MAIL, then the connection closes at once: the session ends while MAIL's script runs
+    or just after it, and the connection it counted is not counted again at the close."""
+    ip_user = data.add_user("example.com", "ip", "127.0.0.5")
+    proxy = start_proxy()
+    rounds = 30
+    for _ in range(rounds):
+        with socket.create_connection(("127.0.0.1", proxy.port), source_address=("127.0.0.5", 0),
+                                      timeout=10) as sock:
+            assert sock.recv(1000).startswith(b"220 ")
+            sock.sendall(b"EHLO client.example.com\r\n")
+            while not sock.recv(1000).rstrip().split(b"\r\n")[-1].startswith(b"250 "):
+                pass
+            sock.sendall(b"MAIL FROM:<alice@example.com>\r\n")
+            sock.shutdown(socket.SHUT_WR)  # gone before the reply
+    assert eventually_counted(redis_client, ip_user, at_t0(), rounds + 1) == rounds
+
+
+def test_a_locked_user_without_limits_still_counts_the_connection(instance, start_proxy, at_t0,
+                                                                  redis_client, sink):
+    """MAIL's script refuses a locked user before counting anything: the connection it was
+    to count is counted when it ends, once."""
+    from outgoing import locks
+    from outgoing.locks import LOCK_AUTOMATIC
+    from outgoing.models import OutgoingUser
+
+    ip_user = data.add_user("example.com", "ip", "127.0.0.5")
+    data.query(lambda session: locks.lock(session, redis_client,
+                                          session.get(OutgoingUser, ip_user),
+                                          kind=LOCK_AUTOMATIC, reason="test", actor="test"))
+    proxy = start_proxy()
+    with client(proxy.port, starttls=False, source="127.0.0.5") as smtp:
+        assert smtp.mail("alice@example.com")[0] == 550
+        assert smtp.mail("alice@example.com")[0] == 550
+    assert eventually_counted(redis_client, ip_user, at_t0(), 2) == 1
