@@ -333,6 +333,20 @@ class LimitedSMTP(SMTP):
         if not await self._no_progress():
             await super().smtp_HELP(arg)
 
+    # -- STARTTLS ----------------------------------------------------------------------------
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg):
+        """aiosmtpd's STARTTLS, and an end for a connection whose handshake was given up.
+        When the idle timeout closes a connection still in its TLS handshake (a client that
+        says nothing after "220 Ready to start TLS"), asyncio's TLS layer wakes STARTTLS as if
+        the handshake had succeeded and tells nobody that the connection is gone: the session
+        would wait for a next command forever, with its task, its slot of the per-IP cap and
+        what it owes the counters."""
+        await super().smtp_STARTTLS(arg)
+        if self._tls_protocol is not None and self.transport is not None \
+                and self.transport.is_closing():
+            self.connection_lost(None)
+
     # -- DATA, read in bulk ----------------------------------------------------------------
     bulk_data = _BULK_DATA  # False: aiosmtpd's own reader (the tests compare the two)
 
