@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import smtplib
 import socket
+import ssl
 
 import pytest
 
@@ -103,6 +104,15 @@ def test_ip_users_connection_limit_counts_each_session_once(instance, start_prox
             assert send(smtp, message())[0] == 250
     assert greeting(proxy.port, "127.0.0.5") == (
         b"421 4.7.0 Outgoing connection limit per hour (2) reached, try again later\r\n")
+
+
+def starttls(smtp: smtplib.SMTP) -> None:
+    """STARTTLS on a session that began without it, and EHLO again."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    smtp.starttls(context=context)
+    smtp.ehlo("client.example.com")
 
 
 def greeting(port: int, source: str) -> bytes:
@@ -202,17 +212,11 @@ def test_two_proxy_instances_sharing_one_redis_enforce_one_limit(instance, start
 def test_a_recipient_reserved_before_starttls_is_given_back_after_it(instance, start_proxy,
                                                                      at_t0, redis_client,
                                                                      sink):
-    import ssl
-
     ip_user = data.add_user("example.com", "ip", "127.0.0.5", maximum_recipients_per_day=1)
     proxy = start_proxy()
     with client(proxy.port, starttls=False, source="127.0.0.5") as smtp:
         assert smtp.mail("alice@example.com")[0] == 250  # reserves the only recipient
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        smtp.starttls(context=context)
-        smtp.ehlo("client.example.com")
+        starttls(smtp)
         assert send(smtp, message())[0] == 250
     assert usage(redis_client, ip_user, at_t0(), "recipients") == (0, 1)
 
@@ -248,13 +252,7 @@ def test_connections_of_users_without_limits_count_once_with_or_without_mail(
     with client(proxy.port, starttls=False, source="127.0.0.5") as smtp:  # MAIL, then TLS
         assert smtp.mail("alice@example.com")[0] == 250
         smtp.rset()
-        import ssl
-
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        smtp.starttls(context=context)
-        smtp.ehlo("client.example.com")
+        starttls(smtp)
         assert send(smtp, message())[0] == 250
     assert eventually_counted(redis_client, ip_user, at_t0(), 4) == 4
     with client(proxy.port) as smtp:  # a login that never sends
