@@ -267,13 +267,20 @@ class ScriptsRun:
 
     def __init__(self, redis_client):
         self.redis = redis_client
-        kwargs = redis_client.connection_pool.connection_kwargs
-        self.address = (kwargs.get("host", "127.0.0.1"), int(kwargs.get("port", 6379)))
-        self.tag = f"[{int(kwargs.get('db', 0))} ".encode()
+        self.kwargs = redis_client.connection_pool.connection_kwargs
+        self.tag = f"[{int(self.kwargs.get('db', 0))} ".encode()
         self.count = 0
 
     def __enter__(self):
-        self.sock = socket.create_connection(self.address, timeout=10)
+        path = self.kwargs.get("path")  # the embedded Redis listens on a unix socket
+        if path:
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.settimeout(10)
+            self.sock.connect(path)
+        else:
+            self.sock = socket.create_connection(
+                (self.kwargs.get("host", "127.0.0.1"), int(self.kwargs.get("port", 6379))),
+                timeout=10)
         self.sock.sendall(b"MONITOR\r\n")
         assert self.sock.recv(5) == b"+OK\r\n"
         return self
