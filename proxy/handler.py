@@ -312,12 +312,20 @@ class OutboundHandler:
             self._faults.warning("give-back", "could not give back a reserved recipient "
                                  "(%s); it counts until its window passes", exc)
 
+    def _password_digest(self, password: str) -> bytes:
+        return hmac.new(self.config["SECRET_KEY"].encode(), password.encode(),
+                        hashlib.sha256).digest()
+
+    def _password_known(self, user: UserPolicy, password: str) -> bool:
+        """Did this process verify this very password for this user's current hash?"""
+        cached = self._verified.get((user.id, user.password_hash or ""))
+        return cached is not None and hmac.compare_digest(cached, self._password_digest(password))
+
     async def _check_password(self, user: UserPolicy, password: str) -> bool:
         """Verify in a thread (scrypt is slow); remember a success for this exact hash, and
         let simultaneous logins with the same password wait for one verification instead of
         each running scrypt (a fleet of connections opening at once)."""
-        digest = hmac.new(self.config["SECRET_KEY"].encode(), password.encode(),
-                          hashlib.sha256).digest()
+        digest = self._password_digest(password)
         key = (user.id, user.password_hash or "")
         cached = self._verified.get(key)
         if cached is not None and hmac.compare_digest(cached, digest):
@@ -345,9 +353,21 @@ class OutboundHandler:
         if not self.directory.ready:
             return AuthResult(success=False, handled=False, message=outcomes.AUTH_TEMPORARY)
         now = self.clock()
+        user = None
+        try:
+            password_text = password.decode("utf-8")
+            user = self.directory.user_for_login(login.decode("utf-8"))
+        except UnicodeDecodeError:
+            pass
+        # A password this process verified before is right without scrypt: the throttle's
+        # check and the recording of the success are then one round trip, not two.
+        known = user is not None and bool(user.password_hash) and \
+            self._password_known(user, password_text)
         redis_up = True  # after one failure, this AUTH does not wait on Redis again
         try:
-            check = await throttle.check(self.redis, ip, login_text, now, self.throttle)
+            check = await throttle.check(self.redis, ip, login_text, now, self.throttle,
+                                         success=known,
+                                         ask_failures=known and user.detection.enabled)
         except RedisError as exc:
             metrics.REDIS_ERRORS.labels("AUTH").inc()
             self._faults.warning("AUTH", "Redis unavailable at AUTH (%s); throttling failed "
@@ -358,30 +378,26 @@ class OutboundHandler:
             log.info("AUTH refused for %r from %s: %s is blocked after failed attempts",
                      login_text[:100], ip, check.blocked)
             return AuthResult(success=False, handled=False, message=outcomes.AUTH_BLOCKED)
-        user = None
         try:
-            password_text = password.decode("utf-8")
-            user = self.directory.user_for_login(login.decode("utf-8"))
-        except UnicodeDecodeError:
-            pass
-        try:
-            ok = user is not None and bool(user.password_hash) and \
-                await self._check_password(user, password_text)
+            ok = known or (user is not None and bool(user.password_hash)
+                           and await self._check_password(user, password_text))
         except Exception:
             log.exception("could not verify the password of %s", user.name)
             return AuthResult(success=False, handled=False, message=outcomes.AUTH_TEMPORARY)
         if ok:
             # Where the owner logs in from: the username's block never applies there.
             self.local_throttle.record_success(ip, login_text, now)
-            failed, refusal = await asyncio.gather(
-                self._after_success(redis_up, user, ip, login_text, now),
-                self._count_connection(session, user, 454) if redis_up else _nothing())
+            if redis_up and not check.succeeded:
+                # (A block made while scrypt ran is not recorded over; it was not there
+                # when this AUTH was checked, and it applies from the next one.)
+                check = await self._record_success(user, ip, login_text, now, check)
+            refusal = await self._count_connection(session, user, 454) if redis_up else None
             if refusal:
                 return AuthResult(success=False, handled=False, message=refusal)
             state = _state(session)
             state.auth_user_id = user.id
             state.auth_login = login_text
-            state.auth_failed = bool(failed)
+            state.auth_failed = check.failed_before
             state.auth_new_network = redis_up and not check.known_network
             return AuthResult(success=True, auth_data=LoginPassword(login, b""))
         log.info("AUTH failed for %r from %s%s", login_text[:100], ip,
@@ -403,21 +419,18 @@ class OutboundHandler:
             return AuthResult(success=False, handled=False, message=outcomes.AUTH_TEMPORARY)
         return AuthResult(success=False, handled=False, message=outcomes.AUTH_INVALID)
 
-    async def _after_success(self, redis_up: bool, user: UserPolicy, ip: str, login: str,
-                             now: float) -> bool:
-        """Remember the login's network, and tell whether the login or the address failed
-        AUTH shortly before this success (compromise detection's "failed AUTH followed by
-        success", asked only when detection is on for the user): one pipelined round trip
-        at AUTH, never per message."""
-        if not redis_up:
-            return False
+    async def _record_success(self, user: UserPolicy, ip: str, login: str, now: float,
+                              check: throttle.AuthCheck) -> throttle.AuthCheck:
+        """After scrypt: remember the login's network, and tell whether the login or the
+        address failed AUTH shortly before this success (compromise detection's "failed AUTH
+        followed by success", asked only when detection is on for the user)."""
         try:
-            return await throttle.record_success(self.redis, ip, login, now, self.throttle,
-                                                 ask_failures=user.detection.enabled)
+            return await throttle.check(self.redis, ip, login, now, self.throttle,
+                                        success=True, ask_failures=user.detection.enabled)
         except RedisError as exc:
             self._faults.warning("AUTH-success", "Redis unavailable after AUTH (%s); this "
                                  "login's network is remembered in this process only", exc)
-            return False
+            return check
 
     def _logged_auth(self, server, result: AuthResult) -> AuthResult:
         """A refused AUTH is a transaction of its own in the message log (no user: nobody
@@ -869,10 +882,6 @@ class OutboundHandler:
         close = getattr(self.content, "close", None)
         if close is not None:
             await close()
-
-
-async def _nothing() -> None:
-    return None
 
 
 def _message_id(headers) -> str | None:

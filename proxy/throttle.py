@@ -1,12 +1,13 @@
 """Failed SMTP AUTH throttling in Redis, per client address and per username.
 
-One round trip per AUTH before any password is checked (one pipeline: ZMSCORE on the blocks
-set and ZSCORE of the client's network among the username's known networks); failures cost
-one transaction, and one more write when they reach the limit; a success costs one pipelined
-write (remembering its network). A username's block does not apply to networks it logged in
-from recently, and failures from there count only toward the address, so an attacker cannot
-lock the owner out of where they send from. The policy (how many, for how long, which
-network) is ``scoring.locks``; the control panel lists and clears blocks through
+One script per AUTH before any password is checked (``auth.lua``: the blocks of the client's
+address and username, and whether the username succeeded from the client's network
+recently), and the same script once more to record a success (remembering its network); a
+password this process verified before needs only the second. Failures cost one transaction,
+and one more write when they reach the limit. A username's block does not apply to networks
+it logged in from recently, and failures from there count only toward the address, so an
+attacker cannot lock the owner out of where they send from. The policy (how many, for how
+long, which network) is ``scoring.locks``; the control panel lists and clears blocks through
 ``outgoing.auth_blocks``. The clock is always passed in as ``now``.
 
 While Redis is unreachable the same policy runs in the process's memory (``LocalThrottle``),
@@ -18,8 +19,11 @@ from __future__ import annotations
 import json
 import math
 import secrets
+import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from outgoing import redis_keys
 from scoring.locks import (
@@ -35,6 +39,10 @@ from scoring.locks import (
 )
 
 KNOWN_NETWORKS_KEPT = 32  # per username: the most recently used ones
+AUTH_LUA = Path(__file__).with_name("auth.lua").read_text(encoding="utf-8")
+
+# One registered script per client, dropped with the client.
+_scripts: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -61,10 +69,12 @@ class ThrottlePolicy:
 
 @dataclass(frozen=True)
 class AuthCheck:
-    """What the proxy learns before checking a password."""
+    """What the proxy learns before checking a password, or as it records a success."""
 
     blocked: str | None  # the subject whose block refuses this AUTH, or None
     known_network: bool  # the login succeeded from the client's network recently
+    succeeded: bool = False  # the success was recorded: asked for, and nothing was blocked
+    failed_before: bool = False  # either subject failed AUTH within the window (when asked)
 
 
 def _has_login(login: str | None) -> bool:
@@ -85,55 +95,48 @@ def _first_blocked(names: list[str], untils: list[float | None], now: float) -> 
     return None
 
 
-async def check(redis, client_ip: str, login: str | None, now: float,
-                policy: ThrottlePolicy) -> AuthCheck:
-    """Is this AUTH refused by a block at ``now``? One round trip. From a network the login
-    succeeded from recently, only the address's block applies."""
+def _auth_script(redis) -> Any:
+    script = _scripts.get(redis)
+    if script is None:
+        script = _scripts[redis] = redis.register_script(AUTH_LUA)
+    return script
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def check(redis, client_ip: str, login: str | None, now: float, policy: ThrottlePolicy,
+                *, success: bool = False, ask_failures: bool = False) -> AuthCheck:
+    """Is this AUTH refused by a block at ``now``? From a network the login succeeded from
+    recently, only the address's block applies. One script (``auth.lua``), one round trip.
+
+    ``success``: the password is known to be right; when nothing is blocked, the same call
+    remembers the client's network as one the login succeeded from (forgetting networks
+    older than the policy's days, keeping the newest few) and, with ``ask_failures``, tells
+    whether the login or the address failed AUTH within the window (compromise detection's
+    "failed AUTH followed by success"). So a login whose password this process has verified
+    before costs one round trip, and any other two: the check before the password, this
+    after it."""
     names = subjects(client_ip, login)
-    ask_network = len(names) > 1 and policy.known_network_days > 0
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.zmscore(redis_keys.AUTH_BLOCKS, names)
-        if ask_network:
-            pipe.zscore(redis_keys.auth_networks(login), auth_network(client_ip))
-        results = await pipe.execute()
-    untils = [None if until is None else float(until) for until in results[0]]
-    last = results[1] if ask_network else None
-    known = auth_known_network(None if last is None else float(last), now,
-                               days=policy.known_network_days)
-    if known:
-        names, untils = names[:1], untils[:1]
-    return AuthCheck(blocked=_first_blocked(names, untils, now), known_network=known)
+    days = policy.known_network_days if policy.known_network_days > 0 else 0
+    args = [repr(float(now)), names[0], names[1] if len(names) > 1 else "",
+            auth_network(client_ip), repr(float(days * 86400)), "1" if success else "0",
+            repr(float(auth_known_network_since(now, days=days))),
+            max(policy.known_networks_kept, 1), policy.known_network_seconds + 60,
+            "1" if ask_failures else "0"]
+    keys = [redis_keys.AUTH_BLOCKS, redis_keys.auth_networks(login or ""),
+            redis_keys.auth_failures(redis_keys.auth_subject_user(login or "")),
+            redis_keys.auth_failures(names[0])]
+    raw = await _auth_script(redis)(keys=keys, args=args)
+    return AuthCheck(blocked=_text(raw[0]) or None, known_network=int(raw[1]) == 1,
+                     succeeded=int(raw[2]) == 1, failed_before=int(raw[3]) == 1)
 
 
 async def blocked_subject(redis, client_ip: str, login: str | None, now: float,
                           policy: ThrottlePolicy | None = None) -> str | None:
     """The first of the address and the username that is blocked at ``now``, or None."""
     return (await check(redis, client_ip, login, now, policy or ThrottlePolicy())).blocked
-
-
-async def record_success(redis, client_ip: str, login: str | None, now: float,
-                         policy: ThrottlePolicy, *, ask_failures: bool = False) -> bool:
-    """Remember the client's network as one the login succeeded from: one pipelined write
-    that also forgets networks older than the policy's days and keeps the newest few.
-    ``ask_failures``: in the same round trip, whether the login or the address has failed
-    AUTH within the window (compromise detection's "failed AUTH followed by success"); the
-    answer is returned (False when not asked)."""
-    remember = _has_login(login) and policy.known_network_days > 0
-    if not (remember or ask_failures):
-        return False
-    async with redis.pipeline(transaction=False) as pipe:
-        if remember:
-            key = redis_keys.auth_networks(login)
-            pipe.zadd(key, {auth_network(client_ip): now})
-            pipe.zremrangebyscore(key, "-inf", auth_known_network_since(
-                now, days=policy.known_network_days))
-            pipe.zremrangebyrank(key, 0, -(max(policy.known_networks_kept, 1) + 1))
-            pipe.expire(key, policy.known_network_seconds + 60)
-        if ask_failures:
-            pipe.zcard(redis_keys.auth_failures(redis_keys.auth_subject_user(login or "")))
-            pipe.zcard(redis_keys.auth_failures(redis_keys.auth_subject_ip(client_ip)))
-        results = await pipe.execute()
-    return ask_failures and any(int(count or 0) > 0 for count in results[-2:])
 
 
 async def record_failure(redis, client_ip: str, login: str | None, now: float,

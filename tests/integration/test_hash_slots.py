@@ -122,7 +122,8 @@ async def _drive_proxy(pool) -> None:
     for _ in range(2):
         await throttle.record_failure(client, "192.0.2.7", "alice@example.com", now, policy)
     await throttle.check(client, "192.0.2.7", "alice@example.com", now, policy)
-    await throttle.record_success(client, "192.0.2.8", "carol@example.com", now, policy)
+    await throttle.check(client, "192.0.2.8", "carol@example.com", now, policy, success=True,
+                         ask_failures=True)
     await client.aclose()
 
 

@@ -19,6 +19,7 @@ from outgoing.models import LOCK_MANUAL, OutgoingUser
 from outgoing.usage import read_usage_sync
 from tests.support import data
 from tests.support.mail import client, message, send
+from tests.support.redis_monitor import ScriptsRun
 
 PASSWORD = "Alice-pass-123"
 
@@ -197,6 +198,21 @@ def test_auth_login_with_and_without_initial_response(alice, start_proxy):
     with client(proxy.port) as smtp:
         assert smtp.docmd("AUTH", f"LOGIN {user}")[0] == 334
         assert smtp.docmd(password)[0] == 235
+
+
+def test_a_password_this_proxy_verified_before_costs_one_script_at_auth(alice, start_proxy,
+                                                                       redis_client):
+    """Scrypt stands between the throttle's check and the recording of a success, two
+    scripts; once this process has verified the password, the two are one."""
+    proxy = start_proxy()
+    assert login_code(proxy.port, "alice@example.com", "wrong-password") == 535  # loads it
+    scripts_at_auth = []
+    for _ in range(2):
+        with client(proxy.port) as smtp, ScriptsRun(redis_client) as scripts:
+            assert smtp.docmd("AUTH", f"PLAIN {plain('alice@example.com', PASSWORD)}")[0] \
+                == 235
+        scripts_at_auth.append(scripts.count)
+    assert scripts_at_auth == [2, 1]
 
 
 def test_username_is_matched_whatever_its_case(alice, start_proxy):

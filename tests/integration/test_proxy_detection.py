@@ -4,7 +4,9 @@ authentication and refusal signals, and the cross-customer rule."""
 from __future__ import annotations
 
 import json
+import smtplib
 
+import pytest
 from sqlalchemy import select
 
 from outgoing.models import AuditEvent, HeldMessage, Identity
@@ -120,6 +122,25 @@ def test_failed_auth_then_success_from_a_new_network_scores_the_first_message(
         smtp.login("alice@example.com", PW)
         assert send(smtp, message())[0] == 250
     assert held_rows() == [("alice@example.com", "held")]  # 15 + 8 points >= 20
+    assert len(sink.handler.messages) == 0
+
+
+def test_failed_auth_before_a_password_this_proxy_verified_already_is_scored(
+        instance, start_proxy, sink):
+    """The second login's password is known to the process, so its block check and its
+    success are one call: that call still asks whether the login failed just before."""
+    data.add_user("example.com", "user", "alice@example.com", PW,
+                  **dict(ENFORCE, detection_hold_at=15))
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PW)  # verified; the network is known from now on
+    with client(proxy.port) as smtp:
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            smtp.login("alice@example.com", "wrong-password-1")
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PW)
+        assert send(smtp, message())[0] == 250
+    assert held_rows() == [("alice@example.com", "held")]  # the failure's 15 points alone
     assert len(sink.handler.messages) == 0
 
 

@@ -16,6 +16,7 @@ from outgoing.usage import read_usage_sync
 from scoring.limits import CONNECTION_WINDOWS, MONTH
 from tests.support import data
 from tests.support.mail import client, message, send
+from tests.support.redis_monitor import ScriptsRun
 
 PASSWORD = "Alice-pass-123"
 T0 = 700 * MONTH  # starts a bucket of every window, so estimates are exact
@@ -260,45 +261,6 @@ def test_connections_of_users_without_limits_count_once_with_or_without_mail(
         smtp.login("alice@example.com", PASSWORD)
     assert session(proxy.port, messages=2) == 250
     assert eventually_counted(redis_client, alice, at_t0(), 2) == 2
-
-
-class ScriptsRun:
-    """Counts the scripts run (EVALSHA) in this test's Redis database while inside, with
-    MONITOR: the server's command statistics would count other tests' too."""
-
-    def __init__(self, redis_client):
-        self.redis = redis_client
-        self.kwargs = redis_client.connection_pool.connection_kwargs
-        self.tag = f"[{int(self.kwargs.get('db', 0))} ".encode()
-        self.count = 0
-
-    def __enter__(self):
-        path = self.kwargs.get("path")  # the embedded Redis listens on a unix socket
-        if path:
-            self.sock = socket.socket(socket.AF_UNIX)
-            self.sock.settimeout(10)
-            self.sock.connect(path)
-        else:
-            self.sock = socket.create_connection(
-                (self.kwargs.get("host", "127.0.0.1"), int(self.kwargs.get("port", 6379))),
-                timeout=10)
-        self.sock.sendall(b"MONITOR\r\n")
-        assert self.sock.recv(5) == b"+OK\r\n"
-        return self
-
-    def __exit__(self, *exc):
-        marker = f"end-{id(self)}".encode()
-        self.redis.echo(marker)  # MONITOR shows it after everything before it: read up to it
-        seen = b""
-        while marker not in seen:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                break
-            seen += chunk
-        self.sock.close()
-        self.count = sum(1 for line in seen.split(b"\r\n")
-                         if self.tag in line and b'"evalsha"' in line.lower())
-        return False
 
 
 def test_a_user_without_connection_limits_costs_one_round_trip_less_a_connection(
