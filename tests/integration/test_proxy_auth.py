@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from cryptography.x509.oid import NameOID
 from outgoing import locks
 from outgoing.models import LOCK_MANUAL, OutgoingUser
 from outgoing.usage import read_usage_sync
+from proxy import counters, throttle
 from tests.support import data
 from tests.support.mail import client, message, send
 from tests.support.redis_monitor import ScriptsRun
@@ -200,19 +202,26 @@ def test_auth_login_with_and_without_initial_response(alice, start_proxy):
         assert smtp.docmd(password)[0] == 235
 
 
-def test_a_password_this_proxy_verified_before_costs_one_script_at_auth(alice, start_proxy,
-                                                                       redis_client):
-    """Scrypt stands between the throttle's check and the recording of a success, two
-    scripts; once this process has verified the password, the two are one."""
+@pytest.mark.parametrize("limits", [False, True], ids=["no limits", "connection limits"])
+def test_a_password_this_proxy_verified_before_costs_one_script_at_auth(
+        limits, instance, start_proxy, redis_client, clock):
+    """Scrypt stands between the throttle's check and the recording of a success (and the
+    connection's count, for a user with connection limits): two or three scripts. Once
+    this process has verified the password, they are one."""
+    alice = data.add_user("example.com", "user", "alice@example.com", PASSWORD,
+                          connection_limits_enabled=limits, limit_per_day=100)
+    for source in (throttle.AUTH_LUA, throttle.AUTH_AND_COUNT_LUA, counters.LIMITS_LUA):
+        redis_client.script_load(source)  # a first call would count a NOSCRIPT retry too
     proxy = start_proxy()
-    assert login_code(proxy.port, "alice@example.com", "wrong-password") == 535  # loads it
     scripts_at_auth = []
     for _ in range(2):
         with client(proxy.port) as smtp, ScriptsRun(redis_client) as scripts:
             assert smtp.docmd("AUTH", f"PLAIN {plain('alice@example.com', PASSWORD)}")[0] \
                 == 235
         scripts_at_auth.append(scripts.count)
-    assert scripts_at_auth == [2, 1]
+    assert scripts_at_auth == ([3, 1] if limits else [2, 1])
+    if limits:  # each counted at AUTH (without limits: as it closes, after this)
+        assert sessions_of(redis_client, alice, clock()) == 2
 
 
 def test_username_is_matched_whatever_its_case(alice, start_proxy):
@@ -306,7 +315,12 @@ def test_ip_traffic_is_reattributed_to_the_user_named_by_the_envelope_sender(
     with client(proxy.port, source="127.0.0.5") as smtp:
         assert send(smtp, message(), sender="Alice@example.com")[0] == 250
     assert sessions_of(redis_client, alice, clock()) == 1
-    assert sessions_of(redis_client, ip_user, clock()) == 1  # the connection it opened
+    # The connection it opened, counted as it closed (no MAIL of the IP user counted it):
+    # after the client has gone.
+    deadline = time.monotonic() + 10
+    while sessions_of(redis_client, ip_user, clock()) < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sessions_of(redis_client, ip_user, clock()) == 1
 
 
 def test_reattributed_traffic_obeys_the_targets_lock(instance, start_proxy, redis_client):
