@@ -72,8 +72,38 @@ class LimitCheck:
     fields: Mapping[str, str] = field(default_factory=dict)  # window -> hash field counted
 
 
-async def run_limits(
-    redis: AsyncRedis,
+@dataclass(frozen=True)
+class LimitsCall:
+    """One call of ``limits.lua``, ready to send (alone, or inside a larger script)."""
+
+    keys: list[str]
+    args: list[str | int | float]
+    windows: list[str]
+    limits: dict[str, int | None]
+    now: float
+
+    def parse(self, raw) -> LimitCheck:
+        """What the script said, from its reply (or the same list inside a larger reply)."""
+        lock = _text(raw[2])
+        if lock:
+            return LimitCheck(ALLOWED, {}, frozenset(), lock=lock)
+        windows = self.windows
+        counts = {window: (int(raw[3 + 3 * i]), int(raw[4 + 3 * i]))
+                  for i, window in enumerate(windows)}
+        counted = frozenset(window for i, window in enumerate(windows)
+                            if int(raw[5 + 3 * i]))
+        fields = {window: f"{window}:{bucket_index(self.now, WINDOW_SECONDS[window])}"
+                  for window in counted}
+        if int(raw[0]) == 1:
+            return LimitCheck(ALLOWED, counts, counted, fields=fields)
+        window = _text(raw[1])
+        limit = self.limits[window]
+        if limit is None:  # the script only reports limited windows
+            raise RuntimeError(f"limits script refused unlimited window {window!r}")
+        return LimitCheck(refused(window, limit), counts, counted, fields=fields)
+
+
+def limits_call(
     user_id: int,
     required: Mapping[str, int | None],
     now: float,
@@ -81,11 +111,8 @@ async def run_limits(
     optional: Mapping[str, int | None] | None = None,
     check_lock: bool = False,
     give_back: str | None = None,
-) -> LimitCheck:
-    """One round trip: give back ``give_back`` (a hash field reserved earlier and unused),
-    stop if the user is locked (``check_lock``), check every ``required`` window and count one
-    event in each unless one is full, and count ``optional`` windows only where they fit.
-    A limit of None is unlimited but still counted."""
+) -> LimitsCall:
+    """The keys and arguments of one ``limits.lua`` call (see ``run_limits``)."""
     optional = optional or {}
     overlap = set(required) & set(optional)
     if overlap:
@@ -101,23 +128,36 @@ async def run_limits(
     keys = [limits_key(user_id)]
     if check_lock:
         keys.append(redis_keys.user_lock(user_id))
-    raw = await _limits_script(redis)(keys=keys, args=args)
-    lock = _text(raw[2])
-    if lock:
-        return LimitCheck(ALLOWED, {}, frozenset(), lock=lock)
-    counts = {
-        window: (int(raw[3 + 3 * i]), int(raw[4 + 3 * i])) for i, window in enumerate(windows)
-    }
-    counted = frozenset(window for i, window in enumerate(windows) if int(raw[5 + 3 * i]))
-    fields = {window: f"{window}:{bucket_index(now, WINDOW_SECONDS[window])}"
-              for window in counted}
-    if int(raw[0]) == 1:
-        return LimitCheck(ALLOWED, counts, counted, fields=fields)
-    window = _text(raw[1])
-    limit = limits[window]
-    if limit is None:  # the script only reports limited windows
-        raise RuntimeError(f"limits script refused unlimited window {window!r}")
-    return LimitCheck(refused(window, limit), counts, counted, fields=fields)
+    return LimitsCall(keys, args, windows, limits, now)
+
+
+async def run_limits(
+    redis: AsyncRedis,
+    user_id: int,
+    required: Mapping[str, int | None],
+    now: float,
+    *,
+    optional: Mapping[str, int | None] | None = None,
+    check_lock: bool = False,
+    give_back: str | None = None,
+) -> LimitCheck:
+    """One round trip: give back ``give_back`` (a hash field reserved earlier and unused),
+    stop if the user is locked (``check_lock``), check every ``required`` window and count one
+    event in each unless one is full, and count ``optional`` windows only where they fit.
+    A limit of None is unlimited but still counted."""
+    call = limits_call(user_id, required, now, optional=optional, check_lock=check_lock,
+                       give_back=give_back)
+    return call.parse(await _limits_script(redis)(keys=call.keys, args=call.args))
+
+
+def connection_call(user_id: int, limits: Mapping[str, int | None], now: float) -> LimitsCall:
+    """``count_connection``'s call of ``limits.lua``, for a script that runs it inside its own
+    (AUTH's, ``throttle.check``)."""
+    unknown = set(limits) - set(CONNECTION_WINDOWS)
+    if unknown:
+        raise ValueError(f"not connection windows: {sorted(unknown)}")
+    return limits_call(user_id, {window: limits.get(window) for window in CONNECTION_WINDOWS},
+                       now)
 
 
 async def check_and_count(
@@ -168,12 +208,8 @@ async def count_connection(
     ``limits`` maps "month", "week", "day", "hour", "minute" to a limit or None (missing =
     None; pass ``{}`` when limits are disabled so usage is still counted). A refused
     session is not counted."""
-    unknown = set(limits) - set(CONNECTION_WINDOWS)
-    if unknown:
-        raise ValueError(f"not connection windows: {sorted(unknown)}")
-    full = {window: limits.get(window) for window in CONNECTION_WINDOWS}
-    decision, _ = await check_and_count(redis, user_id, full, now)
-    return decision
+    call = connection_call(user_id, limits, now)
+    return call.parse(await _limits_script(redis)(keys=call.keys, args=call.args)).decision
 
 
 async def count_recipient(

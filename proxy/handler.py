@@ -34,6 +34,7 @@ from outgoing import audit, held, locks
 from outgoing.db import session_scope
 from outgoing.models import LOCK_AUTOMATIC, Identity, OutgoingUser
 from outgoing.passwords import verify_password
+from outgoing.redis_conn import is_cluster
 from outgoing.snapshot import UserPolicy
 from proxy import counters, detection, metrics, throttle
 from proxy import identities as identity_store
@@ -207,10 +208,13 @@ class OutboundHandler:
         except RedisError as exc:
             self._redis_down("connect", exc)
             return None
+        return self._counted_connection(session, user, decision, code)
+
+    def _counted_connection(self, session, user: UserPolicy, decision, code: int) -> str | None:
         if not decision.allowed:
             log.info("connection of %s refused: %s limit", user.name, decision.window)
             return str(refusal_at(decision, code))
-        state.counted_user_ids.add(user.id)
+        _state(session).counted_user_ids.add(user.id)
         return None
 
     async def handle_connect(self, session) -> str | None:
@@ -364,10 +368,15 @@ class OutboundHandler:
         known = user is not None and bool(user.password_hash) and \
             self._password_known(user, password_text)
         redis_up = True  # after one failure, this AUTH does not wait on Redis again
+        # On one Redis server that call counts the connection too, for a user with limits.
+        count = counters.connection_call(user.id, user.limits, now) \
+            if known and user.limits and user.id not in _state(session).counted_user_ids \
+            and not is_cluster(self.redis) else None
         try:
             check = await throttle.check(self.redis, ip, login_text, now, self.throttle,
                                          success=known,
-                                         ask_failures=known and user.detection.enabled)
+                                         ask_failures=known and user.detection.enabled,
+                                         count=count)
         except RedisError as exc:
             metrics.REDIS_ERRORS.labels("AUTH").inc()
             self._faults.warning("AUTH", "Redis unavailable at AUTH (%s); throttling failed "
@@ -391,7 +400,13 @@ class OutboundHandler:
                 # (A block made while scrypt ran is not recorded over; it was not there
                 # when this AUTH was checked, and it applies from the next one.)
                 check = await self._record_success(user, ip, login_text, now, check)
-            refusal = await self._count_connection(session, user, 454) if redis_up else None
+            if check.connection is not None:
+                refusal = self._counted_connection(session, user, check.connection.decision,
+                                                   454)
+            elif redis_up:
+                refusal = await self._count_connection(session, user, 454)
+            else:
+                refusal = None
             if refusal:
                 return AuthResult(success=False, handled=False, message=refusal)
             state = _state(session)

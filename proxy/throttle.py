@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from outgoing import redis_keys
+from proxy.counters import LIMITS_LUA, LimitCheck, LimitsCall
 from scoring.locks import (
     AUTH_BLOCK_SECONDS,
     AUTH_FAILURE_LIMIT,
@@ -40,9 +41,28 @@ from scoring.locks import (
 
 KNOWN_NETWORKS_KEPT = 32  # per username: the most recently used ones
 AUTH_LUA = Path(__file__).with_name("auth.lua").read_text(encoding="utf-8")
+# On one Redis server, AUTH's script also counts the connection for the user when the
+# password was right and nothing blocked it: ``limits.lua`` inside it, as a function of its
+# own keys and arguments (the user's slot is not {auth}'s, so a Cluster needs two calls).
+AUTH_AND_COUNT_LUA = f"""
+local function throttle(KEYS, ARGV)
+{AUTH_LUA}
+end
+local function limits(KEYS, ARGV)
+{LIMITS_LUA}
+end
+local result = throttle({{KEYS[1], KEYS[2], KEYS[3], KEYS[4]}}, {{unpack(ARGV, 1, 10)}})
+if result[3] == 1 then
+  local counted = limits({{unpack(KEYS, 5)}}, {{unpack(ARGV, 11)}})
+  for i = 1, #counted do
+    result[#result + 1] = counted[i]
+  end
+end
+return result
+"""
 
 # One registered script per client, dropped with the client.
-_scripts: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_scripts: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -75,6 +95,7 @@ class AuthCheck:
     known_network: bool  # the login succeeded from the client's network recently
     succeeded: bool = False  # the success was recorded: asked for, and nothing was blocked
     failed_before: bool = False  # either subject failed AUTH within the window (when asked)
+    connection: LimitCheck | None = None  # the connection's count, when asked and succeeded
 
 
 def _has_login(login: str | None) -> bool:
@@ -95,10 +116,11 @@ def _first_blocked(names: list[str], untils: list[float | None], now: float) -> 
     return None
 
 
-def _auth_script(redis) -> Any:
-    script = _scripts.get(redis)
+def _script(redis, source: str) -> Any:
+    per_client = _scripts.setdefault(redis, {})
+    script = per_client.get(source)
     if script is None:
-        script = _scripts[redis] = redis.register_script(AUTH_LUA)
+        script = per_client[source] = redis.register_script(source)
     return script
 
 
@@ -107,7 +129,8 @@ def _text(value: bytes | str) -> str:
 
 
 async def check(redis, client_ip: str, login: str | None, now: float, policy: ThrottlePolicy,
-                *, success: bool = False, ask_failures: bool = False) -> AuthCheck:
+                *, success: bool = False, ask_failures: bool = False,
+                count: LimitsCall | None = None) -> AuthCheck:
     """Is this AUTH refused by a block at ``now``? From a network the login succeeded from
     recently, only the address's block applies. One script (``auth.lua``), one round trip.
 
@@ -117,7 +140,8 @@ async def check(redis, client_ip: str, login: str | None, now: float, policy: Th
     whether the login or the address failed AUTH within the window (compromise detection's
     "failed AUTH followed by success"). So a login whose password this process has verified
     before costs one round trip, and any other two: the check before the password, this
-    after it."""
+    after it. ``count`` (one Redis server only, with ``success``): the user's connection
+    count (``counters.connection_call``), made in the same call when the success is."""
     names = subjects(client_ip, login)
     days = policy.known_network_days if policy.known_network_days > 0 else 0
     args = [repr(float(now)), names[0], names[1] if len(names) > 1 else "",
@@ -128,9 +152,16 @@ async def check(redis, client_ip: str, login: str | None, now: float, policy: Th
     keys = [redis_keys.AUTH_BLOCKS, redis_keys.auth_networks(login or ""),
             redis_keys.auth_failures(redis_keys.auth_subject_user(login or "")),
             redis_keys.auth_failures(names[0])]
-    raw = await _auth_script(redis)(keys=keys, args=args)
+    if count is not None and success:
+        raw = await _script(redis, AUTH_AND_COUNT_LUA)(keys=keys + count.keys,
+                                                       args=args + count.args)
+    else:
+        raw = await _script(redis, AUTH_LUA)(keys=keys, args=args)
+    succeeded = int(raw[2]) == 1
     return AuthCheck(blocked=_text(raw[0]) or None, known_network=int(raw[1]) == 1,
-                     succeeded=int(raw[2]) == 1, failed_before=int(raw[3]) == 1)
+                     succeeded=succeeded, failed_before=int(raw[3]) == 1,
+                     connection=count.parse(raw[4:]) if count is not None and succeeded
+                     else None)
 
 
 async def blocked_subject(redis, client_ip: str, login: str | None, now: float,
