@@ -135,6 +135,8 @@ class OutboundHandler:
         self.content = ContentPipeline(config=config, sessionmaker=sessionmaker, redis=redis,
                                        redis_sync=redis_sync, clock=clock)
         self._verified: dict[tuple[int, str], bytes] = {}
+        # Sessions that owe a connection count (``_owe``), by id: counted at shutdown.
+        self._owing: dict[int, SessionState] = {}
         self._verifying: dict[tuple[int, str, bytes], asyncio.Future] = {}
         self._faults = RateLimitedLog()
         self._tasks: set[asyncio.Task] = set()
@@ -182,6 +184,8 @@ class OutboundHandler:
         fresh.counted_user_ids |= state.counted_user_ids
         fresh.owed_user_ids |= state.owed_user_ids
         state.owed_user_ids = set()  # owed once, by the session that goes on
+        if self._owing.pop(id(state), None) is not None:
+            self._owing[id(fresh)] = fresh
         fresh.active, state.active = state.active, False
         fresh.txn, state.txn = state.txn, None
         fresh.auth_failed, fresh.auth_new_network = state.auth_failed, state.auth_new_network
@@ -200,7 +204,7 @@ class OutboundHandler:
         if user.id in state.counted_user_ids:
             return None
         if not user.limits:
-            state.owed_user_ids.add(user.id)
+            self._owe(state, user.id)
             return None
         try:
             decision = await counters.count_connection(self.redis, user.id, user.limits,
@@ -284,7 +288,18 @@ class OutboundHandler:
             user_id, field_name = state.reserved
             state.reserved = None
             self._background(self._give_back(user_id, field_name))
-        if state is not None and state.owed_user_ids:
+        if state is not None:
+            self._count_what_is_owed(state)
+
+    def _owe(self, state: SessionState, user_id: int) -> None:
+        state.owed_user_ids.add(user_id)
+        self._owing[id(state)] = state
+
+    def _count_what_is_owed(self, state: SessionState) -> None:
+        """The connection ends (or the proxy stops): count it for the users it is still owed
+        to, once."""
+        self._owing.pop(id(state), None)
+        if state.owed_user_ids:
             owed, state.owed_user_ids = state.owed_user_ids - state.counted_user_ids, set()
             state.counted_user_ids |= owed
             for user_id in owed:
@@ -300,7 +315,7 @@ class OutboundHandler:
         if state.closed:
             self._background(self._count_owed(user_id))
         else:
-            state.owed_user_ids.add(user_id)
+            self._owe(state, user_id)
 
     async def _count_owed(self, user_id: int) -> None:
         try:
@@ -882,8 +897,11 @@ class OutboundHandler:
                            actor="proxy")
 
     async def close(self) -> None:
-        """Finish background work: give-backs in flight, the message log's queued records
-        and a last identity flush."""
+        """Finish background work: the counts of connections still open that sent no mail
+        (a restart ends them), give-backs in flight, the message log's queued records and a
+        last identity flush."""
+        for state in list(self._owing.values()):
+            self._count_what_is_owed(state)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         try:

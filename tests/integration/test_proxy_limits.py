@@ -303,6 +303,20 @@ def test_a_client_leaving_during_mail_is_counted_once(instance, start_proxy, at_
     assert eventually_counted(redis_client, ip_user, at_t0(), rounds) == rounds
 
 
+@pytest.mark.parametrize("starttls", [False, True], ids=["plain", "after STARTTLS"])
+def test_connections_open_at_shutdown_are_counted(starttls, instance, start_proxy, at_t0,
+                                                 redis_client, sink):
+    """A restart ends connections that have sent no MAIL yet: each is counted as the proxy
+    stops, once (also when STARTTLS moved what it owed to a new session)."""
+    ip_user = data.add_user("example.com", "ip", "127.0.0.5")
+    proxy = start_proxy()
+    clients = [client(proxy.port, starttls=starttls, source="127.0.0.5") for _ in range(3)]
+    proxy.stop()
+    for smtp in clients:
+        smtp.close()
+    assert eventually_counted(redis_client, ip_user, at_t0(), 3) == 3
+
+
 def test_a_locked_user_without_limits_still_counts_the_connection(instance, start_proxy, at_t0,
                                                                   redis_client, sink):
     """MAIL's script refuses a locked user before counting anything: the connection it was
