@@ -112,7 +112,11 @@ def limits_call(
     check_lock: bool = False,
     give_back: str | None = None,
 ) -> LimitsCall:
-    """The keys and arguments of one ``limits.lua`` call (see ``run_limits``)."""
+    """The keys and arguments of one ``limits.lua`` call: give back ``give_back`` (a hash
+    field reserved earlier and unused), stop if the user is locked (``check_lock``), check
+    every ``required`` window and count one event in each unless one is full, and count
+    ``optional`` windows only where they fit. A limit of None is unlimited but still
+    counted."""
     optional = optional or {}
     overlap = set(required) & set(optional)
     if overlap:
@@ -131,22 +135,8 @@ def limits_call(
     return LimitsCall(keys, args, windows, limits, now)
 
 
-async def run_limits(
-    redis: AsyncRedis,
-    user_id: int,
-    required: Mapping[str, int | None],
-    now: float,
-    *,
-    optional: Mapping[str, int | None] | None = None,
-    check_lock: bool = False,
-    give_back: str | None = None,
-) -> LimitCheck:
-    """One round trip: give back ``give_back`` (a hash field reserved earlier and unused),
-    stop if the user is locked (``check_lock``), check every ``required`` window and count one
-    event in each unless one is full, and count ``optional`` windows only where they fit.
-    A limit of None is unlimited but still counted."""
-    call = limits_call(user_id, required, now, optional=optional, check_lock=check_lock,
-                       give_back=give_back)
+async def run_limits(redis: AsyncRedis, call: LimitsCall) -> LimitCheck:
+    """One round trip of ``limits.lua``."""
     return call.parse(await _limits_script(redis)(keys=call.keys, args=call.args))
 
 
@@ -167,7 +157,7 @@ async def check_and_count(
     event in each only when none is full. Also returns the counts found before this call,
     as ``{window: (previous, current)}``, for logging and for comparing with
     ``scoring.limits.decide``."""
-    result = await run_limits(redis, user_id, limits, now)
+    result = await run_limits(redis, limits_call(user_id, limits, now))
     return result.decision, result.counts
 
 
@@ -190,14 +180,14 @@ async def check_mail(
         if unknown:
             raise ValueError(f"not connection windows: {sorted(unknown)}")
         required = {window: connection_limits.get(window) for window in CONNECTION_WINDOWS}
-    return await run_limits(redis, user_id, required, now,
-                            optional={RECIPIENTS: maximum_recipients_per_day},
-                            check_lock=True, give_back=give_back)
+    return await run_limits(redis, limits_call(
+        user_id, required, now, optional={RECIPIENTS: maximum_recipients_per_day},
+        check_lock=True, give_back=give_back))
 
 
 async def give_back(redis: AsyncRedis, user_id: int, field_name: str, now: float) -> None:
     """Return one reserved event (e.g. a recipient reserved at MAIL that no RCPT used)."""
-    await run_limits(redis, user_id, {}, now, give_back=field_name)
+    await run_limits(redis, limits_call(user_id, {}, now, give_back=field_name))
 
 
 async def count_connection(
@@ -208,8 +198,7 @@ async def count_connection(
     ``limits`` maps "month", "week", "day", "hour", "minute" to a limit or None (missing =
     None; pass ``{}`` when limits are disabled so usage is still counted). A refused
     session is not counted."""
-    call = connection_call(user_id, limits, now)
-    return call.parse(await _limits_script(redis)(keys=call.keys, args=call.args)).decision
+    return (await run_limits(redis, connection_call(user_id, limits, now))).decision
 
 
 async def count_recipient(
