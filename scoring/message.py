@@ -14,6 +14,7 @@ import quopri
 import re
 from dataclasses import dataclass
 from email import generator
+from email.header import decode_header, make_header
 
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
@@ -100,10 +101,22 @@ def subject_of(headers: list[tuple[str, str]]) -> str:
     return ""
 
 
+def decode_words(value: str) -> str:
+    """A header value with its RFC 2047 encoded words decoded, as the e-mail package decodes
+    them (``str(make_header(decode_header(value)))``); undecodable ones stay as they came.
+    A value without "=?" has none, and the package would give it back unchanged after
+    building a Header of it (about 6 µs a field, a dozen fields a message): it is returned
+    at once."""
+    if "=?" not in value:
+        return value
+    try:
+        return str(make_header(decode_header(value)))
+    except Exception:  # undecodable encoded-words stay as they came
+        return value
+
+
 def parse_headers(raw: bytes, max_headers: int = 1000) -> list[tuple[str, str]]:
     """Header fields as decoded (name, unfolded value) pairs; never raises on bad input."""
-    from email.header import decode_header, make_header
-
     head, _ = header_block(raw)
     fields: list[tuple[str, str]] = []
     for line in head.split(b"\r\n")[:-1]:
@@ -118,14 +131,7 @@ def parse_headers(raw: bytes, max_headers: int = 1000) -> list[tuple[str, str]]:
                        value.strip().decode("utf-8", "replace")))
         if len(fields) >= max_headers:
             break
-    decoded = []
-    for name, value in fields:
-        try:
-            value = str(make_header(decode_header(value)))
-        except Exception:  # undecodable encoded-words stay as they came
-            pass
-        decoded.append((name, value))
-    return decoded
+    return [(name, decode_words(value)) for name, value in fields]
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,9 @@ from __future__ import annotations
 import binascii
 import re
 from dataclasses import dataclass
-from email.header import decode_header, make_header
 from email.utils import getaddresses
 
+from scoring.message import decode_words
 from scoring.newdomains import registrable_domain
 
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
@@ -266,11 +266,7 @@ def _subject(headers: dict[str, list[str]]) -> str | None:
     values = headers.get("subject")
     if not values:
         return None
-    value = values[0][:2048]
-    try:
-        return str(make_header(decode_header(value))).strip()
-    except Exception:  # undecodable encoded-words: judge the raw text
-        return value.strip()
+    return decode_words(values[0][:2048]).strip()  # undecodable: judge the raw text
 
 
 def _all_caps(subject: str) -> bool:
