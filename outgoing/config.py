@@ -8,6 +8,7 @@ stops start-up with one line naming the setting, instead of a traceback minutes 
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import secrets
@@ -153,9 +154,12 @@ def _coerce(name: str, raw: str, default):
             raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
     if isinstance(default, float):
         try:
-            return float(raw)
+            value = float(raw)
         except ValueError:
             raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: expected a finite number, got {raw!r}")
+        return value
     return raw
 
 

@@ -15,7 +15,9 @@
 -- ARGV[3]  the username's subject, "" when there is no username
 -- ARGV[4]  the client's network (scoring.locks.auth_network)
 -- ARGV[5]  seconds a network stays known ("0": no exemption, nothing remembered)
--- ARGV[6]  "1": the password is right; when nothing is blocked, record the success
+-- ARGV[6]  "1": the password is right; when nothing is blocked, record the success.
+--          "2": the password is right and this login passed the check before it (scrypt
+--          ran between): record the success whatever was blocked meanwhile
 -- ARGV[7]  networks remembered before this moment are forgotten (on success)
 -- ARGV[8]  networks kept per username (on success)
 -- ARGV[9]  seconds the networks key lives after a success
@@ -47,7 +49,7 @@ elseif username ~= "" and known == 0 then
   end
 end
 
-if blocked ~= "" or ARGV[6] ~= "1" then
+if ARGV[6] ~= "2" and (blocked ~= "" or ARGV[6] ~= "1") then
   return { blocked, known, 0, 0 }
 end
 

@@ -412,8 +412,8 @@ class OutboundHandler:
             # Where the owner logs in from: the username's block never applies there.
             self.local_throttle.record_success(ip, login_text, now)
             if redis_up and not check.succeeded:
-                # (A block made while scrypt ran is not recorded over; it was not there
-                # when this AUTH was checked, and it applies from the next one.)
+                # (A block made while scrypt ran applies from the next AUTH: this one
+                # passed the check.)
                 check = await self._record_success(user, ip, login_text, now, check)
             if check.connection is not None:
                 refusal = self._counted_connection(session, user, check.connection.decision,
@@ -456,7 +456,8 @@ class OutboundHandler:
         followed by success", asked only when detection is on for the user)."""
         try:
             return await throttle.check(self.redis, ip, login, now, self.throttle,
-                                        success=True, ask_failures=user.detection.enabled)
+                                        success=True, checked=True,
+                                        ask_failures=user.detection.enabled)
         except RedisError as exc:
             self._faults.warning("AUTH-success", "Redis unavailable after AUTH (%s); this "
                                  "login's network is remembered in this process only", exc)

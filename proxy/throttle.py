@@ -65,6 +65,18 @@ return result
 _scripts: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
+MAX_KNOWN_NETWORK_DAYS = 3650.0
+
+
+def _days(value) -> float:
+    """AUTH_KNOWN_NETWORK_DAYS as a number of days: off (0) unless positive; "for ever"
+    (infinity, from an instance config.py) is ten years, which Redis can expire."""
+    days = float(value or 0)
+    if not days > 0:  # also NaN
+        return 0.0
+    return min(days, MAX_KNOWN_NETWORK_DAYS)
+
+
 @dataclass(frozen=True)
 class ThrottlePolicy:
     limit: int = AUTH_FAILURE_LIMIT
@@ -79,8 +91,8 @@ class ThrottlePolicy:
                    window=float(config.get("AUTH_FAILURE_WINDOW_SECONDS",
                                            AUTH_FAILURE_WINDOW_SECONDS)),
                    block_seconds=float(config.get("AUTH_BLOCK_SECONDS", AUTH_BLOCK_SECONDS)),
-                   known_network_days=float(config.get("AUTH_KNOWN_NETWORK_DAYS",
-                                                       AUTH_KNOWN_NETWORK_DAYS) or 0))
+                   known_network_days=_days(config.get("AUTH_KNOWN_NETWORK_DAYS",
+                                                       AUTH_KNOWN_NETWORK_DAYS)))
 
     @property
     def known_network_seconds(self) -> int:
@@ -94,7 +106,8 @@ class AuthCheck:
     blocked: str | None  # the subject whose block refuses this AUTH, or None
     known_network: bool  # the login succeeded from the client's network recently
     succeeded: bool = False  # the success was recorded: asked for, and nothing was blocked
-    failed_before: bool = False  # either subject failed AUTH within the window (when asked)
+    # Either subject failed AUTH within the window (asked, and the success was recorded).
+    failed_before: bool = False
     connection: LimitCheck | None = None  # the connection's count, when asked and succeeded
 
 
@@ -129,7 +142,7 @@ def _text(value: bytes | str) -> str:
 
 
 async def check(redis, client_ip: str, login: str | None, now: float, policy: ThrottlePolicy,
-                *, success: bool = False, ask_failures: bool = False,
+                *, success: bool = False, checked: bool = False, ask_failures: bool = False,
                 count: LimitsCall | None = None) -> AuthCheck:
     """Is this AUTH refused by a block at ``now``? From a network the login succeeded from
     recently, only the address's block applies. One script (``auth.lua``), one round trip.
@@ -140,15 +153,18 @@ async def check(redis, client_ip: str, login: str | None, now: float, policy: Th
     whether the login or the address failed AUTH within the window (compromise detection's
     "failed AUTH followed by success"). So a login whose password this process has verified
     before costs one round trip, and any other two: the check before the password, this
-    after it. ``count`` (one Redis server only, with ``success``): the user's connection
-    count (``counters.connection_call``), made in the same call when the success is."""
+    after it, with ``checked``: the success is then recorded (and the failures asked) even
+    when a block came while scrypt ran, as the check before it let the login through.
+    ``count`` (one Redis server only, with ``success``): the user's connection count
+    (``counters.connection_call``), made in the same call when the success is."""
     names = subjects(client_ip, login)
     days = policy.known_network_days if policy.known_network_days > 0 else 0
     args = [repr(float(now)), names[0], names[1] if len(names) > 1 else "",
-            auth_network(client_ip), repr(float(days * 86400)), "1" if success else "0",
+            auth_network(client_ip), repr(float(days * 86400)),
+            ("2" if checked else "1") if success else "0",
             repr(float(auth_known_network_since(now, days=days))),
-            max(policy.known_networks_kept, 1), policy.known_network_seconds + 60,
-            "1" if ask_failures else "0"]
+            max(policy.known_networks_kept, 1),
+            (policy.known_network_seconds if days else 0) + 60, "1" if ask_failures else "0"]
     keys = [redis_keys.AUTH_BLOCKS, redis_keys.auth_networks(login or ""),
             redis_keys.auth_failures(redis_keys.auth_subject_user(login or "")),
             redis_keys.auth_failures(names[0])]

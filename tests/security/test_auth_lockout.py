@@ -8,11 +8,18 @@ to other loopback addresses to play several networks: 127.10.0.x is the owner's 
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from werkzeug.security import generate_password_hash
 
 from outgoing import redis_keys
+from outgoing.models import OutgoingUser
+from outgoing.redis_conn import connect_async
+from proxy import throttle
 from proxy.throttle import LocalThrottle, ThrottlePolicy
 from scoring.locks import auth_known_network, auth_network
 from tests.support import data
@@ -185,3 +192,65 @@ def test_local_throttle_exempts_ipv6_networks_it_saw_succeed():
     assert local.blocked_subject("2001:db8:1:3::1", LOGIN, now) == f"user:{LOGIN}"
     assert local.check("2001:db8:1:2::10", LOGIN, now + 30 * DAY - 1).known_network
     assert not local.check("2001:db8:1:2::10", LOGIN, now + 30 * DAY).known_network
+
+
+def test_a_block_made_while_scrypt_runs_refuses_the_next_auth_not_the_one_checked(
+        redis_url, redis_client):
+    """The check before scrypt let the login through; a block that lands while scrypt runs
+    (parallel guessing from the same address) applies from the next AUTH. The success is
+    still recorded, with the failures before it that compromise detection scores. A login
+    whose password was known without scrypt is checked and recorded in one call, and that
+    call records nothing when it finds the block."""
+    policy = ThrottlePolicy(limit=3)
+    now = 1_800_000_000.0
+    address = "192.0.2.1"
+
+    async def scenario():
+        redis = connect_async(redis_url)
+        try:
+            await throttle.record_failure(redis, address, LOGIN, now, policy)
+            await throttle.record_failure(redis, address, "bob@example.com", now, policy)
+            before = await throttle.check(redis, address, LOGIN, now, policy)
+            await throttle.record_failure(redis, address, "carol@example.com", now, policy)
+            known = await throttle.check(redis, address, LOGIN, now, policy, success=True,
+                                         ask_failures=True)
+            remembered_by_known = redis_client.zscore(redis_keys.auth_networks(LOGIN),
+                                                      auth_network(address))
+            after_scrypt = await throttle.check(redis, address, LOGIN, now, policy,
+                                                success=True, checked=True, ask_failures=True)
+            return before, known, remembered_by_known, after_scrypt
+        finally:
+            await redis.aclose()
+
+    before, known, remembered_by_known, after_scrypt = asyncio.run(scenario())
+    assert before.blocked is None
+    assert known.blocked == "ip:192.0.2.1" and not known.succeeded
+    assert remembered_by_known is None
+    assert after_scrypt.succeeded and after_scrypt.failed_before  # alice's own failure
+    assert redis_client.zscore(redis_keys.auth_networks(LOGIN), auth_network(address)) == now
+
+
+def test_the_proxy_lets_a_login_it_checked_finish_when_a_block_lands_during_scrypt(
+        alice, start_proxy, redis_client):
+    """The same through the proxy: a slow password hash, and three failures from the same
+    address while it is verified."""
+    data.query(lambda session: setattr(session.get(OutgoingUser, alice), "password_hash",
+                                       generate_password_hash(PASSWORD, "scrypt:32768:8:8")))
+    proxy = start_proxy(AUTH_FAILURE_LIMIT=3)
+    with ThreadPoolExecutor(1) as pool:
+        login = pool.submit(auth, proxy.port, PASSWORD, ATTACKER)
+        time.sleep(0.15)  # checked, in scrypt (about 0.7 s on this kind of machine)
+        for n in range(3):
+            assert auth(proxy.port, "wrong", ATTACKER, login=f"guess{n}@example.com") == 535
+        assert not login.done(), "scrypt ended before the block: the test proves nothing"
+        assert login.result() == 235
+    assert redis_client.zscore(redis_keys.auth_networks(LOGIN), auth_network(ATTACKER))
+    assert auth(proxy.port, PASSWORD, ATTACKER) == 454  # from the next AUTH on
+
+
+@pytest.mark.parametrize("configured,days", [(float("nan"), 0.0), (-1, 0.0), (0, 0.0),
+                                             (float("inf"), 3650.0), (45, 45.0)])
+def test_known_network_days_from_an_instance_file_are_a_usable_number(configured, days):
+    policy = ThrottlePolicy.from_config({"AUTH_KNOWN_NETWORK_DAYS": configured})
+    assert policy.known_network_days == days
+    assert isinstance(policy.known_network_seconds, int)
