@@ -105,7 +105,7 @@ class AuthCheck:
 
     blocked: str | None  # the subject whose block refuses this AUTH, or None
     known_network: bool  # the login succeeded from the client's network recently
-    succeeded: bool = False  # the success was recorded: asked for, and nothing was blocked
+    succeeded: bool = False  # the success was recorded: asked, and unblocked (or ``checked``)
     # Either subject failed AUTH within the window (asked, and the success was recorded).
     failed_before: bool = False
     connection: LimitCheck | None = None  # the connection's count, when asked and succeeded
