@@ -519,6 +519,16 @@ class OutboundHandler:
             return AuthResult(success=False, handled=False, message=outcomes.AUTH_MALFORMED)
         return await self._authenticate(server, login, password)
 
+    # -- EHLO ------------------------------------------------------------------------------
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        """aiosmtpd's EHLO reply, offering PIPELINING (RFC 2920) as Postfix does: a client
+        that pipelines (Postfix's smtp client, for one) sends MAIL, its RCPTs and DATA in one
+        write and waits for their replies once, a round trip each instead of one a command.
+        aiosmtpd reads commands one by one from its buffer, so pipelined input is answered
+        in order whether offered or not; the offer only tells clients they may."""
+        session.host_name = hostname  # what aiosmtpd does itself when no hook is set
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
     # -- MAIL ------------------------------------------------------------------------------
     def _resolve_user(self, session, mail_from: str) -> UserPolicy | None:
         state = _state(session)
