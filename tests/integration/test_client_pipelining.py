@@ -7,6 +7,8 @@ from __future__ import annotations
 import socket
 import ssl
 
+import pytest
+
 from tests.support import data
 from tests.support.mail import read_reply
 
@@ -73,3 +75,28 @@ def test_a_refused_mail_leaves_its_pipelined_rcpt_and_data_nothing_to_act_on(
         assert code >= 500  # the would-be message's lines are unknown commands
     sock.close()
     assert sink.handler.messages == []
+
+
+@pytest.mark.parametrize("hostname", [b"evil (x) \\y\x00\x7f", "\u00fcn\u00efcode".encode(),
+                                      b"h" * 480, b"[192.0.2.1]"],
+                         ids=["control characters", "UTF-8", "480 characters", "literal"])
+def test_the_ehlo_name_the_hook_keeps_cannot_break_the_received_header(hostname, instance,
+                                                                      start_proxy, sink):
+    """The EHLO hook stores the client's name for the Received: field, whatever it is."""
+    data.add_user("example.com", "ip", "127.0.0.5")
+    proxy = start_proxy()
+    sock, reader = _connect(proxy.port, "127.0.0.5")
+    sock.sendall(b"EHLO " + hostname + b"\r\n")
+    assert read_reply(reader)[0] == 250
+    sock.sendall(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+    assert [read_reply(reader)[0] for _ in range(3)] == [250, 250, 354]
+    sock.sendall(b"Subject: hi\r\n\r\nhello\r\n.\r\nQUIT\r\n")
+    assert read_reply(reader)[0] == 250
+    sock.close()
+    [got] = sink.handler.messages
+    head = got.data.split(b"\r\n\r\n", 1)[0]
+    received = head.split(b"\r\nSubject:", 1)[0]
+    assert received.startswith(b"Received: from ") and received.isascii()
+    lines = received.split(b"\r\n")
+    assert all(line[:1] in (b"R", b"\t") and len(line) <= 998 for line in lines)
+    assert b"\x00" not in received and b"\x7f" not in received
