@@ -344,11 +344,10 @@ class OutboundHandler:
         """Verify in a thread (scrypt is slow); remember a success for this exact hash, and
         let simultaneous logins with the same password wait for one verification instead of
         each running scrypt (a fleet of connections opening at once)."""
+        if self._password_known(user, password):
+            return True
         digest = self._password_digest(password)
         key = (user.id, user.password_hash or "")
-        cached = self._verified.get(key)
-        if cached is not None and hmac.compare_digest(cached, digest):
-            return True
         pending_key = (*key, digest)
         pending = self._verifying.get(pending_key)
         if pending is None:

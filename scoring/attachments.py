@@ -54,7 +54,6 @@ import unicodedata
 import zipfile
 import zlib
 from dataclasses import dataclass
-from email.header import decode_header, make_header
 from email.message import Message
 from email.policy import Compat32
 
@@ -62,6 +61,7 @@ import msoffcrypto
 import olefile
 from oletools.olevba import TYPE_OLE, TYPE_PPT, TYPE_OpenXML, VBA_Parser
 
+from scoring.message import decode_words
 from scoring.mimeparse import parse_whole
 
 REASON_MACROS = "macros"
@@ -548,11 +548,8 @@ def _filename(part: Message) -> str | None:
     if not name:
         return None
     name = str(name).strip()
-    if "=?" in name and len(name) <= _SAFE_HEADER_LEN:
-        try:
-            name = str(make_header(decode_header(name)))
-        except Exception:  # undecodable encoded words: judge the raw text
-            pass
+    if len(name) <= _SAFE_HEADER_LEN:
+        name = decode_words(name)  # undecodable encoded words: judge the raw text
     return name
 
 
