@@ -6,7 +6,7 @@ from wtforms.validators import InputRequired, Length, ValidationError
 
 from outgoing.held import DEFAULT_CHOICES
 from outgoing.users import normalise_domain
-from webapp.forms import optional_email
+from webapp.forms import choices, optional_email
 
 SETTINGS_HELP = {
     "abuse_report_address": "The administrator's contact: abuse reports (ARF) about "
@@ -45,7 +45,7 @@ class DetectionDefaultForm(FlaskForm):
     """The provider's default for new outgoing users (super admins only)."""
 
     detection_default = SelectField("Compromise detection for new users",
-                                    choices=DEFAULT_CHOICES)
+                                    choices=choices(DEFAULT_CHOICES))
 
 
 DETECTION_DEFAULT_HELP = ("Applies to outgoing users added from now on, in every domain. "
