@@ -7,17 +7,10 @@ import pytest
 from sqlalchemy import select
 
 from outgoing.models import OutgoingUser
-from tests.e2e.test_panel_users import OPS, OPS_PW, SETTINGS_URL, login, user
+from tests.e2e.test_panel_users import OPS, OPS_PW, SETTINGS_URL, login, open_manage_users, user
 from tests.support import data
 
 pytestmark = pytest.mark.browser
-
-
-def open_manage_users(page) -> None:
-    page.get_by_text("Outgoing", exact=True).click()
-    page.get_by_role("link", name="Manage Users").click()
-    page.get_by_role("heading", name="Add a user").wait_for()
-    page.wait_for_load_state()
 
 
 def test_a_customers_open_relay_and_takeover_are_refused_under_the_field(stack, page):

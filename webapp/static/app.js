@@ -73,6 +73,10 @@
     document.addEventListener("change", updateShowIf);
     if (!window.htmx) { updateShowIf(); return; }
     htmx.onLoad(updateShowIf);
+    // A search typed while the page was still loading is sent now, not on the next keystroke.
+    for (const field of document.querySelectorAll("input[type=search]")) {
+      if (field.value !== field.defaultValue) htmx.trigger(field, "search");
+    }
     document.body.addEventListener("htmx:configRequest", (event) => {
       if (event.detail.elt.hasAttribute("data-next-index")) {
         event.detail.parameters.index = nextHeaderIndex();
