@@ -48,6 +48,7 @@ def test_admin_searches_the_log_by_sender_and_opens_the_transaction(stack, page,
     page.get_by_role("link", name="Log Search").click()
     expect(page.get_by_role("heading", name="Log Search", level=1)).to_be_visible()
     expect(page.locator("#log-rows tr")).to_have_count(2)
+    page.wait_for_load_state()  # the search goes through htmx, not a page load
     page.get_by_label("Sender").fill("billing@example.com")
     page.get_by_label("Verdict").select_option(label="Relayed")
     page.get_by_role("button", name="Search").click()

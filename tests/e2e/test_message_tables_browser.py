@@ -5,6 +5,7 @@ breadcrumb says where you are."""
 from __future__ import annotations
 
 import pytest
+from playwright.sync_api import expect
 
 from outgoing.archive import archive_message
 from outgoing.config import load_config
@@ -50,8 +51,9 @@ def hold_and_archive() -> None:
 
 
 def check_rows(page, rows_selector: str) -> None:
+    page.wait_for_load_state()  # the page's stylesheet: the boxes measured below depend on it
     rows = page.locator(rows_selector)
-    assert rows.count() == 3
+    expect(rows).to_have_count(3)
     shown = page.locator(".table-wrap").bounding_box()  # what its scroll box does not clip
     right = min(WIDTH, shown["x"] + shown["width"])
     for i in range(rows.count()):

@@ -33,6 +33,13 @@ def open_manage_authentication(page) -> None:
     page.wait_for_load_state()  # the page's scripts run before a test clicks a tab
 
 
+def back_to_the_list(page) -> None:
+    """From a user's settings to Manage Authentication, once its scripts run (tabs)."""
+    page.get_by_role("link", name="Back to the list").click()
+    page.get_by_role("heading", name="Add a user").wait_for()
+    page.wait_for_load_state()
+
+
 def open_manage_users(page) -> None:
     """Manage Users, once its scripts run: a search typed before htmx binds is never sent."""
     page.get_by_text("Outgoing", exact=True).click()
@@ -103,7 +110,7 @@ def test_admin_adds_one_user_of_each_type_with_add_and_configure_and_changes_set
             ip.reauthenticate_as) == (1000, 60, "accept", "user")
 
     # An authenticating user that may be relayed for.
-    page.get_by_role("link", name="Back to the list").click()
+    back_to_the_list(page)
     page.get_by_role("tab", name="Authenticating User").click()
     page.get_by_label("Username").fill("alice@example.com")
     page.get_by_label("Password", exact=True).fill("Alice-pass-123")
@@ -118,7 +125,7 @@ def test_admin_adds_one_user_of_each_type_with_add_and_configure_and_changes_set
     assert alice.reauthenticate_permitted is True and alice.maximum_recipients_per_day == 500
 
     # The domain login.
-    page.get_by_role("link", name="Back to the list").click()
+    back_to_the_list(page)
     page.get_by_role("tab", name="Authenticating Domain").click()
     page.get_by_label("Password", exact=True).fill("Domain-pass-123")
     page.get_by_label("Confirm Password").fill("Domain-pass-123")
@@ -129,8 +136,9 @@ def test_admin_adds_one_user_of_each_type_with_add_and_configure_and_changes_set
     assert data.query(lambda s: s.scalar(select(OutgoingUser.lock_timeout_minutes).where(
         OutgoingUser.kind == "domain"))) == 30
 
-    page.get_by_role("link", name="Back to the list").click()
+    back_to_the_list(page)
     rows = page.locator("#user-rows tr")
+    expect(rows).to_have_count(3)
     assert [r.get_attribute("data-name") for r in rows.all()] == [
         "192.0.2.0/24", "alice@example.com", "example.com"]
 
@@ -183,7 +191,7 @@ def test_admin_locks_and_unlocks_a_user_from_the_list(stack, page, redis_client,
     row = page.locator(f"#user-{bob}")
     row.get_by_role("button", name="Lock").click()
     row.get_by_label("Lock reason").wait_for()
-    assert row.get_by_label("Lock reason").evaluate("el => el === document.activeElement")
+    expect(row.get_by_label("Lock reason")).to_be_focused()
     row.get_by_role("link", name="Cancel").click()
     # The form's own submit button is also called Lock: wait for the form to go.
     expect(row.get_by_label("Lock reason")).to_have_count(0)

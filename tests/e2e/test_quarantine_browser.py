@@ -6,6 +6,7 @@ import email.policy
 from email.message import EmailMessage
 
 import pytest
+from playwright.sync_api import expect
 
 from outgoing.changes import announce_config_change
 from tests.support import data
@@ -73,13 +74,13 @@ def test_domain_admin_views_a_quarantined_message_safely_and_releases_it(
     page.screenshot(path=str(artifacts / "quarantine-list.png"), full_page=True)
 
     row.get_by_role("link", name="View").click()
-    assert page.get_by_text('<script>alert("owned")</script>', exact=False).count() == 1
+    expect(page.get_by_text('<script>alert("owned")</script>', exact=False)).to_have_count(1)
     assert page.locator("#won").count() == 0 and page.locator("#tracker").count() == 0
     assert dialogs == []
     page.screenshot(path=str(artifacts / "quarantine-view.png"), full_page=True)
 
     page.get_by_role("button", name="Release").click()
-    assert page.get_by_text("Release of 1 message(s) queued").count() == 1
+    expect(page.get_by_text("Release of 1 message(s) queued")).to_have_count(1)
     result = stack.worker_burst()
     assert result.returncode == 0, result.stderr[-2000:]
     [released] = sink.handler.wait_for(1)

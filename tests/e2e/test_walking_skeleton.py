@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import select, update
 
 from outgoing.models import Domain, QuarantinedMessage
+from tests.e2e.test_panel_users import SETTINGS_URL, open_manage_authentication
 from tests.support import data
 from tests.support.browser import login
 from tests.support.mail import GTUBE, client, message, send
@@ -29,8 +30,7 @@ def test_admin_adds_alice_who_sends_then_spams_is_locked_notified_and_unlocked(
 
     # The super admin adds alice under example.com.
     login(page, stack.web_url, ADMIN, ADMIN_PW)
-    page.get_by_text("Outgoing", exact=True).click()
-    page.get_by_role("link", name="Manage Authentication").click()
+    open_manage_authentication(page)
     page.get_by_role("tab", name="Authenticating User").click()
     page.get_by_label("Domain").fill("example.com")
     page.get_by_label("Username").fill("alice@example.com")
@@ -38,6 +38,7 @@ def test_admin_adds_alice_who_sends_then_spams_is_locked_notified_and_unlocked(
     page.get_by_label("Confirm Password").fill(ALICE_PW)
     page.screenshot(path=str(artifacts / "skeleton-add-user.png"), full_page=True)
     page.get_by_role("button", name="Add & Configure").click()
+    page.wait_for_url(SETTINGS_URL)
     page.get_by_role("button", name="Save").click()  # the settings page, with defaults
     page.get_by_text("Saved").wait_for()
     page.get_by_role("link", name="Back to the list").click()
