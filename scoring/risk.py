@@ -17,8 +17,9 @@ hop has answered, a prior counts as half-proven.
 
 The cross-customer rule: campaign points come only from the sender's own sending of that
 content beyond its own baseline. How many other senders use the same content only multiplies
-those points (``campaign_boost``), so copying a rival's newsletter can never raise the rival's
-risk.
+those points (``campaign_boost``, at most ``CAMPAIGN_BOOST_CAP`` times), so copying a rival's
+newsletter gives the rival no points while it sends within its own habits; once it sends
+beyond them, the copies can make those points weigh up to that much more.
 """
 
 from __future__ import annotations
