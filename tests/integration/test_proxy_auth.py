@@ -338,6 +338,11 @@ def test_reattributed_traffic_obeys_the_targets_lock(instance, start_proxy, redi
         code, reply = smtp.mail("alice@example.com")
         assert code == 550 and b"alice@example.com is locked: compromised" in reply
         assert smtp.mail("carol@example.com")[0] == 250  # no such user: the IP user's own
+        # Quoting names the same mailbox for the next hop, so it is the same target.
+        for quoted in ('"alice"@example.com', '"al\\ice"@Example.com'):
+            smtp.rset()
+            code, reply = smtp.docmd("MAIL", f"FROM:<{quoted}>")  # as written, not parsed
+            assert code == 550 and b"alice@example.com is locked" in reply, quoted
 
 
 def test_a_shared_smarthost_reattributes_to_the_domain_of_the_envelope_sender_in_any_domain(
