@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 from outgoing import locks
 from outgoing.models import LOCK_MANUAL, OutgoingUser
 from outgoing.usage import read_usage_sync
-from proxy import counters, throttle
+from proxy import counters, metrics, throttle
 from tests.support import data
 from tests.support.mail import client, message, send
 from tests.support.redis_monitor import ScriptsRun
@@ -222,6 +222,28 @@ def test_a_password_this_proxy_verified_before_costs_one_script_at_auth(
     assert scripts_at_auth == ([3, 1] if limits else [2, 1])
     if limits:  # each counted at AUTH (without limits: as it closes, after this)
         assert sessions_of(redis_client, alice, clock()) == 2
+
+
+def password_checks() -> float:
+    return metrics.PASSWORD_CHECKS._value.get()
+
+
+def test_an_unknown_login_is_refused_after_a_password_check_like_a_wrong_password(
+        alice, start_proxy):
+    """Both cost one scrypt check (the unknown login's against a stand-in hash), so the time
+    of a 535 does not tell which logins exist; undecodable input too."""
+    proxy = start_proxy()
+    refusals = [("alice@example.com", "wrong-password"), ("nobody@example.com", PASSWORD),
+                ("127.0.0.9", "anything-at-all")]
+    for login, password in refusals:
+        before = password_checks()
+        assert login_code(proxy.port, login, password) == 535
+        assert password_checks() == before + 1, login
+    before = password_checks()
+    with client(proxy.port) as smtp:
+        blob = base64.b64encode(b"\0nobody@example.com\0\xff\xfe").decode()
+        assert smtp.docmd("AUTH", f"PLAIN {blob}")[0] == 535
+    assert password_checks() == before + 1
 
 
 def test_username_is_matched_whatever_its_case(alice, start_proxy):
