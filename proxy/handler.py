@@ -486,10 +486,14 @@ class OutboundHandler:
         return result
 
     async def auth_PLAIN(self, server, args):
+        if server.envelope.mail_from is not None:
+            return _in_transaction()
         _state(server.session).tried_login = None
         return self._logged_auth(server, await self._auth_plain(server, args))
 
     async def auth_LOGIN(self, server, args):
+        if server.envelope.mail_from is not None:
+            return _in_transaction()
         _state(server.session).tried_login = None
         return self._logged_auth(server, await self._auth_login(server, args))
 
@@ -940,6 +944,12 @@ class OutboundHandler:
         close = getattr(self.content, "close", None)
         if close is not None:
             await close()
+
+
+def _in_transaction() -> AuthResult:
+    """RFC 4954 4: no AUTH once MAIL has begun a transaction (the message would be attributed
+    to one user and traced as another)."""
+    return AuthResult(success=False, handled=False, message=outcomes.AUTH_IN_TRANSACTION)
 
 
 def _message_id(headers) -> str | None:

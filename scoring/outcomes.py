@@ -15,6 +15,7 @@ AUTH_BLOCKED = "454 4.7.0 Too many failed authentication attempts, try again lat
 AUTH_MALFORMED = "501 5.5.2 Malformed AUTH data"
 AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode base64"
 AUTH_TOO_LONG = "501 5.5.2 AUTH data too long"
+AUTH_IN_TRANSACTION = "503 5.5.1 AUTH is not permitted during a mail transaction"
 LINE_TOO_LONG = "500 5.5.2 Line too long"
 TEMPORARY = "451 4.3.0 Temporary failure, please try again later"
 NEXT_HOP_DOWN = "451 4.4.1 Next hop unavailable, please try again later"

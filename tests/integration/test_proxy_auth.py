@@ -246,6 +246,28 @@ def test_an_unknown_login_is_refused_after_a_password_check_like_a_wrong_passwor
     assert password_checks() == before + 1
 
 
+def test_an_ip_client_cannot_authenticate_in_the_middle_of_a_transaction(
+        instance, start_proxy, sink):
+    """RFC 4954 4: the message begun as the IP user would be attributed to it and traced as
+    the login (another customer's, here)."""
+    data.add_user("one.example", "ip", "127.0.0.5")
+    data.add_user("two.example", "user", "bob@two.example", PASSWORD)
+    proxy = start_proxy()
+    with client(proxy.port, source="127.0.0.5") as smtp:
+        assert smtp.mail("carol@one.example")[0] == 250
+        code, reply = smtp.docmd("AUTH", f"PLAIN {plain('bob@two.example', PASSWORD)}")
+        assert (code, reply[:5]) == (503, b"5.5.1")
+        code, reply = smtp.docmd("AUTH", "LOGIN " + base64.b64encode(b"bob@two.example")
+                                 .decode())
+        assert (code, reply[:5]) == (503, b"5.5.1")
+        assert smtp.rcpt("dave@example.org")[0] == 250
+        assert smtp.data(message(sender="carol@one.example"))[0] == 250
+        # Between transactions, AUTH is allowed.
+        assert smtp.docmd("AUTH", f"PLAIN {plain('bob@two.example', PASSWORD)}")[0] == 235
+    relayed = sink.handler.wait_for(1)[0].data
+    assert b"IP/Range user 127.0.0.5" in relayed and b"authenticated as" not in relayed
+
+
 def test_username_is_matched_whatever_its_case(alice, start_proxy):
     proxy = start_proxy()
     assert login_code(proxy.port, "Alice@Example.COM", PASSWORD) == 235
