@@ -513,7 +513,15 @@ class OutboundHandler:
         parts = blob.split(b"\x00")
         if len(parts) != 3 or not parts[1]:
             return AuthResult(success=False, handled=False, message=outcomes.AUTH_MALFORMED)
-        return await self._authenticate(server, parts[1], parts[2])
+        authzid, login, password = parts
+        if authzid and _login_key(authzid) != _login_key(login):
+            # RFC 4616: acting as another identity is not something we authorise. Refused
+            # before any password is looked at, for every login alike, so nothing was guessed
+            # and nothing is counted against the throttle.
+            _state(server.session).tried_login = login.decode("utf-8", "replace")[:320]
+            return AuthResult(success=False, handled=False,
+                              message=outcomes.AUTH_OTHER_IDENTITY)
+        return await self._authenticate(server, login, password)
 
     async def _auth_login(self, server, args):
         if len(args) == 1:
@@ -950,6 +958,11 @@ def _in_transaction() -> AuthResult:
     """RFC 4954 4: no AUTH once MAIL has begun a transaction (the message would be attributed
     to one user and traced as another)."""
     return AuthResult(success=False, handled=False, message=outcomes.AUTH_IN_TRANSACTION)
+
+
+def _login_key(login: bytes) -> str:
+    """A login as ``Directory.user_for_login`` compares it."""
+    return login.decode("utf-8", "replace").strip().lower()
 
 
 def _message_id(headers) -> str | None:

@@ -268,6 +268,25 @@ def test_an_ip_client_cannot_authenticate_in_the_middle_of_a_transaction(
     assert b"IP/Range user 127.0.0.5" in relayed and b"authenticated as" not in relayed
 
 
+def test_auth_plain_for_another_authorization_identity_is_refused(instance, start_proxy,
+                                                                  alice):
+    """RFC 4616: nobody may act as another login. The refusal looks at no password, so it
+    is not a failed guess and blocks nobody."""
+    data.add_user("two.example", "user", "bob@two.example", "Bob-pass-1234")
+    proxy = start_proxy()
+    for _ in range(12):  # more than the ten failures that block an address
+        with client(proxy.port, source="127.0.0.2") as smtp:
+            blob = base64.b64encode(f"bob@two.example\0alice@example.com\0{PASSWORD}"
+                                    .encode()).decode()
+            code, reply = smtp.docmd("AUTH", f"PLAIN {blob}")
+            assert (code, reply[:5]) == (535, b"5.7.8")
+            assert smtp.mail("alice@example.com")[0] == 530  # not authenticated
+    with client(proxy.port, source="127.0.0.2") as smtp:  # the same login, any case: fine
+        blob = base64.b64encode(f" Alice@Example.COM\0alice@example.com\0{PASSWORD}"
+                                .encode()).decode()
+        assert smtp.docmd("AUTH", f"PLAIN {blob}")[0] == 235
+
+
 def test_username_is_matched_whatever_its_case(alice, start_proxy):
     proxy = start_proxy()
     assert login_code(proxy.port, "Alice@Example.COM", PASSWORD) == 235
