@@ -1,5 +1,8 @@
 """Password hashing for admins and outgoing users (werkzeug's salted scrypt)."""
 
+import secrets
+from functools import cache
+
 from werkzeug.security import check_password_hash, generate_password_hash
 
 MIN_LENGTH = 10
@@ -11,6 +14,14 @@ def hash_password(password: str) -> str:
 
 def verify_password(password_hash: str | None, password: str) -> bool:
     return bool(password_hash) and check_password_hash(password_hash, password)
+
+
+@cache
+def stand_in_hash() -> str:
+    """The hash of a random password nobody knows, made like real ones, once per process:
+    checking a password for a login that does not exist against it costs what checking a
+    wrong password of a real login costs, so the time of a refusal tells nothing."""
+    return hash_password(secrets.token_urlsafe(32))
 
 
 def weakness(password: str) -> str | None:

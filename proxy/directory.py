@@ -21,6 +21,7 @@ from outgoing.db import session_scope
 from outgoing.models import REAUTH_DOMAIN, REAUTH_USER
 from outgoing.redis_conn import is_cluster
 from outgoing.snapshot import Snapshot, UserPolicy, load_snapshot
+from scoring.address import canonical_mailbox, mailbox_domain
 from scoring.ipranges import IpRange, RangeIndex, whole_space_problem
 
 log = logging.getLogger(__name__)
@@ -145,12 +146,13 @@ class Directory:
         "Re-authenticate"). Otherwise one customer could count against, or lock, another."""
         if not self.snapshot or not mail_from:
             return None
-        sender = mail_from.strip().lower()
+        # The sender as the next hop reads it: "bob"@one.example is bob@one.example.
+        sender = canonical_mailbox(mail_from.strip()).lower()
         target = None
         if ip_user.reauthenticate_as == REAUTH_USER:
             target = self.snapshot.by_username.get(sender)
         elif ip_user.reauthenticate_as == REAUTH_DOMAIN:
-            target = self.snapshot.by_domain_login.get(sender.rpartition("@")[2])
+            target = self.snapshot.by_domain_login.get(mailbox_domain(sender))
         if target is not None and target.reauthenticate_permitted and (
                 target.domain_id == ip_user.domain_id or ip_user.shared_smarthost):
             return target

@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 from outgoing import audit, held, locks
 from outgoing.db import session_scope
 from outgoing.models import LOCK_AUTOMATIC, Identity, OutgoingUser
-from outgoing.passwords import verify_password
+from outgoing.passwords import stand_in_hash, verify_password
 from outgoing.redis_conn import is_cluster
 from outgoing.snapshot import UserPolicy
 from proxy import counters, detection, metrics, throttle
@@ -97,6 +97,17 @@ def _state(session) -> SessionState:
         state = SessionState()
         session.og_state = state
     return state
+
+
+def _verify(password_hash: str | None, password: str) -> bool:
+    """scrypt, in a worker thread, counted. ``None`` (no such login) is checked against the
+    stand-in hash and is never right: a refused login costs the same whether it exists or not,
+    so the time of a 535 does not tell which logins (other customers' too) exist."""
+    metrics.PASSWORD_CHECKS.inc()
+    if password_hash is None:
+        verify_password(stand_in_hash(), password)
+        return False
+    return verify_password(password_hash, password)
 
 
 def _client_ip(session) -> str:
@@ -352,7 +363,7 @@ class OutboundHandler:
         pending = self._verifying.get(pending_key)
         if pending is None:
             pending = asyncio.ensure_future(
-                self._in_thread(verify_password, user.password_hash, password))
+                self._in_thread(_verify, user.password_hash, password))
             self._verifying[pending_key] = pending
             pending.add_done_callback(lambda _: self._verifying.pop(pending_key, None))
         ok = await asyncio.shield(pending)
@@ -402,10 +413,14 @@ class OutboundHandler:
                      login_text[:100], ip, check.blocked)
             return AuthResult(success=False, handled=False, message=outcomes.AUTH_BLOCKED)
         try:
-            ok = known or (user is not None and bool(user.password_hash)
-                           and await self._check_password(user, password_text))
+            if known:
+                ok = True
+            elif user is not None and user.password_hash:
+                ok = await self._check_password(user, password_text)
+            else:  # no such login: scrypt all the same (``_verify``)
+                ok = await self._in_thread(_verify, None, password.decode("utf-8", "replace"))
         except Exception:
-            log.exception("could not verify the password of %s", user.name)
+            log.exception("could not verify the password of %r", login_text[:100])
             return AuthResult(success=False, handled=False, message=outcomes.AUTH_TEMPORARY)
         if ok:
             # Where the owner logs in from: the username's block never applies there.
@@ -471,10 +486,14 @@ class OutboundHandler:
         return result
 
     async def auth_PLAIN(self, server, args):
+        if server.envelope.mail_from is not None:
+            return _in_transaction()
         _state(server.session).tried_login = None
         return self._logged_auth(server, await self._auth_plain(server, args))
 
     async def auth_LOGIN(self, server, args):
+        if server.envelope.mail_from is not None:
+            return _in_transaction()
         _state(server.session).tried_login = None
         return self._logged_auth(server, await self._auth_login(server, args))
 
@@ -494,7 +513,15 @@ class OutboundHandler:
         parts = blob.split(b"\x00")
         if len(parts) != 3 or not parts[1]:
             return AuthResult(success=False, handled=False, message=outcomes.AUTH_MALFORMED)
-        return await self._authenticate(server, parts[1], parts[2])
+        authzid, login, password = parts
+        if authzid and _login_key(authzid) != _login_key(login):
+            # RFC 4616: acting as another identity is not something we authorise. Refused
+            # before any password is looked at, for every login alike, so nothing was guessed
+            # and nothing is counted against the throttle.
+            _state(server.session).tried_login = login.decode("utf-8", "replace")[:320]
+            return AuthResult(success=False, handled=False,
+                              message=outcomes.AUTH_OTHER_IDENTITY)
+        return await self._authenticate(server, login, password)
 
     async def _auth_login(self, server, args):
         if len(args) == 1:
@@ -925,6 +952,17 @@ class OutboundHandler:
         close = getattr(self.content, "close", None)
         if close is not None:
             await close()
+
+
+def _in_transaction() -> AuthResult:
+    """RFC 4954 4: no AUTH once MAIL has begun a transaction (the message would be attributed
+    to one user and traced as another)."""
+    return AuthResult(success=False, handled=False, message=outcomes.AUTH_IN_TRANSACTION)
+
+
+def _login_key(login: bytes) -> str:
+    """A login as ``Directory.user_for_login`` compares it."""
+    return login.decode("utf-8", "replace").strip().lower()
 
 
 def _message_id(headers) -> str | None:

@@ -40,3 +40,7 @@ CONNECTIONS = Gauge(
 MESSAGE_LOG_ERRORS = Counter(
     "outbound_guard_message_log_append_errors_total",
     "Message-log records that could not be appended to the Redis stream (lost)")
+PASSWORD_CHECKS = Counter(
+    "outbound_guard_auth_password_checks_total",
+    "Passwords checked with scrypt at AUTH: of existing logins, and of unknown ones against a "
+    "stand-in hash so that both cost the same")

@@ -15,6 +15,8 @@ from typing import Any
 
 import re2
 
+from scoring.address import canonical_mailbox
+
 ENVELOPE_SENDER = "envelope_sender"
 AUTH_USER = "auth_user"
 HEADER = "header"
@@ -178,9 +180,12 @@ def _clean(value: str | None) -> str | None:
 
 def normalise_identity(value: str | None) -> str | None:
     """The one spelling of an identity everywhere (Redis keys, the database, replies):
-    cleaned as above and lower-cased, so "Alice@Example.com" and "alice@example.com" are
-    one sender. None when nothing is left."""
-    cleaned = _clean(value)
+    cleaned as above, an address's needless quoting removed (``scoring.address``: the next
+    hop reads ``"alice"@example.com`` as ``alice@example.com``) and lower-cased, so
+    "Alice@Example.com" and "alice@example.com" are one sender. None when nothing is left."""
+    if value is None:
+        return None
+    cleaned = _clean(canonical_mailbox(value.strip()))
     if cleaned is None:
         return None
     return cleaned.lower()[:MAX_IDENTITY].strip() or None

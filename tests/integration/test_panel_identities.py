@@ -63,6 +63,13 @@ def test_the_same_identity_is_added_once_per_user(root, bob):
     assert "already has the identity shop-42" in text(response)
 
 
+def test_an_address_added_by_hand_is_stored_as_the_proxy_spells_it(root, bob):
+    """A quoted dot-string is the plain address (the proxy's lock key), not another one."""
+    root.post("/outgoing/identities", {"user": "bob@example.com",
+                                       "value": '"Lock\\ed"@example.com'})
+    assert identity_id("Locked@example.com") is not None
+
+
 def test_identities_lock_unlock_and_reset_in_place(root, bob, redis_client):
     root.post("/outgoing/identities", {"user": "bob@example.com", "value": "Shop-42"})
     ident = identity_id("Shop-42")

@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 from outgoing import locks
 from outgoing.models import LOCK_MANUAL, OutgoingUser
 from outgoing.usage import read_usage_sync
-from proxy import counters, throttle
+from proxy import counters, metrics, throttle
 from tests.support import data
 from tests.support.mail import client, message, send
 from tests.support.redis_monitor import ScriptsRun
@@ -224,6 +224,69 @@ def test_a_password_this_proxy_verified_before_costs_one_script_at_auth(
         assert sessions_of(redis_client, alice, clock()) == 2
 
 
+def password_checks() -> float:
+    return metrics.PASSWORD_CHECKS._value.get()
+
+
+def test_an_unknown_login_is_refused_after_a_password_check_like_a_wrong_password(
+        alice, start_proxy):
+    """Both cost one scrypt check (the unknown login's against a stand-in hash), so the time
+    of a 535 does not tell which logins exist; undecodable input too."""
+    proxy = start_proxy()
+    refusals = [("alice@example.com", "wrong-password"), ("nobody@example.com", PASSWORD),
+                ("127.0.0.9", "anything-at-all")]
+    for login, password in refusals:
+        before = password_checks()
+        assert login_code(proxy.port, login, password) == 535
+        assert password_checks() == before + 1, login
+    before = password_checks()
+    with client(proxy.port) as smtp:
+        blob = base64.b64encode(b"\0nobody@example.com\0\xff\xfe").decode()
+        assert smtp.docmd("AUTH", f"PLAIN {blob}")[0] == 535
+    assert password_checks() == before + 1
+
+
+def test_an_ip_client_cannot_authenticate_in_the_middle_of_a_transaction(
+        instance, start_proxy, sink):
+    """RFC 4954 4: the message begun as the IP user would be attributed to it and traced as
+    the login (another customer's, here)."""
+    data.add_user("one.example", "ip", "127.0.0.5")
+    data.add_user("two.example", "user", "bob@two.example", PASSWORD)
+    proxy = start_proxy()
+    with client(proxy.port, source="127.0.0.5") as smtp:
+        assert smtp.mail("carol@one.example")[0] == 250
+        code, reply = smtp.docmd("AUTH", f"PLAIN {plain('bob@two.example', PASSWORD)}")
+        assert (code, reply[:5]) == (503, b"5.5.1")
+        code, reply = smtp.docmd("AUTH", "LOGIN " + base64.b64encode(b"bob@two.example")
+                                 .decode())
+        assert (code, reply[:5]) == (503, b"5.5.1")
+        assert smtp.rcpt("dave@example.org")[0] == 250
+        assert smtp.data(message(sender="carol@one.example"))[0] == 250
+        # Between transactions, AUTH is allowed.
+        assert smtp.docmd("AUTH", f"PLAIN {plain('bob@two.example', PASSWORD)}")[0] == 235
+    relayed = sink.handler.wait_for(1)[0].data
+    assert b"IP/Range user 127.0.0.5" in relayed and b"authenticated as" not in relayed
+
+
+def test_auth_plain_for_another_authorization_identity_is_refused(instance, start_proxy,
+                                                                  alice):
+    """RFC 4616: nobody may act as another login. The refusal looks at no password, so it
+    is not a failed guess and blocks nobody."""
+    data.add_user("two.example", "user", "bob@two.example", "Bob-pass-1234")
+    proxy = start_proxy()
+    for _ in range(12):  # more than the ten failures that block an address
+        with client(proxy.port, source="127.0.0.2") as smtp:
+            blob = base64.b64encode(f"bob@two.example\0alice@example.com\0{PASSWORD}"
+                                    .encode()).decode()
+            code, reply = smtp.docmd("AUTH", f"PLAIN {blob}")
+            assert (code, reply[:5]) == (535, b"5.7.8")
+            assert smtp.mail("alice@example.com")[0] == 530  # not authenticated
+    with client(proxy.port, source="127.0.0.2") as smtp:  # the same login, any case: fine
+        blob = base64.b64encode(f" Alice@Example.COM\0alice@example.com\0{PASSWORD}"
+                                .encode()).decode()
+        assert smtp.docmd("AUTH", f"PLAIN {blob}")[0] == 235
+
+
 def test_username_is_matched_whatever_its_case(alice, start_proxy):
     proxy = start_proxy()
     assert login_code(proxy.port, "Alice@Example.COM", PASSWORD) == 235
@@ -338,6 +401,11 @@ def test_reattributed_traffic_obeys_the_targets_lock(instance, start_proxy, redi
         code, reply = smtp.mail("alice@example.com")
         assert code == 550 and b"alice@example.com is locked: compromised" in reply
         assert smtp.mail("carol@example.com")[0] == 250  # no such user: the IP user's own
+        # Quoting names the same mailbox for the next hop, so it is the same target.
+        for quoted in ('"alice"@example.com', '"al\\ice"@Example.com'):
+            smtp.rset()
+            code, reply = smtp.docmd("MAIL", f"FROM:<{quoted}>")  # as written, not parsed
+            assert code == 550 and b"alice@example.com is locked" in reply, quoted
 
 
 def test_a_shared_smarthost_reattributes_to_the_domain_of_the_envelope_sender_in_any_domain(

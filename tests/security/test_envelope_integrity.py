@@ -154,6 +154,23 @@ def test_cr_in_a_quoted_local_part_cannot_smuggle_a_locked_identity(locked_ident
     assert raw_sink.commands(b"MAIL") == []
 
 
+@pytest.mark.parametrize("mail_from", [
+    b'<"locked"@a.test>', b'<"lock\\ed"@a.test>', b'<"\\l\\o\\c\\k\\e\\d"@a.test>',
+    b'<"Locked"@A.test>',
+])
+def test_quoting_cannot_smuggle_a_locked_identity(locked_identity, proxy, raw_sink, mail_from):
+    """The next hop reads a quoted dot-string as the plain address (RFC 5321 4.1.2), so the
+    lock applies to it; a quoted local part that is no dot-string is another mailbox, and
+    is relayed as the client wrote it."""
+    smtp = Client(proxy.port)
+    code, text = smtp.send_message(mail_from, b"<bob@b.test>")
+    assert code == 550 and b"locked@a.test" in text, text
+    assert smtp.send_message(b'<"locked x"@a.test>', b"<bob@b.test>")[0] == 250
+    smtp.close()
+    relayed = raw_sink.commands(b"MAIL")
+    assert len(relayed) == 1 and relayed[0].startswith(b'MAIL FROM:<"locked x"@a.test> ')
+
+
 @pytest.mark.parametrize(("mail_from", "rcpt", "status"), [
     (b"<a\x00b@a.test>", b"<bob@b.test>", b"501 5.1.7 "),  # NUL: was 250, then 451 at DATA
     (b"<alice\r@a.test>", b"<bob@b.test>", b"501 5.1.7 "),  # bare CR: was relayed without it

@@ -4,6 +4,7 @@ from flask_wtf import FlaskForm
 from wtforms import StringField
 from wtforms.validators import InputRequired, Length, ValidationError
 
+from scoring.address import canonical_mailbox
 from scoring.identity import MAX_IDENTITY
 
 
@@ -23,3 +24,5 @@ class AddIdentityForm(FlaskForm):
             raise ValidationError("Enter the identity, e.g. an address or a customer id.")
         if any(not c.isprintable() for c in field.data):
             raise ValidationError("An identity is one line of printable text.")
+        # Stored as the proxy spells it: "locked"@a.test is the sender locked@a.test.
+        field.data = canonical_mailbox(field.data)

@@ -1,0 +1,62 @@
+"""The canonical spelling of a mailbox, for comparing addresses and keying them.
+
+RFC 5321 §4.1.2: a quoted-string local part that could be written as a dot-string names the
+same mailbox, and the next hop (Postfix, aiosmtpd) reads ``"locked"@a.test`` and
+``"lock\\ed"@a.test`` as ``locked@a.test``. A lock or a look-up keyed on the spelling the
+client chose would miss them, so checks use this form; the address relayed stays the one the
+client sent. A quoted local part that is not a dot-string (``"a b"``) is another mailbox and
+keeps its quotes, with only ``\\`` and ``"`` escaped inside them.
+"""
+
+from __future__ import annotations
+
+import re
+
+# RFC 5321 atext, with RFC 6531's UTF-8 (no C1 controls, no lone surrogates).
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u00a0-\ud7ff\ue000-\U0010ffff-]"
+_DOT_STRING = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"@', re.DOTALL)
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+
+
+def split_mailbox(address: str) -> tuple[str, str] | None:
+    """(local part as written, domain) of ``local@domain`` whose local part is a dot-string
+    or a quoted-string; None for anything else (``<>``, a customer id, header garbage)."""
+    if address.startswith('"'):
+        match = _QUOTED.match(address)
+        if match is None:
+            return None
+        local, domain = address[:match.end() - 1], address[match.end():]
+    else:
+        local, at, domain = address.partition("@")
+        if not at or not _DOT_STRING.fullmatch(local):
+            return None
+    return (local, domain) if domain else None
+
+
+def canonical_local_part(local: str) -> str:
+    """A quoted local part without needless quoting: unquoted when that is a dot-string,
+    else quoted again with the fewest escapes."""
+    if not local.startswith('"'):
+        return local
+    text = _QUOTED_PAIR.sub(r"\1", local[1:-1])
+    if _DOT_STRING.fullmatch(text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def canonical_mailbox(address: str) -> str:
+    """``address`` with its local part in canonical form; anything that is not a mailbox is
+    returned as it is. Case is left alone (callers lower-case what they compare)."""
+    parts = split_mailbox(address)
+    if parts is None:
+        return address
+    local, domain = parts
+    return f"{canonical_local_part(local)}@{domain}"
+
+
+def mailbox_domain(address: str) -> str:
+    """The domain of a mailbox (after the local part, which may hold "@" when quoted),
+    lower-cased; "" when ``address`` is not a mailbox."""
+    parts = split_mailbox(address)
+    return parts[1].lower() if parts else ""
