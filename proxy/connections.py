@@ -1,4 +1,5 @@
-"""Concurrent connections per client IP, counted across all proxy processes of the machine.
+"""Concurrent connections: per client IP across all proxy processes of the machine, and the
+ones one process serves (to drain them at shutdown).
 
 The parent creates one shared anonymous mapping before it forks the workers: an array of
 int32 counters per worker, indexed by a stable hash of the client IP. A worker writes only its
@@ -13,8 +14,12 @@ only ever makes the cap stricter for them, never looser.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import mmap
 import zlib
+
+log = logging.getLogger("proxy")
 
 SLOTS = 65536
 _INT = 4
@@ -57,3 +62,50 @@ class ConnectionCounts:
         """Forget every connection of a worker that died (the parent, before a replacement)."""
         start = worker * SLOTS * _INT
         self._memory[start:start + SLOTS * _INT] = bytes(SLOTS * _INT)
+
+
+class OpenConnections:
+    """The connections one process serves, to drain them at shutdown.
+
+    Each member is a protocol with ``drain()`` (end it now if it is between transactions)
+    and ``shut_down()`` (421 and close, whatever it is doing)."""
+
+    def __init__(self):
+        self.draining = False
+        self._open: set = set()
+        self._emptied: asyncio.Event | None = None
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def add(self, connection) -> None:
+        self._open.add(connection)
+
+    def discard(self, connection) -> None:
+        self._open.discard(connection)
+        if not self._open and self._emptied is not None:
+            self._emptied.set()
+
+    async def drain(self, seconds: float) -> None:
+        """Shutdown, once the listening socket is closed: sessions between transactions end
+        at once, with 421; those in a transaction finish it (their next reply is followed by
+        421) for up to ``seconds``; then whatever is left gets 421 and is closed."""
+        self.draining = True
+        self._emptied = asyncio.Event()
+        for connection in list(self._open):
+            connection.drain()
+        if self._open and seconds > 0:
+            log.info("shutdown: waiting up to %g s for the transactions in flight", seconds)
+            try:
+                await asyncio.wait_for(self._emptied.wait(), timeout=seconds)
+            except TimeoutError:
+                pass
+        if self._open:
+            log.warning("shutdown: %d connections still busy after %g s; closed with 421",
+                        len(self._open), seconds)
+            for connection in list(self._open):
+                connection.shut_down()
+            try:  # let the closed connections end (their sessions give back what they owe)
+                await asyncio.wait_for(self._emptied.wait(), timeout=1)
+            except TimeoutError:
+                pass
