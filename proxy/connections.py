@@ -1,8 +1,10 @@
-"""Concurrent connections: per client IP across all proxy processes of the machine, and the
-ones one process serves (to drain them at shutdown).
+"""Concurrent connections: per client address across all proxy processes of the machine, and
+all of one process's together.
 
-The parent creates one shared anonymous mapping before it forks the workers: an array of
-int32 counters per worker, indexed by a stable hash of the client IP. A worker writes only its
+Per client address: an IPv4 address, or an IPv6 /64 (one subscriber's network: a client that
+owns a /64 could otherwise open connections from as many addresses as it likes). The parent
+creates one shared anonymous mapping before it forks the workers: an array of int32 counters
+per worker, indexed by a stable hash of the client address. A worker writes only its
 own array (so no locks: each array has one writer, the worker's single event loop); the check
 sums one slot over every array. When a worker dies, the parent zeroes that worker's array
 before it starts the replacement, so a crash never leaves connections counted. No Redis round
@@ -17,7 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import mmap
+import resource
 import zlib
+
+from scoring.locks import auth_network
 
 log = logging.getLogger("proxy")
 
@@ -34,7 +39,7 @@ class ConnectionCounts:
 
     @staticmethod
     def slot(ip: str) -> int:
-        return zlib.crc32(ip.encode("utf-8", "surrogateescape")) & (SLOTS - 1)
+        return zlib.crc32(client_key(ip).encode("utf-8", "surrogateescape")) & (SLOTS - 1)
 
     def count(self, slot: int) -> int:
         """Open connections in ``slot`` over all processes."""
@@ -64,13 +69,44 @@ class ConnectionCounts:
         self._memory[start:start + SLOTS * _INT] = bytes(SLOTS * _INT)
 
 
+def client_key(ip: str) -> str:
+    """What the per-address cap counts: an IPv4 address (also when it comes IPv4-mapped
+    through an IPv6 socket), or the /64 of an IPv6 address."""
+    return auth_network(ip, v4=32, v6=64)
+
+
+def raise_file_limit() -> int:
+    """Raise this process's soft limit on open files to the hard limit, as servers do (a
+    soft limit of 1024 is a few hundred idle clients); the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d (%s)", soft, hard, exc)
+            return soft
+        log.info("open-file limit raised from %d to %d", soft, hard)
+        return hard
+    return soft
+
+
+def default_max_connections() -> int:
+    """Half the process's file descriptors: the other half is for the next hop (one
+    connection per message in flight), Redis, the database and files. 0 (no cap) when
+    descriptors are unlimited."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 0 if soft == resource.RLIM_INFINITY else max(1, soft // 2)
+
+
 class OpenConnections:
-    """The connections one process serves, to drain them at shutdown.
+    """The connections one process serves: a cap on all of them together (file descriptors
+    run out per process, and then nobody is served), and the drain at shutdown.
 
     Each member is a protocol with ``drain()`` (end it now if it is between transactions)
     and ``shut_down()`` (421 and close, whatever it is doing)."""
 
-    def __init__(self):
+    def __init__(self, limit: int = 0):
+        self.limit = limit
         self.draining = False
         self._open: set = set()
         self._emptied: asyncio.Event | None = None
@@ -78,8 +114,12 @@ class OpenConnections:
     def __len__(self) -> int:
         return len(self._open)
 
-    def add(self, connection) -> None:
+    def add(self, connection) -> bool:
+        """Count a new connection; False (not counted) when the process has ``limit``."""
+        if self.limit and len(self._open) >= self.limit:
+            return False
         self._open.add(connection)
+        return True
 
     def discard(self, connection) -> None:
         self._open.discard(connection)

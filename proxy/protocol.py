@@ -32,6 +32,7 @@ COMMAND_CALL_LIMITS = {
 }
 
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address"
+TOO_MANY_IN_ALL = "421 4.7.0 Too many connections, try again later"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down"
 PROXY_REFUSED = "554 5.7.0 PROXY protocol header not accepted from your address"
 PROXY_HEADER_TIMEOUT = 5.0  # seconds a load balancer has to send its header
@@ -185,6 +186,7 @@ class LimitedSMTP(SMTP):
         self._held_lines: list[bytes] = []
         self.connections = connections
         self.open_connections = open_connections
+        self._over_process_limit = False
         self.max_connections_per_ip = max_connections_per_ip
         self.max_junk_commands = max_junk_commands
         self._connection_slot: int | None = None
@@ -204,7 +206,7 @@ class LimitedSMTP(SMTP):
         its PROXY header is read: counted then (``_handle_client``)."""
         if self.transport is None:
             if self.open_connections is not None:
-                self.open_connections.add(self)
+                self._over_process_limit = not self.open_connections.add(self)
             peer = transport.get_extra_info("peername")
             ip = str(peer[0] if isinstance(peer, tuple) else peer)
             self._behind_balancer = _in_networks(ip, self.proxy_protocol_from)
@@ -283,6 +285,10 @@ class LimitedSMTP(SMTP):
         refusal = None
         if self.open_connections is not None and self.open_connections.draining:
             refusal = SHUTTING_DOWN  # accepted just before the listening socket closed
+        elif self._over_process_limit:
+            log.warning("%r: the process serves %d connections (SMTP_MAX_CONNECTIONS), "
+                        "refused", self.session.peer, len(self.open_connections))
+            refusal = TOO_MANY_IN_ALL
         elif self._over_connection_limit:
             refusal = TOO_MANY_CONNECTIONS
         connect = getattr(self.event_handler, "handle_connect", None)

@@ -25,7 +25,12 @@ from outgoing import jobs, locks, redis_conn
 from outgoing.config import parse_hostport, parse_networks
 from outgoing.db import make_sessionmaker, session_scope
 from proxy import metrics_server
-from proxy.connections import ConnectionCounts, OpenConnections
+from proxy.connections import (
+    ConnectionCounts,
+    OpenConnections,
+    default_max_connections,
+    raise_file_limit,
+)
 from proxy.directory import Directory
 from proxy.handler import OutboundHandler
 from proxy.identities import IdentityFlusher
@@ -118,7 +123,8 @@ async def serve(config: dict, sock: socket.socket, clock=time.time,
                               flusher=flusher)
     tls = server_context(config["TLS_CERT"], config["TLS_KEY"], config["SMTP_HOSTNAME"])
     trusted = config["SMTP_TRUSTED"]
-    open_connections = OpenConnections()
+    open_connections = OpenConnections(int(config["SMTP_MAX_CONNECTIONS"])
+                                       or default_max_connections())
 
     factory = protocol_factory(handler, hostname=config["SMTP_HOSTNAME"],
                                ident="Outbound Guard", tls_context=tls,
@@ -144,8 +150,9 @@ async def serve(config: dict, sock: socket.socket, clock=time.time,
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-    log.info("SMTP proxy pid %d listening on %s, next hop %s", os.getpid(),
-             config["SMTP_LISTEN"], config["UPSTREAM_SMTP"])
+    log.info("SMTP proxy pid %d listening on %s, next hop %s, at most %d connections",
+             os.getpid(), config["SMTP_LISTEN"], config["UPSTREAM_SMTP"],
+             open_connections.limit)
     try:
         await stop.wait()
     finally:
@@ -193,6 +200,7 @@ def run(config: dict, workers: int) -> None:
     starts a worker again when one dies (at most once a second), after forgetting the
     connections the dead one had counted."""
     host, port = parse_hostport("SMTP_LISTEN", config["SMTP_LISTEN"])
+    raise_file_limit()  # before the workers fork: they inherit it
     ensure_certificate(config["TLS_CERT"], config["TLS_KEY"], config["SMTP_HOSTNAME"])
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         metrics_server.prepare_multiprocess(config)
