@@ -94,6 +94,12 @@ def _defaults(instance: Path) -> dict:
         # processes of this machine together; 421 beyond), and commands in a row that move
         # no mail forward (NOOP, RSET, VRFY, EXPN, HELP) before 421.
         "SMTP_MAX_CONNECTIONS_PER_IP": 50,
+        # Connections one proxy process serves at once (421 beyond); 0: half its open-file
+        # limit (raised to the hard limit at start), the rest for upstream, Redis, files.
+        "SMTP_MAX_CONNECTIONS": 0,
+        # On SIGTERM, seconds a transaction in flight may take to finish before its session
+        # gets 421 and the process stops (the systemd unit's TimeoutStopSec leaves room).
+        "SMTP_DRAIN_SECONDS": 20.0,
         "SMTP_MAX_JUNK_COMMANDS": 20,
         # Content stage (proxy/content.py): next-hop login, connection reuse, engines, stores.
         "UPSTREAM_USERNAME": "",

@@ -19,7 +19,7 @@ from aiosmtpd.proxy_protocol import V2_CMD, get_proxy
 from aiosmtpd.smtp import MISSING, SMTP, Session, _AuthMechAttr, syntax
 
 from proxy import data_stream
-from proxy.connections import ConnectionCounts
+from proxy.connections import ConnectionCounts, OpenConnections
 from proxy.data_stream import DataState
 
 log = logging.getLogger("proxy")
@@ -32,6 +32,8 @@ COMMAND_CALL_LIMITS = {
 }
 
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address"
+TOO_MANY_IN_ALL = "421 4.7.0 Too many connections, try again later"
+SHUTTING_DOWN = "421 4.3.2 Service shutting down"
 PROXY_REFUSED = "554 5.7.0 PROXY protocol header not accepted from your address"
 PROXY_HEADER_TIMEOUT = 5.0  # seconds a load balancer has to send its header
 TOO_MANY_JUNK_COMMANDS = "421 4.7.0 Too many commands without sending mail"
@@ -174,6 +176,7 @@ class LimitedSMTP(SMTP):
     command_size_limit = 512
 
     def __init__(self, *args, connections: ConnectionCounts | None = None,
+                 open_connections: OpenConnections | None = None,
                  max_connections_per_ip: int = 0, max_junk_commands: int = 0,
                  line_length_limit: int | None = None, proxy_protocol_from=(),
                  proxy_protocol_timeout: float = PROXY_HEADER_TIMEOUT, **kwargs):
@@ -182,6 +185,8 @@ class LimitedSMTP(SMTP):
         super().__init__(*args, **kwargs)
         self._held_lines: list[bytes] = []
         self.connections = connections
+        self.open_connections = open_connections
+        self._over_process_limit = False
         self.max_connections_per_ip = max_connections_per_ip
         self.max_junk_commands = max_junk_commands
         self._connection_slot: int | None = None
@@ -200,6 +205,8 @@ class LimitedSMTP(SMTP):
         makes a new transport for it). Behind a load balancer the client is known only once
         its PROXY header is read: counted then (``_handle_client``)."""
         if self.transport is None:
+            if self.open_connections is not None:
+                self._over_process_limit = not self.open_connections.add(self)
             peer = transport.get_extra_info("peername")
             ip = str(peer[0] if isinstance(peer, tuple) else peer)
             self._behind_balancer = _in_networks(ip, self.proxy_protocol_from)
@@ -275,7 +282,15 @@ class LimitedSMTP(SMTP):
                     self.transport.close()
                 return
             self._count_connection(str(self.session.peer[0]))
-        refusal = TOO_MANY_CONNECTIONS if self._over_connection_limit else None
+        refusal = None
+        if self.open_connections is not None and self.open_connections.draining:
+            refusal = SHUTTING_DOWN  # accepted just before the listening socket closed
+        elif self._over_process_limit:
+            log.warning("%r: the process serves %d connections (SMTP_MAX_CONNECTIONS), "
+                        "refused", self.session.peer, len(self.open_connections))
+            refusal = TOO_MANY_IN_ALL
+        elif self._over_connection_limit:
+            refusal = TOO_MANY_CONNECTIONS
         connect = getattr(self.event_handler, "handle_connect", None)
         if refusal is None and connect is not None:
             refusal = await connect(self.session)  # e.g. an IP user's connection limits
@@ -294,6 +309,37 @@ class LimitedSMTP(SMTP):
         slot, self._connection_slot = self._connection_slot, None
         if slot is not None and self.connections is not None:
             self.connections.release(slot)
+
+    # -- shutdown (OpenConnections.drain) -----------------------------------------------------
+    def _in_transaction(self) -> bool:
+        envelope = getattr(self, "envelope", None)
+        return envelope is not None and envelope.mail_from is not None
+
+    def drain(self) -> None:
+        """The proxy is stopping: a session waiting for its next command outside a
+        transaction ends now, with 421 (RFC 5321 3.8); any other ends after its next reply
+        that leaves no transaction open (``push``)."""
+        reader = getattr(self, "_reader", None)
+        waiting = getattr(reader, "_waiter", None) is not None if reader is not None else True
+        if waiting and not self._in_transaction():
+            self.shut_down()
+
+    def shut_down(self) -> None:
+        """421 and close, whatever the session is doing."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._held_lines = []
+        self.transport.write(SHUTTING_DOWN.encode() + b"\r\n")
+        self.transport.close()
+
+    def _after_reply(self, status: bytes) -> None:
+        """While draining, a final reply that leaves no transaction open ends the session
+        (the 250 after DATA, a refused MAIL, RSET, EHLO...). Not a 220 (the greeting,
+        STARTTLS's go-ahead) or 3xx (more to come), nor a reply that ends it anyway."""
+        if (self.open_connections is not None and self.open_connections.draining
+                and status[:1] in (b"2", b"4", b"5") and status[:3] not in (b"220", b"221")
+                and not status.startswith(b"421") and not self._in_transaction()):
+            self.shut_down()
 
     # -- commands that send no mail ----------------------------------------------------------
     async def _no_progress(self) -> bool:
@@ -488,6 +534,7 @@ class LimitedSMTP(SMTP):
             status = b"\r\n".join([*self._held_lines, status])
             self._held_lines = []
         await super().push(status)
+        self._after_reply(status.rsplit(b"\r\n", 1)[-1])
 
     def _getaddr(self, arg: str):
         """aiosmtpd parses paths with the e-mail package's header parser, which is lenient
@@ -527,6 +574,8 @@ class LimitedSMTP(SMTP):
             self._session_ended()
         finally:
             self._release_connection()
+            if self.open_connections is not None:
+                self.open_connections.discard(self)
         super().connection_lost(error)
 
 

@@ -5,6 +5,11 @@ start-up it listens anyway (answering 4xx) and keeps trying in the background.
 The parent process only supervises: a worker that dies is started again. Before forking it
 creates the shared connection counts (proxy/connections.py), so the cap on connections per
 client IP holds across all processes.
+
+SIGTERM or SIGINT (the parent forwards either to its workers as SIGTERM) drains each process:
+the listening socket closes, sessions between transactions get 421 at once, a transaction in
+flight finishes (for up to SMTP_DRAIN_SECONDS: the sender gets the next hop's answer, not a
+dropped connection), and only then does the process stop.
 """
 
 from __future__ import annotations
@@ -20,7 +25,12 @@ from outgoing import jobs, locks, redis_conn
 from outgoing.config import parse_hostport, parse_networks
 from outgoing.db import make_sessionmaker, session_scope
 from proxy import metrics_server
-from proxy.connections import ConnectionCounts
+from proxy.connections import (
+    ConnectionCounts,
+    OpenConnections,
+    default_max_connections,
+    raise_file_limit,
+)
 from proxy.directory import Directory
 from proxy.handler import OutboundHandler
 from proxy.identities import IdentityFlusher
@@ -113,6 +123,8 @@ async def serve(config: dict, sock: socket.socket, clock=time.time,
                               flusher=flusher)
     tls = server_context(config["TLS_CERT"], config["TLS_KEY"], config["SMTP_HOSTNAME"])
     trusted = config["SMTP_TRUSTED"]
+    open_connections = OpenConnections(int(config["SMTP_MAX_CONNECTIONS"])
+                                       or default_max_connections())
 
     factory = protocol_factory(handler, hostname=config["SMTP_HOSTNAME"],
                                ident="Outbound Guard", tls_context=tls,
@@ -121,6 +133,7 @@ async def serve(config: dict, sock: socket.socket, clock=time.time,
                                enable_SMTPUTF8=True, timeout=300,
                                command_call_limit=dict(COMMAND_CALL_LIMITS),
                                connections=connections or ConnectionCounts(1),
+                               open_connections=open_connections,
                                max_connections_per_ip=config["SMTP_MAX_CONNECTIONS_PER_IP"],
                                max_junk_commands=config["SMTP_MAX_JUNK_COMMANDS"],
                                line_length_limit=int(config["SMTP_MAX_LINE_LENGTH"]) + 2,
@@ -137,18 +150,23 @@ async def serve(config: dict, sock: socket.socket, clock=time.time,
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-    log.info("SMTP proxy pid %d listening on %s, next hop %s", os.getpid(),
-             config["SMTP_LISTEN"], config["UPSTREAM_SMTP"])
+    log.info("SMTP proxy pid %d listening on %s, next hop %s, at most %d connections",
+             os.getpid(), config["SMTP_LISTEN"], config["UPSTREAM_SMTP"],
+             open_connections.limit)
     try:
         await stop.wait()
     finally:
+        # Stopped by a signal: drain. Cancelled (tests' in-process proxy): 421 to every
+        # session at once. server.wait_closed() is no help: with uvloop on Python 3.11 it
+        # returns at once, and then the runner cancels every session mid-transaction.
+        server.close()
+        drain = float(config["SMTP_DRAIN_SECONDS"]) if stop.is_set() else 0
+        try:
+            await open_connections.drain(drain)
+        except Exception:
+            log.exception("shutdown: draining the connections failed")
         for task in tasks:
             task.cancel()
-        server.close()
-        try:
-            await asyncio.wait_for(server.wait_closed(), timeout=5)
-        except (TimeoutError, asyncio.CancelledError):
-            pass
         try:
             await asyncio.wait_for(handler.close(), timeout=10)
         except Exception as exc:
@@ -182,6 +200,7 @@ def run(config: dict, workers: int) -> None:
     starts a worker again when one dies (at most once a second), after forgetting the
     connections the dead one had counted."""
     host, port = parse_hostport("SMTP_LISTEN", config["SMTP_LISTEN"])
+    raise_file_limit()  # before the workers fork: they inherit it
     ensure_certificate(config["TLS_CERT"], config["TLS_KEY"], config["SMTP_HOSTNAME"])
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         metrics_server.prepare_multiprocess(config)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import os
+import resource
 import select
 import signal
 import socket
@@ -28,6 +29,7 @@ from tests.support.services import (
 
 PASSWORD = "Alice-pass-123"
 TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections from your address"
+TOO_MANY_IN_ALL = b"421 4.7.0 Too many connections, try again later"
 TOO_MANY_JUNK = b"421 4.7.0 Too many commands without sending mail"
 
 
@@ -80,11 +82,11 @@ def fill(port: int, limit: int = 200) -> tuple[list[Conn], Conn]:
     raise AssertionError(f"{limit} connections accepted, none refused")
 
 
-def accepted_when_free(port: int) -> Conn:
+def accepted_when_free(port: int, source: str = "127.0.0.1") -> Conn:
     """A connection that got its greeting, once the slots freed a moment ago are back (a
     probe of accepted_again also holds one until the proxy sees it close)."""
     def attempt():
-        conn = Conn(port)
+        conn = Conn(port, source)
         if conn.greeting[0] == 220:
             return conn
         conn.close()
@@ -220,6 +222,54 @@ def test_fifty_connections_per_ip_across_the_worker_processes(alice, sink, tmp_p
             conn.close()
         stop_process(proc)
     assert proc.returncode == 0
+
+
+def test_the_process_cap_keeps_descriptors_for_a_legitimate_client(alice, sink, tmp_path):
+    """The review's attack: idle connections from many addresses, each under its own cap,
+    until the proxy has no file descriptor left. With 256 descriptors (no higher hard limit
+    to raise it to) a process serves 128 connections; the next gets 421 and the proxy still
+    has descriptors to serve a client once one leaves."""
+    port = free_port()
+    env = process_env(SMTP_LISTEN=f"127.0.0.1:{port}", UPSTREAM_SMTP=f"127.0.0.1:{sink.port}",
+                      METRICS_LISTEN="", SMTP_MAX_CONNECTIONS_PER_IP="20")
+    env.pop("SMTP_MAX_CONNECTIONS", None)
+    proc = start_process(["sh", "-c", 'ulimit -n 256 && exec "$0" -m proxy --workers 1',
+                          sys.executable], env, tmp_path / "proxy.log")
+    opened: list[Conn] = []
+    try:
+        wait_for_port(port, proc=proc)
+        for number in range(128):
+            conn = Conn(port, source=f"127.0.0.{number // 20 + 1}")
+            opened.append(conn)
+            assert conn.greeting[0] == 220, number
+        refused = Conn(port, source="127.0.1.1")  # a new address, far under its own cap
+        assert refused.greeting == (421, TOO_MANY_IN_ALL + b"\r\n")
+        assert refused.closed_by_server()
+        refused.close()
+        opened.pop().close()
+        legitimate = accepted_when_free(port, source="127.0.1.2")
+        assert legitimate.ask(b"EHLO client.example")[0] == 250
+        opened.append(legitimate)
+    finally:
+        for conn in opened:
+            conn.close()
+        stop_process(proc)
+
+
+def test_the_proxy_raises_its_open_file_limit_to_the_hard_limit(alice, sink, tmp_path):
+    port = free_port()
+    env = process_env(SMTP_LISTEN=f"127.0.0.1:{port}", UPSTREAM_SMTP=f"127.0.0.1:{sink.port}",
+                      METRICS_LISTEN="")
+    proc = start_process(["sh", "-c", 'ulimit -Sn 256 && exec "$0" -m proxy --workers 1',
+                          sys.executable], env, tmp_path / "proxy.log")
+    try:
+        wait_for_port(port, proc=proc)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+        assert line.split()[3:5] == [str(hard), str(hard)]
+    finally:
+        stop_process(proc)
 
 
 def _dropped(conn: Conn) -> bool:

@@ -76,8 +76,10 @@ class SinkHandler:
     messages: list[Received] = field(default_factory=list)
     refuse_with: str | None = None
     delay: float = 0  # seconds to wait before answering DATA (a hanging next hop)
+    data_started: threading.Event = field(default_factory=threading.Event)  # a DATA came
 
     async def handle_DATA(self, server, session, envelope):
+        self.data_started.set()
         if self.refuse_with:
             return self.refuse_with
         if self.delay:

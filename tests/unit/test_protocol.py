@@ -7,7 +7,7 @@ import asyncio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.connections import ConnectionCounts
+from proxy.connections import ConnectionCounts, client_key
 from proxy.protocol import _PLAIN_PATH, LimitedSMTP, parse_path, protocol_factory, unterminated
 
 
@@ -142,6 +142,18 @@ def test_connection_counts_sum_over_all_processes_and_a_dead_one_is_forgotten():
     counts.release(slots[1])
     assert counts.count(ConnectionCounts.slot("192.0.2.1")) == 1
     assert counts.acquire("192.0.2.1", 0) is not None  # 0: no cap
+
+
+def test_an_ipv6_64_is_one_client_and_a_mapped_ipv4_address_is_the_ipv4_client():
+    counts = ConnectionCounts()
+    for host in (":1", ":2", "ffff:ffff:ffff:fff0"):  # one subscriber's /64, any addresses
+        assert counts.acquire(f"2001:db8:0:7:{host}", 3) is not None
+    assert counts.acquire("2001:db8:0:7::abcd", 3) is None
+    assert counts.acquire("2001:db8:0:8::1", 3) is not None  # the next /64 is someone else
+    assert client_key("::ffff:192.0.2.9") == client_key("192.0.2.9") != client_key("192.0.2.10")
+    counts.acquire("192.0.2.9", 2)
+    counts.acquire("::ffff:192.0.2.9", 2)
+    assert counts.acquire("192.0.2.9", 2) is None
 
 
 _PROTO = build(1)[1][0]
