@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import re
 import time
 
@@ -14,12 +15,13 @@ from rq.job import Job
 from rq.registry import ScheduledJobRegistry
 from sqlalchemy import func, select
 
+from outgoing import message_log
 from outgoing.models import ArchivedMessage
 from proxy.tls import server_context
 from tests.support import data
 from tests.support.content import NextHop
 from tests.support.mail import client, message, send
-from tests.support.services import process_env, run_worker_burst
+from tests.support.services import free_port, process_env, run_worker_burst
 
 PASSWORD = "Alice-pass-123"
 
@@ -243,6 +245,55 @@ def test_partial_refusal_reports_the_final_ones_and_retries_the_temporary_ones(
     ((retry, due),) = scheduled_retries(redis_client)
     assert 200 < due - time.time() <= 300
     assert retry.args[1] == ["busy@example.org"]
+
+
+def log_records(redis_client, count: int = 1, timeout: float = 5.0) -> list[dict]:
+    """The message log's records in the Redis stream (the proxy appends them in the
+    background: wait for ``count``)."""
+    deadline = time.monotonic() + timeout
+    while redis_client.xlen(message_log.STREAM) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return [json.loads(fields[b"r"]) for _, fields in redis_client.xrange(message_log.STREAM)]
+
+
+def test_partial_refusal_answers_451_when_the_refused_recipients_cannot_be_handed_over(
+        alice, start_proxy, hop, redis_client):
+    """The Redis of the jobs is down: neither the retry of the 452 recipient nor the report
+    of the 550 one can be queued, so the client keeps the message and sends it again."""
+    hop.handler.refuse_rcpt["nobody@example.org"] = "550 5.1.1 No such user here"
+    hop.handler.refuse_rcpt["busy@example.org"] = "452 4.2.2 Mailbox full, try later"
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    proxy = proxy_to(start_proxy, hop, RQ_REDIS_URL=dead)
+    code, reply = submit(proxy, rcpts=("bob@example.org", "nobody@example.org",
+                                       "busy@example.org"))
+    assert code == 451, reply
+    assert b"4.3.0" in reply
+    assert archived() == 0  # the client sends it again: that copy is the one archived
+    (record,) = log_records(redis_client)
+    assert record["verdict"] == "deferred" and record["reply"].startswith("451")
+    assert record["refused_count"] == 2
+
+
+def test_partial_refusal_answers_451_when_only_the_report_cannot_be_queued(
+        alice, start_proxy, hop):
+    hop.handler.refuse_rcpt["nobody@example.org"] = "550 5.1.1 No such user here"
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    proxy = proxy_to(start_proxy, hop, RQ_REDIS_URL=dead)
+    code, reply = submit(proxy, rcpts=("bob@example.org", "nobody@example.org"))
+    assert code == 451, reply
+
+
+def test_a_bounce_partially_refused_needs_no_report_and_is_accepted(alice, start_proxy, hop):
+    """A null sender gets no delivery report (a bounce never bounces): nothing is owed to
+    anyone, so the dead job Redis does not matter."""
+    hop.handler.refuse_rcpt["nobody@example.org"] = "550 5.1.1 No such user here"
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    proxy = proxy_to(start_proxy, hop, RQ_REDIS_URL=dead)
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        code, _ = send(smtp, message(), sender="", rcpts=("bob@example.org",
+                                                          "nobody@example.org"))
+    assert code == 250
 
 
 def test_next_hop_answering_4xx_to_data_gives_451_and_nothing_is_archived(alice, start_proxy,
