@@ -324,6 +324,42 @@ def test_next_hop_timing_out_gives_451(alice, start_proxy, hop):
     assert archived() == 0
 
 
+def wait_until(condition, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "one-at-a-time"])
+def test_clients_hanging_up_mid_relay_leave_no_next_hop_connection_behind(
+        alice, start_proxy, pipelining):
+    """Each client sends its final dot and leaves while the next hop still thinks over the
+    message: nobody will hear its answer, and its connection must not stay open outside the
+    pool (one leaked per message, until the next hop drops them)."""
+    hop = NextHop(pipelining=pipelining).start()
+    hop.handler.slow_data = 2.0
+    try:
+        proxy = proxy_to(start_proxy, hop, UPSTREAM_POOL_SIZE=2)
+        for sent in range(1, 6):
+            smtp = client(proxy.port)
+            try:
+                smtp.login("alice@example.com", PASSWORD)
+                assert smtp.mail("alice@example.com")[0] == 250
+                assert smtp.rcpt("bob@example.org")[0] == 250
+                assert smtp.docmd("DATA")[0] == 354
+                smtp.send(message() + b".\r\n")
+                assert wait_until(lambda n=sent: hop.handler.data_started == n)
+            finally:
+                smtp.close()  # gone before the reply
+        assert wait_until(lambda: len(hop.handler.open_connections) <= 2), \
+            f"{len(hop.handler.open_connections)} next-hop connections still open"
+        hop.handler.slow_data = 0
+        assert submit(proxy)[0] == 250  # the pool still works
+    finally:
+        hop.stop()
+
+
 def raw_data(smtp, payload: bytes) -> tuple[int, bytes]:
     """MAIL, RCPT, then DATA with ``payload`` sent byte for byte (smtplib would fix it)."""
     assert smtp.mail("alice@example.com")[0] == 250
