@@ -231,6 +231,37 @@ def test_a_next_hop_that_is_down_at_the_retry_defers_the_recipients_again(
     assert 3500 < due - time.time() <= 3600
 
 
+def test_a_report_the_last_retry_cannot_send_is_retried_on_its_own(alice, start_proxy, hop,
+                                                                   redis_client):
+    """The next hop is down at the last attempt: the recipient is given up, and the report
+    saying so, which goes through the same next hop, waits for a retry of its own instead of
+    failing with the attempt (the sender would never hear of the recipient)."""
+    hop.handler.refuse_rcpt["busy@example.org"] = "452 4.2.2 Mailbox full, try later"
+    proxy = proxy_to(start_proxy, hop, DEFER_RETRY_SECONDS="0,3600")
+    assert submit(proxy, rcpts=("bob@example.org", "busy@example.org"))[0] == 250
+    hop.stop()
+    env = process_env(UPSTREAM_SMTP=f"127.0.0.1:{hop.port}", DEFER_GIVE_UP_SECONDS="0")
+    result = run_worker_burst(env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    registry = ScheduledJobRegistry("outgoing", connection=redis_client)
+    waiting = [job for job in (Job.fetch(job_id, connection=redis_client)
+                               for job_id in registry.get_job_ids())
+               if job.func_name == "worker.content_jobs.send_delivery_report"]
+    assert len(waiting) == 1
+
+    back = NextHop(port=hop.port).start()
+    try:
+        registry.remove(waiting[0])  # its retry is due now rather than in 10 s
+        Queue("outgoing", connection=redis_client).enqueue_job(waiting[0])
+        result = run_worker_burst(env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        (report,) = back.handler.wait_for(1)
+        assert report.mail_from == "<>" and report.rcpt_tos == ["alice@example.com"]
+        assert b"Final-Recipient: rfc822; busy@example.org" in report.data
+    finally:
+        back.stop()
+
+
 def test_partial_refusal_reports_the_final_ones_and_retries_the_temporary_ones(
         alice, start_proxy, hop, redis_client):
     hop.handler.refuse_rcpt["nobody@example.org"] = "550 5.1.1 No such user here"
