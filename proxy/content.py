@@ -17,7 +17,8 @@ Stages and what each says:
   domain's key, relayed; 250 only when the next hop accepted. One reply after DATA cannot
   speak per recipient, so when the next hop took some recipients and refused others, those it
   refused for now (4xx) are handed to the worker to retry (``scoring/retry.py``), and those it
-  refused for good get a delivery status notification (DSN) to the envelope sender. An
+  refused for good get a delivery status notification (DSN) to the envelope sender; when the
+  worker's Redis cannot take that, the reply is 451 and the client sends it again. An
   archive copy is filed afterwards when "Message archiving for senders" is on; a failure to
   archive is logged but cannot turn the accepted message into a 4xx (the sender would send it
   twice).
@@ -293,7 +294,10 @@ class ContentPipeline:
                                               if code >= 500)
             if len(result.refused) < len(msg.rcpt_tos):
                 record["verdict"] = "partial"
-            await self._in_thread(self._after_partial_refusal, msg, data, result.refused)
+            if not await self._in_thread(self._after_partial_refusal, msg, data,
+                                         result.refused):
+                record["verdict"] = "deferred"
+                return outcomes.TEMPORARY
         if msg.user.message_archiving:
             try:
                 record["stored_id"] = await self.archives.add(ToArchive(
@@ -335,16 +339,21 @@ class ContentPipeline:
             return [row.id for row in archive_messages(db, self.store, messages)]
 
     def _after_partial_refusal(self, msg: Message, data: bytes,
-                               refused: dict[str, tuple[int, str]]) -> None:
+                               refused: dict[str, tuple[int, str]]) -> bool:
         """The next hop took the message for some recipients: retry the ones it refused for
-        now (the worker holds the relayed bytes), report the ones it refused for good."""
+        now (the worker holds the relayed bytes), report the ones it refused for good. True
+        when every refused recipient was handed over that way.
+
+        False (the jobs' Redis is down) means the client gets 451 and sends the whole
+        message again, so the recipients the next hop already took get it twice: the price
+        of never losing the others, which any MTA pays when it fails after a partial
+        delivery."""
         log.warning("next hop refused %d of %d recipient(s) of a message of %s: %s",
                     len(refused), len(msg.rcpt_tos), msg.user.name, refused)
         final, later = split_refusals(refused)
         if later and not self._defer(msg, data, list(later)):
             final.update({r: refused[r] for r in later})
-        if final:
-            self._report_refused(msg, data, final)
+        return not final or self._report_refused(msg, data, final)
 
     def _defer(self, msg: Message, data: bytes, rcpt_tos: list[str]) -> bool:
         """Hand recipients to the worker's retries; False when that cannot be done (they are
@@ -368,17 +377,21 @@ class ContentPipeline:
         return True
 
     def _report_refused(self, msg: Message, data: bytes,
-                        refused: dict[str, tuple[int, str]]) -> None:
+                        refused: dict[str, tuple[int, str]]) -> bool:
         """Tell the sender which recipients will not get the message, through a DSN the
-        worker sends; never for a null sender."""
+        worker sends; never for a null sender (nothing is owed then). False when the report
+        could not be queued."""
         if not msg.mail_from or msg.mail_from == "<>":
-            return
+            return True
         head, _ = header_block(data)
         try:
             enqueue_delivery_report(self.redis_sync, msg.mail_from, refused, head,
                                     self._now().isoformat(), self.config["SMTP_HOSTNAME"])
         except Exception:
-            log.exception("could not enqueue the delivery report to %s", msg.mail_from)
+            log.exception("could not enqueue the delivery report to %s; answering 451 so "
+                          "that the client sends the message again", msg.mail_from)
+            return False
+        return True
 
 
 def _error_kind(result) -> str:

@@ -8,7 +8,8 @@ One :class:`Relay` per proxy process keeps a few idle connections to the next ho
 whenever the next hop offers it, AUTH when ``UPSTREAM_USERNAME`` is set), because the TLS
 handshake and EHLO cost more than the transaction itself. A reused connection that turns out
 to be dead before DATA is replaced once by a fresh one; once DATA has started, nothing is
-retried here: the sender gets 451 and retries, so a message is never sent twice by us.
+retried here: the sender gets 451 and retries, so a message is never sent twice by us. A
+client that hangs up mid-relay costs its connection to the next hop (``_abort``).
 """
 
 from __future__ import annotations
@@ -173,6 +174,18 @@ def _usable(client: Connection) -> bool:
     return client.usable if isinstance(client, PipelinedConnection) else client.is_connected
 
 
+def _abort(client: Connection) -> None:
+    """Drop a connection mid-transaction, unsent bytes and all: what a client that hung up
+    leaves (aiosmtpd cancels its handler). Nobody will hear the next hop's answer, so the
+    connection is neither pooled nor left open; the client, which got no reply, sends the
+    message again. Aborting rather than finishing means a copy of the message reaches the
+    next hop twice only when its last line had left already, as when a connection breaks."""
+    transport = client.transport
+    if transport is not None:
+        transport.abort()
+    client.close()
+
+
 class Relay:
     def __init__(self, upstream: Upstream):
         self.upstream = upstream
@@ -238,6 +251,9 @@ class Relay:
                 return await transaction(client, reused, mail_from, rcpt_tos, data)
             except _Retry:
                 continue
+            except asyncio.CancelledError:
+                _abort(client)
+                raise
         return RelayResult(False, outcomes.NEXT_HOP_DOWN)
 
     async def _transaction(self, client: aiosmtplib.SMTP, reused: bool, mail_from: str,

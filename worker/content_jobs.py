@@ -13,7 +13,7 @@ import time
 from datetime import UTC, datetime
 from email.utils import format_datetime, make_msgid
 
-from outgoing.jobs import REPORTED_HEADER_BYTES, enqueue
+from outgoing.jobs import enqueue, enqueue_delivery_report
 from outgoing.newdomains import import_file
 from scoring.message import header_block
 from scoring.retry import next_attempt_at, parse_delays, split_refusals
@@ -155,10 +155,12 @@ def retry_deferred_recipients(mail_from: str, rcpt_tos: list[str], data: bytes,
                               len(later))
                 final.update({r: refused[r] for r in later})
     if final and mail_from and mail_from != "<>":
+        # A job of its own, with RQ's retries: the report goes through the same next hop,
+        # which may well be down now, and this job is never retried.
         head, _ = header_block(data)
-        send_delivery_report(mail_from, [[r, code, text] for r, (code, text) in final.items()],
-                             head[:REPORTED_HEADER_BYTES], arrival_iso, config["SMTP_HOSTNAME"])
-        outcome += f", reported {len(final)} to the sender"
+        enqueue_delivery_report(redis, mail_from, final, head, arrival_iso,
+                                config["SMTP_HOSTNAME"])
+        outcome += f", reporting {len(final)} to the sender"
     return outcome
 
 

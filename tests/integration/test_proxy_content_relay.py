@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import re
 import time
 
@@ -14,12 +15,13 @@ from rq.job import Job
 from rq.registry import ScheduledJobRegistry
 from sqlalchemy import func, select
 
+from outgoing import message_log
 from outgoing.models import ArchivedMessage
 from proxy.tls import server_context
 from tests.support import data
 from tests.support.content import NextHop
 from tests.support.mail import client, message, send
-from tests.support.services import process_env, run_worker_burst
+from tests.support.services import free_port, process_env, run_worker_burst
 
 PASSWORD = "Alice-pass-123"
 
@@ -229,6 +231,37 @@ def test_a_next_hop_that_is_down_at_the_retry_defers_the_recipients_again(
     assert 3500 < due - time.time() <= 3600
 
 
+def test_a_report_the_last_retry_cannot_send_is_retried_on_its_own(alice, start_proxy, hop,
+                                                                   redis_client):
+    """The next hop is down at the last attempt: the recipient is given up, and the report
+    saying so, which goes through the same next hop, waits for a retry of its own instead of
+    failing with the attempt (the sender would never hear of the recipient)."""
+    hop.handler.refuse_rcpt["busy@example.org"] = "452 4.2.2 Mailbox full, try later"
+    proxy = proxy_to(start_proxy, hop, DEFER_RETRY_SECONDS="0,3600")
+    assert submit(proxy, rcpts=("bob@example.org", "busy@example.org"))[0] == 250
+    hop.stop()
+    env = process_env(UPSTREAM_SMTP=f"127.0.0.1:{hop.port}", DEFER_GIVE_UP_SECONDS="0")
+    result = run_worker_burst(env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    registry = ScheduledJobRegistry("outgoing", connection=redis_client)
+    waiting = [job for job in (Job.fetch(job_id, connection=redis_client)
+                               for job_id in registry.get_job_ids())
+               if job.func_name == "worker.content_jobs.send_delivery_report"]
+    assert len(waiting) == 1
+
+    back = NextHop(port=hop.port).start()
+    try:
+        registry.remove(waiting[0])  # its retry is due now rather than in 10 s
+        Queue("outgoing", connection=redis_client).enqueue_job(waiting[0])
+        result = run_worker_burst(env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        (report,) = back.handler.wait_for(1)
+        assert report.mail_from == "<>" and report.rcpt_tos == ["alice@example.com"]
+        assert b"Final-Recipient: rfc822; busy@example.org" in report.data
+    finally:
+        back.stop()
+
+
 def test_partial_refusal_reports_the_final_ones_and_retries_the_temporary_ones(
         alice, start_proxy, hop, redis_client):
     hop.handler.refuse_rcpt["nobody@example.org"] = "550 5.1.1 No such user here"
@@ -243,6 +276,55 @@ def test_partial_refusal_reports_the_final_ones_and_retries_the_temporary_ones(
     ((retry, due),) = scheduled_retries(redis_client)
     assert 200 < due - time.time() <= 300
     assert retry.args[1] == ["busy@example.org"]
+
+
+def log_records(redis_client, count: int = 1, timeout: float = 5.0) -> list[dict]:
+    """The message log's records in the Redis stream (the proxy appends them in the
+    background: wait for ``count``)."""
+    deadline = time.monotonic() + timeout
+    while redis_client.xlen(message_log.STREAM) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return [json.loads(fields[b"r"]) for _, fields in redis_client.xrange(message_log.STREAM)]
+
+
+def test_partial_refusal_answers_451_when_the_refused_recipients_cannot_be_handed_over(
+        alice, start_proxy, hop, redis_client):
+    """The Redis of the jobs is down: neither the retry of the 452 recipient nor the report
+    of the 550 one can be queued, so the client keeps the message and sends it again."""
+    hop.handler.refuse_rcpt["nobody@example.org"] = "550 5.1.1 No such user here"
+    hop.handler.refuse_rcpt["busy@example.org"] = "452 4.2.2 Mailbox full, try later"
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    proxy = proxy_to(start_proxy, hop, RQ_REDIS_URL=dead)
+    code, reply = submit(proxy, rcpts=("bob@example.org", "nobody@example.org",
+                                       "busy@example.org"))
+    assert code == 451, reply
+    assert b"4.3.0" in reply
+    assert archived() == 0  # the client sends it again: that copy is the one archived
+    (record,) = log_records(redis_client)
+    assert record["verdict"] == "deferred" and record["reply"].startswith("451")
+    assert record["refused_count"] == 2
+
+
+def test_partial_refusal_answers_451_when_only_the_report_cannot_be_queued(
+        alice, start_proxy, hop):
+    hop.handler.refuse_rcpt["nobody@example.org"] = "550 5.1.1 No such user here"
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    proxy = proxy_to(start_proxy, hop, RQ_REDIS_URL=dead)
+    code, reply = submit(proxy, rcpts=("bob@example.org", "nobody@example.org"))
+    assert code == 451, reply
+
+
+def test_a_bounce_partially_refused_needs_no_report_and_is_accepted(alice, start_proxy, hop):
+    """A null sender gets no delivery report (a bounce never bounces): nothing is owed to
+    anyone, so the dead job Redis does not matter."""
+    hop.handler.refuse_rcpt["nobody@example.org"] = "550 5.1.1 No such user here"
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    proxy = proxy_to(start_proxy, hop, RQ_REDIS_URL=dead)
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        code, _ = send(smtp, message(), sender="", rcpts=("bob@example.org",
+                                                          "nobody@example.org"))
+    assert code == 250
 
 
 def test_next_hop_answering_4xx_to_data_gives_451_and_nothing_is_archived(alice, start_proxy,
@@ -271,6 +353,42 @@ def test_next_hop_timing_out_gives_451(alice, start_proxy, hop):
     code, _ = submit(proxy_to(start_proxy, hop, UPSTREAM_TIMEOUT=0.5))
     assert code == 451
     assert archived() == 0
+
+
+def wait_until(condition, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "one-at-a-time"])
+def test_clients_hanging_up_mid_relay_leave_no_next_hop_connection_behind(
+        alice, start_proxy, pipelining):
+    """Each client sends its final dot and leaves while the next hop still thinks over the
+    message: nobody will hear its answer, and its connection must not stay open outside the
+    pool (one leaked per message, until the next hop drops them)."""
+    hop = NextHop(pipelining=pipelining).start()
+    hop.handler.slow_data = 2.0
+    try:
+        proxy = proxy_to(start_proxy, hop, UPSTREAM_POOL_SIZE=2)
+        for sent in range(1, 6):
+            smtp = client(proxy.port)
+            try:
+                smtp.login("alice@example.com", PASSWORD)
+                assert smtp.mail("alice@example.com")[0] == 250
+                assert smtp.rcpt("bob@example.org")[0] == 250
+                assert smtp.docmd("DATA")[0] == 354
+                smtp.send(message() + b".\r\n")
+                assert wait_until(lambda n=sent: hop.handler.data_started == n)
+            finally:
+                smtp.close()  # gone before the reply
+        assert wait_until(lambda: len(hop.handler.open_connections) <= 2), \
+            f"{len(hop.handler.open_connections)} next-hop connections still open"
+        hop.handler.slow_data = 0
+        assert submit(proxy)[0] == 250  # the pool still works
+    finally:
+        hop.stop()
 
 
 def raw_data(smtp, payload: bytes) -> tuple[int, bytes]:

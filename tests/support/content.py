@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult
+from aiosmtpd.smtp import SMTP, AuthResult
 
 from tests.support.services import Received, free_port
 
@@ -46,6 +46,9 @@ class HopHandler:
     refuse_data: str | None = None
     abort_next_data: int = 0  # drop the connection instead of answering DATA, this often
     stall_data: float = 0.0  # seconds to hang at DATA before dropping the connection
+    slow_data: float = 0.0  # seconds to think at DATA before answering it as usual
+    data_started: int = 0  # messages whose data arrived (answered or not)
+    open_connections: set = field(default_factory=set)  # sessions still connected
     ehlo_count: int = 0
     tls_transactions: list[bool] = field(default_factory=list)
     logins: list[str] = field(default_factory=list)
@@ -65,6 +68,9 @@ class HopHandler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        self.data_started += 1
+        if self.slow_data:
+            await asyncio.sleep(self.slow_data)
         if self.stall_data:
             await asyncio.sleep(self.stall_data)
             server.transport.abort()
@@ -87,6 +93,24 @@ class HopHandler:
         return self.messages
 
 
+class _CountedSMTP(SMTP):
+    """aiosmtpd's server, keeping the handler's ``open_connections`` (a set: STARTTLS calls
+    ``connection_made`` a second time for the same session)."""
+
+    def connection_made(self, transport):
+        self.event_handler.open_connections.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error):
+        self.event_handler.open_connections.discard(self)
+        super().connection_lost(error)
+
+
+class _Controller(Controller):
+    def factory(self):
+        return _CountedSMTP(self.handler, **self.SMTP_kwargs)
+
+
 class NextHop:
     """An aiosmtpd next hop; ``tls`` demands STARTTLS, ``password`` demands AUTH."""
 
@@ -102,8 +126,8 @@ class NextHop:
             options.update(authenticator=self._authenticate, auth_required=True,
                            auth_require_tls=tls_context is not None)
         self._credentials = (username, password)
-        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port,
-                                     **options)
+        self.controller = _Controller(self.handler, hostname="127.0.0.1", port=self.port,
+                                      **options)
 
     def _authenticate(self, server, session, envelope, mechanism, auth_data):
         ok = (auth_data.login.decode(), auth_data.password.decode()) == self._credentials
