@@ -7,6 +7,7 @@ what was sent (DKIM signatures made downstream stay valid, bodies are not re-enc
 from __future__ import annotations
 
 import base64
+import codecs
 import email
 import email.policy
 import io
@@ -162,6 +163,24 @@ def _decoded(value: str) -> str:
         return value
 
 
+# Codecs Python finds under a name a message may declare, that are no character sets:
+# idna and undefined raise whatever the error handler, punycode is quadratic in the text.
+_NOT_CHARSETS = frozenset({"idna", "punycode", "undefined"})
+
+
+def text_of(data: bytes, part: email.message.Message) -> str:
+    """A text part's bytes as text in its declared charset (UTF-8 when it declares none);
+    UTF-8 with replacements when that charset is unknown, no character set, or its codec
+    fails on these bytes."""
+    try:
+        charset = part.get_content_charset() or "utf-8"
+        if codecs.lookup(charset).name not in _NOT_CHARSETS:
+            return data.decode(charset, "replace")
+    except (LookupError, UnicodeError, ValueError, TypeError):
+        pass
+    return data.decode("utf-8", "replace")
+
+
 def readable(raw: bytes, *, max_parts: int = 100, max_text: int = 256 * 1024,
              max_header: int = 8192) -> MessageView:
     """Headers and parts of a message for reading, bounded in parts, text and header size;
@@ -197,11 +216,7 @@ def readable(raw: bytes, *, max_parts: int = 100, max_text: int = 256 * 1024,
                 payload = b""
             text = None
             if ctype.startswith("text/") and budget > 0:
-                charset = part.get_content_charset() or "utf-8"
-                try:
-                    text = payload[:budget].decode(charset, "replace")
-                except LookupError:
-                    text = payload[:budget].decode("utf-8", "replace")
+                text = text_of(payload[:budget], part)
                 truncated = truncated or len(payload) > budget
                 budget -= min(len(payload), budget)
             parts.append(Part(ctype, filename, len(payload), text))
@@ -227,6 +242,18 @@ def has_long_line(data: bytes) -> bool:
     return any(_LONG_LINE.search(piece) for piece in pieces if len(piece) > MAX_LINE)
 
 
+def leaf_body(part: email.message.Message) -> bytes:
+    """A MIME leaf's body as it came, still transfer-encoded, as the generator writes it.
+    Not ``get_payload()``: for 8-bit text that decodes with the declared charset, which
+    raises on a hostile one (idna, undefined, a NUL in the name, an RFC 2231 charset
+    parameter) and can move line ends (unicode_escape makes a line break of a backslash
+    and an n), so the lines it measures are not the lines relayed."""
+    payload = part._payload  # what Generator._handle_text reads too
+    if isinstance(payload, str):
+        return payload.encode("utf-8", "surrogateescape")  # the bytes the parser was given
+    return payload if isinstance(payload, bytes) else b""
+
+
 class HeaderLineTooLong(ValueError):
     """A header line over 998 characters: we cannot rewrite it without changing its meaning,
     and the next hop may refuse or truncate it."""
@@ -245,11 +272,7 @@ def fit_long_lines(raw: bytes) -> bytes:
         raise HeaderLineTooLong("a header line is longer than 998 characters")
     message = email.message_from_bytes(raw, policy=email.policy.compat32)
     for part in message.walk():
-        if part.is_multipart():
-            continue
-        payload = part.get_payload()
-        if not isinstance(payload, str) or not has_long_line(
-                payload.encode("utf-8", "surrogateescape")):
+        if part.is_multipart() or not has_long_line(leaf_body(part)):
             continue
         decoded = part.get_payload(decode=True) or b""
         del part["Content-Transfer-Encoding"]
