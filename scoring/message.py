@@ -13,6 +13,7 @@ import email.policy
 import io
 import quopri
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email import generator
 from email.header import decode_header, make_header
@@ -75,24 +76,43 @@ def header_block(raw: bytes) -> tuple[bytes, bytes]:
     return head + b"\r\n", body
 
 
+def header_fields(head: bytes) -> Iterator[tuple[bytes | None, list[bytes]]]:
+    """The lines of a header block (as ``header_block`` gives it) grouped into fields: each
+    field's name (None for a line without a colon, and for a folded line that follows no
+    line at all) and its lines, the first and those folded under it (starting with SP or
+    HTAB). ``parse_headers`` and ``remove_headers`` both read fields this way, so the field
+    a policy looked at is the field that is removed."""
+    name: bytes | None = None
+    lines: list[bytes] | None = None
+    for line in head.split(b"\r\n")[:-1]:
+        folded = line[:1] in (b" ", b"\t")
+        if folded and lines is not None:
+            lines.append(line)
+            continue
+        if lines is not None:
+            yield name, lines
+        field, colon, _ = line.partition(b":")
+        name, lines = (field.strip() if colon and not folded else None), [line]
+    if lines is not None:
+        yield name, lines
+
+
+def starts_folded(raw: bytes) -> bool:
+    """The message's first line starts with SP or HTAB: a continuation with no field before
+    it (RFC 5322 2.2.3). A trace field put before it would take it in as its own folded
+    line."""
+    return raw[:1] in (b" ", b"\t")
+
+
 def remove_headers(raw: bytes, names: set[str] | frozenset[str] | tuple[str, ...]) -> bytes:
     """Drop every header field whose name is in ``names`` (case-insensitive), with its folds."""
     wanted = {n.lower().encode() for n in names}
     if not wanted:
         return raw
     head, body = header_block(raw)
-    kept: list[bytes] = []
-    dropping = False
-    for line in head.split(b"\r\n")[:-1]:
-        if line[:1] in (b" ", b"\t"):
-            if not dropping:
-                kept.append(line)
-            continue
-        name = line.split(b":", 1)[0].strip().lower()
-        dropping = name in wanted
-        if not dropping:
-            kept.append(line)
-    return b"\r\n".join(kept) + b"\r\n\r\n" + body
+    kept = [line for name, lines in header_fields(head)
+            if name is None or name.lower() not in wanted for line in lines]
+    return b"".join(line + b"\r\n" for line in kept) + b"\r\n" + body
 
 
 def subject_of(headers: list[tuple[str, str]]) -> str:
@@ -116,20 +136,22 @@ def decode_words(value: str) -> str:
         return value
 
 
-def parse_headers(raw: bytes, max_headers: int = 1000) -> list[tuple[str, str]]:
-    """Header fields as decoded (name, unfolded value) pairs; never raises on bad input."""
+MAX_HEADER_FIELDS = 1000  # more in one message: refused (see proxy.handler)
+
+
+def parse_headers(raw: bytes, max_headers: int = MAX_HEADER_FIELDS) -> list[tuple[str, str]]:
+    """Header fields as decoded (name, unfolded value) pairs, the first ``max_headers`` of
+    them; never raises on bad input. Lines that are no field (see ``header_fields``) are
+    left out, with their folds."""
     head, _ = header_block(raw)
     fields: list[tuple[str, str]] = []
-    for line in head.split(b"\r\n")[:-1]:
-        if line[:1] in (b" ", b"\t") and fields:
-            name, value = fields[-1]
-            fields[-1] = (name, value + " " + line.strip().decode("utf-8", "replace"))
+    for name, lines in header_fields(head):
+        if name is None:
             continue
-        name, sep, value = line.partition(b":")
-        if not sep:
-            continue
-        fields.append((name.strip().decode("ascii", "replace"),
-                       value.strip().decode("utf-8", "replace")))
+        value = b" ".join([lines[0].partition(b":")[2].strip(),
+                           *(line.strip() for line in lines[1:])])
+        fields.append((name.decode("ascii", "replace"),
+                       value.decode("utf-8", "replace")))
         if len(fields) >= max_headers:
             break
     return [(name, decode_words(value)) for name, value in fields]
