@@ -47,6 +47,7 @@ from scoring.fingerprint import body_of, fingerprint
 from scoring.limits import RECIPIENTS, refusal_at
 from scoring.locks import lock_reason, should_lock
 from scoring.message import (
+    MAX_HEADER_FIELDS,
     CrlfLines,
     HeaderLineTooLong,
     crlf_lines,
@@ -54,6 +55,7 @@ from scoring.message import (
     lines_end_in_crlf,
     normalise_line_endings,
     parse_headers,
+    starts_folded,
     subject_of,
 )
 from scoring.trace import received_header, with_keyword
@@ -733,11 +735,15 @@ class OutboundHandler:
             if self.config["BARE_LINE_ENDINGS"] == "reject":
                 return outcomes.BARE_LINE_ENDING
             data = endings.data
+        if starts_folded(data):  # our Received: field would take that line in as its own
+            return outcomes.STARTS_FOLDED
         try:
             data = fit_long_lines(data)
         except HeaderLineTooLong:
             return outcomes.HEADER_LINE_TOO_LONG
-        headers = parse_headers(data)
+        headers = parse_headers(data, MAX_HEADER_FIELDS + 1)
+        if len(headers) > MAX_HEADER_FIELDS:  # those past the limit would go unchecked
+            return outcomes.TOO_MANY_HEADER_FIELDS
         record = state.txn if state.txn is not None else {}
         record.update(size=len(data), subject=subject_of(headers)[:300] or None,
                       message_id=_message_id(headers))

@@ -61,7 +61,7 @@ import msoffcrypto
 import olefile
 from oletools.olevba import TYPE_OLE, TYPE_PPT, TYPE_OpenXML, VBA_Parser
 
-from scoring.message import decode_words
+from scoring.message import decode_words, leaf_body
 from scoring.mimeparse import parse_whole
 
 REASON_MACROS = "macros"
@@ -377,9 +377,8 @@ class _Walk:
                 return _uninspectable("has too many parts to inspect")
             if depth > self.limits.max_mime_depth:
                 return _uninspectable("is nested too deeply to inspect")
-            payload = part.get_payload()
-            if isinstance(payload, list):
-                children = [p for p in payload if isinstance(p, Message)]
+            if part.is_multipart():  # get_payload() of a leaf decodes with its charset
+                children = [p for p in part.get_payload() if isinstance(p, Message)]
                 stack.extend((child, depth + 1) for child in reversed(children))
                 continue
             verdict = self.leaf(part)
@@ -571,9 +570,4 @@ def _decoded(part: Message) -> bytes:
         data = part.get_payload(decode=True)
     except Exception:  # lenient: inspect what is there
         data = None
-    if isinstance(data, bytes):
-        return data
-    payload = part.get_payload()
-    if isinstance(payload, str):
-        return payload.encode("utf-8", "surrogateescape")
-    return b""
+    return data if isinstance(data, bytes) else leaf_body(part)

@@ -7,11 +7,13 @@ what was sent (DKIM signatures made downstream stay valid, bodies are not re-enc
 from __future__ import annotations
 
 import base64
+import codecs
 import email
 import email.policy
 import io
 import quopri
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email import generator
 from email.header import decode_header, make_header
@@ -74,24 +76,43 @@ def header_block(raw: bytes) -> tuple[bytes, bytes]:
     return head + b"\r\n", body
 
 
+def header_fields(head: bytes) -> Iterator[tuple[bytes | None, list[bytes]]]:
+    """The lines of a header block (as ``header_block`` gives it) grouped into fields: each
+    field's name (None for a line without a colon, and for a folded line that follows no
+    line at all) and its lines, the first and those folded under it (starting with SP or
+    HTAB). ``parse_headers`` and ``remove_headers`` both read fields this way, so the field
+    a policy looked at is the field that is removed."""
+    name: bytes | None = None
+    lines: list[bytes] | None = None
+    for line in head.split(b"\r\n")[:-1]:
+        folded = line[:1] in (b" ", b"\t")
+        if folded and lines is not None:
+            lines.append(line)
+            continue
+        if lines is not None:
+            yield name, lines
+        field, colon, _ = line.partition(b":")
+        name, lines = (field.strip() if colon and not folded else None), [line]
+    if lines is not None:
+        yield name, lines
+
+
+def starts_folded(raw: bytes) -> bool:
+    """The message's first line starts with SP or HTAB: a continuation with no field before
+    it (RFC 5322 2.2.3). A trace field put before it would take it in as its own folded
+    line."""
+    return raw[:1] in (b" ", b"\t")
+
+
 def remove_headers(raw: bytes, names: set[str] | frozenset[str] | tuple[str, ...]) -> bytes:
     """Drop every header field whose name is in ``names`` (case-insensitive), with its folds."""
     wanted = {n.lower().encode() for n in names}
     if not wanted:
         return raw
     head, body = header_block(raw)
-    kept: list[bytes] = []
-    dropping = False
-    for line in head.split(b"\r\n")[:-1]:
-        if line[:1] in (b" ", b"\t"):
-            if not dropping:
-                kept.append(line)
-            continue
-        name = line.split(b":", 1)[0].strip().lower()
-        dropping = name in wanted
-        if not dropping:
-            kept.append(line)
-    return b"\r\n".join(kept) + b"\r\n\r\n" + body
+    kept = [line for name, lines in header_fields(head)
+            if name is None or name.lower() not in wanted for line in lines]
+    return b"".join(line + b"\r\n" for line in kept) + b"\r\n" + body
 
 
 def subject_of(headers: list[tuple[str, str]]) -> str:
@@ -115,20 +136,22 @@ def decode_words(value: str) -> str:
         return value
 
 
-def parse_headers(raw: bytes, max_headers: int = 1000) -> list[tuple[str, str]]:
-    """Header fields as decoded (name, unfolded value) pairs; never raises on bad input."""
+MAX_HEADER_FIELDS = 1000  # more in one message: refused (see proxy.handler)
+
+
+def parse_headers(raw: bytes, max_headers: int = MAX_HEADER_FIELDS) -> list[tuple[str, str]]:
+    """Header fields as decoded (name, unfolded value) pairs, the first ``max_headers`` of
+    them; never raises on bad input. Lines that are no field (see ``header_fields``) are
+    left out, with their folds."""
     head, _ = header_block(raw)
     fields: list[tuple[str, str]] = []
-    for line in head.split(b"\r\n")[:-1]:
-        if line[:1] in (b" ", b"\t") and fields:
-            name, value = fields[-1]
-            fields[-1] = (name, value + " " + line.strip().decode("utf-8", "replace"))
+    for name, lines in header_fields(head):
+        if name is None:
             continue
-        name, sep, value = line.partition(b":")
-        if not sep:
-            continue
-        fields.append((name.strip().decode("ascii", "replace"),
-                       value.strip().decode("utf-8", "replace")))
+        value = b" ".join([lines[0].partition(b":")[2].strip(),
+                           *(line.strip() for line in lines[1:])])
+        fields.append((name.decode("ascii", "replace"),
+                       value.decode("utf-8", "replace")))
         if len(fields) >= max_headers:
             break
     return [(name, decode_words(value)) for name, value in fields]
@@ -160,6 +183,24 @@ def _decoded(value: str) -> str:
         return str(make_header(decode_header(value)))
     except Exception:  # undecodable encoded-words stay as they came
         return value
+
+
+# Codecs Python finds under a name a message may declare, that are no character sets:
+# idna and undefined raise whatever the error handler, punycode is quadratic in the text.
+_NOT_CHARSETS = frozenset({"idna", "punycode", "undefined"})
+
+
+def text_of(data: bytes, part: email.message.Message) -> str:
+    """A text part's bytes as text in its declared charset (UTF-8 when it declares none);
+    UTF-8 with replacements when that charset is unknown, no character set, or its codec
+    fails on these bytes."""
+    try:
+        charset = part.get_content_charset() or "utf-8"
+        if codecs.lookup(charset).name not in _NOT_CHARSETS:
+            return data.decode(charset, "replace")
+    except (LookupError, UnicodeError, ValueError, TypeError):
+        pass
+    return data.decode("utf-8", "replace")
 
 
 def readable(raw: bytes, *, max_parts: int = 100, max_text: int = 256 * 1024,
@@ -197,11 +238,7 @@ def readable(raw: bytes, *, max_parts: int = 100, max_text: int = 256 * 1024,
                 payload = b""
             text = None
             if ctype.startswith("text/") and budget > 0:
-                charset = part.get_content_charset() or "utf-8"
-                try:
-                    text = payload[:budget].decode(charset, "replace")
-                except LookupError:
-                    text = payload[:budget].decode("utf-8", "replace")
+                text = text_of(payload[:budget], part)
                 truncated = truncated or len(payload) > budget
                 budget -= min(len(payload), budget)
             parts.append(Part(ctype, filename, len(payload), text))
@@ -227,6 +264,18 @@ def has_long_line(data: bytes) -> bool:
     return any(_LONG_LINE.search(piece) for piece in pieces if len(piece) > MAX_LINE)
 
 
+def leaf_body(part: email.message.Message) -> bytes:
+    """A MIME leaf's body as it came, still transfer-encoded, as the generator writes it.
+    Not ``get_payload()``: for 8-bit text that decodes with the declared charset, which
+    raises on a hostile one (idna, undefined, a NUL in the name, an RFC 2231 charset
+    parameter) and can move line ends (unicode_escape makes a line break of a backslash
+    and an n), so the lines it measures are not the lines relayed."""
+    payload = part._payload  # what Generator._handle_text reads too
+    if isinstance(payload, str):
+        return payload.encode("utf-8", "surrogateescape")  # the bytes the parser was given
+    return payload if isinstance(payload, bytes) else b""
+
+
 class HeaderLineTooLong(ValueError):
     """A header line over 998 characters: we cannot rewrite it without changing its meaning,
     and the next hop may refuse or truncate it."""
@@ -245,11 +294,7 @@ def fit_long_lines(raw: bytes) -> bytes:
         raise HeaderLineTooLong("a header line is longer than 998 characters")
     message = email.message_from_bytes(raw, policy=email.policy.compat32)
     for part in message.walk():
-        if part.is_multipart():
-            continue
-        payload = part.get_payload()
-        if not isinstance(payload, str) or not has_long_line(
-                payload.encode("utf-8", "surrogateescape")):
+        if part.is_multipart() or not has_long_line(leaf_body(part)):
             continue
         decoded = part.get_payload(decode=True) or b""
         del part["Content-Transfer-Encoding"]

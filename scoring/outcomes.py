@@ -54,3 +54,7 @@ def next_hop_refused(code: int, message: str) -> str:
     return f"451 4.4.0 Next hop answered {code}: {_clean(message, 200)}"
 HEADER_LINE_TOO_LONG = ("550 5.6.0 A header line of this message is longer than 998 characters "
                         "(RFC 5322 2.1.1); fold it")
+STARTS_FOLDED = ("550 5.6.0 The message starts with a space or tab: a folded line with no "
+                 "header field before it (RFC 5322 2.2.3); remove the leading whitespace")
+TOO_MANY_HEADER_FIELDS = ("550 5.6.0 The message has more than 1000 header fields; "
+                          "send fewer")

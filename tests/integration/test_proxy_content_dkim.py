@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email
+
 import dkim
 import pytest
 from sqlalchemy import select
@@ -68,6 +70,35 @@ def test_a_message_with_long_lines_is_relayed_compliant_and_verifies(instance, s
     relayed = sink.handler.wait_for(1)[0].data
     assert max(len(line) for line in relayed.split(b"\r\n")) <= 998
     assert dkim.verify(relayed, dnsfunc=dns)
+
+
+def test_a_long_8bit_line_in_an_idna_charset_is_relayed_reencoded_and_verifies(
+        instance, start_proxy, sink):
+    """Python's idna codec refuses the "replace" error handler: decoding the part with its
+    declared charset raised, and the message got 451 on every try, for ever."""
+    data.add_user("example.com", "user", "alice@example.com", PASSWORD, dkim_selector="og1",
+                  block_macro_attachments=True, block_unwanted_attachments=True)
+    dns = publish_key("example.com", "og1", "rsa")
+    text = "Déjà vu, ".encode("latin-1") * 200
+    raw = (b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: idna\r\n"
+           b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+           b"--b\r\nContent-Type: text/plain; charset=idna\r\n"
+           b"Content-Transfer-Encoding: 8bit\r\n\r\n" + text + b"\r\n"
+           b"--b\r\nContent-Type: text/csv; charset*=us-ascii''undefined\r\n"
+           b"Content-Disposition: attachment; filename=a.csv\r\n\r\n" + text + b"\r\n"
+           b"--b--\r\n")
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        code, reply = send(smtp, raw)
+    assert code == 250, reply
+    relayed = sink.handler.wait_for(1)[0].data
+    assert max(len(line) for line in relayed.split(b"\r\n")) <= 998
+    assert dkim.verify(relayed, dnsfunc=dns)
+    parts = [part for part in email.message_from_bytes(relayed).walk()
+             if not part.is_multipart()]
+    assert [part["Content-Transfer-Encoding"] for part in parts] == ["quoted-printable"] * 2
+    assert [part.get_payload(decode=True).rstrip(b"\r\n") for part in parts] == [text] * 2
 
 
 def test_tampering_with_a_signed_message_breaks_the_signature(instance, start_proxy, sink):

@@ -109,6 +109,35 @@ def test_header_rules_first_match_wins_regex_group_and_header_is_removed(instanc
         "42": (1, 0), "acct-9": (1, 0)}
 
 
+def test_a_header_to_remove_cannot_hide_where_the_proxy_would_not_remove_it(
+        instance, fast_flush, sink):
+    """An indented first line was the X-Secret field to the identity check and a fold of
+    our Received: field to the removal, so it was relayed; a field past the thousand the
+    check reads was never listed for removal. Both are refused; folds and lines without a
+    colon are read alike by both, and what the check saw is what is removed."""
+    user_id = data.add_user("example.com", "ip", "127.0.0.5", identification_method="header",
+                            identification_headers=[IdentificationHeader(
+                                position=0, header_name="X-Secret", remove_header=True)])
+    proxy = fast_flush()
+    plain = message()
+    many = b"".join(b"X-Junk: %d\r\n" % n for n in range(1000))
+    with client(proxy.port, source="127.0.0.5") as smtp:
+        for lead in (b" ", b"\t"):
+            code, reply = send(smtp, lead + b"X-Secret: customer-4711\r\n" + plain)
+            assert (code, reply[:6]) == (550, b"5.6.0 "), reply
+            assert b"space or tab" in reply
+        code, reply = send(smtp, many + b"X-Secret: customer-4711\r\n" + plain)
+        assert (code, reply[:6]) == (550, b"5.6.0 "), reply
+        folded = b"X-Secret:\r\n\tcustomer-4711\r\nno colon here\r\n folded under it\r\n"
+        assert send(smtp, folded + plain)[0] == 250
+    relayed = sink.handler.wait_for(1)
+    assert len(relayed) == 1
+    assert b"X-Secret" not in relayed[0].data and b"customer-4711" not in relayed[0].data
+    assert b"\r\nno colon here\r\n folded under it\r\n" in relayed[0].data
+    assert wait_for_identities(user_id, {"customer-4711": (1, 0)}) == {
+        "customer-4711": (1, 0)}
+
+
 def test_message_without_an_identity_is_attributed_to_the_user_and_logged(
         instance, fast_flush, sink, caplog):
     smarthost = data.add_user("example.com", "ip", "127.0.0.5",
