@@ -56,6 +56,7 @@ def create_app(overrides: dict | None = None) -> Flask:
         audit_log,
         auth,
         cli,
+        converters,
         dkim_keys,
         domains,
         identities,
@@ -66,6 +67,7 @@ def create_app(overrides: dict | None = None) -> Flask:
         users,
     )
 
+    converters.init_app(app)
     app.register_blueprint(auth.bp)
     app.register_blueprint(users.bp)
     app.register_blueprint(user_settings.bp)

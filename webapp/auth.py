@@ -7,6 +7,7 @@ from flask import Blueprint, flash, redirect, render_template, request, url_for
 from flask_login import login_required, login_user, logout_user
 from sqlalchemy import select
 
+from outgoing.ids import parse_id
 from outgoing.models import Admin
 from outgoing.passwords import verify_password
 from webapp.extensions import db, login_manager
@@ -17,7 +18,8 @@ bp = Blueprint("auth", __name__)
 
 @login_manager.user_loader
 def load_admin(admin_id: str):
-    return db.session.get(Admin, int(admin_id)) if admin_id.isdigit() else None
+    row_id = parse_id(admin_id)
+    return db.session.get(Admin, row_id) if row_id is not None else None
 
 
 _EDGE = "".join(map(chr, range(0x21)))  # C0 controls and space, stripped at both ends
