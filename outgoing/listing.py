@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import and_, func, or_, select
 
+from outgoing.ids import parse_id
 from outgoing.models import AuditEvent, Domain, Identity, OutgoingUser
 from scoring.ipranges import parse_client_ip
 
@@ -40,9 +41,10 @@ class Cursor:
         if not text or ":" not in text:
             return None
         id_text, _, key = text.partition(":")
-        if not id_text.isdigit() or len(id_text) > 18:
+        row_id = parse_id(id_text)
+        if row_id is None:
             return None
-        return cls(key[:400], int(id_text))
+        return cls(key[:400], row_id)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from datetime import UTC, date, datetime, timedelta
 from sqlalchemy import and_, or_, select, text
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from outgoing.ids import MAX_BIG_ID, parse_id
 from outgoing.models import MessageLogEntry
 
 STREAM = "og:message-log"
@@ -284,10 +285,11 @@ def decode_cursor(value: str | None) -> tuple[datetime, int] | None:
     if not value or "_" not in value:
         return None
     at_text, _, id_text = value.rpartition("_")
-    if not id_text.isdigit() or len(id_text) > 18:
+    row_id = parse_id(id_text, maximum=MAX_BIG_ID)
+    if row_id is None:
         return None
     try:
-        return datetime.fromisoformat(at_text), int(id_text)
+        return datetime.fromisoformat(at_text), row_id
     except ValueError:
         return None
 

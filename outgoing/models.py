@@ -86,6 +86,9 @@ class Admin(Base):
     password_hash: Mapped[str] = mapped_column(String(255))
     domain_id: Mapped[int | None] = mapped_column(ForeignKey("domains.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # Part of the id a session holds: raised on logout and on a new password, it ends every
+    # session (and copied cookie) signed before.
+    session_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     domain: Mapped[Domain | None] = relationship()
 
@@ -99,7 +102,10 @@ class Admin(Base):
     is_anonymous = False
 
     def get_id(self) -> str:
-        return str(self.id)
+        return f"{self.id}:{self.session_generation}"
+
+    def end_sessions(self) -> None:
+        self.session_generation = (self.session_generation or 0) + 1
 
 
 class LockState:

@@ -56,6 +56,7 @@ def create_app(overrides: dict | None = None) -> Flask:
         audit_log,
         auth,
         cli,
+        converters,
         dkim_keys,
         domains,
         identities,
@@ -66,6 +67,7 @@ def create_app(overrides: dict | None = None) -> Flask:
         users,
     )
 
+    converters.init_app(app)
     app.register_blueprint(auth.bp)
     app.register_blueprint(users.bp)
     app.register_blueprint(user_settings.bp)
@@ -86,6 +88,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     cli.init_app(app)
     ui.init_app(app)
     _error_pages(app)
+    app.before_request(_refuse_nul)
 
     @app.get("/")
     def index():
@@ -100,14 +103,16 @@ def create_app(overrides: dict | None = None) -> Flask:
     return app
 
 
-def _error_pages(app: Flask) -> None:
-    """Clear pages (or, for HTMX, a short text the page shows) instead of bare errors."""
+def page(status: int, heading: str, message: str):
+    """A clear page (or, for HTMX, a short text the page shows) instead of a bare error."""
+    if request.headers.get("HX-Request"):
+        return message, status
+    return render_template("error.html", status=status, heading=heading,
+                           message=message, title=heading), status
 
-    def page(status: int, heading: str, message: str):
-        if request.headers.get("HX-Request"):
-            return message, status
-        return render_template("error.html", status=status, heading=heading,
-                               message=message, title=heading), status
+
+def _error_pages(app: Flask) -> None:
+    """Clear pages instead of bare errors."""
 
     @app.errorhandler(404)
     def not_found(_exc):
@@ -123,3 +128,19 @@ def _error_pages(app: Flask) -> None:
         app.logger.error("Redis unavailable: %s", exc)
         return page(503, "Temporarily unavailable",
                     "Redis cannot be reached, so the change was not made. Try again shortly.")
+
+
+def _refuse_nul():
+    """A NUL character in the address, a query argument or a form field is refused (400)
+    before any page sees it: no value of the panel may hold one, and PostgreSQL cannot
+    store one in text (an error, hence a 500, wherever such a value reached a query, even
+    the login form's). Other control characters are left to each field's own check, which
+    says which field is wrong (an identity is one line of printable text, for instance)."""
+    values = [request.path]
+    for multi in (request.args, request.form):
+        for key, value in multi.items(multi=True):
+            values += (key, value)
+    if any("\0" in value for value in values):
+        return page(400, "Not accepted", "The request holds a NUL character (\\0), which "
+                                         "no field accepts. Remove it and try again.")
+    return None

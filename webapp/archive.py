@@ -13,6 +13,7 @@ from flask_login import login_required
 from sqlalchemy import select
 
 from outgoing.archive import ArchiveSearch, search_query
+from outgoing.ids import parse_id
 from outgoing.models import ArchivedMessage
 from webapp import scope
 from webapp.extensions import db, htmx
@@ -31,29 +32,33 @@ def message_or_404(message_id: int) -> ArchivedMessage:
     return row
 
 
-def _date(name: str) -> tuple[datetime | None, str | None]:
+def _date(name: str, *, end: bool = False) -> tuple[datetime | None, str | None]:
+    """A date field; with ``end`` the day is a whole day: everything before the next
+    midnight (which 9999-12-31 has none of)."""
     value = request.args.get(name, "").strip()
     if not value:
         return None, None
     try:
-        return datetime.strptime(value, "%Y-%m-%d"), None
+        day = datetime.strptime(value, "%Y-%m-%d")
+        return (day + timedelta(days=1) if end else day), None
     except ValueError:
         return None, f"{value} is not a date (YYYY-MM-DD)."
+    except OverflowError:
+        return None, f"{value} is past the last date that can be searched."
 
 
 @bp.get("")
 @login_required
 def index():
     date_from, error_from = _date("from")
-    date_to, error_to = _date("to")
+    date_to, error_to = _date("to", end=True)
     criteria = ArchiveSearch(
         sender=request.args.get("sender", "").strip()[:320],
         recipient=request.args.get("recipient", "").strip()[:320],
         subject=request.args.get("subject", "").strip()[:200],
         date_from=date_from,
-        # "to" is a whole day: everything before the next midnight.
-        date_to=date_to + timedelta(days=1) if date_to else None)
-    offset = max(0, request.args.get("offset", 0, type=int))
+        date_to=date_to)
+    offset = parse_id(request.args.get("offset")) or 0  # never more than there are rows
     query = scope.restrict(search_query(criteria), ArchivedMessage)
     rows = list(db.session.scalars(query.offset(offset).limit(PAGE_SIZE + 1)))
     more = len(rows) > PAGE_SIZE

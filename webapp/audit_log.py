@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from flask import Blueprint, render_template, request
-from flask_login import login_required
+from flask_login import current_user, login_required
 from sqlalchemy import select
 
 from outgoing import listing
@@ -44,11 +44,30 @@ def _entries(events):
         except ValueError:
             detail = {"detail": event.detail}
         name = detail.pop("name", None) or names.get((event.target_type, event.target_id))
-        yield dict(event=event, detail=_readable(detail), name=name or f"#{event.target_id}",
-                   domain=domains.get(event.domain_id, ""))
+        domain = domains.get(event.domain_id, "")
+        readable = _readable(detail)
+        if not current_user.is_super:
+            readable = _for_domain_admin(readable, domain)
+        yield dict(event=event, detail=readable, name=name or f"#{event.target_id}",
+                   domain=domain)
 
 
 HIDDEN = {"lock_id"}  # internal ids that mean nothing to a reader
+# Details that name other domains, which only the provider may read: the other customers'
+# ranges a super admin's confirmed overlap lets a new range cover.
+SUPER_ONLY = {"overlap_confirmed"}
+
+
+def _for_domain_admin(detail: dict, own_domain: str) -> dict:
+    """An event of their domain as a domain admin may read it: without another domain's
+    names. The events keep them (the provider's record), so this is done when showing them,
+    which also covers rows written before this rule."""
+    detail = {k: v for k, v in detail.items() if k not in SUPER_ONLY}
+    moved = detail.get("changes", {}).get("domain")
+    if isinstance(moved, list):  # a user the provider moved in from another domain
+        detail["changes"] = dict(detail["changes"], domain=[
+            name if name in (None, own_domain) else "another domain" for name in moved])
+    return detail
 
 
 def _readable(detail: dict) -> dict:

@@ -3,10 +3,11 @@
 import re
 from urllib.parse import urlsplit
 
-from flask import Blueprint, flash, redirect, render_template, request, url_for
-from flask_login import login_required, login_user, logout_user
+from flask import Blueprint, flash, redirect, render_template, request, session, url_for
+from flask_login import current_user, login_required, login_user, logout_user
 from sqlalchemy import select
 
+from outgoing.ids import parse_id
 from outgoing.models import Admin
 from outgoing.passwords import verify_password
 from webapp.extensions import db, login_manager
@@ -16,8 +17,14 @@ bp = Blueprint("auth", __name__)
 
 
 @login_manager.user_loader
-def load_admin(admin_id: str):
-    return db.session.get(Admin, int(admin_id)) if admin_id.isdigit() else None
+def load_admin(session_id: str):
+    """The admin of a session (``Admin.get_id``) while its generation is still theirs."""
+    id_text, _, generation = session_id.partition(":")
+    row_id = parse_id(id_text)
+    admin = db.session.get(Admin, row_id) if row_id is not None else None
+    if admin is None or generation != str(admin.session_generation):
+        return None
+    return admin
 
 
 _EDGE = "".join(map(chr, range(0x21)))  # C0 controls and space, stripped at both ends
@@ -51,6 +58,7 @@ def login():
     if form.validate_on_submit():
         admin = db.session.scalar(select(Admin).where(Admin.email == form.email.data.lower()))
         if admin and verify_password(admin.password_hash, form.password.data):
+            session.clear()  # nothing of the session before the login carries over
             login_user(admin)
             return redirect(_safe_next(request.args.get("next")))
         flash("Email or password is not correct.", "error")
@@ -60,5 +68,8 @@ def login():
 @bp.post("/logout")
 @login_required
 def logout():
+    """Ends this admin's sessions everywhere, so a copied session cookie stops working."""
+    current_user.end_sessions()
+    db.session.commit()
     logout_user()
     return redirect(url_for("auth.login"))

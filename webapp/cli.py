@@ -77,6 +77,8 @@ def create_admin(email: str, password: str, domain: str | None, create_domain: b
     if admin is None:
         admin = Admin(email=email)
         db.session.add(admin)
+    else:
+        admin.end_sessions()  # a reset password ends the sessions of the old one
     admin.password_hash = hash_password(password)
     admin.domain_id = dom.id if dom else None
     db.session.commit()

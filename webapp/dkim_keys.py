@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 
 from outgoing import audit, dkim
 from outgoing.config import dns_resolvers
+from outgoing.ids import parse_id
 from outgoing.models import DKIM_DEFAULT, DkimKey, OutgoingUser, utcnow
 from webapp import scope
 from webapp.domains import picker_context, to_domain_page
@@ -84,7 +85,7 @@ def index(domain_id: int):
     form = DkimKeyForm()
     if request.method == "GET":
         _ensure_default_key(domain)
-        return _render(domain, form, created=request.args.get("created", type=int))
+        return _render(domain, form, created=parse_id(request.args.get("created")))
     if not form.validate_on_submit():
         return _render(domain, form, 400)
     if db.session.scalar(select(DkimKey.id).where(DkimKey.domain_id == domain.id,

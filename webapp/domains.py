@@ -12,6 +12,7 @@ from flask_login import current_user, login_required
 from sqlalchemy import select
 
 from outgoing import audit, held, listing
+from outgoing.ids import parse_id
 from outgoing.models import Domain
 from webapp import scope
 from webapp.extensions import db, htmx
@@ -78,9 +79,10 @@ def to_domain_page(endpoint: str, *, area: str, lead: str):
     (the picker's GET form) opens that domain, scoped like every id (404 if not visible)."""
     picked = request.args.get("domain", "")
     if picked:
-        if not picked.isdigit():
+        picked_id = parse_id(picked)
+        if picked_id is None:
             abort(404)
-        return redirect(url_for(endpoint, domain_id=scope.domain_or_404(int(picked)).id))
+        return redirect(url_for(endpoint, domain_id=scope.domain_or_404(picked_id).id))
     if not current_user.is_super:
         return redirect(url_for(endpoint, domain_id=current_user.domain_id))
     domains = scope.visible_domains(limit=PICKER_LIMIT)
@@ -167,6 +169,7 @@ def detection_default():
         flash("Saved." if before is not None else "Saved (nothing had changed).", "success")
     else:
         flash("Choose one of the offered defaults.", "error")
-    if back.isdigit():
-        return redirect(url_for("domains.settings", domain_id=int(back)))
+    back_id = parse_id(back)
+    if back_id is not None:
+        return redirect(url_for("domains.settings", domain_id=back_id))
     return redirect(url_for("domains.own_settings"))

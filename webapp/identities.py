@@ -11,6 +11,7 @@ from flask_login import login_required
 from sqlalchemy import select
 
 from outgoing import audit, listing, locks
+from outgoing.ids import parse_id
 from outgoing.models import LOCK_MANUAL, Identity, OutgoingUser
 from webapp import scope
 from webapp.extensions import db, htmx
@@ -25,12 +26,13 @@ bp = Blueprint("identities", __name__, url_prefix="/outgoing/identities")
 def _filter_user() -> OutgoingUser | None:
     """The outgoing user the list is narrowed to (``?user=<id>``), scoped: another domain's
     user is a 404."""
-    user_id = request.args.get("user", "")
-    if not user_id:
+    text = request.args.get("user", "")
+    if not text:
         return None
-    if not user_id.isdigit():
+    user_id = parse_id(text)
+    if user_id is None:
         abort(404)
-    return scope.outgoing_user_or_404(int(user_id))
+    return scope.outgoing_user_or_404(user_id)
 
 
 def _context(form: AddIdentityForm | None = None) -> dict:

@@ -38,7 +38,10 @@ def _moment(name: str, *, end: bool) -> tuple[datetime | None, str | None]:
         except ValueError:
             continue
         if end and pattern == "%Y-%m-%d":
-            moment += timedelta(days=1)
+            try:
+                moment += timedelta(days=1)
+            except OverflowError:
+                return None, f"{value} is past the last time that can be searched."
         return moment, None
     return None, f"{value} is not a time (YYYY-MM-DD HH:MM, UTC)."
 
@@ -83,7 +86,7 @@ def index():
     return render_template("message_log/index.html", **context)
 
 
-@bp.get("/<int:entry_id>")
+@bp.get("/<big_id:entry_id>")
 @login_required
 def view(entry_id: int):
     query = select(MessageLogEntry).where(MessageLogEntry.id == entry_id)

@@ -27,6 +27,7 @@ from flask_login import login_required
 from sqlalchemy import or_, select
 
 from outgoing import audit
+from outgoing.ids import parse_id
 from outgoing.jobs import enqueue
 from outgoing.models import QuarantinedMessage
 from outgoing.newdomains import import_file
@@ -82,7 +83,7 @@ def _rules_filter(row) -> list[str]:
 @login_required
 def index():
     search = request.args.get("q", "").strip()[:200]
-    before = request.args.get("before", type=int)
+    before = parse_id(request.args.get("before"))
     rows, next_before = _listing(search, before)
     context = dict(rows=rows, next_before=next_before, search=search, title="Quarantine",
                    retention=current_app.config.get("QUARANTINE_RETENTION_DAYS"))
@@ -173,10 +174,7 @@ def bulk():
     action = request.form.get("action", "")
     if action not in ("release", "remove"):
         abort(400)
-    ids = []
-    for value in request.form.getlist("ids")[:MAX_BULK]:
-        if value.isdigit():
-            ids.append(int(value))
+    ids = [i for i in map(parse_id, request.form.getlist("ids")[:MAX_BULK]) if i is not None]
     rows = list(db.session.scalars(
         scope.restrict(select(QuarantinedMessage), QuarantinedMessage)
         .where(QuarantinedMessage.id.in_(ids)))) if ids else []

@@ -15,6 +15,7 @@ from flask_login import current_user, login_required
 from sqlalchemy import select
 
 from outgoing import audit, newdomains
+from outgoing.ids import parse_id
 from outgoing.models import DKIM_DEFAULT, ID_HEADER, KIND_DOMAIN, KIND_IP, DkimKey, OutgoingUser
 from outgoing.usage import usage_rows
 from outgoing.users import (
@@ -148,9 +149,10 @@ def _template_id(text: str | None, domain_id: int) -> int | None:
     if not text:
         return None
     allowed = {t.id for t in db.session.scalars(scope.lock_templates_query(domain_id))}
-    if not text.isdigit() or int(text) not in allowed:
+    template_id = parse_id(text)
+    if template_id not in allowed:
         abort(404)
-    return int(text)
+    return template_id
 
 
 def _check_limits(form, user: OutgoingUser, values: dict) -> None:
@@ -323,8 +325,8 @@ def _audit_forged_fields(user: OutgoingUser) -> None:
 def header_row(user_id: int):
     """A blank identification-header row for the settings form (HTMX "Add header")."""
     scope.outgoing_user_or_404(user_id)
-    index = request.args.get("index", "0")
-    if not index.isdigit() or int(index) > 10_000:
+    index = parse_id(request.args.get("index", "0"))
+    if index is None or index > 10_000:
         return "", 400
-    row = HeaderRowForm(prefix=f"headers-{int(index)}-")
+    row = HeaderRowForm(prefix=f"headers-{index}-")
     return render_template("_partials/header_row.html", row=row, help=HELP)

@@ -48,7 +48,6 @@ BYPASSES = [
     "/\n/evil.test",
     "\t//evil.test",
     " //evil.test",
-    "\x00//evil.test",
     "//evil.test\t",
     "///evil.test",
     "https://evil.test",
@@ -83,6 +82,13 @@ def test_percent_escapes_left_in_the_path_stay_on_the_panel(web, target):
     location = response.headers["Location"]
     assert location == target
     assert browser_view(location) == "https://panel.example" + target
+
+
+def test_a_next_holding_a_nul_is_refused_without_logging_in(web):
+    # Like any value holding NUL (webapp._refuse_nul): no redirect at all, not even home.
+    response = login_with_next(web, quote("\x00//evil.test", safe=""))
+    assert response.status_code == 400 and "Location" not in response.headers
+    assert web.get(DEFAULT).headers["Location"].startswith("/login")
 
 
 def test_reported_query_does_not_redirect_to_another_host(web):

@@ -173,6 +173,38 @@ def test_a_super_admin_overlaps_another_domain_only_after_confirming_and_it_is_a
     assert created[0]["actor"] == ROOT
 
 
+def audit_pages(panel: Panel) -> list[str]:
+    """The Audit log as the full page and as the HTMX swap of its list."""
+    page = panel.get("/audit")
+    swap = panel.get("/audit", htmx=True, **{"HX-Target": "audit-list"})
+    assert page.status_code == swap.status_code == 200
+    assert '<div id="audit-list">' in swap.get_data(as_text=True)
+    return [page.get_data(as_text=True), swap.get_data(as_text=True)]
+
+
+def test_a_confirmed_overlap_names_the_other_customer_to_the_provider_only(root, ops):
+    response = root.add("ip", "one.example", ip_range="10.2.0.4", confirm_overlap="y",
+                        action="add")
+    assert response.status_code == 302
+    for html in audit_pages(ops):  # one.example's own event, shown to one.example
+        assert "10.2.0.4" in html
+        assert "two.example" not in html and "10.2.0.0/28" not in html
+    for html in audit_pages(root):
+        assert "10.2.0.0/28 (two.example)" in html
+
+
+def test_a_user_moved_in_by_the_provider_does_not_name_the_domain_it_left(root, app):
+    moved = data.add_user("one.example", "ip", "192.0.2.0/24")
+    data.add_admin("ops@four.example", OPS_PW, domain="four.example")
+    response = root.post(f"/outgoing/users/{moved}", settings(domain="four.example"))
+    assert response.status_code == 302
+    four = Panel(app.test_client()).login("ops@four.example", OPS_PW)
+    for html in audit_pages(four):
+        assert "192.0.2.0/24" in html and "another domain" in html
+        assert "one.example" not in html
+    assert all("one.example" in html for html in audit_pages(root))
+
+
 def test_a_domain_admin_cannot_confirm_an_overlap(ops):
     response = ops.add("ip", "one.example", ip_range="10.2.0.4", confirm_overlap="y")
     assert response.status_code == 400
