@@ -120,11 +120,18 @@ def schedule_periodic(redis, name: str, due: datetime) -> str | None:
 
 
 def ensure_periodic(redis, now: datetime | None = None) -> list[str]:
-    """Make sure every periodic chain exists; cheap (one EXISTS per chain when it does)."""
+    """Make sure every periodic chain exists; cheap (an EXISTS or two per chain when it does).
+
+    A chain that catches up runs the current period at once unless the chain is there: its
+    next run scheduled (a run schedules the period after the one it ran in, which is the
+    current one's when it ran after a boundary) or the current period's run kept."""
     now = _aware(now or datetime.now(UTC))
     scheduled = []
     for name, spec in PERIODIC.items():
-        due = period_start(name, now) if spec.catch_up else next_due(name, now)
+        due = next_due(name, now)
+        if spec.catch_up and not Job.exists(periodic_job_id(name, due),
+                                            connection=rq_connection(redis)):
+            due = period_start(name, now)
         job_id = schedule_periodic(redis, name, due)
         if job_id:
             scheduled.append(job_id)

@@ -3,7 +3,7 @@ and whoever ensures the chain cannot start a second one."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from rq import Queue
 from rq.job import Job
@@ -46,6 +46,16 @@ def test_sweep_runs_at_worker_start_and_schedules_its_next_run(instance, redis_c
     assert following & set(upcoming)
     # Ensuring again (the proxy starts) finds the chain and adds nothing.
     assert [j for j in jobs.ensure_periodic(redis_client) if "sweep" in j] == []
+
+
+def test_a_chain_whose_run_crossed_a_period_boundary_is_not_started_again(redis_client):
+    """The run of one period ran after the next began and scheduled the period after that:
+    the chain is there, so ensuring it (a proxy or worker starting) adds no second run."""
+    boundary = jobs.next_due("sweep-locks", datetime.now(UTC))
+    jobs.schedule_periodic(redis_client, "sweep-locks",
+                           jobs.next_due("sweep-locks", boundary + timedelta(seconds=1)))
+    assert [j for j in jobs.ensure_periodic(redis_client, now=boundary + timedelta(seconds=2))
+            if "sweep" in j] == []
 
 
 def test_naive_utc_times_are_scheduled_as_utc(instance, redis_client):
