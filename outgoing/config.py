@@ -101,6 +101,9 @@ def _defaults(instance: Path) -> dict:
         # gets 421 and the process stops (the systemd unit's TimeoutStopSec leaves room).
         "SMTP_DRAIN_SECONDS": 20.0,
         "SMTP_MAX_JUNK_COMMANDS": 20,
+        # Bytes of DATA one proxy process holds at once, all connections together (a message
+        # is held whole while it is checked and relayed); past it, 452 4.3.1. 0: no budget.
+        "SMTP_DATA_BUDGET": 256 * 1024 * 1024,
         # Content stage (proxy/content.py): next-hop login, connection reuse, engines, stores.
         "UPSTREAM_USERNAME": "",
         "UPSTREAM_PASSWORD": "",
@@ -380,6 +383,8 @@ def load_config(overrides: dict | None = None, environ=None) -> dict:
     for name, bits in (("MAX_CUSTOMER_RANGE_V4", 32), ("MAX_CUSTOMER_RANGE_V6", 128)):
         if not 1 <= int(config[name]) <= bits:
             raise ConfigError(f"{name}: expected a prefix length from 1 to {bits}")
+    if int(config["SMTP_DATA_BUDGET"]) < 0:
+        raise ConfigError("SMTP_DATA_BUDGET: expected a number of bytes, or 0 for no budget")
     try:
         parse_delays(config["DEFER_RETRY_SECONDS"])
     except ValueError as exc:

@@ -27,6 +27,7 @@ class DataState(Enum):
     NOMINAL = "nominal"
     TOO_LONG = "too long"  # 500 Line too long
     TOO_MUCH = "too much"  # 552 Too much mail data
+    NO_ROOM = "no room"  # 452 4.3.1: the process's DATA budget is spent (proxy/data_budget.py)
 
 
 def end_of_data(buffer: bytes | bytearray, searched: int = 0) -> tuple[int, int] | None:

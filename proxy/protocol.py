@@ -20,6 +20,7 @@ from aiosmtpd.smtp import MISSING, SMTP, Session, _AuthMechAttr, syntax
 
 from proxy import data_stream
 from proxy.connections import ConnectionCounts, OpenConnections
+from proxy.data_budget import DataBudget
 from proxy.data_stream import DataState
 
 log = logging.getLogger("proxy")
@@ -39,7 +40,8 @@ PROXY_HEADER_TIMEOUT = 5.0  # seconds a load balancer has to send its header
 TOO_MANY_JUNK_COMMANDS = "421 4.7.0 Too many commands without sending mail"
 # aiosmtpd's words after DATA, kept: clients and tests know them.
 DATA_FAULTS = {DataState.TOO_LONG: "500 Line too long (see RFC5321 4.5.3.1.6)",
-               DataState.TOO_MUCH: "552 Error: Too much mail data"}
+               DataState.TOO_MUCH: "552 Error: Too much mail data",
+               DataState.NO_ROOM: "452 4.3.1 Insufficient system storage, try again later"}
 # The bulk reader works on asyncio's StreamReader buffer, as aiosmtpd itself does for
 # STARTTLS; on a StreamReader without one, DATA is read aiosmtpd's way.
 _BULK_DATA = all(hasattr(asyncio.StreamReader, name)
@@ -177,6 +179,7 @@ class LimitedSMTP(SMTP):
 
     def __init__(self, *args, connections: ConnectionCounts | None = None,
                  open_connections: OpenConnections | None = None,
+                 data_budget: DataBudget | None = None,
                  max_connections_per_ip: int = 0, max_junk_commands: int = 0,
                  line_length_limit: int | None = None, proxy_protocol_from=(),
                  proxy_protocol_timeout: float = PROXY_HEADER_TIMEOUT, **kwargs):
@@ -187,6 +190,8 @@ class LimitedSMTP(SMTP):
         self.connections = connections
         self.open_connections = open_connections
         self._over_process_limit = False
+        self.data_budget = data_budget
+        self._data_held = 0  # what this connection's DATA took from the budget
         self.max_connections_per_ip = max_connections_per_ip
         self.max_junk_commands = max_junk_commands
         self._connection_slot: int | None = None
@@ -394,7 +399,8 @@ class LimitedSMTP(SMTP):
             self.connection_lost(None)
 
     # -- DATA, read in bulk ----------------------------------------------------------------
-    bulk_data = _BULK_DATA  # False: aiosmtpd's own reader (the tests compare the two)
+    # False: aiosmtpd's own reader (the tests compare the two), which keeps no DATA budget.
+    bulk_data = _BULK_DATA
 
     @syntax("DATA")
     async def smtp_DATA(self, arg):
@@ -417,6 +423,12 @@ class LimitedSMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:  # the DATA budget is given back however this ends (reply, hang-up, fault)
+            await self._receive_message()
+        finally:
+            self._give_back_data()
+
+    async def _receive_message(self) -> None:
         try:
             body, state = await self._read_data()
         except asyncio.CancelledError:
@@ -450,7 +462,9 @@ class LimitedSMTP(SMTP):
     async def _read_data(self) -> tuple[bytes | None, DataState]:
         """The data up to the end-of-data line, taken from the reader's buffer as segments
         arrive. Past the size limit (plus a line) without an end, the rest is drained, kept
-        nowhere, and the data is None with the limit crossed first (:meth:`_drain_data`)."""
+        nowhere, and the data is None with the limit crossed first (:meth:`_drain_data`).
+        What the buffer grows by is taken from the process's DATA budget; once that is
+        spent, the rest is drained the same way and the answer is 452 (``NO_ROOM``)."""
         reader = self._reader
         buffer = reader._buffer
         bound = (self.data_size_limit + self.line_length_limit + len(data_stream.END)
@@ -460,18 +474,43 @@ class LimitedSMTP(SMTP):
             searched = len(buffer)
             if bound is not None and searched > bound:
                 return await self._drain_data()
+            if not self._hold_data(searched):
+                return await self._drain_data(DataState.NO_ROOM)
             if reader._eof:  # the connection is going: eof_received cancels this task
                 raise asyncio.CancelledError
             await reader._wait_for_data("DATA")
         body_end, consumed = found
+        if not self._hold_data(consumed):
+            return await self._drain_data(DataState.NO_ROOM)
         body = bytes(buffer[:body_end])
         del buffer[:consumed]
         reader._maybe_resume_transport()
         return body, DataState.NOMINAL
 
-    async def _drain_data(self) -> tuple[None, DataState]:
-        """Over the size limit: aiosmtpd's line-by-line reading, keeping nothing, to find the
-        end and which limit was crossed first."""
+    def _hold_data(self, size: int) -> bool:
+        """Hold ``size`` bytes of DATA in all, taking what is new from the budget; False, with
+        everything this DATA held given back, when the budget cannot take it."""
+        budget, held = self.data_budget, self._data_held
+        if budget is None or size <= held:
+            return True
+        if budget.take(size - held):
+            self._data_held = size
+            return True
+        self._give_back_data()
+        log.warning("%r: DATA refused with 452, the process holds %d bytes of DATA "
+                    "(SMTP_DATA_BUDGET %d)", self.session.peer, budget.held, budget.limit)
+        return False
+
+    def _give_back_data(self) -> None:
+        held, self._data_held = self._data_held, 0
+        if held and self.data_budget is not None:
+            self.data_budget.give_back(held)
+
+    async def _drain_data(self, otherwise: DataState = DataState.TOO_MUCH
+                          ) -> tuple[None, DataState]:
+        """Over the size limit or the DATA budget: aiosmtpd's line-by-line reading, keeping
+        nothing, to find the end and which limit was crossed first (``otherwise`` when
+        none was: the budget)."""
         limit, counted, state = self.data_size_limit, 0, DataState.NOMINAL
         fragments = False
         while True:
@@ -484,13 +523,13 @@ class LimitedSMTP(SMTP):
             if not fragments and line == b".\r\n":
                 break
             counted += len(line)
-            if state is DataState.NOMINAL and counted > limit:
+            if state is DataState.NOMINAL and limit and counted > limit:
                 state = DataState.TOO_MUCH
             fragments = not line.endswith(b"\r\n")
             if (not fragments and state is DataState.NOMINAL
                     and len(line) > self.line_length_limit):
                 state = DataState.TOO_LONG
-        return None, (state if state is not DataState.NOMINAL else DataState.TOO_MUCH)
+        return None, (state if state is not DataState.NOMINAL else otherwise)
 
     # -- envelope paths -----------------------------------------------------------------------
     async def _path_refused(self, arg: str | None, keyword: str) -> bool:

@@ -31,6 +31,7 @@ from proxy.connections import (
     default_max_connections,
     raise_file_limit,
 )
+from proxy.data_budget import DataBudget
 from proxy.directory import Directory
 from proxy.handler import OutboundHandler
 from proxy.identities import IdentityFlusher
@@ -134,6 +135,7 @@ async def serve(config: dict, sock: socket.socket, clock=time.time,
                                command_call_limit=dict(COMMAND_CALL_LIMITS),
                                connections=connections or ConnectionCounts(1),
                                open_connections=open_connections,
+                               data_budget=DataBudget(int(config["SMTP_DATA_BUDGET"])),
                                max_connections_per_ip=config["SMTP_MAX_CONNECTIONS_PER_IP"],
                                max_junk_commands=config["SMTP_MAX_JUNK_COMMANDS"],
                                line_length_limit=int(config["SMTP_MAX_LINE_LENGTH"]) + 2,

@@ -36,6 +36,8 @@ def test_unknown_setting_in_instance_config_is_named(tmp_path, monkeypatch):
     ("DEFER_RETRY_SECONDS", ""),
     ("AUTH_BLOCK_SECONDS", "nan"),  # every comparison with it false: never blocked
     ("AUTH_FAILURE_WINDOW_SECONDS", "inf"),
+    ("SMTP_DATA_BUDGET", "-1"),
+    ("SMTP_DATA_BUDGET", "256M"),
 ])
 def test_malformed_setting_is_named(tmp_path, name, value):
     with pytest.raises(ConfigError, match=name):

@@ -319,3 +319,68 @@ def test_a_finished_message_starts_the_count_afresh_and_aborted_transactions_do_
     assert conn.closed_by_server()
     conn.close()
     assert len(sink.handler.messages) == 1
+
+
+# -- DATA bytes held by a process (SMTP_DATA_BUDGET) ------------------------------------------
+
+NO_ROOM = (452, b"452 4.3.1 Insufficient system storage, try again later\r\n")
+
+
+def sized(size: int) -> bytes:
+    """A message of about ``size`` bytes on the wire (lines of 78 with their CRLF)."""
+    return message(body=("a" * 76 + "\n") * (size // 78))
+
+
+def logged_in(port: int) -> Conn:
+    conn = Conn(port)
+    assert conn.ask(b"EHLO client.example")[0] == 250
+    assert conn.ask(b"AUTH PLAIN " + plain("alice@example.com", PASSWORD))[0] == 235
+    return conn
+
+
+def begin(conn: Conn) -> None:
+    for line in (b"MAIL FROM:<alice@example.com>", b"RCPT TO:<bob@example.org>", b"DATA"):
+        assert conn.ask(line)[0] in (250, 354)
+
+
+def send_message(conn: Conn, data: bytes) -> tuple[int, bytes]:
+    begin(conn)
+    conn.sock.sendall(data + b".\r\n")
+    return conn.reply()
+
+
+def test_the_message_that_passes_the_data_budget_gets_452_and_the_others_pass(
+        alice, start_proxy, sink):
+    """The review's attack, small: one client's messages in flight together must not make
+    the process hold more than SMTP_DATA_BUDGET. The message that would pass it is read to
+    its end and refused for now; the one held still goes, small messages still go, and once
+    it is answered its bytes are free for the next."""
+    proxy = start_proxy(SMTP_TRUSTED=True, SMTP_DATA_BUDGET=200_000)
+    first, second = logged_in(proxy.port), logged_in(proxy.port)
+    begin(first)
+    first.sock.sendall(sized(150_000))  # its end not sent yet: the proxy holds it
+    replies = []  # 250 until the proxy has read the first's bytes (it reads as they come)
+    assert eventually(lambda: replies.append(send_message(second, sized(150_000)))
+                      or replies[-1] == NO_ROOM)
+    assert {code for code, _ in replies[:-1]} <= {250}
+    assert send_message(second, message())[0] == 250  # the same session, a small message
+    first.sock.sendall(b".\r\n")
+    assert first.reply()[0] == 250
+    third = logged_in(proxy.port)
+    assert send_message(third, sized(150_000))[0] == 250  # the first's bytes were given back
+    assert len(sink.handler.messages) == len(replies) - 1 + 3
+    for conn in (first, second, third):
+        conn.close()
+
+
+def test_a_client_that_hangs_up_during_data_gives_its_bytes_back(alice, start_proxy, sink):
+    proxy = start_proxy(SMTP_TRUSTED=True, SMTP_DATA_BUDGET=200_000)
+    for _ in range(3):
+        leaving = logged_in(proxy.port)
+        begin(leaving)
+        leaving.sock.sendall(sized(150_000))
+        leaving.close()
+    other = logged_in(proxy.port)
+    # Each hang-up is seen a moment later; then a message that needs nearly the whole budget.
+    assert eventually(lambda: send_message(other, sized(190_000))[0] == 250)
+    other.close()
