@@ -10,23 +10,9 @@ import re
 import pytest
 
 from tests.integration.test_panel_settings import settings
-from tests.integration.test_panel_users import Panel
-from tests.support import data
 
-ROOT, ROOT_PW = "root@example.net", "Root-pass-12345"
 ID_IN_PATH = re.compile(r"<(?:int|big_id):\w+>")
 BAD_IDS = ["99999999999999999999999", str(2**31), str(2**63), "²", "٣"]
-
-
-@pytest.fixture
-def root(app) -> Panel:
-    data.add_admin(ROOT, ROOT_PW)
-    return Panel(app.test_client()).login(ROOT, ROOT_PW)
-
-
-@pytest.fixture
-def bob(app) -> int:
-    return data.add_user("example.com", "user", "bob@example.com", "Bob-pass-12345")
 
 
 @pytest.mark.parametrize("bad", BAD_IDS, ids=repr)

@@ -9,23 +9,11 @@ import pytest
 from sqlalchemy import func, select
 
 from outgoing.models import AuditEvent, Identity, LockTemplate, OutgoingUser
-from tests.integration.test_panel_users import Panel
+from tests.security.conftest import ROOT, ROOT_PW
 from tests.support import data
 from tests.support.web import csrf_token
 
-ROOT, ROOT_PW = "root@example.net", "Root-pass-12345"
 REFUSAL = "holds a NUL character"
-
-
-@pytest.fixture
-def root(app) -> Panel:
-    data.add_admin(ROOT, ROOT_PW)
-    return Panel(app.test_client()).login(ROOT, ROOT_PW)
-
-
-@pytest.fixture
-def bob(app) -> int:
-    return data.add_user("example.com", "user", "bob@example.com", "Bob-pass-12345")
 
 
 def written() -> tuple:

@@ -4,19 +4,11 @@ and nothing of a session from before the login carries over into it."""
 
 from __future__ import annotations
 
-import pytest
-
 from tests.integration.test_panel_users import Panel
+from tests.security.conftest import ROOT, ROOT_PW
 from tests.support import data
 
-ROOT, ROOT_PW = "root@example.net", "Root-pass-12345"
 PAGE = "/outgoing/users"
-
-
-@pytest.fixture
-def root(app) -> Panel:
-    data.add_admin(ROOT, ROOT_PW)
-    return Panel(app.test_client()).login(ROOT, ROOT_PW)
 
 
 def copy_of(app, panel: Panel):
