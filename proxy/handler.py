@@ -270,6 +270,17 @@ class OutboundHandler:
         self.log.write(mlog.finish(mlog.new_record(self.clock(), _client_ip(session), user,
                                                    stage=stage, **fields), reply))
 
+    def data_refused(self, session, reply: str) -> None:
+        """DATA refused before the message reached the handler (over the size limit, a line
+        too long, the process's DATA budget): its record says so, not "abandoned"."""
+        state = getattr(session, "og_state", None)
+        record = state.txn if state is not None else None
+        if record is None:
+            return
+        state.txn = None
+        record["stage"] = "data"
+        self.log.write(mlog.finish(record, reply))
+
     def _end_transaction(self, session) -> None:
         """A transaction that ended without DATA (RSET, a new MAIL, QUIT, a dropped
         connection): refused at RCPT when we refused a recipient, else abandoned."""

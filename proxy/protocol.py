@@ -438,6 +438,9 @@ class LimitedSMTP(SMTP):
         if body is not None:
             state = data_stream.check(body, self.data_size_limit, self.line_length_limit)
         if state is not DataState.NOMINAL:
+            refused = getattr(self.event_handler, "data_refused", None)
+            if refused is not None:
+                refused(self.session, DATA_FAULTS[state])  # the message log
             await self.push(DATA_FAULTS[state])
             self._set_post_data_state()
             return
