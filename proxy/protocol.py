@@ -288,7 +288,7 @@ class LimitedSMTP(SMTP):
                 return
             self._count_connection(str(self.session.peer[0]))
         refusal = None
-        if self.open_connections is not None and self.open_connections.draining:
+        if self._draining():
             refusal = SHUTTING_DOWN  # accepted just before the listening socket closed
         elif self._over_process_limit:
             log.warning("%r: the process serves %d connections (SMTP_MAX_CONNECTIONS), "
@@ -299,6 +299,8 @@ class LimitedSMTP(SMTP):
         connect = getattr(self.event_handler, "handle_connect", None)
         if refusal is None and connect is not None:
             refusal = await connect(self.session)  # e.g. an IP user's connection limits
+            if refusal is None and self._draining():
+                refusal = SHUTTING_DOWN  # the drain began while that ran: no greeting now
         elif refusal is not None and hasattr(self.event_handler, "connection_refused"):
             self.event_handler.connection_refused(self.session, refusal)  # the message log
         if refusal is not None:
@@ -316,6 +318,9 @@ class LimitedSMTP(SMTP):
             self.connections.release(slot)
 
     # -- shutdown (OpenConnections.drain) -----------------------------------------------------
+    def _draining(self) -> bool:
+        return self.open_connections is not None and self.open_connections.draining
+
     def _in_transaction(self) -> bool:
         envelope = getattr(self, "envelope", None)
         return envelope is not None and envelope.mail_from is not None
@@ -341,7 +346,7 @@ class LimitedSMTP(SMTP):
         """While draining, a final reply that leaves no transaction open ends the session
         (the 250 after DATA, a refused MAIL, RSET, EHLO...). Not a 220 (the greeting,
         STARTTLS's go-ahead) or 3xx (more to come), nor a reply that ends it anyway."""
-        if (self.open_connections is not None and self.open_connections.draining
+        if (self._draining()
                 and status[:1] in (b"2", b"4", b"5") and status[:3] not in (b"220", b"221")
                 and not status.startswith(b"421") and not self._in_transaction()):
             self.shut_down()
@@ -397,6 +402,8 @@ class LimitedSMTP(SMTP):
         if self._tls_protocol is not None and self.transport is not None \
                 and self.transport.is_closing():
             self.connection_lost(None)
+        elif self._draining():
+            self.shut_down()  # the drain began during the handshake, which no reply follows
 
     # -- DATA, read in bulk ----------------------------------------------------------------
     # False: aiosmtpd's own reader (the tests compare the two), which keeps no DATA budget.

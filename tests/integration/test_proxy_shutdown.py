@@ -4,13 +4,18 @@ transactions gets 421, and no new connection is taken."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
+import ssl
 import sys
 import threading
 
 import pytest
 
+from proxy.connections import ConnectionCounts, OpenConnections
+from proxy.protocol import protocol_factory
+from proxy.tls import ensure_certificate, server_context
 from tests.security.test_connection_hygiene import Conn, eventually
 from tests.support import data
 from tests.support.mail import client, message, send
@@ -77,3 +82,74 @@ def test_sigterm_finishes_the_message_in_flight_and_sends_idle_sessions_421(
         assert proc.wait(timeout=30) == 0
     finally:
         stop_process(proc)
+
+
+# -- sessions between two of their own steps when the drain starts (in-process proxy) --------
+
+class HeldConnect:
+    """A handler whose connect check (a Redis round trip in the proxy) waits for the test."""
+
+    def __init__(self):
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def handle_connect(self, session):
+        self.entered.set()
+        await self.release.wait()
+        return None
+
+
+async def _serve(handler, tls_context=None):
+    open_connections = OpenConnections()
+    factory = protocol_factory(handler, hostname="proxy.test", tls_context=tls_context,
+                               connections=ConnectionCounts(1),
+                               open_connections=open_connections)
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], open_connections
+
+
+def test_a_session_still_in_its_connect_check_when_the_drain_starts_gets_421_not_220():
+    async def scenario():
+        handler = HeldConnect()
+        server, port, open_connections = await _serve(handler)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await handler.entered.wait()
+        server.close()
+        drain = asyncio.create_task(open_connections.drain(30))
+        await asyncio.sleep(0)  # the drain has passed this session by: it waits on no command
+        handler.release.set()
+        greeting = await asyncio.wait_for(reader.readline(), 10)
+        await asyncio.wait_for(drain, 10)
+        writer.close()
+        return greeting
+
+    assert asyncio.run(scenario()) == SHUTTING_DOWN
+
+
+def test_a_session_in_its_tls_handshake_when_the_drain_starts_gets_421_after_it(tmp_path):
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    ensure_certificate(cert, key, "proxy.test")
+    client_context = ssl.create_default_context()
+    client_context.check_hostname = False
+    client_context.verify_mode = ssl.CERT_NONE
+
+    async def scenario():
+        server, port, open_connections = await _serve(
+            object(), tls_context=server_context(cert, key, "proxy.test"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await reader.readline()  # 220 greeting
+        writer.write(b"EHLO client.test\r\n")
+        while (await reader.readline())[3:4] == b"-":
+            pass
+        writer.write(b"STARTTLS\r\n")
+        assert (await reader.readline()).startswith(b"220")
+        server.close()
+        drain = asyncio.create_task(open_connections.drain(30))
+        await asyncio.sleep(0)  # the session waits for its handshake, not for a command
+        await writer.start_tls(client_context)
+        reply = await asyncio.wait_for(reader.readline(), 10)
+        await asyncio.wait_for(drain, 10)
+        writer.close()
+        return reply
+
+    assert asyncio.run(scenario()) == SHUTTING_DOWN
