@@ -383,8 +383,16 @@ def load_config(overrides: dict | None = None, environ=None) -> dict:
     for name, bits in (("MAX_CUSTOMER_RANGE_V4", 32), ("MAX_CUSTOMER_RANGE_V6", 128)):
         if not 1 <= int(config[name]) <= bits:
             raise ConfigError(f"{name}: expected a prefix length from 1 to {bits}")
-    if int(config["SMTP_DATA_BUDGET"]) < 0:
+    budget = int(config["SMTP_DATA_BUDGET"])
+    if budget < 0:
         raise ConfigError("SMTP_DATA_BUDGET: expected a number of bytes, or 0 for no budget")
+    # A message of the largest size allowed must fit the budget alone, or it would get
+    # "452 try again later" for ever. (Its end line and a line over the limit, at most.)
+    largest = int(config["MAX_MESSAGE_SIZE"]) + int(config["SMTP_MAX_LINE_LENGTH"]) + 5
+    if 0 < budget < largest:
+        raise ConfigError(f"SMTP_DATA_BUDGET: {budget} bytes cannot hold one message of "
+                          f"MAX_MESSAGE_SIZE plus a line of SMTP_MAX_LINE_LENGTH ({largest} "
+                          f"bytes); raise it, or lower those")
     try:
         parse_delays(config["DEFER_RETRY_SECONDS"])
     except ValueError as exc:

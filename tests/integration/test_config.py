@@ -38,6 +38,7 @@ def test_unknown_setting_in_instance_config_is_named(tmp_path, monkeypatch):
     ("AUTH_FAILURE_WINDOW_SECONDS", "inf"),
     ("SMTP_DATA_BUDGET", "-1"),
     ("SMTP_DATA_BUDGET", "256M"),
+    ("SMTP_DATA_BUDGET", "1000000"),  # less than one message of MAX_MESSAGE_SIZE: 452 for ever
 ])
 def test_malformed_setting_is_named(tmp_path, name, value):
     with pytest.raises(ConfigError, match=name):

@@ -160,20 +160,21 @@ def test_a_connection_over_the_per_address_cap_is_a_connect_refusal(
 
 def test_data_refused_before_it_is_checked_is_a_data_refusal_not_abandoned(
         instance, start_proxy, hop, redis_client):
-    """Over the size limit (552) or the process's DATA budget (452): the reply comes from the
-    protocol, before the handler sees a message; the record still says what happened."""
+    """Over the size limit (552) or with a line too long (500): the reply comes from the
+    protocol, before the handler sees a message (as the DATA budget's 452 does); the record
+    still says what happened."""
     data.add_user("example.com", "user", "alice@example.com", PASSWORD)
     proxy = start_proxy(UPSTREAM_SMTP=f"127.0.0.1:{hop.port}", MAX_MESSAGE_SIZE=100_000,
-                        SMTP_DATA_BUDGET=30_000)
+                        SMTP_MAX_LINE_LENGTH=1000)
     with client(proxy.port) as smtp:
         smtp.login("alice@example.com", PASSWORD)
         assert send(smtp, message(subject="Too big", body=("x" * 70 + "\n") * 2500))[0] == 552
-        assert send(smtp, message(subject="No room", body=("y" * 70 + "\n") * 700))[0] == 452
+        assert send(smtp, b"Subject: One long line\r\n\r\n" + b"z" * 2000 + b"\r\n")[0] == 500
         assert send(smtp, message(subject="Fits"))[0] == 250
     wait_for_stream(redis_client, 3)
     write_log(redis_client, UPSTREAM_SMTP=f"127.0.0.1:{hop.port}")
     assert [(r.stage, r.verdict, (r.reply or "")[:3]) for r in rows()] == [
-        ("data", "refused", "552"), ("data", "deferred", "452"), ("relay", "relayed", "250")]
+        ("data", "refused", "552"), ("data", "refused", "500"), ("relay", "relayed", "250")]
 
 
 def test_a_reply_never_waits_for_the_log_when_redis_refuses_the_append(

@@ -324,6 +324,8 @@ def test_a_finished_message_starts_the_count_afresh_and_aborted_transactions_do_
 # -- DATA bytes held by a process (SMTP_DATA_BUDGET) ------------------------------------------
 
 NO_ROOM = (452, b"452 4.3.1 Insufficient system storage, try again later\r\n")
+# A budget of 200 KB, and a largest message that fits it alone (as the configuration wants).
+SMALL_BUDGET = dict(SMTP_DATA_BUDGET=200_000, MAX_MESSAGE_SIZE=195_000, SMTP_MAX_LINE_LENGTH=1000)
 
 
 def sized(size: int) -> bytes:
@@ -355,7 +357,7 @@ def test_the_message_that_passes_the_data_budget_gets_452_and_the_others_pass(
     the process hold more than SMTP_DATA_BUDGET. The message that would pass it is read to
     its end and refused for now; the one held still goes, small messages still go, and once
     it is answered its bytes are free for the next."""
-    proxy = start_proxy(SMTP_TRUSTED=True, SMTP_DATA_BUDGET=200_000)
+    proxy = start_proxy(SMTP_TRUSTED=True, **SMALL_BUDGET)
     first, second = logged_in(proxy.port), logged_in(proxy.port)
     begin(first)
     first.sock.sendall(sized(150_000))  # its end not sent yet: the proxy holds it
@@ -374,7 +376,7 @@ def test_the_message_that_passes_the_data_budget_gets_452_and_the_others_pass(
 
 
 def test_a_client_that_hangs_up_during_data_gives_its_bytes_back(alice, start_proxy, sink):
-    proxy = start_proxy(SMTP_TRUSTED=True, SMTP_DATA_BUDGET=200_000)
+    proxy = start_proxy(SMTP_TRUSTED=True, **SMALL_BUDGET)
     for _ in range(3):
         leaving = logged_in(proxy.port)
         begin(leaving)
