@@ -383,9 +383,12 @@ def load_config(overrides: dict | None = None, environ=None) -> dict:
     for name, bits in (("MAX_CUSTOMER_RANGE_V4", 32), ("MAX_CUSTOMER_RANGE_V6", 128)):
         if not 1 <= int(config[name]) <= bits:
             raise ConfigError(f"{name}: expected a prefix length from 1 to {bits}")
+    for name, what in (("SMTP_MAX_CONNECTIONS", "a number of connections, or 0 for the default"),
+                       ("SMTP_DRAIN_SECONDS", "a number of seconds, or 0 for none"),
+                       ("SMTP_DATA_BUDGET", "a number of bytes, or 0 for no budget")):
+        if config[name] < 0:  # a negative cap refuses every connection or message
+            raise ConfigError(f"{name}: expected {what}")
     budget = int(config["SMTP_DATA_BUDGET"])
-    if budget < 0:
-        raise ConfigError("SMTP_DATA_BUDGET: expected a number of bytes, or 0 for no budget")
     # A message of the largest size allowed must fit the budget alone, or it would get
     # "452 try again later" for ever. (Its end line and a line over the limit, at most.)
     largest = int(config["MAX_MESSAGE_SIZE"]) + int(config["SMTP_MAX_LINE_LENGTH"]) + 5

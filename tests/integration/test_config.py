@@ -37,6 +37,8 @@ def test_unknown_setting_in_instance_config_is_named(tmp_path, monkeypatch):
     ("AUTH_BLOCK_SECONDS", "nan"),  # every comparison with it false: never blocked
     ("AUTH_FAILURE_WINDOW_SECONDS", "inf"),
     ("SMTP_DATA_BUDGET", "-1"),
+    ("SMTP_MAX_CONNECTIONS", "-1"),  # every connection refused
+    ("SMTP_DRAIN_SECONDS", "-5"),
     ("SMTP_DATA_BUDGET", "256M"),
     ("SMTP_DATA_BUDGET", "1000000"),  # less than one message of MAX_MESSAGE_SIZE: 452 for ever
 ])
