@@ -346,8 +346,7 @@ class LimitedSMTP(SMTP):
         """While draining, a final reply that leaves no transaction open ends the session
         (the 250 after DATA, a refused MAIL, RSET, EHLO...). Not a 220 (the greeting,
         STARTTLS's go-ahead) or 3xx (more to come), nor a reply that ends it anyway."""
-        if (self._draining()
-                and status[:1] in (b"2", b"4", b"5") and status[:3] not in (b"220", b"221")
+        if (status[:1] in (b"2", b"4", b"5") and status[:3] not in (b"220", b"221")
                 and not status.startswith(b"421") and not self._in_transaction()):
             self.shut_down()
 
@@ -583,7 +582,8 @@ class LimitedSMTP(SMTP):
             status = b"\r\n".join([*self._held_lines, status])
             self._held_lines = []
         await super().push(status)
-        self._after_reply(status.rsplit(b"\r\n", 1)[-1])
+        if self._draining():  # only then can a reply end the session (``_after_reply``)
+            self._after_reply(status.rsplit(b"\r\n", 1)[-1])
 
     def _getaddr(self, arg: str):
         """aiosmtpd parses paths with the e-mail package's header parser, which is lenient
