@@ -137,7 +137,7 @@ class Directory:
         """An Authenticating User by username, else an Authenticating Domain by domain name."""
         if not self.snapshot:
             return None
-        login = login.strip().lower()
+        login = login_key(login)
         return self.snapshot.by_username.get(login) or self.snapshot.by_domain_login.get(login)
 
     def reauthentication_target(self, ip_user: UserPolicy, mail_from: str) -> UserPolicy | None:
@@ -157,3 +157,8 @@ class Directory:
                 target.domain_id == ip_user.domain_id or ip_user.shared_smarthost):
             return target
         return None
+
+
+def login_key(login: str) -> str:
+    """A login as the directory looks it up: trimmed, lower-case."""
+    return login.strip().lower()

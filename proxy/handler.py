@@ -40,7 +40,7 @@ from proxy import counters, detection, metrics, throttle
 from proxy import identities as identity_store
 from proxy import message_log as mlog
 from proxy.content import ContentPipeline, Message
-from proxy.directory import Directory
+from proxy.directory import Directory, login_key
 from scoring import identity as identities
 from scoring import outcomes, risk
 from scoring.fingerprint import body_of, fingerprint
@@ -527,7 +527,8 @@ class OutboundHandler:
         if len(parts) != 3 or not parts[1]:
             return AuthResult(success=False, handled=False, message=outcomes.AUTH_MALFORMED)
         authzid, login, password = parts
-        if authzid and _login_key(authzid) != _login_key(login):
+        if authzid and login_key(authzid.decode("utf-8", "replace")) != login_key(
+                login.decode("utf-8", "replace")):
             # RFC 4616: acting as another identity is not something we authorise. Refused
             # before any password is looked at, for every login alike, so nothing was guessed
             # and nothing is counted against the throttle.
@@ -975,11 +976,6 @@ def _in_transaction() -> AuthResult:
     """RFC 4954 4: no AUTH once MAIL has begun a transaction (the message would be attributed
     to one user and traced as another)."""
     return AuthResult(success=False, handled=False, message=outcomes.AUTH_IN_TRANSACTION)
-
-
-def _login_key(login: bytes) -> str:
-    """A login as ``Directory.user_for_login`` compares it."""
-    return login.decode("utf-8", "replace").strip().lower()
 
 
 def _message_id(headers) -> str | None:
