@@ -233,15 +233,20 @@ def test_a_block_made_while_scrypt_runs_refuses_the_next_auth_not_the_one_checke
 def test_the_proxy_lets_a_login_it_checked_finish_when_a_block_lands_during_scrypt(
         alice, start_proxy, redis_client):
     """The same through the proxy: a slow password hash, and three failures from the same
-    address while it is verified."""
+    address while it is verified. The failures are wrong passwords of a login whose hash
+    costs nothing: an unknown login costs a full scrypt (the stand-in hash), and three of
+    those could outlast the slow one."""
     data.query(lambda session: setattr(session.get(OutgoingUser, alice), "password_hash",
                                        generate_password_hash(PASSWORD, "scrypt:32768:8:8")))
+    cheap = data.add_user("example.com", "user", "bob@example.com", "Bob-pass-1234")
+    data.query(lambda session: setattr(session.get(OutgoingUser, cheap), "password_hash",
+                                       generate_password_hash("Bob-pass-1234", "pbkdf2:sha256:1")))
     proxy = start_proxy(AUTH_FAILURE_LIMIT=3)
     with ThreadPoolExecutor(1) as pool:
         login = pool.submit(auth, proxy.port, PASSWORD, ATTACKER)
         time.sleep(0.15)  # checked, in scrypt (about 0.7 s on this kind of machine)
         for n in range(3):
-            assert auth(proxy.port, "wrong", ATTACKER, login=f"guess{n}@example.com") == 535
+            assert auth(proxy.port, f"wrong-{n}", ATTACKER, login="bob@example.com") == 535
         assert not login.done(), "scrypt ended before the block: the test proves nothing"
         assert login.result() == 235
     assert redis_client.zscore(redis_keys.auth_networks(LOGIN), auth_network(ATTACKER))
