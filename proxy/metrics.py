@@ -37,6 +37,14 @@ NEXT_HOP_ERRORS = Counter(
 CONNECTIONS = Gauge(
     "outbound_guard_smtp_connections_active",
     "Open SMTP connections", multiprocess_mode="livesum")
+DATA_HELD = Gauge(
+    "outbound_guard_smtp_data_held_bytes",
+    "Bytes of DATA held in memory while messages are read and checked (all processes); "
+    "DATA that would pass a process's SMTP_DATA_BUDGET gets 452", multiprocess_mode="livesum")
+DATA_BUDGET = Gauge(
+    "outbound_guard_smtp_data_budget_bytes",
+    "SMTP_DATA_BUDGET summed over the live processes (0: no budget)",
+    multiprocess_mode="livesum")
 MESSAGE_LOG_ERRORS = Counter(
     "outbound_guard_message_log_append_errors_total",
     "Message-log records that could not be appended to the Redis stream (lost)")

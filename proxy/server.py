@@ -24,7 +24,7 @@ import time
 from outgoing import jobs, locks, redis_conn
 from outgoing.config import parse_hostport, parse_networks
 from outgoing.db import make_sessionmaker, session_scope
-from proxy import metrics_server
+from proxy import metrics, metrics_server
 from proxy.connections import (
     ConnectionCounts,
     OpenConnections,
@@ -126,6 +126,8 @@ async def serve(config: dict, sock: socket.socket, clock=time.time,
     trusted = config["SMTP_TRUSTED"]
     open_connections = OpenConnections(int(config["SMTP_MAX_CONNECTIONS"])
                                        or default_max_connections())
+    data_budget = DataBudget(int(config["SMTP_DATA_BUDGET"]), held_gauge=metrics.DATA_HELD)
+    metrics.DATA_BUDGET.set(data_budget.limit)
 
     factory = protocol_factory(handler, hostname=config["SMTP_HOSTNAME"],
                                ident="Outbound Guard", tls_context=tls,
@@ -135,7 +137,7 @@ async def serve(config: dict, sock: socket.socket, clock=time.time,
                                command_call_limit=dict(COMMAND_CALL_LIMITS),
                                connections=connections or ConnectionCounts(1),
                                open_connections=open_connections,
-                               data_budget=DataBudget(int(config["SMTP_DATA_BUDGET"])),
+                               data_budget=data_budget,
                                max_connections_per_ip=config["SMTP_MAX_CONNECTIONS_PER_IP"],
                                max_junk_commands=config["SMTP_MAX_JUNK_COMMANDS"],
                                line_length_limit=int(config["SMTP_MAX_LINE_LENGTH"]) + 2,

@@ -213,3 +213,33 @@ def test_a_real_prometheus_scrapes_the_proxy(proxy_processes, tmp_path):
         assert float(series["value"][1]) == 1
     finally:
         stop_process(proc)
+
+
+def test_proxy_shows_the_data_it_holds_against_its_budget(proxy_processes):
+    """A message part-sent is held in memory, and shows as such until it is answered; the
+    budget is both processes' SMTP_DATA_BUDGET (the default, 256 MiB each)."""
+    _proc, smtp_port, listen = proxy_processes
+
+    def held() -> float | None:
+        return value(samples(scrape(f"http://{listen}/metrics")),
+                     "outbound_guard_smtp_data_held_bytes")
+
+    def eventually(check) -> bool:
+        deadline = time.monotonic() + 5
+        while not check() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return check()
+
+    found = samples(scrape(f"http://{listen}/metrics"))
+    assert value(found, "outbound_guard_smtp_data_budget_bytes") == 2 * 256 * 1024 * 1024
+    assert held() == 0
+    with client(smtp_port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        assert smtp.mail("alice@example.com")[0] == 250
+        assert smtp.rcpt("bob@example.org")[0] == 250
+        assert smtp.docmd("DATA")[0] == 354
+        smtp.sock.sendall(b"Subject: big\r\n\r\n" + (b"y" * 76 + b"\r\n") * 2800)  # no end
+        assert eventually(lambda: held() >= 200_000)
+        smtp.sock.sendall(b".\r\n")
+        assert smtp.getreply()[0] == 250
+        assert eventually(lambda: held() == 0)
