@@ -294,7 +294,10 @@ def fit_long_lines(raw: bytes) -> bytes:
         raise HeaderLineTooLong("a header line is longer than 998 characters")
     message = email.message_from_bytes(raw, policy=email.policy.compat32)
     for part in message.walk():
-        if part.is_multipart() or not has_long_line(leaf_body(part)):
+        if part.is_multipart():  # the text around its parts, which no reader shows
+            part.preamble, part.epilogue = _wrapped(part.preamble), _wrapped(part.epilogue)
+            continue
+        if not has_long_line(leaf_body(part)):
             continue
         decoded = part.get_payload(decode=True) or b""
         del part["Content-Transfer-Encoding"]
@@ -309,4 +312,21 @@ def fit_long_lines(raw: bytes) -> bytes:
     out = io.BytesIO()
     generator.BytesGenerator(out, mangle_from_=False, policy=email.policy.compat32.clone(
         linesep="\r\n", max_line_length=0)).flatten(message)
-    return out.getvalue()
+    fitted = out.getvalue()
+    if has_long_line(fitted):  # what is left is a MIME part's own header line
+        raise HeaderLineTooLong("a header line of a MIME part is longer than 998 characters")
+    return fitted
+
+
+_LONG_TEXT_LINE = re.compile(rf"[^\r\n]{{{MAX_LINE + 1},}}")
+
+
+def _wrapped(text: str | None) -> str | None:
+    """A multipart's preamble or epilogue with its lines cut at 998 characters: MIME readers
+    ignore both (RFC 2046 5.1.1), so where a line breaks changes nothing anyone reads. The
+    parser gives them as one character per byte (surrogateescape), so characters are bytes."""
+    if text is None or len(text) <= MAX_LINE:
+        return text
+    return _LONG_TEXT_LINE.sub(
+        lambda m: "\r\n".join(m[0][i:i + MAX_LINE] for i in range(0, len(m[0]), MAX_LINE)),
+        text)

@@ -138,3 +138,31 @@ def test_user_without_selector_relays_unsigned(instance, start_proxy, sink):
     publish_key("example.com", "og1", "rsa")
     relayed = relay_one(start_proxy, sink)
     assert b"DKIM-Signature" not in relayed
+
+
+def test_a_long_preamble_line_is_cut_and_a_long_part_header_refused(instance, start_proxy,
+                                                                    sink):
+    """The text before a multipart's first part had its long lines relayed as they were
+    (the next hop would cut them, and the signature with them); a part's header line that
+    long cannot be cut without changing it, so it gets 550 5.6.0 like a message's own."""
+    data.add_user("example.com", "user", "alice@example.com", PASSWORD, dkim_selector="og1")
+    dns = publish_key("example.com", "og1", "rsa")
+
+    def multipart(preamble: bytes, part_header: bytes = b"") -> bytes:
+        return (b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: preamble\r\n"
+                b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+                + preamble + b"\r\n--b\r\nContent-Type: text/plain\r\n" + part_header
+                + b"\r\nhello\r\n--b--\r\n")
+
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        code, reply = send(smtp, multipart(b"MIME " * 400))
+        assert code == 250, reply
+        code, reply = send(smtp, multipart(b"", part_header=b"X-Long: " + b"z" * 1000
+                                           + b"\r\n"))
+        assert code == 550 and b"5.6.0" in reply, reply
+    [relayed] = [m.data for m in sink.handler.wait_for(1)]
+    assert max(len(line) for line in relayed.split(b"\r\n")) <= 998
+    assert dkim.verify(relayed, dnsfunc=dns)
+    assert b"\r\nhello\r\n--b--\r\n" in relayed

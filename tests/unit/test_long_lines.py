@@ -83,3 +83,53 @@ def test_the_fast_long_line_check_agrees_with_the_plain_definition(pieces):
     characters without CR or LF finds."""
     data = b"".join(b"a" * n + end for n, end in pieces)
     assert has_long_line(data) == bool(re.search(rb"[^\r\n]{999}", data))
+
+
+def multipart(preamble: bytes, epilogue: bytes, part_header: bytes = b"") -> bytes:
+    return (b"From: a@example.com\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=b1\r\n\r\n" + preamble + b"\r\n"
+            b"--b1\r\nContent-Type: text/plain\r\n" + part_header + b"\r\nshort text\r\n"
+            b"--b1--\r\n" + epilogue)
+
+
+def test_long_lines_of_the_preamble_and_the_epilogue_are_cut():
+    """No reader shows the text around a multipart's parts, and the next hop would cut or
+    refuse a line over 998 there as anywhere (and DKIM would break)."""
+    preamble = b"This is a multi-part message. " + b"p" * 2500
+    epilogue = b"e" * 1200 + b"\r\nend\r\n"
+    fitted = fit_long_lines(multipart(preamble, epilogue))
+    assert max(len(line) for line in lines(fitted)) <= MAX_LINE
+    assert b"".join(lines(fitted)).count(b"p") >= 2500  # cut, not dropped
+    assert b"--b1\r\nContent-Type: text/plain\r\n\r\nshort text\r\n--b1--\r\n" in fitted
+    message = email.message_from_bytes(fitted, policy=email.policy.default)
+    assert [p.get_content() for p in message.iter_parts()] == ["short text"]
+
+
+def test_a_header_line_of_a_mime_part_over_998_characters_is_refused():
+    with pytest.raises(HeaderLineTooLong):
+        fit_long_lines(multipart(b"preamble", b"", part_header=b"X-Data: " + b"z" * 1200
+                                 + b"\r\n"))
+
+
+LINE = st.tuples(st.integers(0, 2100), st.sampled_from([b"\r\n", b"\n"]))
+
+
+@given(st.lists(LINE, max_size=3), st.lists(LINE, max_size=3), st.lists(LINE, max_size=3),
+       st.integers(0, 1100))
+def test_whatever_the_lines_a_fitted_message_has_none_over_998(preamble, body, epilogue,
+                                                               header):
+    """Preamble, a part's body, epilogue and a part's header field of random lengths: the
+    message is either refused (only for the header) or fitted, every line at most 998."""
+    def text(pieces, letter):
+        return b"".join(letter * n + end for n, end in pieces)
+
+    raw = (b"From: a@example.com\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/mixed; boundary=b1\r\n\r\n" + text(preamble, b"p")
+           + b"\r\n--b1\r\nContent-Type: text/plain\r\nX-Note: " + b"h" * header + b"\r\n\r\n"
+           + text(body, b"t") + b"\r\n--b1--\r\n" + text(epilogue, b"e"))
+    try:
+        fitted = fit_long_lines(raw)
+    except HeaderLineTooLong:
+        assert len(b"X-Note: ") + header > MAX_LINE
+        return
+    assert not has_long_line(fitted)
