@@ -35,6 +35,7 @@ COMMAND_CALL_LIMITS = {
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address"
 TOO_MANY_IN_ALL = "421 4.7.0 Too many connections, try again later"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down"
+TLS_ALREADY_ACTIVE = "503 5.5.1 TLS already active"
 PROXY_REFUSED = "554 5.7.0 PROXY protocol header not accepted from your address"
 PROXY_HEADER_TIMEOUT = 5.0  # seconds a load balancer has to send its header
 # What a session learns of its TLS layer (aiosmtpd's ``session.ssl``: the transport's extras).
@@ -398,9 +399,14 @@ class LimitedSMTP(SMTP):
         by hand: that layer cost about a millisecond of CPU per STARTTLS connection in its
         record handling alone. The rest is aiosmtpd's: RFC 3207 4.2 (what the client sent
         before the handshake is thrown away; a new session, which knows nothing of the one
-        before), the STARTTLS hook, a failed handshake ending the connection."""
+        before), the STARTTLS hook, a failed handshake ending the connection. A second
+        STARTTLS gets 503 (aiosmtpd said 220 and tried TLS inside TLS, which killed the
+        connection)."""
         if arg:
             await self.push("501 Syntax: STARTTLS")
+            return
+        if self._tls_protocol is not None:  # no TLS inside TLS: the connection would die
+            await self.push(TLS_ALREADY_ACTIVE)
             return
         await self.push("220 Ready to start TLS")
         plain = self.transport

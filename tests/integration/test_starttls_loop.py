@@ -71,8 +71,10 @@ def test_starttls_gives_a_new_session_that_reads_pipelined_commands(tmp_path, lo
             assert ehlo.startswith(b"250-") and b"STARTTLS" not in ehlo
             assert [(await _reply(reader))[:4] for _ in range(3)] == [b"250 ", b"250 ",
                                                                        b"354 "]
-            writer.write(b"Subject: hi\r\n\r\nover TLS\r\n.\r\nQUIT\r\n")
+            writer.write(b"Subject: hi\r\n\r\nover TLS\r\n.\r\nSTARTTLS\r\nQUIT\r\n")
             assert (await _reply(reader)).startswith(b"250 ")
+            # STARTTLS again, inside TLS: refused, and the session goes on
+            assert (await _reply(reader)).startswith(b"503 5.5.1 ")
             assert (await _reply(reader)).startswith(b"221 ")
             writer.close()
         finally:
