@@ -77,6 +77,7 @@ import json
 import multiprocessing
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -890,9 +891,33 @@ def round_trips(world: World, port: int, messages: int, size: int) -> tuple[floa
     return per["client"], per["lua"], {k: v / messages for k, v in sorted(commands.items())}
 
 
+def kind_of_key(key: str) -> str:
+    """What a Redis key holds, for the memory breakdown: a user's own keys by their kind
+    (limits, idcounts, risk, dom, camp, ref...), the shared message-log stream, the
+    cross-customer campaign counts, else the key's first two parts."""
+    from outgoing.message_log import STREAM
+
+    if key == STREAM:
+        return "message log stream (one entry a message, until the worker has written it)"
+    own = re.match(r"og:\{\d+\}:([a-z]+)", key)
+    if own:
+        return f"the user's {own[1]}"
+    if key.startswith("og:{camp:"):
+        return "campaign senders (shared by all customers)"
+    return ":".join(key.split(":")[:2])
+
+
+def key_memory(client) -> dict[str, int]:
+    """MEMORY USAGE of every key (the bench's own Redis: a few thousand keys at most)."""
+    return {key.decode(errors="replace"): client.memory_usage(key) or 0
+            for key in client.scan_iter(count=1000)}
+
+
 def memory_per_user(world: World, port: int, size: int) -> dict:
-    """One message from each of the memory users' addresses; bytes of their keys."""
+    """One message from each of the memory users' addresses; bytes of their keys, and what
+    Redis grew by, per kind of key."""
     client = world.client()
+    keys_before = key_memory(client)
     used_before = client.info("memory")["used_memory"]
     addresses = list(world.memory_users)
 
@@ -921,11 +946,17 @@ def memory_per_user(world: World, port: int, size: int) -> dict:
 
     fresh = key_bytes()
     used_after = client.info("memory")["used_memory"]
+    keys_after = key_memory(client)
+    by_kind: dict[str, float] = {}
+    for key, used in keys_after.items():
+        grown = used - keys_before.get(key, 0)
+        by_kind[kind_of_key(key)] = by_kind.get(kind_of_key(key), 0) + grown / len(addresses)
     time.sleep(3)  # the identity flusher empties the pending counts
     settled = key_bytes()
     return {"users": len(addresses), "keys_fresh": statistics.mean(fresh),
             "keys_settled": statistics.mean(settled),
-            "used_memory_delta": (used_after - used_before) / len(addresses)}
+            "used_memory_delta": (used_after - used_before) / len(addresses),
+            "by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))}
 
 
 # -- where a proxy process spends its CPU ----------------------------------------------------
@@ -1329,7 +1360,13 @@ def main() -> None:
               f" right after (limits hash + pending identity counts), "
               f"{memory['keys_settled']:.0f} B once flushed; used_memory grew "
               f"{memory['used_memory_delta']:.0f} B per user   target < 2048 B")
+        print("  what grew, per user, by kind of key (MEMORY USAGE, which counts each key's "
+              "own overhead; used_memory also counts Redis' dictionaries):")
+        for kind, grown in memory["by_kind"].items():
+            if abs(grown) >= 1:
+                print(f"    {grown:7.0f} B  {kind}")
         summary["memory_per_user_bytes"] = round(memory["used_memory_delta"])
+        summary["memory_per_user_by_kind"] = {k: round(v) for k, v in memory["by_kind"].items()}
 
         print("\nlatency, one message at a time (connect to QUIT)")
         direct, through = measured["direct"], measured["through"]
