@@ -206,6 +206,7 @@ class LimitedSMTP(SMTP):
         self._behind_balancer = False
         self._real_peer = None
         self._proxy_data = None
+        self._lost = False  # connection_lost ran
 
     # -- connections per client IP ----------------------------------------------------------
     def connection_made(self, transport):
@@ -342,6 +343,9 @@ class LimitedSMTP(SMTP):
         if self.transport is None or self.transport.is_closing():
             return
         self._held_lines = []
+        if self._original_transport is not None and self._tls_protocol is None:
+            self.transport.close()  # mid-handshake: no plaintext reply inside the TLS stream
+            return
         self.transport.write(SHUTTING_DOWN.encode() + b"\r\n")
         self.transport.close()
 
@@ -397,11 +401,11 @@ class LimitedSMTP(SMTP):
         """STARTTLS through the event loop's own TLS layer (``loop.start_tls``: uvloop's, in
         C, where installed), not aiosmtpd's, which builds asyncio's pure-Python SSLProtocol
         by hand: that layer cost about half a millisecond of CPU per STARTTLS connection
-        (2.8 against 2.3 ms a message with STARTTLS + AUTH, bench/bench_proxy.py's load). The rest is aiosmtpd's: RFC 3207 4.2 (what the client sent
-        before the handshake is thrown away; a new session, which knows nothing of the one
-        before), the STARTTLS hook, a failed handshake ending the connection. A second
-        STARTTLS gets 503 (aiosmtpd said 220 and tried TLS inside TLS, which killed the
-        connection)."""
+        (2.8 against 2.3 ms a message with STARTTLS + AUTH, bench/bench_proxy.py's load).
+        The rest is aiosmtpd's: RFC 3207 4.2 (what the client sent before the handshake is
+        thrown away; a new session, which knows nothing of the one before), the STARTTLS
+        hook, a failed handshake ending the connection. A second STARTTLS gets 503
+        (aiosmtpd said 220 and tried TLS inside TLS, which killed the connection)."""
         if arg:
             await self.push("501 Syntax: STARTTLS")
             return
@@ -416,6 +420,10 @@ class LimitedSMTP(SMTP):
         # dropped here, before the TLS layer takes the socket, and never after the handshake,
         # by when the client's first protected command may already be in the buffer.
         self._reader._buffer.clear()
+        # Nor may the reader pause the plain transport: the TLS layer reads it from here on,
+        # and asyncio's feeds the reader the commands that came with the client's Finished
+        # before start_tls returns; a pause of the plain transport was never undone.
+        self._reader._transport, self._reader._paused = None, False
         self._original_transport = plain
         try:
             tls = await self.loop.start_tls(plain, self, self.tls_context, server_side=True)
@@ -429,6 +437,9 @@ class LimitedSMTP(SMTP):
         self._tls_protocol = tls  # aiosmtpd asks only whether there is one
         self.transport = self._transport = tls
         self._reader._transport = self._writer._transport = tls
+        if len(self._reader._buffer) > 2 * self._reader._limit:  # fed during the handshake
+            tls.pause_reading()
+            self._reader._paused = True
         self._over_ssl = True
         self._set_rset_state()
         self.session = self._create_session()
@@ -441,6 +452,15 @@ class LimitedSMTP(SMTP):
                                                                  self.envelope)
         if self._draining():
             self.shut_down()  # the drain began during the handshake, which no reply follows
+
+    async def handle_exception(self, error):
+        """A failed STARTTLS handshake is a client's doing, which any client can repeat: one
+        line in the log, not an error with a traceback (aiosmtpd closes the connection)."""
+        if isinstance(error, TLSSetupException):
+            log.info("%r: STARTTLS handshake failed: %s", self.session.peer,
+                     error.__cause__ or error)
+            return "421 4.7.0 TLS handshake failed"  # never sent: the connection is closed
+        return await super().handle_exception(error)
 
     # -- DATA, read in bulk ----------------------------------------------------------------
     # False: aiosmtpd's own reader (the tests compare the two), which keeps no DATA budget.
@@ -656,7 +676,12 @@ class LimitedSMTP(SMTP):
 
     def connection_lost(self, error):
         """Every way a connection ends comes here (QUIT, 421, timeout, reset, TLS failure;
-        aiosmtpd may call it twice): give back the session's reservations and the count."""
+        aiosmtpd may call it twice, and so does a failed STARTTLS handshake: its TLS layer
+        and aiosmtpd each report it): give back the session's reservations and the count,
+        once."""
+        if self._lost:
+            return
+        self._lost = True
         try:
             self._session_ended()
         finally:

@@ -11,6 +11,7 @@ import ssl
 
 import pytest
 
+from proxy.connections import OpenConnections
 from proxy.protocol import protocol_factory
 from proxy.server import new_event_loop
 from proxy.tls import server_context
@@ -88,3 +89,161 @@ def test_starttls_gives_a_new_session_that_reads_pipelined_commands(tmp_path, lo
     assert content == b"Subject: hi\r\n\r\nover TLS\r\n"
     assert tls["cipher"] and tls["sslcontext"] is not None
     assert tls["ssl_object"].version() in ("TLSv1.2", "TLSv1.3")
+
+
+# -- the edges of the handshake, with a client TLS layer driven by hand --------------------
+
+class HandDrivenTLS:
+    """A client's TLS over memory buffers, so that a test chooses what each write holds
+    (its Finished and its first commands in one segment, or half a ClientHello)."""
+
+    def __init__(self, reader, writer):
+        self.reader, self.writer = reader, writer
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = _client_context().wrap_bio(self.incoming, self.outgoing, server_side=False)
+        self.pending = b""
+
+    def client_hello(self) -> bytes:
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        return self.outgoing.read()
+
+    async def handshake(self, behind_finished: bytes = b"") -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if self.outgoing.pending:
+                    self.writer.write(self.outgoing.read())
+                data = await asyncio.wait_for(self.reader.read(65536), 10)
+                assert data, "the server closed the connection in the handshake"
+                self.incoming.write(data)
+        if behind_finished:
+            self.tls.write(behind_finished)
+        self.writer.write(self.outgoing.read())  # the Finished and the commands: one write
+
+    def send(self, data: bytes) -> None:
+        self.tls.write(data)
+        self.writer.write(self.outgoing.read())
+
+    async def reply(self) -> bytes:
+        reply = b""
+        while True:
+            while b"\n" not in self.pending:
+                try:
+                    self.pending += self.tls.read(65536)
+                    continue
+                except ssl.SSLWantReadError:
+                    pass
+                data = await asyncio.wait_for(self.reader.read(65536), 10)
+                assert data, "the connection ended"
+                self.incoming.write(data)
+            line, _, self.pending = self.pending.partition(b"\n")
+            reply += line + b"\n"
+            if line[3:4] != b"-":
+                return reply
+
+
+class Sessions(Recorder):
+    def __init__(self):
+        super().__init__()
+        self.closed = 0
+
+    def session_closed(self, session):
+        self.closed += 1
+
+
+def _serve(tmp_path, scenario, loop_factory, **options):
+    """Run ``scenario(port, handler, open_connections)`` against a served LimitedSMTP."""
+    async def served():
+        handler, open_connections = Sessions(), OpenConnections()
+        context = server_context(str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"),
+                                 "proxy.test")
+        factory = protocol_factory(handler, hostname="proxy.test", tls_context=context,
+                                   open_connections=open_connections, **options)
+        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+        try:
+            return await scenario(server.sockets[0].getsockname()[1], handler,
+                                  open_connections)
+        finally:
+            server.close()
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(served())
+
+
+async def _up_to_starttls(port: int):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert (await _reply(reader)).startswith(b"220 ")
+    writer.write(b"EHLO client.example.com\r\nSTARTTLS\r\n")
+    assert b"STARTTLS" in await _reply(reader)
+    assert (await _reply(reader)).startswith(b"220 ")
+    return reader, writer
+
+
+async def _ended(handler, open_connections) -> int:
+    for _ in range(100):
+        if handler.closed and not len(open_connections):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.1)  # a second report would come now
+    return handler.closed
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS.values(), ids=LOOPS.keys())
+def test_more_commands_behind_the_finished_than_the_reader_holds_do_not_stall_it(
+        tmp_path, loop_factory):
+    """asyncio's TLS layer hands the reader what came with the client's Finished before
+    start_tls returns; past twice the line limit the reader paused the plain transport, and
+    nothing after those commands was ever read again (not even the client's QUIT)."""
+    async def scenario(port, handler, open_connections):
+        reader, writer = await _up_to_starttls(port)
+        client = HandDrivenTLS(reader, writer)
+        await client.handshake(behind_finished=b"EHLO client.example.com\r\n"
+                               + b"NOOP\r\n" * 400)  # 2,408 bytes, the reader holds 2,002
+        replies = [(await client.reply())[:3] for _ in range(401)]
+        client.send(b"QUIT\r\n")
+        quit_reply = await client.reply()
+        writer.close()
+        return replies, quit_reply, await _ended(handler, open_connections)
+
+    replies, quit_reply, closed = _serve(tmp_path, scenario, loop_factory)
+    assert replies == [b"250"] * 401
+    assert quit_reply.startswith(b"221 ")
+    assert closed == 1
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS.values(), ids=LOOPS.keys())
+def test_a_failed_handshake_ends_the_session_once_and_logs_no_trace(tmp_path, loop_factory,
+                                                                    caplog):
+    """Garbage instead of a ClientHello: the connection ends, the handler hears of it once
+    (the TLS layer and aiosmtpd both reported it), and the log has one line, not an error
+    with a traceback that any client could fill the log with."""
+    async def scenario(port, handler, open_connections):
+        reader, writer = await _up_to_starttls(port)
+        writer.write(b"\x16\x03\x01\x00\x05hello" + b"x" * 100)
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        return await _ended(handler, open_connections)
+
+    with caplog.at_level("INFO"):
+        assert _serve(tmp_path, scenario, loop_factory) == 1
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert any("handshake failed" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS.values(), ids=LOOPS.keys())
+def test_a_drain_that_ends_a_session_in_its_handshake_writes_no_plaintext_into_it(
+        tmp_path, loop_factory):
+    async def scenario(port, handler, open_connections):
+        reader, writer = await _up_to_starttls(port)
+        client = HandDrivenTLS(reader, writer)
+        writer.write(client.client_hello()[:30])  # half a ClientHello, and then nothing
+        await asyncio.sleep(0.1)
+        await open_connections.drain(0.3)
+        return await asyncio.wait_for(reader.read(), 10)
+
+    assert _serve(tmp_path, scenario, loop_factory) == b""
