@@ -38,6 +38,10 @@ SHUTTING_DOWN = "421 4.3.2 Service shutting down"
 TLS_ALREADY_ACTIVE = "503 5.5.1 TLS already active"
 PROXY_REFUSED = "554 5.7.0 PROXY protocol header not accepted from your address"
 PROXY_HEADER_TIMEOUT = 5.0  # seconds a load balancer has to send its header
+# Seconds a TLS connection that is ending waits for the client's close_notify (asyncio's and
+# uvloop's default is 30: a client that never answers would hold its connection, and its slot
+# of the per-IP cap, that long after QUIT). Postfix does not wait for it at all.
+TLS_SHUTDOWN_TIMEOUT = 5.0
 # What a session learns of its TLS layer (aiosmtpd's ``session.ssl``: the transport's extras).
 _TLS_EXTRA = ("sslcontext", "peercert", "cipher", "compression", "ssl_object")
 TOO_MANY_JUNK_COMMANDS = "421 4.7.0 Too many commands without sending mail"
@@ -185,7 +189,8 @@ class LimitedSMTP(SMTP):
                  data_budget: DataBudget | None = None,
                  max_connections_per_ip: int = 0, max_junk_commands: int = 0,
                  line_length_limit: int | None = None, proxy_protocol_from=(),
-                 proxy_protocol_timeout: float = PROXY_HEADER_TIMEOUT, **kwargs):
+                 proxy_protocol_timeout: float = PROXY_HEADER_TIMEOUT,
+                 tls_shutdown_timeout: float = TLS_SHUTDOWN_TIMEOUT, **kwargs):
         if line_length_limit is not None:  # before aiosmtpd sizes its stream reader
             self.line_length_limit = line_length_limit
         super().__init__(*args, **kwargs)
@@ -203,6 +208,7 @@ class LimitedSMTP(SMTP):
         self._forward_path = False
         self.proxy_protocol_from = tuple(proxy_protocol_from)
         self.proxy_protocol_timeout = proxy_protocol_timeout
+        self.tls_shutdown_timeout = tls_shutdown_timeout
         self._behind_balancer = False
         self._real_peer = None
         self._proxy_data = None
@@ -426,7 +432,8 @@ class LimitedSMTP(SMTP):
         self._reader._transport, self._reader._paused = None, False
         self._original_transport = plain
         try:
-            tls = await self.loop.start_tls(plain, self, self.tls_context, server_side=True)
+            tls = await self.loop.start_tls(plain, self, self.tls_context, server_side=True,
+                                            ssl_shutdown_timeout=self.tls_shutdown_timeout)
         except asyncio.CancelledError:
             raise
         except Exception as error:

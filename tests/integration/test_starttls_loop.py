@@ -247,3 +247,22 @@ def test_a_drain_that_ends_a_session_in_its_handshake_writes_no_plaintext_into_i
         return await asyncio.wait_for(reader.read(), 10)
 
     assert _serve(tmp_path, scenario, loop_factory) == b""
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS.values(), ids=LOOPS.keys())
+def test_a_client_that_never_answers_close_notify_does_not_hold_its_connection(
+        tmp_path, loop_factory):
+    """After QUIT over TLS the server sends close_notify and waits for the client's; one
+    that never answers held its connection, and its slot of the per-IP cap, 30 s (the
+    loops' default). The proxy waits ``tls_shutdown_timeout`` (5 s; here 0.5 s)."""
+    async def scenario(port, handler, open_connections):
+        reader, writer = await _up_to_starttls(port)
+        client = HandDrivenTLS(reader, writer)
+        await client.handshake()
+        client.send(b"QUIT\r\n")
+        assert (await client.reply()).startswith(b"221 ")  # and then the client is silent
+        ended = await asyncio.wait_for(reader.read(), 10) == b""  # the server closed TCP
+        writer.close()
+        return ended, await _ended(handler, open_connections)
+
+    assert _serve(tmp_path, scenario, loop_factory, tls_shutdown_timeout=0.5) == (True, 1)
