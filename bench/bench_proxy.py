@@ -826,7 +826,8 @@ class World:
         env = dict(os.environ, INSTANCE_PATH=str(self.instance),
                    DATABASE_URL=self.database_url, REDIS_URL=self.redis_url,
                    SMTP_LISTEN=f"127.0.0.1:{port}", UPSTREAM_SMTP=f"127.0.0.1:{sink}",
-                   SMTP_HOSTNAME="proxy.bench.example", LOG_LEVEL="INFO")
+                   SMTP_HOSTNAME="proxy.bench.example", LOG_LEVEL="INFO",
+                   METRICS_LISTEN="")  # not read here; and a running instance keeps :9125
         command = [sys.executable]
         if profile is not None:
             command += ["-m", "cProfile", "-o", str(profile)]
