@@ -1,8 +1,9 @@
 """STARTTLS through the event loop's own TLS layer (``loop.start_tls``), on both loops the
 proxy runs on: uvloop's (where installed) and asyncio's. After the handshake the client gets
 a new session (RFC 3207 4.2: nothing of the one before, its own TLS details), and its first
-protected commands, pipelined right behind the handshake, are all read and answered. Real
-sockets, a real TLS context; the handler records what the protocol gives it."""
+protected commands, pipelined right behind the handshake, are all read and answered; a
+handshake that fails or is given up ends the session once. Real sockets, a real TLS
+context; the handler records what the protocol gives it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import ssl
 
 import pytest
 
-from proxy.connections import OpenConnections
+from proxy.connections import ConnectionCounts, OpenConnections
 from proxy.protocol import protocol_factory
 from proxy.server import new_event_loop
 from proxy.tls import server_context
@@ -22,10 +23,14 @@ LOOPS = {"asyncio": asyncio.new_event_loop, "the proxy's (uvloop)": new_event_lo
 class Recorder:
     def __init__(self):
         self.messages = []
+        self.closed = 0
 
     async def handle_DATA(self, server, session, envelope):
         self.messages.append((session.ssl, envelope.mail_from, envelope.content))
         return "250 OK"
+
+    def session_closed(self, session):
+        self.closed += 1
 
 
 async def _reply(reader) -> bytes:
@@ -45,50 +50,102 @@ def _client_context() -> ssl.SSLContext:
     return context
 
 
-@pytest.mark.parametrize("loop_factory", LOOPS.values(), ids=LOOPS.keys())
-def test_starttls_gives_a_new_session_that_reads_pipelined_commands(tmp_path, loop_factory):
-    async def scenario():
-        handler = Recorder()
+def _serve(tmp_path, scenario, loop_factory, tls: bool = True, **options):
+    """Run ``scenario(port, handler, open_connections)`` against a served LimitedSMTP (with
+    no TLS context when ``tls`` is false)."""
+    async def served():
+        handler, open_connections = Recorder(), OpenConnections()
         context = server_context(str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"),
-                                 "proxy.test")
-        factory = protocol_factory(handler, hostname="proxy.test", tls_context=context)
+                                 "proxy.test") if tls else None
+        factory = protocol_factory(handler, hostname="proxy.test", tls_context=context,
+                                   open_connections=open_connections, **options)
         server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            assert (await _reply(reader)).startswith(b"220 ")
-            writer.write(b"EHLO client.example.com\r\n")
-            assert b"STARTTLS" in await _reply(reader)
-            writer.write(b"MAIL FROM:<before@example.com>\r\n")  # forgotten by TLS
-            assert (await _reply(reader)).startswith(b"250 ")
-            writer.write(b"STARTTLS\r\n")
-            assert (await _reply(reader)).startswith(b"220 ")
-            await writer.start_tls(_client_context())
-            writer.write(b"RCPT TO:<rcpt@example.org>\r\n")
-            assert (await _reply(reader)).startswith(b"503 ")  # EHLO first: a new session
-            writer.write(b"EHLO client.example.com\r\nMAIL FROM:<after@example.com>\r\n"
-                         b"RCPT TO:<rcpt@example.org>\r\nDATA\r\n")
-            ehlo = await _reply(reader)
-            assert ehlo.startswith(b"250-") and b"STARTTLS" not in ehlo
-            assert [(await _reply(reader))[:4] for _ in range(3)] == [b"250 ", b"250 ",
-                                                                       b"354 "]
-            writer.write(b"Subject: hi\r\n\r\nover TLS\r\n.\r\nSTARTTLS\r\nQUIT\r\n")
-            assert (await _reply(reader)).startswith(b"250 ")
-            # STARTTLS again, inside TLS: refused, and the session goes on
-            assert (await _reply(reader)).startswith(b"503 5.5.1 ")
-            assert (await _reply(reader)).startswith(b"221 ")
-            writer.close()
+            return await scenario(server.sockets[0].getsockname()[1], handler,
+                                  open_connections)
         finally:
             server.close()
-        return handler.messages
 
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        messages = runner.run(scenario())
-    [(tls, sender, content)] = messages
+        return runner.run(served())
+
+
+async def _up_to_starttls(port: int):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert (await _reply(reader)).startswith(b"220 ")
+    writer.write(b"EHLO client.example.com\r\nSTARTTLS\r\n")
+    assert b"STARTTLS" in await _reply(reader)
+    assert (await _reply(reader)).startswith(b"220 ")
+    return reader, writer
+
+
+async def _ended(handler, open_connections) -> int:
+    for _ in range(100):
+        if handler.closed and not len(open_connections):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.1)  # a second report would come now
+    return handler.closed
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS.values(), ids=LOOPS.keys())
+def test_starttls_gives_a_new_session_that_reads_pipelined_commands(tmp_path, loop_factory):
+    async def scenario(port, handler, open_connections):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await _reply(reader)).startswith(b"220 ")
+        writer.write(b"EHLO client.example.com\r\n")
+        assert b"STARTTLS" in await _reply(reader)
+        writer.write(b"MAIL FROM:<before@example.com>\r\n")  # forgotten by TLS
+        assert (await _reply(reader)).startswith(b"250 ")
+        writer.write(b"STARTTLS\r\n")
+        assert (await _reply(reader)).startswith(b"220 ")
+        await writer.start_tls(_client_context())
+        writer.write(b"RCPT TO:<rcpt@example.org>\r\n")
+        assert (await _reply(reader)).startswith(b"503 ")  # EHLO first: a new session
+        writer.write(b"EHLO client.example.com\r\nMAIL FROM:<after@example.com>\r\n"
+                     b"RCPT TO:<rcpt@example.org>\r\nDATA\r\n")
+        ehlo = await _reply(reader)
+        assert ehlo.startswith(b"250-") and b"STARTTLS" not in ehlo
+        assert [(await _reply(reader))[:4] for _ in range(3)] == [b"250 ", b"250 ",
+                                                                   b"354 "]
+        writer.write(b"Subject: hi\r\n\r\nover TLS\r\n.\r\nSTARTTLS\r\nQUIT\r\n")
+        assert (await _reply(reader)).startswith(b"250 ")
+        # STARTTLS again, inside TLS: refused, and the session goes on
+        assert (await _reply(reader)).startswith(b"503 5.5.1 ")
+        assert (await _reply(reader)).startswith(b"221 ")
+        writer.close()
+        return handler.messages
+
+    [(tls, sender, content)] = _serve(tmp_path, scenario, loop_factory)
     assert sender == "after@example.com"
     assert content == b"Subject: hi\r\n\r\nover TLS\r\n"
     assert tls["cipher"] and tls["sslcontext"] is not None
     assert tls["ssl_object"].version() in ("TLSv1.2", "TLSv1.3")
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS.values(), ids=LOOPS.keys())
+def test_a_handshake_given_up_by_the_idle_timeout_ends_the_session(tmp_path, loop_factory):
+    """A client that says STARTTLS and then nothing: when the idle timeout closes the
+    connection in the middle of its TLS handshake, the session ends (its slot of the per-IP
+    cap is given back and the handler hears of it), instead of waiting for a next command
+    forever."""
+    async def scenario(port, handler, open_connections):
+        reader, writer = await _up_to_starttls(port)
+        # no ClientHello: the idle timeout (1 s) gives the handshake up
+        assert await asyncio.wait_for(reader.read(100), 10) == b""
+        writer.close()
+        closed = await _ended(handler, open_connections)
+        # the slot is free again: a second connection from the address is served
+        reader, writer = await _up_to_starttls(port)
+        await writer.start_tls(_client_context())
+        writer.write(b"EHLO client.example.com\r\nQUIT\r\n")
+        replies = [(await _reply(reader))[:3] for _ in range(2)]
+        writer.close()
+        return closed, replies
+
+    assert _serve(tmp_path, scenario, loop_factory, timeout=1,
+                  connections=ConnectionCounts(1), max_connections_per_ip=1) == \
+        (1, [b"250", b"221"])
 
 
 # -- the edges of the handshake, with a client TLS layer driven by hand --------------------
@@ -145,52 +202,6 @@ class HandDrivenTLS:
             reply += line + b"\n"
             if line[3:4] != b"-":
                 return reply
-
-
-class Sessions(Recorder):
-    def __init__(self):
-        super().__init__()
-        self.closed = 0
-
-    def session_closed(self, session):
-        self.closed += 1
-
-
-def _serve(tmp_path, scenario, loop_factory, **options):
-    """Run ``scenario(port, handler, open_connections)`` against a served LimitedSMTP."""
-    async def served():
-        handler, open_connections = Sessions(), OpenConnections()
-        context = server_context(str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"),
-                                 "proxy.test")
-        factory = protocol_factory(handler, hostname="proxy.test", tls_context=context,
-                                   open_connections=open_connections, **options)
-        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
-        try:
-            return await scenario(server.sockets[0].getsockname()[1], handler,
-                                  open_connections)
-        finally:
-            server.close()
-
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(served())
-
-
-async def _up_to_starttls(port: int):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    assert (await _reply(reader)).startswith(b"220 ")
-    writer.write(b"EHLO client.example.com\r\nSTARTTLS\r\n")
-    assert b"STARTTLS" in await _reply(reader)
-    assert (await _reply(reader)).startswith(b"220 ")
-    return reader, writer
-
-
-async def _ended(handler, open_connections) -> int:
-    for _ in range(100):
-        if handler.closed and not len(open_connections):
-            break
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.1)  # a second report would come now
-    return handler.closed
 
 
 @pytest.mark.parametrize("loop_factory", LOOPS.values(), ids=LOOPS.keys())
