@@ -415,6 +415,9 @@ class LimitedSMTP(SMTP):
         if arg:
             await self.push("501 Syntax: STARTTLS")
             return
+        if not self.tls_context:  # not offered; asked for anyway
+            await self.push("454 4.7.0 TLS not available")
+            return
         if self._tls_protocol is not None:  # no TLS inside TLS: the connection would die
             await self.push(TLS_ALREADY_ACTIVE)
             return

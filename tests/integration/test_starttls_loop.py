@@ -124,6 +124,25 @@ def test_starttls_gives_a_new_session_that_reads_pipelined_commands(tmp_path, lo
 
 
 @pytest.mark.parametrize("loop_factory", LOOPS.values(), ids=LOOPS.keys())
+def test_without_a_certificate_starttls_is_refused_and_the_session_goes_on(tmp_path,
+                                                                           loop_factory):
+    """No TLS context: STARTTLS is not offered, and asked for anyway it gets 454 (it went
+    into start_tls with no context, and the connection died)."""
+    async def scenario(port, handler, open_connections):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await _reply(reader)).startswith(b"220 ")
+        writer.write(b"EHLO client.example.com\r\nSTARTTLS\r\nNOOP\r\nQUIT\r\n")
+        replies = [await _reply(reader) for _ in range(4)]
+        writer.close()
+        return replies
+
+    ehlo, starttls, noop, quit_reply = _serve(tmp_path, scenario, loop_factory, tls=False)
+    assert b"STARTTLS" not in ehlo
+    assert starttls.startswith(b"454 ")
+    assert noop.startswith(b"250 ") and quit_reply.startswith(b"221 ")
+
+
+@pytest.mark.parametrize("loop_factory", LOOPS.values(), ids=LOOPS.keys())
 def test_a_handshake_given_up_by_the_idle_timeout_ends_the_session(tmp_path, loop_factory):
     """A client that says STARTTLS and then nothing: when the idle timeout closes the
     connection in the middle of its TLS handshake, the session ends (its slot of the per-IP
