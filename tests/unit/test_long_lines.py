@@ -133,3 +133,15 @@ def test_whatever_the_lines_a_fitted_message_has_none_over_998(preamble, body, e
         assert len(b"X-Note: ") + header > MAX_LINE
         return
     assert not has_long_line(fitted)
+
+
+@given(st.binary(max_size=3000).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")))
+def test_a_preamble_of_any_bytes_is_cut_and_kept_byte_for_byte(preamble):
+    """NUL, 8-bit and control bytes in the text before the parts: cut into lines, never
+    changed or dropped."""
+    if preamble.startswith(b"--"):
+        preamble = b"x" + preamble  # not a boundary line
+    fitted = fit_long_lines(multipart(preamble, b""))
+    assert not has_long_line(fitted)
+    head, _, rest = fitted.partition(b"\r\n\r\n")
+    assert rest.split(b"\r\n--b1\r\n")[0].replace(b"\r\n", b"") == preamble
