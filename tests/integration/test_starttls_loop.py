@@ -142,6 +142,20 @@ def test_without_a_certificate_starttls_is_refused_and_the_session_goes_on(tmp_p
     assert noop.startswith(b"250 ") and quit_reply.startswith(b"221 ")
 
 
+@pytest.mark.parametrize("argument", [b"now", b"\x00", b"x" * 400])
+def test_starttls_with_an_argument_gets_501_and_the_session_stays_plain(tmp_path, argument):
+    async def scenario(port, handler, open_connections):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await _reply(reader)).startswith(b"220 ")
+        writer.write(b"EHLO client.example.com\r\nSTARTTLS " + argument
+                     + b"\r\nNOOP\r\nQUIT\r\n")
+        replies = [(await _reply(reader))[:4] for _ in range(4)]
+        writer.close()
+        return replies
+
+    assert _serve(tmp_path, scenario, new_event_loop) == [b"250-", b"501 ", b"250 ", b"221 "]
+
+
 @pytest.mark.parametrize("loop_factory", LOOPS.values(), ids=LOOPS.keys())
 def test_a_handshake_given_up_by_the_idle_timeout_ends_the_session(tmp_path, loop_factory):
     """A client that says STARTTLS and then nothing: when the idle timeout closes the
