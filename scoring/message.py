@@ -310,12 +310,26 @@ def fit_long_lines(raw: bytes) -> bytes:
         if "MIME-Version" not in message:
             message["MIME-Version"] = "1.0"
     out = io.BytesIO()
-    generator.BytesGenerator(out, mangle_from_=False, policy=email.policy.compat32.clone(
+    _VerbatimHeaders(out, mangle_from_=False, policy=email.policy.compat32.clone(
         linesep="\r\n", max_line_length=0)).flatten(message)
     fitted = out.getvalue()
     if has_long_line(fitted):  # what is left is a MIME part's own header line
         raise HeaderLineTooLong("a header line of a MIME part is longer than 998 characters")
     return fitted
+
+
+class _VerbatimHeaders(generator.BytesGenerator):
+    """Writes every header field as it came, folds included. The stock generator runs each
+    ASCII value through ``email.header.Header``, which also breaks lines at a vertical tab,
+    a form feed and \\x1c-\\x1e (``str.splitlines``): it rewrote such a byte as a line break
+    and a space, and raised when a "name:" followed it (a 451 for ever, on a message that
+    only needed a long line re-encoded)."""
+
+    def _write_headers(self, msg) -> None:
+        for name, value in msg.raw_items():
+            self._fp.write(f"{name}: {value}".encode("ascii", "surrogateescape"))
+            self.write(self._NL)
+        self.write(self._NL)
 
 
 _LONG_TEXT_LINE = re.compile(rf"[^\r\n]{{{MAX_LINE + 1},}}")

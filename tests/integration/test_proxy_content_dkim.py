@@ -166,3 +166,23 @@ def test_a_long_preamble_line_is_cut_and_a_long_part_header_refused(instance, st
     assert max(len(line) for line in relayed.split(b"\r\n")) <= 998
     assert dkim.verify(relayed, dnsfunc=dns)
     assert b"\r\nhello\r\n--b--\r\n" in relayed
+
+
+def test_a_form_feed_in_a_header_does_not_stop_a_long_body_line_being_reencoded(
+        instance, start_proxy, sink):
+    """The re-encoding of a long body line rewrote every header field, and one with a form
+    feed before a "name:" made it raise: 451 for ever. Now 250, the field as it came, and
+    a signature that verifies."""
+    data.add_user("example.com", "user", "alice@example.com", PASSWORD, dkim_selector="og1")
+    dns = publish_key("example.com", "og1", "rsa")
+    raw = (b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: form feed\r\n"
+           b"X-Note: a\x0cBcc: carol@example.net\r\n\r\n" + b"<p>web form</p>" * 100 + b"\r\n")
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        code, reply = send(smtp, raw)
+        assert code == 250, reply
+    [relayed] = [m.data for m in sink.handler.wait_for(1)]
+    assert b"\r\nX-Note: a\x0cBcc: carol@example.net\r\n" in relayed
+    assert max(len(line) for line in relayed.split(b"\r\n")) <= 998
+    assert dkim.verify(relayed, dnsfunc=dns)

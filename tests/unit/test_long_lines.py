@@ -144,3 +144,33 @@ def test_a_preamble_of_any_bytes_is_cut_and_kept_byte_for_byte(raw):
     assert not has_long_line(fitted)
     head, _, rest = fitted.partition(b"\r\n\r\n")
     assert rest.split(b"\r\n--b1\r\n")[0].replace(b"\r\n", b"") == preamble
+
+
+HEADER_VALUE = st.binary(min_size=1, max_size=80).map(
+    lambda b: b"v" + b.replace(b"\r", b"x").replace(b"\n", b"x"))
+
+
+@given(top=HEADER_VALUE, part=HEADER_VALUE)
+def test_header_fields_of_any_bytes_are_kept_byte_for_byte_when_a_body_is_reencoded(top, part):
+    """A form feed, vertical tab or \\x1c-\\x1e followed by "name:" in a header field made the
+    re-encoding raise (a 451 for ever), and without the "name:" the generator rewrote that
+    byte as a line break: every header field, the message's and its parts', stays as it came."""
+    top_head = b"From: a@example.com\r\nX-Top: " + top + b"\r\nMIME-Version: 1.0\r\n" \
+        b"Content-Type: multipart/mixed; boundary=b1"
+    part_head = b"Content-Type: text/plain\r\nX-Part: " + part
+    raw = (top_head + b"\r\n\r\npreamble\r\n--b1\r\n" + part_head + b"\r\n\r\n"
+           + b"t" * 1500 + b"\r\n--b1--\r\n")
+    fitted = fit_long_lines(raw)
+    assert not has_long_line(fitted)
+    assert fitted.startswith(top_head + b"\r\n\r\n")
+    assert b"\r\n--b1\r\n" + part_head + b"\r\nContent-Transfer-Encoding: quoted-printable" \
+        in fitted
+
+
+def test_a_form_feed_before_a_name_in_a_header_field_neither_raises_nor_becomes_a_line():
+    raw = (b"From: a@example.com\r\nX-Note: a\x0cBcc: evil@example.net\r\n"
+           b"Subject: x\x0b y\r\n\r\n" + b"x" * 1200 + b"\r\n")
+    fitted = fit_long_lines(raw)
+    assert fitted.startswith(b"From: a@example.com\r\nX-Note: a\x0cBcc: evil@example.net\r\n"
+                             b"Subject: x\x0b y\r\n")
+    assert b"\r\nBcc:" not in fitted
