@@ -72,7 +72,8 @@ def write_log_up_to_lock(config: dict, redis, kind: str, target_id: int,
 
 
 def notify_lock(kind: str, target_id: int, lock_id: str) -> str:
-    """Mail the lock template to the locked sender and an alert, with the incident pack, to
+    """Mail the lock template to the locked sender (an identity only when it is an address of
+    the user's own domain, else the user's contact) and an alert, with the incident pack, to
     the domain's contact."""
     config, redis = context.config(), context.redis_client()
     notes = []
@@ -84,6 +85,9 @@ def notify_lock(kind: str, target_id: int, lock_id: str) -> str:
         owner = lock_mail.owner_of(target)
         sender = config["NOTIFY_FROM"]
 
+        passed_over = lock_mail.foreign_identity(target)
+        if passed_over:
+            notes.append(passed_over)
         recipient = lock_mail.sender_address(target)
         if recipient:
             notice = lock_mail.sender_notice(target)

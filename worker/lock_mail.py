@@ -6,6 +6,7 @@ Pure text building from loaded rows; sending and idempotency are the job's busin
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -14,6 +15,7 @@ from outgoing.lock_templates import RenderedTemplate, render_lock_template
 from outgoing.locks import owner_of
 from outgoing.message_log import FIRST_RECIPIENTS
 from outgoing.models import LOCK_AUTOMATIC, Identity, OutgoingUser, QuarantinedMessage
+from outgoing.users import normalise_domain
 from scoring.incident import NETWORK_PREFIX_V4, NETWORK_PREFIX_V6
 
 
@@ -25,14 +27,57 @@ def describe(target: OutgoingUser | Identity) -> str:
     return f"{owner.kind_label} {owner.name}"
 
 
+# The local part of an identity the notice may go to: an ASCII dot-atom without "%" and "!",
+# which some next hops still read as a route to another host (user%host@, host!user@).
+_LOCAL_PART = re.compile(r"[A-Za-z0-9#$&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9#$&'*+/=?^_`{|}~-]+)*")
+
+
+def _looks_like_address(value: str | None) -> bool:
+    return bool(value) and "@" in value and not any(c.isspace() for c in value)
+
+
+def own_address(identity: Identity) -> str | None:
+    """The identity as an address of its user's own domain, else None.
+
+    An identity is what the sender claimed (envelope sender, a header), and a customer's user
+    may claim any address: only one in the domain the user belongs to is an address the
+    customer may send as (DESIGN.md "Tenancy"), so only that one is told. The domain is
+    compared in lower-case IDNA form and must be that domain itself, not a subdomain; the
+    address returned is spelled with the user's domain, so the next hop can route it nowhere
+    else."""
+    local, at, domain = identity.value.rpartition("@")
+    if not at or len(local) > 64 or not _LOCAL_PART.fullmatch(local):
+        return None
+    own = identity.user.domain.name
+    try:
+        if normalise_domain(domain) != normalise_domain(own):
+            return None
+    except ValueError:
+        return None
+    return f"{local}@{normalise_domain(own)}"
+
+
+def foreign_identity(target: OutgoingUser | Identity) -> str | None:
+    """Why the notice does not go to the locked identity although it looks like an address
+    (for the job's result), or None."""
+    if not isinstance(target, Identity) or not _looks_like_address(target.value):
+        return None
+    if own_address(target) is not None:
+        return None
+    return (f"identity {target.value} is not an address of the user's domain "
+            f"{target.user.domain.name}: not told")
+
+
 def sender_address(target: OutgoingUser | Identity) -> str | None:
-    """Who is told of the lock: the identity if it is an address, else the user's contact
-    (or the username, when it is an address)."""
+    """Who is told of the lock: the identity if it is an address of the user's own domain,
+    else the user's contact (or the username, when it is an address)."""
     owner = owner_of(target)
-    candidates = [target.value] if isinstance(target, Identity) else []
-    candidates += [owner.contact_email, owner.name]
-    for value in candidates:
-        if value and "@" in value and not any(c.isspace() for c in value):
+    if isinstance(target, Identity):
+        address = own_address(target)
+        if address:
+            return address
+    for value in (owner.contact_email, owner.name):
+        if _looks_like_address(value):
             return value
     return None
 

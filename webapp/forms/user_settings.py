@@ -62,8 +62,8 @@ HELP = {
                                   "an administrator has to unlock.",
     "lock_template_id": "The message the sender receives when their mail is locked.",
     "contact_email": "Where the lock notice goes when this user is locked, and when one of "
-                     "its identities is, unless that identity is an address itself. Empty: "
-                     "the username, when it is an address.",
+                     "its identities is, unless that identity is an address in this user's "
+                     "domain. Empty: the username, when it is an address.",
     "connection_limits_enabled": "Cap SMTP connections per period, spam or not, to stop "
                                  "sudden bulk mailing.",
     "limit_per_month": "Connections allowed in any 30 days; empty means no cap.",
