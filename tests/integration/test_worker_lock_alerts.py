@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from outgoing import redis_keys
 from outgoing.jobs import enqueue
-from outgoing.models import AuditEvent, LockTemplate, OutgoingUser, utcnow
+from outgoing.models import AuditEvent, Identity, LockTemplate, OutgoingUser, utcnow
 from outgoing.tokens import make_unlock_token
 from tests.support import data, worker
 from tests.support.worker import LINK, PUBLIC_URL
@@ -291,3 +291,102 @@ def test_link_of_a_lock_that_ended_and_was_replaced_is_refused(alice, sink, app)
     replaced = client.get(f"/unlock/{token}")
     assert replaced.status_code == 409 and "locked again" in replaced.get_data(as_text=True)
     assert worker.target("user", alice).locked
+
+
+def lock_notice_results(redis_client) -> list[str]:
+    """What the finished notify_lock jobs said they did (the job's result is the record)."""
+    registry = Queue("outgoing", connection=redis_client).finished_job_registry
+    return [job.return_value() for job in Job.fetch_many(registry.get_job_ids(), redis_client)
+            if job is not None and job.func_name == "worker.jobs.notify_lock"]
+
+
+SPAM_TEMPLATE = {"subject": "Cheap watches", "body": "Cheap watches - visit http://spam.example\n"}
+
+
+def customer_template(user_id: int) -> None:
+    """The lock template a domain admin wrote: any text they like."""
+    def use(session):
+        session.get(OutgoingUser, user_id).lock_template = LockTemplate(name="a",
+                                                                        **SPAM_TEMPLATE)
+    data.query(use)
+
+
+def test_spam_sent_as_another_domains_address_locks_it_but_the_notice_goes_to_the_contact(
+        instance, redis_client, start_proxy, clock, sink):
+    """A customer's IP user sends GTUBE as victim@b.test five times: the identity is locked,
+    and the customer's own template goes to the user's contact, never to victim@b.test."""
+    from tests.support.mail import GTUBE, client, message, send
+
+    user_id = data.add_user("example.com", "ip", "127.0.0.0/24", automatic_lock=False,
+                            lock_identities_automatically=True, contact_email="ops@example.com")
+    worker.set_domain("example.com", abuse_report_address="postmaster@example.com")
+    customer_template(user_id)
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        for _ in range(5):
+            code, reply = send(smtp, message(body=GTUBE, sender="victim@b.test"),
+                               sender="victim@b.test")
+            assert code == 550, reply
+            clock.advance(30)
+    victim = data.query(lambda s: s.scalars(select(Identity).where(
+        Identity.user_id == user_id, Identity.value == "victim@b.test")).one())
+    assert victim.locked
+
+    worker.burst(sink)
+
+    assert not [m for m in sink.handler.messages if "victim@b.test" in m.rcpt_tos]
+    assert "Cheap watches - visit" in mail_to(sink, "ops@example.com").get_content()
+    [alert] = [parsed(m) for m in sink.handler.messages  # the others are ARF reports
+               if m.rcpt_tos == ["postmaster@example.com"]
+               and parsed(m).get_content_type() != "multipart/report"]
+    assert "identity victim@b.test of 127.0.0.0/24" in alert.get_content()
+    [result] = lock_notice_results(redis_client)
+    assert "identity victim@b.test is not an address of the user's domain example.com" in result
+    assert "notice sent to ops@example.com" in result
+
+
+@pytest.mark.parametrize("identity", [
+    "victim@b.test",
+    "victim@mail.example.com",       # a subdomain is another host, not the user's domain
+    "victim@example.com.b.test",
+    "victim@example.co",
+    "victim%b.test@example.com",     # the percent hack routes on to b.test
+    "b.test!victim@example.com",     # and so does a bang path
+    '"victim@b.test"@example.com',
+    "victim@b.test@example.com",
+    "victim@example.com,other@b.test",
+])
+def test_identity_outside_the_users_domain_without_a_contact_is_told_nothing(
+        identity, instance, redis_client, sink):
+    user_id = data.add_user("example.com", "ip", "192.0.2.0/24")
+    customer_template(user_id)
+    identity_id = data.add_identity(user_id, identity)
+
+    worker.lock("identity", identity_id)
+    worker.burst(sink)
+
+    assert sink.handler.messages == []  # no abuse address either: nobody is mailed
+    [result] = lock_notice_results(redis_client)
+    assert f"identity {identity} is not an address of the user's domain example.com" in result
+    assert "no address to tell the sender" in result
+
+
+@pytest.mark.parametrize(("domain", "identity", "told"), [
+    ("example.com", "News@EXAMPLE.com", "News@example.com"),
+    ("example.com", "news@example.com.", "news@example.com"),
+    ("bücher.example", "news@BÜCHER.example", "news@xn--bcher-kva.example"),
+    ("bücher.example", "news@xn--bcher-kva.example", "news@xn--bcher-kva.example"),
+])
+def test_identity_in_the_users_own_domain_is_told_in_any_spelling_of_it(
+        domain, identity, told, instance, redis_client, sink):
+    user_id = data.add_user(domain, "ip", "192.0.2.0/24", contact_email="ops@example.net")
+    customer_template(user_id)
+    identity_id = data.add_identity(user_id, identity)
+
+    worker.lock("identity", identity_id)
+    worker.burst(sink)
+
+    assert mail_to(sink, told)["Subject"] == "Cheap watches"
+    assert [m.rcpt_tos for m in sink.handler.messages] == [[told]]
+    [result] = lock_notice_results(redis_client)
+    assert "not an address" not in result
