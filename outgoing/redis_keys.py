@@ -64,6 +64,13 @@ def auth_failures(subject: str) -> str:
     return f"og:{{auth}}:fails:{subject}"
 
 
+def auth_pending(subject: str) -> str:
+    """Sorted set of the subject's AUTH attempts whose password is being checked (member: a
+    token per attempt, score: when reserved). They count toward the failure limit until
+    decided, so parallel guesses cannot all pass the check before any failure is recorded."""
+    return f"og:{{auth}}:pending:{subject}"
+
+
 def auth_block_info(subject: str) -> str:
     """JSON {since, until, failures} of a block, for the control panel."""
     return f"og:{{auth}}:block:{subject}"

@@ -1,4 +1,5 @@
--- AUTH's throttle in one round trip: is the client's address or the username blocked, did
+-- AUTH's throttle in one round trip: is the client's address or the username blocked (or as
+-- good as: its failures and the attempts being checked reach the limit), did
 -- the username succeed from the client's network recently (then only the address's block
 -- applies), and, for a password already known to be right, remember the network and say
 -- whether the username or the address failed AUTH within the failure window. What the
@@ -22,6 +23,17 @@
 -- ARGV[8]  networks kept per username (on success)
 -- ARGV[9]  seconds the networks key lives after a success
 -- ARGV[10] "1": on success, also tell whether either subject failed within the window
+-- ARGV[11] the failure limit: unless "2", a subject whose failures within the window and
+--          attempts still being checked reach it refuses this AUTH as a block would ("0":
+--          not counted here). So parallel guesses cannot all pass before a failure is recorded
+-- ARGV[12] failures at or before this moment are outside the window
+-- ARGV[13] a token: with "0" and nothing refusing, reserve a slot for this attempt until its
+--          password is checked; with "2", release it ("": neither)
+-- ARGV[14] reservations made at or before this moment are forgotten (a client or a process
+--          gone mid-check leaks one for the window at most)
+-- ARGV[15] seconds the reservations keys live
+-- KEYS[5]  og:{auth}:pending:<address>
+-- KEYS[6]  og:{auth}:pending:user:<login>
 --
 -- Returns { blocked subject or "", 1/0 known network, 1/0 success recorded,
 --           1/0 failed before (on success, when asked) }.
@@ -46,6 +58,35 @@ elseif username ~= "" and known == 0 then
   local until_username = redis.call("ZSCORE", KEYS[1], username)
   if until_username and now < tonumber(until_username) then
     blocked = username
+  end
+end
+
+local limit = tonumber(ARGV[11])
+local function full(failures, pending)
+  redis.call("ZREMRANGEBYSCORE", pending, "-inf", ARGV[14])
+  return redis.call("ZCOUNT", failures, "(" .. ARGV[12], "+inf")
+    + redis.call("ZCARD", pending) >= limit
+end
+local token = ARGV[13]
+if ARGV[6] == "2" then
+  if token ~= "" then
+    redis.call("ZREM", KEYS[5], token)
+    redis.call("ZREM", KEYS[6], token)
+  end
+elseif blocked == "" and limit > 0 then
+  if full(KEYS[4], KEYS[5]) then
+    blocked = address
+  elseif username ~= "" and known == 0 and full(KEYS[3], KEYS[6]) then
+    blocked = username
+  end
+end
+
+if ARGV[6] == "0" and blocked == "" and token ~= "" then
+  redis.call("ZADD", KEYS[5], ARGV[1], token)
+  redis.call("EXPIRE", KEYS[5], ARGV[15])
+  if username ~= "" and known == 0 then
+    redis.call("ZADD", KEYS[6], ARGV[1], token)
+    redis.call("EXPIRE", KEYS[6], ARGV[15])
   end
 end
 

@@ -151,6 +151,9 @@ class OutboundHandler:
         # Sessions that owe a connection count (``_owe``), by id: counted at shutdown.
         self._owing: dict[int, SessionState] = {}
         self._verifying: dict[tuple[int, str, bytes], asyncio.Future] = {}
+        # AUTHs whose throttle check is under way or whose password is being checked, by
+        # ``_verification_key``: the leader's verification, once its check let it through.
+        self._guesses: dict[tuple, asyncio.Future] = {}
         self._faults = RateLimitedLog()
         self._tasks: set[asyncio.Task] = set()
         self.half_life = float(config.get("DETECTION_HALF_LIFE_SECONDS", 3600))
@@ -364,29 +367,108 @@ class OutboundHandler:
         cached = self._verified.get((user.id, user.password_hash or ""))
         return cached is not None and hmac.compare_digest(cached, self._password_digest(password))
 
-    async def _check_password(self, user: UserPolicy, password: str) -> bool:
-        """Verify in a thread (scrypt is slow); remember a success for this exact hash, and
-        let simultaneous logins with the same password wait for one verification instead of
-        each running scrypt (a fleet of connections opening at once)."""
-        if self._password_known(user, password):
-            return True
-        digest = self._password_digest(password)
-        key = (user.id, user.password_hash or "")
-        pending_key = (*key, digest)
-        pending = self._verifying.get(pending_key)
+    def _verification_key(self, user: UserPolicy | None, password: str) -> tuple | None:
+        """What simultaneous checks of one password share (``_verification``)."""
+        if user is None or not user.password_hash:
+            return None
+        return (user.id, user.password_hash, self._password_digest(password))
+
+    def _verification(self, user: UserPolicy | None, password: str) -> asyncio.Future:
+        """The password's check in a thread (scrypt is slow), shared by simultaneous logins
+        with the same password: they wait for one verification instead of each running
+        scrypt (a fleet of connections opening at once). No such login (``user`` None, or
+        without a password): the stand-in hash (``_verify``)."""
+        key = self._verification_key(user, password)
+        pending = self._verifying.get(key) if key is not None else None
         if pending is None:
-            pending = asyncio.ensure_future(
-                self._in_thread(_verify, user.password_hash, password))
-            self._verifying[pending_key] = pending
-            pending.add_done_callback(lambda _: self._verifying.pop(pending_key, None))
-        ok = await asyncio.shield(pending)
-        if ok:
+            pending = asyncio.ensure_future(self._in_thread(
+                _verify, user.password_hash if key is not None else None, password))
+            if key is not None:
+                self._verifying[key] = pending
+                pending.add_done_callback(lambda _: self._verifying.pop(key, None))
+        return pending
+
+    async def _check_password(self, user: UserPolicy | None, password: str,
+                              pending: asyncio.Future | None = None) -> bool:
+        """The verification's result (``pending``, or one started or joined now); a success
+        is remembered for this exact hash."""
+        if user is not None and user.password_hash and self._password_known(user, password):
+            return True
+        ok = await asyncio.shield(pending or self._verification(user, password))
+        if ok and user is not None:
             if len(self._verified) > 10000:
                 self._verified.clear()
-            self._verified[key] = digest
+            self._verified[(user.id, user.password_hash or "")] = \
+                self._password_digest(password)
         return ok
 
+    async def _settle_reservation(self, pending: asyncio.Future, ip: str, login: str,
+                                  now: float, check: throttle.AuthCheck, token: str,
+                                  redis_up: bool) -> None:
+        """An AUTH whose client left while its password was checked: its slot is held until
+        the check ends (other connections may be waiting for the same verification and
+        learn its result), then given back, or counted as the failure it was."""
+        try:
+            ok = await asyncio.shield(pending)
+        except Exception:
+            ok = True  # nothing was decided
+        try:
+            if not redis_up:
+                raise RedisError("unavailable at the check")
+            if ok:
+                await throttle.release(self.redis, ip, login, token)
+            else:
+                await throttle.record_failure(self.redis, ip, login, now, self.throttle,
+                                              known_network=check.known_network,
+                                              release=token)
+        except RedisError:
+            if ok:
+                self.local_throttle.release(ip, login, token)
+            else:
+                self.local_throttle.record_failure(ip, login, now,
+                                                   known_network=check.known_network,
+                                                   release=token)
+
     # -- AUTH ------------------------------------------------------------------------------
+    async def _throttle_check(self, session, user: UserPolicy | None, ip: str, login: str,
+                              now: float, known: bool,
+                              token: str | None) -> tuple[throttle.AuthCheck, bool]:
+        """The throttle's check before the password (and, for a ``known`` password, the
+        success's record), reserving ``token``'s slot; in this process's memory while Redis
+        is down. Also whether Redis answered: after one failure, this AUTH does not wait on
+        it again."""
+        # On one Redis server that call counts the connection too, for a user with limits.
+        count = counters.connection_call(user.id, user.limits, now) \
+            if known and user.limits and user.id not in _state(session).counted_user_ids \
+            and not is_cluster(self.redis) else None
+        try:
+            return await throttle.check(self.redis, ip, login, now, self.throttle,
+                                        success=known,
+                                        ask_failures=known and user.detection.enabled,
+                                        count=count, reserve=token), True
+        except RedisError as exc:
+            metrics.REDIS_ERRORS.labels("AUTH").inc()
+            self._faults.warning("AUTH", "Redis unavailable at AUTH (%s); throttling failed "
+                                 "logins in this process only", exc)
+            return self.local_throttle.check(ip, login, now, reserve=token, limited=known), False
+
+    def _lead(self, key, slot: asyncio.Future | None, pending: asyncio.Future | None) -> None:
+        """The leader's check is over: tell the AUTHs waiting on it which verification
+        decides their guess (None: the leader was refused, and so are they). It stays the
+        guess's leader until that verification ends."""
+        if slot is None:
+            return
+        slot.set_result(pending)
+
+        def forget(_=None):
+            if self._guesses.get(key) is slot:
+                del self._guesses[key]
+
+        if pending is None:
+            forget()
+        else:
+            pending.add_done_callback(forget)
+
     async def _authenticate(self, server, login: bytes, password: bytes) -> AuthResult:
         session = server.session
         ip = _client_ip(session)
@@ -400,48 +482,63 @@ class OutboundHandler:
             password_text = password.decode("utf-8")
             user = self.directory.user_for_login(login.decode("utf-8"))
         except UnicodeDecodeError:
-            pass
+            password_text = password.decode("utf-8", "replace")
         # A password this process verified before is right without scrypt: the throttle's
         # check and the recording of the success are then one round trip, not two.
         known = user is not None and bool(user.password_hash) and \
             self._password_known(user, password_text)
-        redis_up = True  # after one failure, this AUTH does not wait on Redis again
-        # On one Redis server that call counts the connection too, for a user with limits.
-        count = counters.connection_call(user.id, user.limits, now) \
-            if known and user.limits and user.id not in _state(session).counted_user_ids \
-            and not is_cluster(self.redis) else None
+        # Any other password holds a slot toward the failure limit while it is checked
+        # (``throttle.check``), unless this process is checking the same password for the same
+        # login already (the leader): the same guess, decided by the leader's verification
+        # under the leader's slot, so a fleet logging in at once takes one slot, not one each.
+        key = None if known else self._verification_key(user, password_text)
+        leader = self._guesses.get(key) if key is not None else None
+        slot = None
+        if key is not None and leader is None:
+            slot = self._guesses[key] = asyncio.get_running_loop().create_future()
+        token = None if known or leader is not None else secrets.token_hex(8)
         try:
-            check = await throttle.check(self.redis, ip, login_text, now, self.throttle,
-                                         success=known,
-                                         ask_failures=known and user.detection.enabled,
-                                         count=count)
-        except RedisError as exc:
-            metrics.REDIS_ERRORS.labels("AUTH").inc()
-            self._faults.warning("AUTH", "Redis unavailable at AUTH (%s); throttling failed "
-                                 "logins in this process only", exc)
-            check = self.local_throttle.check(ip, login_text, now)
-            redis_up = False
+            check, redis_up = await self._throttle_check(session, user, ip, login_text, now,
+                                                         known, token)
+        except BaseException:
+            self._lead(key, slot, None)
+            raise
         if check.blocked is not None:
+            self._lead(key, slot, None)
             log.info("AUTH refused for %r from %s: %s is blocked after failed attempts",
                      login_text[:100], ip, check.blocked)
             return AuthResult(success=False, handled=False, message=outcomes.AUTH_BLOCKED)
+        if known:
+            pending = None
+        elif leader is not None:
+            pending = await asyncio.shield(leader)
+            if pending is None:  # the leader was refused: its slot could not be had
+                return AuthResult(success=False, handled=False, message=outcomes.AUTH_BLOCKED)
+        else:
+            pending = self._verification(user, password_text)
+            self._lead(key, slot, pending)
         try:
-            if known:
-                ok = True
-            elif user is not None and user.password_hash:
-                ok = await self._check_password(user, password_text)
-            else:  # no such login: scrypt all the same (``_verify``)
-                ok = await self._in_thread(_verify, None, password.decode("utf-8", "replace"))
+            ok = True if known else await self._check_password(user, password_text, pending)
+        except asyncio.CancelledError:
+            if token is not None:  # the client left: the slot outlives this coroutine
+                self._background(self._settle_reservation(pending, ip, login_text, now, check,
+                                                          token, redis_up))
+            raise
         except Exception:
             log.exception("could not verify the password of %r", login_text[:100])
+            if token is not None:
+                self._background(self._settle_reservation(pending, ip, login_text, now, check,
+                                                          token, redis_up))
             return AuthResult(success=False, handled=False, message=outcomes.AUTH_TEMPORARY)
         if ok:
             # Where the owner logs in from: the username's block never applies there.
             self.local_throttle.record_success(ip, login_text, now)
+            if token is not None and not redis_up:
+                self.local_throttle.release(ip, login_text, token)
             if redis_up and not check.succeeded:
                 # (A block made while scrypt ran applies from the next AUTH: this one
-                # passed the check.)
-                check = await self._record_success(user, ip, login_text, now, check)
+                # passed the check.) The same call gives back the attempt's slot.
+                check = await self._record_success(user, ip, login_text, now, check, token)
             if check.connection is not None:
                 refusal = self._counted_connection(session, user, check.connection.decision,
                                                    454)
@@ -464,10 +561,12 @@ class OutboundHandler:
                 raise RedisError("unavailable at the check")
             newly = await throttle.record_failure(self.redis, ip, login_text, now,
                                                   self.throttle,
-                                                  known_network=check.known_network)
+                                                  known_network=check.known_network,
+                                                  release=token)
         except RedisError:
             newly = self.local_throttle.record_failure(ip, login_text, now,
-                                                       known_network=check.known_network)
+                                                       known_network=check.known_network,
+                                                       release=token)
         if newly:
             log.warning("blocking AUTH for %s after %d failures in %d s", ", ".join(newly),
                         self.throttle.limit, self.throttle.window)
@@ -477,14 +576,16 @@ class OutboundHandler:
         return AuthResult(success=False, handled=False, message=outcomes.AUTH_INVALID)
 
     async def _record_success(self, user: UserPolicy, ip: str, login: str, now: float,
-                              check: throttle.AuthCheck) -> throttle.AuthCheck:
-        """After scrypt: remember the login's network, and tell whether the login or the
-        address failed AUTH shortly before this success (compromise detection's "failed AUTH
-        followed by success", asked only when detection is on for the user)."""
+                              check: throttle.AuthCheck,
+                              token: str | None = None) -> throttle.AuthCheck:
+        """After scrypt: remember the login's network, give back the attempt's slot
+        (``token``), and tell whether the login or the address failed AUTH shortly before
+        this success (compromise detection's "failed AUTH followed by success", asked only
+        when detection is on for the user)."""
         try:
             return await throttle.check(self.redis, ip, login, now, self.throttle,
                                         success=True, checked=True,
-                                        ask_failures=user.detection.enabled)
+                                        ask_failures=user.detection.enabled, reserve=token)
         except RedisError as exc:
             self._faults.warning("AUTH-success", "Redis unavailable after AUTH (%s); this "
                                  "login's network is remembered in this process only", exc)

@@ -4,11 +4,14 @@ One script per AUTH before any password is checked (``auth.lua``: the blocks of 
 address and username, and whether the username succeeded from the client's network
 recently), and the same script once more to record a success (remembering its network); a
 password this process verified before needs only the second. Failures cost one transaction,
-and one more write when they reach the limit. A username's block does not apply to networks
-it logged in from recently, and failures from there count only toward the address, so an
-attacker cannot lock the owner out of where they send from. The policy (how many, for how
-long, which network) is ``scoring.locks``; the control panel lists and clears blocks through
-``outgoing.auth_blocks``. The clock is always passed in as ``now``.
+and one more write when they reach the limit. The check before the password also reserves a
+slot for the attempt, counted toward the limit like a failure until the password is checked
+(then released, or turned into the failure): scrypt takes a while, and without it any number
+of parallel guesses would pass the check before the first failure was recorded. A username's
+block does not apply to networks it logged in from recently, and failures from there count
+only toward the address, so an attacker cannot lock the owner out of where they send from.
+The policy (how many, for how long, which network) is ``scoring.locks``; the control panel
+lists and clears blocks through ``outgoing.auth_blocks``. The clock is always passed in as ``now``.
 
 While Redis is unreachable the same policy runs in the process's memory (``LocalThrottle``),
 so an outage never opens the door to password guessing.
@@ -51,9 +54,9 @@ end
 local function limits(KEYS, ARGV)
 {LIMITS_LUA}
 end
-local result = throttle({{KEYS[1], KEYS[2], KEYS[3], KEYS[4]}}, {{unpack(ARGV, 1, 10)}})
+local result = throttle({{unpack(KEYS, 1, 6)}}, {{unpack(ARGV, 1, 15)}})
 if result[3] == 1 then
-  local counted = limits({{unpack(KEYS, 5)}}, {{unpack(ARGV, 11)}})
+  local counted = limits({{unpack(KEYS, 7)}}, {{unpack(ARGV, 16)}})
   for i = 1, #counted do
     result[#result + 1] = counted[i]
   end
@@ -143,7 +146,7 @@ def _text(value: bytes | str) -> str:
 
 async def check(redis, client_ip: str, login: str | None, now: float, policy: ThrottlePolicy,
                 *, success: bool = False, checked: bool = False, ask_failures: bool = False,
-                count: LimitsCall | None = None) -> AuthCheck:
+                count: LimitsCall | None = None, reserve: str | None = None) -> AuthCheck:
     """Is this AUTH refused by a block at ``now``? From a network the login succeeded from
     recently, only the address's block applies. One script (``auth.lua``), one round trip.
 
@@ -156,7 +159,14 @@ async def check(redis, client_ip: str, login: str | None, now: float, policy: Th
     after it, with ``checked``: the success is then recorded (and the failures asked) even
     when a block came while scrypt ran, as the check before it let the login through.
     ``count`` (one Redis server only, with ``success``): the user's connection count
-    (``counters.connection_call``), made in the same call when the success is."""
+    (``counters.connection_call``), made in the same call when the success is.
+
+    ``reserve``, a token unique to this attempt: when nothing refuses it, hold a slot for it
+    (per address, and per username unless from a known network) until ``record_failure``
+    turns it into a failure, or ``release`` (or this with ``checked``) gives it back. With
+    ``reserve`` or a known password (``success`` without ``checked``), the failures within
+    the window plus the slots held reaching the limit refuse the AUTH as a block does: at
+    most the limit's worth of guesses are decided before a block, however many run at once."""
     names = subjects(client_ip, login)
     days = policy.known_network_days if policy.known_network_days > 0 else 0
     args = [repr(float(now)), names[0], names[1] if len(names) > 1 else "",
@@ -164,10 +174,14 @@ async def check(redis, client_ip: str, login: str | None, now: float, policy: Th
             ("2" if checked else "1") if success else "0",
             repr(float(auth_known_network_since(now, days=days))),
             max(policy.known_networks_kept, 1),
-            (policy.known_network_seconds if days else 0) + 60, "1" if ask_failures else "0"]
+            (policy.known_network_seconds if days else 0) + 60, "1" if ask_failures else "0",
+            max(policy.limit, 0) if not checked and (success or reserve) else 0,
+            repr(float(now - policy.window)), reserve or "",
+            repr(float(now - policy.window)), math.ceil(policy.window) + 1]
     keys = [redis_keys.AUTH_BLOCKS, redis_keys.auth_networks(login or ""),
             redis_keys.auth_failures(redis_keys.auth_subject_user(login or "")),
-            redis_keys.auth_failures(names[0])]
+            redis_keys.auth_failures(names[0]), redis_keys.auth_pending(names[0]),
+            redis_keys.auth_pending(redis_keys.auth_subject_user(login or ""))]
     if count is not None and success:
         raw = await _script(redis, AUTH_AND_COUNT_LUA)(keys=keys + count.keys,
                                                        args=args + count.args)
@@ -186,16 +200,34 @@ async def blocked_subject(redis, client_ip: str, login: str | None, now: float,
     return (await check(redis, client_ip, login, now, policy or ThrottlePolicy())).blocked
 
 
+def _pending_keys(client_ip: str, login: str | None) -> list[str]:
+    return [redis_keys.auth_pending(name) for name in subjects(client_ip, login)]
+
+
+async def release(redis, client_ip: str, login: str | None, token: str) -> None:
+    """Give back the slot ``check`` reserved for an attempt that was not decided."""
+    async with redis.pipeline(transaction=True) as pipe:
+        for key in _pending_keys(client_ip, login):
+            pipe.zrem(key, token)
+        await pipe.execute()
+
+
 async def record_failure(redis, client_ip: str, login: str | None, now: float,
-                         policy: ThrottlePolicy, *, known_network: bool = False) -> list[str]:
+                         policy: ThrottlePolicy, *, known_network: bool = False,
+                         release: str | None = None) -> list[str]:
     """Count one failed AUTH for the address and the username; block those that reach the
     limit. From a network the login succeeded from recently (``known_network``, as
     ``check`` found) it counts for the address only: the owner's typos at home must not
-    block them elsewhere. Returns the subjects blocked by this failure."""
+    block them elsewhere. ``release``: the attempt's reserved slot, which this failure
+    replaces in the same transaction (never both counted out at once). Returns the subjects
+    blocked by this failure."""
     names = subjects(client_ip, None if known_network else login)
     member = f"{now!r}:{secrets.token_hex(4)}"
     keep = max(policy.limit, 1)
     async with redis.pipeline(transaction=True) as pipe:
+        if release:
+            for key in _pending_keys(client_ip, login):
+                pipe.zrem(key, release)
         for name in names:
             key = redis_keys.auth_failures(name)
             pipe.zremrangebyscore(key, "-inf", now - policy.window)
@@ -204,6 +236,7 @@ async def record_failure(redis, client_ip: str, login: str | None, now: float,
             pipe.zcard(key)
             pipe.expire(key, math.ceil(policy.window) + 1)
         results = await pipe.execute()
+    results = results[len(_pending_keys(client_ip, login)):] if release else results
     counts = [int(results[5 * i + 3]) for i in range(len(names))]
     newly = []
     ends = {}
@@ -238,6 +271,7 @@ class LocalThrottle:
         self._failures: dict[str, deque[float]] = {}
         self._blocked: dict[str, float] = {}
         self._networks: dict[str, OrderedDict[str, float]] = {}  # username -> network -> when
+        self._pending: dict[str, dict[str, float]] = {}  # subject -> reserved token -> when
 
     def _known(self, client_ip: str, login: str | None, now: float) -> bool:
         if not _has_login(login):
@@ -246,12 +280,39 @@ class LocalThrottle:
         last = seen.get(auth_network(client_ip)) if seen else None
         return auth_known_network(last, now, days=self.policy.known_network_days)
 
-    def check(self, client_ip: str, login: str | None, now: float) -> AuthCheck:
+    def _used(self, name: str, now: float) -> int:
+        """Failures within the window plus slots reserved for attempts being checked."""
+        since = now - self.policy.window
+        pending = self._pending.get(name)
+        if pending:
+            for token in [t for t, when in pending.items() if when <= since]:
+                del pending[token]
+        return sum(1 for t in self._failures.get(name, ()) if t > since) + len(pending or ())
+
+    def check(self, client_ip: str, login: str | None, now: float, *,
+              reserve: str | None = None, limited: bool = False) -> AuthCheck:
+        """As ``check`` above: ``reserve`` holds a slot for the attempt; with it or
+        ``limited``, failures plus slots held reaching the limit refuse as a block does."""
         known = self._known(client_ip, login, now)
         names = subjects(client_ip, None if known else login)
-        return AuthCheck(blocked=_first_blocked(names, [self._blocked.get(n) for n in names],
-                                                now),
-                         known_network=known)
+        blocked = _first_blocked(names, [self._blocked.get(n) for n in names], now)
+        if blocked is None and (reserve is not None or limited) and self.policy.limit > 0:
+            blocked = next((n for n in names if self._used(n, now) >= self.policy.limit),
+                           None)
+        if blocked is None and reserve is not None:
+            for name in names:
+                self._pending.setdefault(name, {})[reserve] = now
+            while len(self._pending) > self.max_subjects:
+                del self._pending[next(iter(self._pending))]
+        return AuthCheck(blocked=blocked, known_network=known)
+
+    def release(self, client_ip: str, login: str | None, token: str) -> None:
+        for name in subjects(client_ip, login):
+            pending = self._pending.get(name)
+            if pending is not None:
+                pending.pop(token, None)
+                if not pending:
+                    del self._pending[name]
 
     def blocked_subject(self, client_ip: str, login: str | None, now: float) -> str | None:
         return self.check(client_ip, login, now).blocked
@@ -271,8 +332,11 @@ class LocalThrottle:
             del self._networks[next(iter(self._networks))]
 
     def record_failure(self, client_ip: str, login: str | None, now: float,
-                       known_network: bool | None = None) -> list[str]:
+                       known_network: bool | None = None,
+                       release: str | None = None) -> list[str]:
         """As ``record_failure`` above; ``known_network`` None asks this process's memory."""
+        if release is not None:
+            self.release(client_ip, login, release)
         if known_network is None:
             known_network = self._known(client_ip, login, now)
         newly = []

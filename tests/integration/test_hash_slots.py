@@ -124,6 +124,13 @@ async def _drive_proxy(pool) -> None:
     await throttle.check(client, "192.0.2.7", "alice@example.com", now, policy)
     await throttle.check(client, "192.0.2.8", "carol@example.com", now, policy, success=True,
                          ask_failures=True)
+    # An attempt's slot while its password is checked: reserved, then released or turned
+    # into the failure.
+    await throttle.check(client, "192.0.2.9", "dave@example.com", now, policy, reserve="t1")
+    await throttle.release(client, "192.0.2.9", "dave@example.com", "t1")
+    await throttle.check(client, "192.0.2.9", "dave@example.com", now, policy, reserve="t2")
+    await throttle.record_failure(client, "192.0.2.9", "dave@example.com", now, policy,
+                                  release="t2")
     await client.aclose()
 
 

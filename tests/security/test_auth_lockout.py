@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -230,27 +231,97 @@ def test_a_block_made_while_scrypt_runs_refuses_the_next_auth_not_the_one_checke
     assert redis_client.zscore(redis_keys.auth_networks(LOGIN), auth_network(address)) == now
 
 
+def slow_hash(user_id: int, password: str = PASSWORD) -> None:
+    """About 0.7 s of scrypt on this kind of machine: AUTHs sent together overlap in it."""
+    data.query(lambda session: setattr(session.get(OutgoingUser, user_id), "password_hash",
+                                       generate_password_hash(password, "scrypt:32768:8:8")))
+
+
 def test_the_proxy_lets_a_login_it_checked_finish_when_a_block_lands_during_scrypt(
-        alice, start_proxy, redis_client):
-    """The same through the proxy: a slow password hash, and three failures from the same
-    address while it is verified. The failures are wrong passwords of a login whose hash
-    costs nothing: an unknown login costs a full scrypt (the stand-in hash), and three of
-    those could outlast the slow one."""
-    data.query(lambda session: setattr(session.get(OutgoingUser, alice), "password_hash",
-                                       generate_password_hash(PASSWORD, "scrypt:32768:8:8")))
-    cheap = data.add_user("example.com", "user", "bob@example.com", "Bob-pass-1234")
-    data.query(lambda session: setattr(session.get(OutgoingUser, cheap), "password_hash",
-                                       generate_password_hash("Bob-pass-1234", "pbkdf2:sha256:1")))
+        alice, start_proxy, redis_client, redis_url, clock):
+    """The same through the proxy: a slow password hash, and a block of the address made
+    while it is verified. Guessing through this proxy cannot make one then (the attempt
+    being checked holds one of the limit's slots), so it comes from another proxy process
+    whose limit is lower, as while a configuration change rolls out."""
+    slow_hash(alice)
     proxy = start_proxy(AUTH_FAILURE_LIMIT=3)
+
+    async def block_elsewhere():
+        redis = connect_async(redis_url)
+        try:
+            return await throttle.record_failure(redis, ATTACKER, "bob@example.com", clock(),
+                                                 ThrottlePolicy(limit=1))
+        finally:
+            await redis.aclose()
+
     with ThreadPoolExecutor(1) as pool:
         login = pool.submit(auth, proxy.port, PASSWORD, ATTACKER)
         time.sleep(0.15)  # checked, in scrypt (about 0.7 s on this kind of machine)
-        for n in range(3):
-            assert auth(proxy.port, f"wrong-{n}", ATTACKER, login="bob@example.com") == 535
+        assert asyncio.run(block_elsewhere()) == [f"ip:{ATTACKER}", "user:bob@example.com"]
         assert not login.done(), "scrypt ended before the block: the test proves nothing"
         assert login.result() == 235
     assert redis_client.zscore(redis_keys.auth_networks(LOGIN), auth_network(ATTACKER))
     assert auth(proxy.port, PASSWORD, ATTACKER) == 454  # from the next AUTH on
+
+
+def at_once(port: int, attempts: list[tuple[str, str]], source: str) -> list:
+    """AUTH PLAIN attempts on connections opened first, sent together (a barrier), so every
+    one reaches the throttle's check before any password is verified. Futures of the
+    codes, in order."""
+    connections = [client(port, source=source) for _ in attempts]
+    barrier = threading.Barrier(len(attempts))
+
+    def one(smtp, login: str, password: str) -> int:
+        with smtp:
+            barrier.wait()
+            return smtp.docmd("AUTH", f"PLAIN {plain(login, password)}")[0]
+
+    pool = ThreadPoolExecutor(len(attempts))
+    futures = [pool.submit(one, smtp, *attempt)
+               for smtp, attempt in zip(connections, attempts, strict=True)]
+    pool.shutdown(wait=False)
+    return futures
+
+
+@pytest.mark.parametrize("redis_down", [False, True], ids=["redis", "redis down"])
+def test_parallel_guesses_cannot_outrun_the_failure_limit(redis_down, alice, start_proxy,
+                                                          redis_url):
+    """Reported: nine wrong passwords one by one, then twenty AUTHs at once (nineteen wrong,
+    one right) all answered 535 and 235. The check before scrypt saw no block, and the
+    failures were recorded only after it. Each attempt being checked now holds one of the
+    limit's slots: with a limit of 3 and one failure recorded, at most two of the guesses
+    sent together are decided, the others get 454, and so does the right password sent
+    while they are checked. The same in the proxy's memory while Redis is down."""
+    slow_hash(alice)
+    own_redis = RedisServer().start() if redis_down else None
+    try:
+        proxy = start_proxy(AUTH_FAILURE_LIMIT=3,
+                            **({"REDIS_URL": own_redis.url} if own_redis else {}))
+        if own_redis:
+            own_redis.stop()
+        assert auth(proxy.port, "wrong-first", ATTACKER) == 535
+        wrong = at_once(proxy.port, [(LOGIN, f"wrong-{n}") for n in range(6)], ATTACKER)
+        time.sleep(0.2)  # the guesses are checked, and in scrypt
+        assert not all(f.done() for f in wrong), \
+            "every guess was decided before the right password came: the test proves nothing"
+        right = auth(proxy.port, PASSWORD, ATTACKER)
+        codes = [f.result() for f in wrong]
+        assert codes.count(535) <= 2, codes
+        assert sorted(set(codes)) <= [454, 535], codes
+        assert right == 454
+        assert auth(proxy.port, PASSWORD, ATTACKER) == 454  # the limit's failures: a block
+    finally:
+        if own_redis:
+            own_redis.stop()
+
+
+def test_a_fleet_logging_in_at_once_shares_one_slot_and_gets_in(alice, start_proxy):
+    """Connections opening together with the same password wait for one verification, and
+    hold one slot toward the limit between them: more of them than the limit all get in."""
+    slow_hash(alice)
+    proxy = start_proxy(AUTH_FAILURE_LIMIT=3)
+    fleet = at_once(proxy.port, [(LOGIN, PASSWORD)] * 6, NEW_NETWORK)
+    assert [f.result() for f in fleet] == [235] * 6
 
 
 @pytest.mark.parametrize("configured,days", [(float("nan"), 0.0), (-1, 0.0), (0, 0.0),
