@@ -150,7 +150,9 @@ class OutboundHandler:
         self._verified: dict[tuple[int, str], bytes] = {}
         # Sessions that owe a connection count (``_owe``), by id: counted at shutdown.
         self._owing: dict[int, SessionState] = {}
-        self._verifying: dict[tuple[int, str, bytes], asyncio.Future] = {}
+        # Verifications under way, by ``_verification_key``: (user id, hash, password
+        # digest), or (None, login, password digest) for a login that does not exist.
+        self._verifying: dict[tuple, asyncio.Future] = {}
         # AUTHs whose throttle check is under way or whose password is being checked, by
         # ``_verification_key``: the leader's verification, once its check let it through.
         self._guesses: dict[tuple, asyncio.Future] = {}
@@ -367,34 +369,37 @@ class OutboundHandler:
         cached = self._verified.get((user.id, user.password_hash or ""))
         return cached is not None and hmac.compare_digest(cached, self._password_digest(password))
 
-    def _verification_key(self, user: UserPolicy | None, password: str) -> tuple | None:
-        """What simultaneous checks of one password share (``_verification``)."""
+    def _verification_key(self, user: UserPolicy | None, login: str, password: str) -> tuple:
+        """What simultaneous checks of one password share (``_verification``). No such login:
+        the login as the directory looks it up, so that unknown logins merge exactly as
+        existing ones do (by user) and the replies' timing does not tell them apart."""
+        digest = self._password_digest(password)
         if user is None or not user.password_hash:
-            return None
-        return (user.id, user.password_hash, self._password_digest(password))
+            return (None, login_key(login), digest)
+        return (user.id, user.password_hash, digest)
 
-    def _verification(self, user: UserPolicy | None, password: str) -> asyncio.Future:
+    def _verification(self, user: UserPolicy | None, login: str,
+                      password: str) -> asyncio.Future:
         """The password's check in a thread (scrypt is slow), shared by simultaneous logins
         with the same password: they wait for one verification instead of each running
         scrypt (a fleet of connections opening at once). No such login (``user`` None, or
-        without a password): the stand-in hash (``_verify``)."""
-        key = self._verification_key(user, password)
-        pending = self._verifying.get(key) if key is not None else None
+        without a password): the stand-in hash (``_verify``), shared the same way."""
+        key = self._verification_key(user, login, password)
+        pending = self._verifying.get(key)
         if pending is None:
             pending = asyncio.ensure_future(self._in_thread(
-                _verify, user.password_hash if key is not None else None, password))
-            if key is not None:
-                self._verifying[key] = pending
-                pending.add_done_callback(lambda _: self._verifying.pop(key, None))
+                _verify, user.password_hash if key[0] is not None else None, password))
+            self._verifying[key] = pending
+            pending.add_done_callback(lambda _: self._verifying.pop(key, None))
         return pending
 
-    async def _check_password(self, user: UserPolicy | None, password: str,
+    async def _check_password(self, user: UserPolicy | None, login: str, password: str,
                               pending: asyncio.Future | None = None) -> bool:
         """The verification's result (``pending``, or one started or joined now); a success
         is remembered for this exact hash."""
         if user is not None and user.password_hash and self._password_known(user, password):
             return True
-        ok = await asyncio.shield(pending or self._verification(user, password))
+        ok = await asyncio.shield(pending or self._verification(user, login, password))
         if ok and user is not None:
             if len(self._verified) > 10000:
                 self._verified.clear()
@@ -491,7 +496,7 @@ class OutboundHandler:
         # (``throttle.check``), unless this process is checking the same password for the same
         # login already (the leader): the same guess, decided by the leader's verification
         # under the leader's slot, so a fleet logging in at once takes one slot, not one each.
-        key = None if known else self._verification_key(user, password_text)
+        key = None if known else self._verification_key(user, login_text, password_text)
         leader = self._guesses.get(key) if key is not None else None
         slot = None
         if key is not None and leader is None:
@@ -515,10 +520,11 @@ class OutboundHandler:
             if pending is None:  # the leader was refused: its slot could not be had
                 return AuthResult(success=False, handled=False, message=outcomes.AUTH_BLOCKED)
         else:
-            pending = self._verification(user, password_text)
+            pending = self._verification(user, login_text, password_text)
             self._lead(key, slot, pending)
         try:
-            ok = True if known else await self._check_password(user, password_text, pending)
+            ok = True if known else await self._check_password(user, login_text, password_text,
+                                                                  pending)
         except asyncio.CancelledError:
             if token is not None:  # the client left: the slot outlives this coroutine
                 self._background(self._settle_reservation(pending, ip, login_text, now, check,

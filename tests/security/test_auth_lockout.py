@@ -20,7 +20,7 @@ from werkzeug.security import generate_password_hash
 from outgoing import redis_keys
 from outgoing.models import OutgoingUser
 from outgoing.redis_conn import connect_async
-from proxy import throttle
+from proxy import metrics, throttle
 from proxy.throttle import LocalThrottle, ThrottlePolicy
 from scoring.locks import auth_known_network, auth_network
 from tests.support import data
@@ -322,6 +322,29 @@ def test_a_fleet_logging_in_at_once_shares_one_slot_and_gets_in(alice, start_pro
     proxy = start_proxy(AUTH_FAILURE_LIMIT=3)
     fleet = at_once(proxy.port, [(LOGIN, PASSWORD)] * 6, NEW_NETWORK)
     assert [f.result() for f in fleet] == [235] * 6
+
+
+def test_simultaneous_wrong_passwords_cost_one_check_whether_the_login_exists_or_not(
+        alice, start_proxy):
+    """Simultaneous AUTHs of one login with one password share one verification; a login
+    that does not exist used to run its stand-in scrypt once per attempt, so five at once
+    answered together for a real login and one after another for an unknown one: the
+    replies' timing told which logins (other customers' too) exist. Counted, not timed: the
+    verifications each case ran."""
+    proxy = start_proxy()
+
+    def checks_for(login: str, source: str) -> float:
+        before = metrics.PASSWORD_CHECKS._value.get()
+        codes = [f.result() for f in at_once(proxy.port, [(login, "wrong-Pass-1")] * 5,
+                                              source)]
+        assert codes == [535] * 5
+        return metrics.PASSWORD_CHECKS._value.get() - before
+
+    existing = checks_for(LOGIN, "127.70.0.1")
+    unknown = checks_for("nobody@example.com", "127.70.0.2")
+    assert (existing, unknown) == (1, 1)
+    # The login as the directory looks it up: case and spaces make no other login.
+    assert checks_for(" Nobody@Example.COM", "127.70.0.3") == 1
 
 
 @pytest.mark.parametrize("configured,days", [(float("nan"), 0.0), (-1, 0.0), (0, 0.0),
