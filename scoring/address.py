@@ -6,6 +6,10 @@ same mailbox, and the next hop (Postfix, aiosmtpd) reads ``"locked"@a.test`` and
 client chose would miss them, so checks use this form; the address relayed stays the one the
 client sent. A quoted local part that is not a dot-string (``"a b"``) is another mailbox and
 keeps its quotes, with only ``\\`` and ``"`` escaped inside them.
+
+The domain is the one DNS resolves: ``bob@bücher.example``, ``bob@BÜCHER.example``, a
+full-width ``ａ`` and ``bob@xn--bcher-kva.example`` are one mailbox, spelled in the A-label
+form, as the control panel spells domain names (``outgoing.users.normalise_domain``).
 """
 
 from __future__ import annotations
@@ -45,14 +49,28 @@ def canonical_local_part(local: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def canonical_domain(domain: str) -> str:
+    """A domain with non-ASCII characters in its IDNA A-label form (Python's IDNA codec, with
+    nameprep: case folded, full-width letters mapped); an ASCII one, or one that is no valid
+    IDN, as it is. Without this a locked identity came back as another by spelling its
+    domain the other way."""
+    if domain.isascii():
+        return domain
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain
+
+
 def canonical_mailbox(address: str) -> str:
-    """``address`` with its local part in canonical form; anything that is not a mailbox is
-    returned as it is. Case is left alone (callers lower-case what they compare)."""
+    """``address`` with its local part in canonical form and its domain in A-label form;
+    anything that is not a mailbox is returned as it is. ASCII case is left alone (callers
+    lower-case what they compare)."""
     parts = split_mailbox(address)
     if parts is None:
         return address
     local, domain = parts
-    return f"{canonical_local_part(local)}@{domain}"
+    return f"{canonical_local_part(local)}@{canonical_domain(domain)}"
 
 
 def mailbox_domain(address: str) -> str:

@@ -171,6 +171,32 @@ def test_quoting_cannot_smuggle_a_locked_identity(locked_identity, proxy, raw_si
     assert len(relayed) == 1 and relayed[0].startswith(b'MAIL FROM:<"locked x"@a.test> ')
 
 
+@pytest.mark.parametrize(("locked", "mail_from"), [
+    ("locked@a.test", "<locked@\uff41.test> SMTPUTF8"),  # a full-width a
+    ("locked@xn--bcher-kva.test", "<locked@b\u00fccher.test> SMTPUTF8"),
+    ("locked@xn--bcher-kva.test", "<locked@B\u00dcCHER.test> SMTPUTF8"),
+    ("locked@xn--bcher-kva.test", "<locked@xn--bcher-kva.test>"),
+    ("locked@xn--bcher-kva.test", "<locked@XN--BCHER-KVA.test>"),
+])
+def test_spelling_the_domain_another_way_cannot_dodge_a_locked_identity(alice, app, proxy,
+                                                                      raw_sink, locked,
+                                                                      mail_from):
+    """Reported: with spammer@b\u00fccher.test locked, MAIL FROM:<spammer@xn--bcher-kva.test>
+    was relayed, as was a full-width letter in an ASCII domain under SMTPUTF8: each spelling
+    was another identity. The domain is now compared in its A-label form."""
+    identity = data.add_identity(alice, locked)
+    web = app.test_client()
+    data.add_admin("root@example.net", "Root-pass-123")
+    log_in(web, "root@example.net", "Root-pass-123")
+    web.post(f"/outgoing/identities/{identity}/lock",
+             data={"csrf_token": csrf_token(web, "/outgoing/users"), "reason": "phishing"})
+    smtp = Client(proxy.port)
+    code, text = smtp.send_message(mail_from.encode(), b"<bob@b.test>")
+    assert code == 550 and locked.encode() in text, text
+    smtp.close()
+    assert raw_sink.commands(b"MAIL") == []
+
+
 @pytest.mark.parametrize(("mail_from", "rcpt", "status"), [
     (b"<a\x00b@a.test>", b"<bob@b.test>", b"501 5.1.7 "),  # NUL: was 250, then 451 at DATA
     (b"<alice\r@a.test>", b"<bob@b.test>", b"501 5.1.7 "),  # bare CR: was relayed without it

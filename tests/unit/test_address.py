@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scoring.address import canonical_mailbox, mailbox_domain, split_mailbox
+from scoring.address import canonical_domain, canonical_mailbox, mailbox_domain, split_mailbox
 from scoring.identity import extract_identity, normalise_identity
 
 ATEXT = "abcXYZ019!#$%&'*+/=?^_`{|}~-é"
@@ -52,7 +52,7 @@ def test_needless_quoting_is_removed_and_needed_quoting_kept(given_address, expe
 
 @given(dot_strings, domains, st.data())
 def test_a_quoted_dot_string_is_the_same_mailbox_as_the_plain_one(local, domain, draw):
-    plain = f"{local}@{domain}"
+    plain = f"{local}@{canonical_domain(domain)}"
     assert canonical_mailbox(f"{quote(local, draw)}@{domain}") == plain
     assert normalise_identity(f"{quote(local, draw)}@{domain}") == normalise_identity(plain)
 
@@ -62,7 +62,8 @@ def test_every_spelling_of_a_quoted_local_part_has_one_canonical_form(text, doma
     one = canonical_mailbox(f"{quote(text, draw)}@{domain}")
     assert canonical_mailbox(f"{quote(text, draw)}@{domain}") == one
     assert canonical_mailbox(one) == one  # idempotent
-    assert split_mailbox(one) is not None and mailbox_domain(one) == domain.lower()
+    assert split_mailbox(one) is not None
+    assert mailbox_domain(one) == canonical_domain(domain).lower()
 
 
 @given(quoted_text, quoted_text, domains, st.data())
@@ -81,3 +82,17 @@ def test_identities_from_the_envelope_and_from_headers_drop_needless_quotes():
                              headers=[("From", 'Mallory <"locked"@a.test>')],
                              rules=compile_rules([("From", "<([^>]+)>", False)]))
     assert found.value == "locked@a.test"
+
+
+@pytest.mark.parametrize(("address", "canonical"), [
+    ("bob@b\u00fccher.example", "bob@xn--bcher-kva.example"),
+    ("bob@B\u00dcCHER.example", "bob@xn--bcher-kva.example"),
+    ("bob@xn--bcher-kva.example", "bob@xn--bcher-kva.example"),
+    ("bob@\uff41.example", "bob@a.example"),  # a full-width a: nameprep maps it
+    ('"bob"@b\u00fccher.example', "bob@xn--bcher-kva.example"),
+    ("Bob@Example.COM", "Bob@Example.COM"),  # ASCII case: the callers' to fold
+    ("bob@a..\u00fc", "bob@a..\u00fc"),  # no valid IDN: as it is
+    ("bob@[192.0.2.1]", "bob@[192.0.2.1]"),
+])
+def test_the_domain_is_spelled_in_its_a_label_form(address, canonical):
+    assert canonical_mailbox(address) == canonical
