@@ -74,3 +74,48 @@ def test_0002_gives_existing_identities_their_users_domain(tmp_path, monkeypatch
             diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
             assert [d for d in diff if not _expected_extra(d)] == []
         engine.dispose()
+
+
+def test_0008_spells_identity_domains_in_a_labels_and_keeps_every_lock(tmp_path, monkeypatch):
+    """A Unicode domain's identities are renamed to the spelling the proxy now uses; one user
+    holding both spellings keeps one row, with the counts of both and the lock of either."""
+    with fresh_database(tmp_path) as url:
+        migrate(url, tmp_path, "0007", monkeypatch)
+        engine = sa.create_engine(url)
+        old = sa.MetaData()
+        old.reflect(engine)
+        identities = old.tables["identities"]
+        early, late = datetime(2026, 11, 1), datetime(2026, 11, 20)
+        with engine.begin() as conn:
+            domain = insert(conn, old.tables["domains"], name="a.example")
+            user = insert(conn, old.tables["outgoing_users"], domain_id=domain, kind="ip",
+                          name="192.0.2.1")
+            other = insert(conn, old.tables["outgoing_users"], domain_id=domain, kind="ip",
+                           name="192.0.2.2")
+            insert(conn, identities, user_id=user, domain_id=domain,
+                   value="spam@bücher.example", locked=True, lock_kind="manual",
+                   lock_id="L1", message_count=3, spam_count=2, first_seen=early,
+                   last_seen=early)
+            insert(conn, identities, user_id=user, domain_id=domain,
+                   value="spam@xn--bcher-kva.example", message_count=4, spam_count=0,
+                   first_seen=late, last_seen=late)
+            insert(conn, identities, user_id=other, domain_id=domain,
+                   value="eve@ｂücher.example", message_count=1)
+            for value in ("cust-42", "plain@a.example", "x@a..ü"):
+                insert(conn, identities, user_id=other, domain_id=domain, value=value)
+        engine.dispose()
+
+        migrate(url, tmp_path, "head", monkeypatch)
+        engine = sa.create_engine(url)
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text(
+                "SELECT user_id, value, locked, lock_id, message_count, spam_count, "
+                "first_seen, last_seen FROM identities ORDER BY user_id, value")).all()
+        engine.dispose()
+        merged = [r for r in rows if r[0] == user]
+        assert len(merged) == 1
+        assert merged[0][1:6] == ("spam@xn--bcher-kva.example", True, "L1", 7, 2)
+        assert str(merged[0][6]).startswith("2026-11-01")
+        assert str(merged[0][7]).startswith("2026-11-20")
+        assert sorted(r[1] for r in rows if r[0] == other) == [
+            "cust-42", "eve@xn--bcher-kva.example", "plain@a.example", "x@a..ü"]
