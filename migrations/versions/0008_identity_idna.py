@@ -8,7 +8,9 @@ The proxy now spells an identity's domain in IDNA A-label form (``scoring.addres
 ``bob@bücher.example`` and ``bob@xn--bcher-kva.example`` are one identity. Rows stored under
 the Unicode spelling are renamed to it; where the user has both, the two are merged (counts
 added, the earlier first and later last sight kept, and the lock of whichever is locked), so
-a lock is never lost. The proxy writes the database's locks back into Redis when it starts,
+a lock is never lost. Held and quarantined messages are keyed by identity too (the automatic
+release skips a locked identity's held mail; releases go by identity): theirs are renamed
+the same way. The message log keeps the spelling it recorded. The proxy writes the database's locks back into Redis when it starts,
 under the new spelling. The rule is copied here, not imported: a migration must not change
 when the code does.
 """
@@ -71,6 +73,14 @@ def upgrade():
         conn.execute(identities.update().where(identities.c.id == kept["id"]).values(**merged))
         conn.execute(identities.delete().where(identities.c.id == row["id"]))
         wanted[(row["user_id"], value)] = {**kept, **merged}
+
+    for name in ("held_messages", "quarantined_messages"):
+        stored = sa.table(name, sa.column("identity", sa.String))
+        for (value,) in conn.execute(sa.select(stored.c.identity).distinct()).all():
+            spelled = a_label(value) if value else None
+            if spelled is not None:
+                conn.execute(stored.update().where(stored.c.identity == value)
+                             .values(identity=spelled))
 
 
 def downgrade():

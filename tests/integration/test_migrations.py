@@ -103,6 +103,8 @@ def test_0008_spells_identity_domains_in_a_labels_and_keeps_every_lock(tmp_path,
                    value="eve@ｂücher.example", message_count=1)
             for value in ("cust-42", "plain@a.example", "x@a..ü"):
                 insert(conn, identities, user_id=other, domain_id=domain, value=value)
+            for table in ("held_messages", "quarantined_messages"):
+                insert(conn, old.tables[table], user_id=user, identity="spam@bücher.example")
         engine.dispose()
 
         migrate(url, tmp_path, "head", monkeypatch)
@@ -111,7 +113,11 @@ def test_0008_spells_identity_domains_in_a_labels_and_keeps_every_lock(tmp_path,
             rows = conn.execute(sa.text(
                 "SELECT user_id, value, locked, lock_id, message_count, spam_count, "
                 "first_seen, last_seen FROM identities ORDER BY user_id, value")).all()
+            # The automatic release skips a locked identity's held mail by this spelling.
+            held = [conn.execute(sa.text(f"SELECT identity FROM {table}")).scalar_one()
+                    for table in ("held_messages", "quarantined_messages")]
         engine.dispose()
+        assert held == ["spam@xn--bcher-kva.example"] * 2
         merged = [r for r in rows if r[0] == user]
         assert len(merged) == 1
         assert merged[0][1:6] == ("spam@xn--bcher-kva.example", True, "L1", 7, 2)
