@@ -104,7 +104,8 @@ def test_0008_spells_identity_domains_in_a_labels_and_keeps_every_lock(tmp_path,
             for value in ("cust-42", "plain@a.example", "x@a..ü"):
                 insert(conn, identities, user_id=other, domain_id=domain, value=value)
             for table in ("held_messages", "quarantined_messages"):
-                insert(conn, old.tables[table], user_id=user, identity="spam@bücher.example")
+                insert(conn, old.tables[table], user_id=user, domain_id=domain,
+                       identity="spam@bücher.example")
         engine.dispose()
 
         migrate(url, tmp_path, "head", monkeypatch)
