@@ -48,13 +48,13 @@ def own_address(identity: Identity) -> str | None:
     local, at, domain = identity.value.rpartition("@")
     if not at or len(local) > 64 or not _LOCAL_PART.fullmatch(local):
         return None
-    own = identity.user.domain.name
     try:
-        if normalise_domain(domain) != normalise_domain(own):
+        own = normalise_domain(identity.user.domain.name)
+        if normalise_domain(domain) != own:
             return None
     except ValueError:
         return None
-    return f"{local}@{normalise_domain(own)}"
+    return f"{local}@{own}"
 
 
 def foreign_identity(target: OutgoingUser | Identity) -> str | None:
