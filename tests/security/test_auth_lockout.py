@@ -353,3 +353,25 @@ def test_known_network_days_from_an_instance_file_are_a_usable_number(configured
     policy = ThrottlePolicy.from_config({"AUTH_KNOWN_NETWORK_DAYS": configured})
     assert policy.known_network_days == days
     assert isinstance(policy.known_network_seconds, int)
+
+
+@pytest.mark.parametrize("login,password", [
+    (LOGIN.encode(), b"\xff\xfe not utf-8"),
+    (b"nobody\xff@example.com", b"whatever-1"),
+    (LOGIN.encode(), b"wrong\x01\x1b\x7f\r\n"),  # a NUL would split the PLAIN data
+    (b"x" * 240 + b"@example.com", b"p" * 100),  # longest that fits the 512-byte command
+], ids=["8-bit password", "8-bit login", "control characters", "long login and password"])
+def test_hostile_auth_attempts_count_toward_the_limit_and_hold_no_slot_after(
+        login, password, alice, start_proxy, redis_client):
+    """Whatever the bytes, each wrong attempt is answered 535 until the limit, then 454, and
+    no attempt's slot is left held once its check is over (a leaked slot would count as a
+    failure for the whole window)."""
+    proxy = start_proxy(AUTH_FAILURE_LIMIT=3)
+    blob = base64.b64encode(b"\0" + login + b"\0" + password).decode()
+    codes = []
+    for _ in range(4):
+        with client(proxy.port, source=ATTACKER) as smtp:
+            codes.append(smtp.docmd("AUTH", f"PLAIN {blob}")[0])
+    assert codes == [535, 535, 535, 454]
+    pending = list(redis_client.scan_iter(match="og:{auth}:pending:*"))
+    assert all(redis_client.zcard(key) == 0 for key in pending), pending
