@@ -96,3 +96,13 @@ def test_identities_from_the_envelope_and_from_headers_drop_needless_quotes():
 ])
 def test_the_domain_is_spelled_in_its_a_label_form(address, canonical):
     assert canonical_mailbox(address) == canonical
+
+
+@given(st.text(max_size=300), st.text(min_size=1, max_size=300))
+def test_any_text_gets_one_canonical_form_and_never_raises(local, domain):
+    """Control characters, lone surrogates (8-bit header bytes), NUL, labels too long for
+    IDNA, empty labels: the domain is mapped or kept, never an error, and mapping twice
+    changes nothing more."""
+    once = canonical_mailbox(f"{local}@{domain}")
+    assert canonical_mailbox(once) == once
+    assert canonical_domain(canonical_domain(domain)) == canonical_domain(domain)
