@@ -397,6 +397,20 @@ class UsedToken(Base):
     used_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class ConfirmedAddress(Base):
+    """An address outside a domain that someone there agreed to get its notices at (the link
+    of ``outgoing.notify_addresses``): abuse reports, alerts and lock notices go to no other
+    outside address, so a customer cannot have the provider mail anyone it likes."""
+
+    __tablename__ = "confirmed_addresses"
+    __table_args__ = (UniqueConstraint("domain_id", "address"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    domain_id: Mapped[int] = mapped_column(ForeignKey("domains.id", ondelete="CASCADE"))
+    address: Mapped[str] = mapped_column(String(320))
+    confirmed_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class MessageLogEntry(Base):
     """One SMTP transaction, whatever its outcome (``outgoing/message_log.py``).
 

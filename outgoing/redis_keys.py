@@ -114,3 +114,8 @@ def campaign_senders(hour: int, fingerprint: str) -> str:
 def release_pace(user_id: int, minute: int) -> str:
     """Held messages released in one minute (the worker's pace)."""
     return f"og:{{{user_id}}}:released:{minute}"
+
+
+def confirmation_mails(domain_id: int, day: str) -> str:
+    """How many address confirmations a domain had mailed on ``day`` (YYYYMMDD, UTC)."""
+    return f"og:confirm-mails:{domain_id}:{day}"

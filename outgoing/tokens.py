@@ -1,4 +1,5 @@
-"""Signed, expiring unlock links mailed to a domain's contact when something is locked.
+"""Signed, expiring links: the unlock links mailed to a domain's contact when something is
+locked, and the links that confirm an address for a domain's notices.
 
 A token proves that we issued it (HMAC over the payload and timestamp with the app secret) and
 when. It does not by itself stop reuse: every token carries a random ``jti``, and the caller
@@ -25,6 +26,8 @@ from itsdangerous import (
 KINDS = ("user", "identity")
 DEFAULT_MAX_AGE = 86400
 _SALT = "outbound-guard.unlock-link"
+_CONFIRM_SALT = "outbound-guard.confirm-address"
+CONFIRM_MAX_AGE = 7 * 86400
 
 
 class InvalidUnlockToken(Exception):
@@ -56,13 +59,28 @@ class _ClockedSigner(TimestampSigner):
         return int(self._clock())
 
 
-def _serializer(secret: str, now: float | None) -> URLSafeTimedSerializer:
+def _serializer(secret: str, now: float | None, salt: str = _SALT) -> URLSafeTimedSerializer:
     if not secret:
-        raise ValueError("an unlock token needs a non-empty secret")
+        raise ValueError("a signed link needs a non-empty secret")
     clock = time.time if now is None else (lambda: now)
     return URLSafeTimedSerializer(
-        secret, salt=_SALT, signer=_ClockedSigner, signer_kwargs={"clock": clock}
+        secret, salt=salt, signer=_ClockedSigner, signer_kwargs={"clock": clock}
     )
+
+
+def _loads(secret: str, token: str, max_age: int, now: float | None, salt: str):
+    """A token's payload once its signature and age are checked, else InvalidUnlockToken."""
+    if not isinstance(token, str) or not token:
+        raise InvalidUnlockToken("invalid")
+    try:
+        return _serializer(secret, now, salt).loads(token, max_age=max_age)
+    except SignatureExpired as exc:
+        raise InvalidUnlockToken("expired") from exc
+    except BadSignature as exc:
+        # Wrong secret, altered payload, truncated link: all look the same from here.
+        raise InvalidUnlockToken("tampered") from exc
+    except BadData as exc:
+        raise InvalidUnlockToken("invalid") from exc
 
 
 def make_unlock_token(
@@ -86,17 +104,7 @@ def read_unlock_token(
 
     A token dated after ``now`` (clocks of web and worker apart) is reported as expired.
     """
-    if not isinstance(token, str) or not token:
-        raise InvalidUnlockToken("invalid")
-    try:
-        payload = _serializer(secret, now).loads(token, max_age=max_age)
-    except SignatureExpired as exc:
-        raise InvalidUnlockToken("expired") from exc
-    except BadSignature as exc:
-        # Wrong secret, altered payload, truncated link: all look the same from here.
-        raise InvalidUnlockToken("tampered") from exc
-    except BadData as exc:
-        raise InvalidUnlockToken("invalid") from exc
+    payload = _loads(secret, token, max_age, now, _SALT)
     try:
         claim = UnlockClaim(
             kind=payload["k"], target_id=payload["t"], lock_id=payload["l"], jti=payload["j"]
@@ -113,3 +121,32 @@ def read_unlock_token(
     ):
         raise InvalidUnlockToken("invalid")
     return claim
+
+
+@dataclass(frozen=True)
+class AddressClaim:
+    """What a valid confirmation link says: ``address`` may get ``domain_id``'s notices."""
+
+    domain_id: int
+    address: str
+
+
+def make_confirm_token(secret: str, *, domain_id: int, address: str,
+                       now: float | None = None) -> str:
+    """A URL-safe token for the link that confirms ``address`` for a domain's notices (its own
+    salt: an unlock token is never a confirmation, nor the other way round)."""
+    return _serializer(secret, now, _CONFIRM_SALT).dumps({"d": domain_id, "a": address})
+
+
+def read_confirm_token(secret: str, token: str, *, max_age: int = CONFIRM_MAX_AGE,
+                       now: float | None = None) -> AddressClaim:
+    """The claim of a confirmation token, or InvalidUnlockToken("expired"/"tampered"/
+    "invalid")."""
+    payload = _loads(secret, token, max_age, now, _CONFIRM_SALT)
+    if not isinstance(payload, dict):
+        raise InvalidUnlockToken("invalid")
+    domain_id, address = payload.get("d"), payload.get("a")
+    if isinstance(domain_id, bool) or not isinstance(domain_id, int) \
+            or not isinstance(address, str) or not address:
+        raise InvalidUnlockToken("invalid")
+    return AddressClaim(domain_id=domain_id, address=address)

@@ -53,6 +53,7 @@ def create_app(overrides: dict | None = None) -> Flask:
                                                     socket_timeout=5, socket_connect_timeout=5)
 
     from webapp import (
+        address_confirmation,
         audit_log,
         auth,
         cli,
@@ -77,6 +78,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     app.register_blueprint(dkim_keys.bp)
     app.register_blueprint(audit_log.bp)
     app.register_blueprint(unlock.bp)
+    app.register_blueprint(address_confirmation.bp)
     app.register_blueprint(__import__("webapp.auth_blocks", fromlist=["bp"]).bp)
     app.register_blueprint(__import__("webapp.quarantine", fromlist=["bp"]).bp)
     app.register_blueprint(__import__("webapp.archive", fromlist=["bp"]).bp)

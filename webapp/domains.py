@@ -15,6 +15,7 @@ from outgoing import audit, held, listing
 from outgoing.ids import parse_id
 from outgoing.models import Domain
 from webapp import scope
+from webapp.address_confirmation import request_confirmation, unconfirmed
 from webapp.extensions import db, htmx
 from webapp.forms.domains import (
     DETECTION_DEFAULT_HELP,
@@ -133,10 +134,14 @@ def settings(domain_id: int):
                 db.session.commit()
                 announce_change()
             flash("Saved." if changes else "Saved (nothing had changed).", "success")
+            asked = request_confirmation(domain, domain.abuse_report_address)
+            if asked:
+                flash(asked, "info")
             return redirect(url_for("domains.settings", domain_id=domain.id))
         status = 400
     return render_template("domains/settings.html", domain=domain, form=form,
                            help=SETTINGS_HELP, title=f"Settings of {domain.name}",
+                           unconfirmed=unconfirmed(domain, domain.abuse_report_address),
                            detection_form=_detection_form(),
                            detection_help=DETECTION_DEFAULT_HELP,
                            picker_action=url_for("domains.own_settings"),

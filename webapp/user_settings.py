@@ -27,6 +27,7 @@ from outgoing.users import (
     limit_order_problem,
 )
 from webapp import scope
+from webapp.address_confirmation import request_confirmation, unconfirmed
 from webapp.extensions import db, htmx
 from webapp.forms import choices
 from webapp.forms.user_settings import (
@@ -254,6 +255,7 @@ def _failed_registration_lookups() -> int | None:
 def _render(user: OutgoingUser, form: UserSettingsForm, status: int = 200, saved=False,
             overlap_needs_confirm: bool = False):
     context = dict(user=user, form=form, help=HELP, sections=SECTIONS, saved=saved,
+                   contact_unconfirmed=unconfirmed(user.domain, user.contact_email),
                    overlap_needs_confirm=overlap_needs_confirm,
                    kind_names=KIND_NAMES, usage=_usage(user), max_headers=MAX_HEADERS,
                    newly_registered_available=_newly_registered_available(),
@@ -298,10 +300,13 @@ def edit(user_id: int):
     if changes:
         announce_change()
     message = "Saved." if changes else "Saved (nothing had changed)."
+    asked = request_confirmation(user.domain, user.contact_email)
     if htmx:
         form = _build_form(user, stored=True)
-        return _render(user, form, saved=message)
+        return _render(user, form, saved=" ".join(filter(None, (message, asked))))
     flash(message, "success")
+    if asked:
+        flash(asked, "info")
     return redirect(url_for("user_settings.edit", user_id=user.id))
 
 

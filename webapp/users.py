@@ -26,6 +26,7 @@ from outgoing.users import (
     identifying_fields,
 )
 from webapp import scope
+from webapp.address_confirmation import request_confirmation
 from webapp.extensions import db, htmx
 from webapp.forms.users import KINDS, AddUserForm, RowActionForm, check_new_password
 from webapp.services import actor, announce_change, redis_client
@@ -158,6 +159,9 @@ def add():
                  **confirmed_overlaps(db.session, user))
     db.session.commit()
     announce_change()
+    asked = request_confirmation(domain, user.contact_email)
+    if asked:
+        flash(asked, "info")
     if request.form.get("action") == "add":
         flash(f"Added {user.kind_label} {user.name} with the default settings.", "success")
         target = url_for("users.index")

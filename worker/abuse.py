@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from outgoing import jobs
 from outgoing.models import KIND_IP, Domain, OutgoingUser, QuarantinedMessage
+from outgoing.notify_addresses import may_notify
 from outgoing.redis_conn import rq_connection
 from outgoing.storage import FileStore
 from worker import mail
@@ -78,6 +79,8 @@ def report(db, redis, config: dict, message_id: int) -> str:
     address = domain.abuse_report_address if domain else None
     if not address:
         return "the domain has no abuse report address; nothing sent"
+    if not may_notify(db, domain, address):
+        return f"{address} is not confirmed for {domain.name}; nothing sent"
     start = bucket_start(row.received_at)
     verdict = redis.eval(_DECIDE, 1, bucket_key(domain.id, start), str(row.id),
                          REPORTS_PER_HOUR, BUCKET_KEEP_SECONDS)
@@ -110,6 +113,8 @@ def digest(db, redis, config: dict, domain_id: int, start: int) -> str:
     domain = db.get(Domain, domain_id)
     if domain is None or not domain.abuse_report_address:
         return "the domain has no abuse report address; nothing sent"
+    if not may_notify(db, domain, domain.abuse_report_address):
+        return f"{domain.abuse_report_address} is not confirmed for {domain.name}; nothing sent"
     entries = redis.hgetall(bucket_key(domain_id, start))
     ids = sorted(int(k) for k, v in entries.items() if v in (b"digest", "digest"))
     rows = list(db.scalars(select(QuarantinedMessage).where(QuarantinedMessage.id.in_(ids))

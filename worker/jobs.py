@@ -13,12 +13,13 @@ from datetime import UTC, datetime
 
 from rq.utils import import_attribute
 
-from outgoing import incident, jobs, locks
+from outgoing import incident, jobs, locks, notify_addresses
 from outgoing.db import session_scope
 from outgoing.models import Identity, OutgoingUser, utcnow
 from outgoing.tokens import make_unlock_token
 from worker import (
     abuse,
+    address_confirmation,
     context,
     lock_mail,
     mail,
@@ -88,7 +89,8 @@ def notify_lock(kind: str, target_id: int, lock_id: str) -> str:
         passed_over = lock_mail.foreign_identity(target)
         if passed_over:
             notes.append(passed_over)
-        recipient = lock_mail.sender_address(target)
+        recipient = lock_mail.sender_address(
+            target, lambda address: notify_addresses.may_notify(db, owner.domain, address))
         if recipient:
             notice = lock_mail.sender_notice(target)
             if notice.error:
@@ -102,7 +104,9 @@ def notify_lock(kind: str, target_id: int, lock_id: str) -> str:
             notes.append("no address to tell the sender")
 
         admin = (owner.domain.abuse_report_address or "").strip()
-        if admin:
+        if admin and not notify_addresses.may_notify(db, owner.domain, admin):
+            notes.append(f"{admin} is not confirmed for {owner.domain.name}: no alert")
+        elif admin:
             spam = locks.triggering_spam(db, target,
                                          window_seconds=config["SPAM_WINDOW_SECONDS"])
             max_age = config["UNLOCK_LINK_MAX_AGE"]
@@ -178,3 +182,10 @@ def run_periodic(name: str, due: str) -> object:
     jobs.schedule_periodic(context.redis_client(), name,
                            jobs.next_due(name, datetime.now(UTC)))
     return import_attribute(spec.func)(due)
+
+
+def send_address_confirmation(domain_id: int, address: str) -> str:
+    """Mail ``address`` the link that confirms it for the domain's notices."""
+    with session_scope(context.sessionmaker()) as db:
+        return address_confirmation.send(db, context.redis_client(), context.config(),
+                                         domain_id, address)

@@ -6,7 +6,7 @@ Pure text building from loaded rows; sending and idempotency are the job's busin
 from __future__ import annotations
 
 import json
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -15,7 +15,7 @@ from outgoing.lock_templates import RenderedTemplate, render_lock_template
 from outgoing.locks import owner_of
 from outgoing.message_log import FIRST_RECIPIENTS
 from outgoing.models import LOCK_AUTOMATIC, Identity, OutgoingUser, QuarantinedMessage
-from outgoing.users import normalise_domain
+from outgoing.notify_addresses import own_domain_address
 from scoring.incident import NETWORK_PREFIX_V4, NETWORK_PREFIX_V6
 
 
@@ -27,11 +27,6 @@ def describe(target: OutgoingUser | Identity) -> str:
     return f"{owner.kind_label} {owner.name}"
 
 
-# The local part of an identity the notice may go to: an ASCII dot-atom without "%" and "!",
-# which some next hops still read as a route to another host (user%host@, host!user@).
-_LOCAL_PART = re.compile(r"[A-Za-z0-9#$&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9#$&'*+/=?^_`{|}~-]+)*")
-
-
 def _looks_like_address(value: str | None) -> bool:
     return bool(value) and "@" in value and not any(c.isspace() for c in value)
 
@@ -41,20 +36,8 @@ def own_address(identity: Identity) -> str | None:
 
     An identity is what the sender claimed (envelope sender, a header), and a customer's user
     may claim any address: only one in the domain the user belongs to is an address the
-    customer may send as (DESIGN.md "Tenancy"), so only that one is told. The domain is
-    compared in lower-case IDNA form and must be that domain itself, not a subdomain; the
-    address returned is spelled with the user's domain, so the next hop can route it nowhere
-    else."""
-    local, at, domain = identity.value.rpartition("@")
-    if not at or len(local) > 64 or not _LOCAL_PART.fullmatch(local):
-        return None
-    try:
-        own = normalise_domain(identity.user.domain.name)
-        if normalise_domain(domain) != own:
-            return None
-    except ValueError:
-        return None
-    return f"{local}@{own}"
+    customer may send as (DESIGN.md "Tenancy"), so only that one is told."""
+    return own_domain_address(identity.value, identity.user.domain.name)
 
 
 def foreign_identity(target: OutgoingUser | Identity) -> str | None:
@@ -68,16 +51,18 @@ def foreign_identity(target: OutgoingUser | Identity) -> str | None:
             f"{target.user.domain.name}: not told")
 
 
-def sender_address(target: OutgoingUser | Identity) -> str | None:
+def sender_address(target: OutgoingUser | Identity,
+                   may_notify: Callable[[str], bool]) -> str | None:
     """Who is told of the lock: the identity if it is an address of the user's own domain,
-    else the user's contact (or the username, when it is an address)."""
+    else the user's contact (or the username, when it is an address) that ``may_notify``
+    allows (``outgoing.notify_addresses``: the domain's own, or confirmed)."""
     owner = owner_of(target)
     if isinstance(target, Identity):
         address = own_address(target)
         if address:
             return address
     for value in (owner.contact_email, owner.name):
-        if _looks_like_address(value):
+        if _looks_like_address(value) and may_notify(value):
             return value
     return None
 

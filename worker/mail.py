@@ -77,6 +77,15 @@ def send(config: dict, message: EmailMessage | bytes, *, sender: str, to: list[s
         raise
 
 
+def _sent_key(marker: str) -> str:
+    return f"og:sent:{marker}"
+
+
+def was_sent(redis, marker: str) -> bool:
+    """Whether ``send_once`` has sent (or is sending) the mail of ``marker``."""
+    return bool(redis.exists(_sent_key(marker)))
+
+
 def send_once(config: dict, redis, marker: str, message: EmailMessage | bytes, *,
               sender: str, to: list[str]) -> bool:
     """Send unless ``marker`` says it was sent already; True when sent now.
@@ -85,7 +94,7 @@ def send_once(config: dict, redis, marker: str, message: EmailMessage | bytes, *
     neither mails twice nor loses the mail. (A crash between the next hop's 250 and the end
     of the job is the one case left where a retry could mail twice.)
     """
-    key = f"og:sent:{marker}"
+    key = _sent_key(marker)
     if not redis.set(key, 1, nx=True, ex=SENT_MARKER_SECONDS):
         return False
     try:

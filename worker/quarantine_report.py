@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select
 
 from outgoing.models import Domain, OutgoingUser, QuarantinedMessage
+from outgoing.notify_addresses import may_notify
 from worker import mail
 
 TOP_SUBJECTS = 10
@@ -81,6 +82,9 @@ def send_reports(db, redis, config: dict, end: datetime) -> list[str]:
                          .order_by(Domain.name))
     for domain in domains:
         if not domain.abuse_report_address.strip():
+            continue
+        if not may_notify(db, domain, domain.abuse_report_address):
+            notes.append(f"{domain.name}: {domain.abuse_report_address} is not confirmed")
             continue
         summary = summarise(db, domain, start, end)
         if summary is None:

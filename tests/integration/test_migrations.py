@@ -126,3 +126,33 @@ def test_0008_spells_identity_domains_in_a_labels_and_keeps_every_lock(tmp_path,
         assert str(merged[0][7]).startswith("2026-11-20")
         assert sorted(r[1] for r in rows if r[0] == other) == [
             "cust-42", "eve@xn--bcher-kva.example", "plain@a.example", "x@a..ü"]
+
+
+def test_0009_takes_the_addresses_set_before_it_as_confirmed(tmp_path, monkeypatch):
+    """An upgrade must not silently stop the notices an operator relies on: every abuse report
+    address, contact email and address username set before 0009 counts as confirmed for its
+    domain (spelled as the code compares them), and only for its domain."""
+    with fresh_database(tmp_path) as url:
+        migrate(url, tmp_path, "0008", monkeypatch)
+        engine = sa.create_engine(url)
+        old = sa.MetaData()
+        old.reflect(engine)
+        with engine.begin() as conn:
+            one = insert(conn, old.tables["domains"], name="one.example",
+                         abuse_report_address=" NOC@Provider.Example ")
+            two = insert(conn, old.tables["domains"], name="two.example",
+                         abuse_report_address=None)
+            insert(conn, old.tables["outgoing_users"], domain_id=two, kind="ip",
+                   name="192.0.2.0/24", contact_email="ops@bücher.example")
+            insert(conn, old.tables["outgoing_users"], domain_id=two, kind="user",
+                   name="bob@two.example", contact_email=None)
+        engine.dispose()
+
+        migrate(url, tmp_path, "head", monkeypatch)
+        engine = sa.create_engine(url)
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT domain_id, address FROM confirmed_addresses"))
+            assert sorted(rows) == sorted([(one, "noc@provider.example"),
+                                           (two, "ops@xn--bcher-kva.example"),
+                                           (two, "bob@two.example")])
+        engine.dispose()

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 import redis as redis_lib
 from sqlalchemy import select, update
 
-from outgoing import locks
+from outgoing import locks, notify_addresses
 from outgoing.models import (
     LOCK_AUTOMATIC,
     Domain,
@@ -48,10 +48,15 @@ def redis_client():
     return redis_lib.from_url(os.environ["REDIS_URL"])
 
 
-def set_domain(name: str, **fields) -> int:
+def set_domain(name: str, *, confirmed: bool = True, **fields) -> int:
+    """Change a domain's columns; an abuse report address outside the domain is confirmed
+    for it too (as a super admin's is), unless ``confirmed`` is False."""
     def change(session):
         session.execute(update(Domain).where(Domain.name == name).values(**fields))
-        return session.scalar(select(Domain.id).where(Domain.name == name))
+        domain_id = session.scalar(select(Domain.id).where(Domain.name == name))
+        if confirmed and fields.get("abuse_report_address"):
+            notify_addresses.confirm(session, domain_id, fields["abuse_report_address"])
+        return domain_id
     return data.query(change)
 
 
