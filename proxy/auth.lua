@@ -22,7 +22,8 @@
 -- ARGV[7]  networks remembered before this moment are forgotten (on success)
 -- ARGV[8]  networks kept per username (on success)
 -- ARGV[9]  seconds the networks key lives after a success
--- ARGV[10] "1": on success, also tell whether either subject failed within the window
+-- ARGV[10] "1": on success, also tell whether the address, or the username from the
+--          client's network, failed within the window
 -- ARGV[11] the failure limit: unless "2", a subject whose failures within the window and
 --          attempts still being checked reach it refuses this AUTH as a block would ("0":
 --          not counted here). So parallel guesses cannot all pass before a failure is recorded
@@ -101,8 +102,23 @@ if username ~= "" and known_seconds > 0 then
   redis.call("EXPIRE", KEYS[2], ARGV[9])
 end
 
+-- "Failed AUTH followed by success": a failure of this address, or of this username from
+-- this network (a failure's member ends in "|" and its network), within the window. Any
+-- client can fail AUTH with anyone's username: failures from elsewhere say nothing about
+-- this session, and would let one customer push another up the ladder.
 local failed = 0
-if ARGV[10] == "1" and (redis.call("ZCARD", KEYS[3]) > 0 or redis.call("ZCARD", KEYS[4]) > 0) then
-  failed = 1
+if ARGV[10] == "1" then
+  local since = "(" .. ARGV[12]
+  if redis.call("ZCOUNT", KEYS[4], since, "+inf") > 0 then
+    failed = 1
+  elseif username ~= "" then
+    local suffix = "|" .. ARGV[4]
+    for _, member in ipairs(redis.call("ZRANGEBYSCORE", KEYS[3], since, "+inf")) do
+      if string.sub(member, -#suffix) == suffix then
+        failed = 1
+        break
+      end
+    end
+  end
 end
 return { "", known, 1, failed }

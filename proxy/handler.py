@@ -585,9 +585,9 @@ class OutboundHandler:
                               check: throttle.AuthCheck,
                               token: str | None = None) -> throttle.AuthCheck:
         """After scrypt: remember the login's network, give back the attempt's slot
-        (``token``), and tell whether the login or the address failed AUTH shortly before
-        this success (compromise detection's "failed AUTH followed by success", asked only
-        when detection is on for the user)."""
+        (``token``), and tell whether the address, or the login from this network, failed
+        AUTH shortly before this success (compromise detection's "failed AUTH followed by
+        success", asked only when detection is on for the user)."""
         try:
             return await throttle.check(self.redis, ip, login, now, self.throttle,
                                         success=True, checked=True,

@@ -153,7 +153,8 @@ async def check(redis, client_ip: str, login: str | None, now: float, policy: Th
     ``success``: the password is known to be right; when nothing is blocked, the same call
     remembers the client's network as one the login succeeded from (forgetting networks
     older than the policy's days, keeping the newest few) and, with ``ask_failures``, tells
-    whether the login or the address failed AUTH within the window (compromise detection's
+    whether the address, or the login from the client's network (not from anywhere: anyone
+    can fail with anyone's login), failed AUTH within the window (compromise detection's
     "failed AUTH followed by success"). So a login whose password this process has verified
     before costs one round trip, and any other two: the check before the password, this
     after it, with ``checked``: the success is then recorded (and the failures asked) even
@@ -222,7 +223,9 @@ async def record_failure(redis, client_ip: str, login: str | None, now: float,
     replaces in the same transaction (never both counted out at once). Returns the subjects
     blocked by this failure."""
     names = subjects(client_ip, None if known_network else login)
-    member = f"{now!r}:{secrets.token_hex(4)}"
+    # The network ends the member: a success from it is "failed AUTH followed by success"
+    # (auth.lua), one from elsewhere is not.
+    member = f"{now!r}:{secrets.token_hex(4)}|{auth_network(client_ip)}"
     keep = max(policy.limit, 1)
     async with redis.pipeline(transaction=True) as pipe:
         if release:

@@ -125,6 +125,34 @@ def test_failed_auth_then_success_from_a_new_network_scores_the_first_message(
     assert len(sink.handler.messages) == 0
 
 
+def test_another_customers_failed_auth_as_ones_login_scores_nothing(
+        instance, start_proxy, sink):
+    """Customer A fails AUTH once with customer B's login, from A's own network: B's next
+    sessions from B's network are not "failed AUTH followed by success" (DESIGN.md: no
+    customer can push another up the ladder). A guess from the network that then logs in
+    still is."""
+    data.add_user("b.example", "user", "bob@b.example", PW,
+                  **dict(ENFORCE, detection_new_sender_allowance=1000, detection_hold_at=20))
+    proxy = start_proxy()
+    with client(proxy.port, source="127.0.0.20") as smtp:
+        smtp.login("bob@b.example", PW)  # a new network: 8 points (and a little content)
+        assert send(smtp, message(), sender="bob@b.example")[0] == 250
+    with client(proxy.port, source="127.0.1.66") as smtp:  # customer A's server
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            smtp.login("bob@b.example", "a-guess-1")
+    for _ in range(2):
+        with client(proxy.port, source="127.0.0.20") as smtp:
+            smtp.login("bob@b.example", PW)
+            assert send(smtp, message(), sender="bob@b.example")[0] == 250
+    assert held_rows() == []
+    assert len(sink.handler.messages) == 3
+
+    with client(proxy.port, source="127.0.1.67") as smtp:  # the guessing network logs in
+        smtp.login("bob@b.example", PW)
+        assert send(smtp, message(), sender="bob@b.example")[0] == 250
+    assert held_rows() == [("bob@b.example", "held")]
+
+
 def test_failed_auth_before_a_password_this_proxy_verified_already_is_scored(
         instance, start_proxy, sink):
     """The second login's password is known to the process, so its block check and its
