@@ -52,6 +52,17 @@ def _safe_next(target: str | None) -> str:
     return url_for("users.index")
 
 
+def local_path(target: str | None, prefix: str) -> str | None:
+    """``target`` when it is a path of the panel under ``prefix`` that a redirect may carry
+    (no ``//``, no ``\\``, no control character: CR or LF in a Location header is refused by
+    the server, which turned a hand-made ``next`` into a 500 after the action was done)."""
+    target = target or ""
+    if (target.startswith(prefix) and "//" not in target and "\\" not in target
+            and not _CONTROL.search(target)):
+        return target
+    return None
+
+
 @bp.route("/login", methods=["GET", "POST"])
 def login():
     form = LoginForm()

@@ -33,6 +33,7 @@ from outgoing.models import QuarantinedMessage
 from outgoing.newdomains import import_file
 from outgoing.quarantine import expire_quarantine, recipients, remove_messages, rules_of
 from webapp import scope
+from webapp.auth import local_path
 from webapp.extensions import db, htmx
 from webapp.services import actor, redis_client
 from webapp.stored_messages import download_response, view_response
@@ -128,8 +129,8 @@ def _remove(rows: list[QuarantinedMessage]) -> int:
 
 
 def _back():
-    target = request.form.get("next", "")
-    if target.startswith("/outgoing/quarantine") and "//" not in target:
+    target = local_path(request.form.get("next"), "/outgoing/quarantine")
+    if target is not None:
         return redirect(target)
     return redirect(url_for("quarantine.index"))
 

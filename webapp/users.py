@@ -27,6 +27,7 @@ from outgoing.users import (
 )
 from webapp import scope
 from webapp.address_confirmation import request_confirmation
+from webapp.auth import local_path
 from webapp.extensions import db, htmx
 from webapp.forms.users import KINDS, AddUserForm, RowActionForm, check_new_password
 from webapp.services import actor, announce_change, redis_client
@@ -220,8 +221,8 @@ def _same_site(url: str | None) -> bool:
 def back_to(default: str) -> str:
     """Where a row action without JavaScript returns: the form's ``next`` (a local path),
     else the page it came from, else ``default``."""
-    target = request.form.get("next", "")
-    if target.startswith("/outgoing/") and "//" not in target and "\\" not in target:
+    target = local_path(request.form.get("next"), "/outgoing/")
+    if target is not None:
         return target
     return request.referrer if _same_site(request.referrer) else default
 
