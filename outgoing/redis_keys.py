@@ -119,3 +119,20 @@ def release_pace(user_id: int, minute: int) -> str:
 def confirmation_mails(domain_id: int, day: str) -> str:
     """How many address confirmations a domain had mailed on ``day`` (YYYYMMDD, UTC)."""
     return f"og:confirm-mails:{domain_id}:{day}"
+
+
+# The control panel's login form (``webapp/login_throttle.py``): failed logins per client
+# address and per admin email, their blocks, and the networks each admin logged in from.
+PANEL_LOGIN = "og:{panel-login}"
+
+
+def panel_login_failures(kind: str, value: str) -> str:
+    return f"{PANEL_LOGIN}:fails:{kind}:{value}"
+
+
+def panel_login_block(kind: str, value: str) -> str:
+    return f"{PANEL_LOGIN}:block:{kind}:{value}"
+
+
+def panel_login_known(email: str, network: str) -> str:
+    return f"{PANEL_LOGIN}:known:{email}:{network}"

@@ -1,17 +1,30 @@
 """Logging in and out of the control panel."""
 
+import math
 import re
 from urllib.parse import urlsplit
 
-from flask import Blueprint, flash, redirect, render_template, request, session, url_for
+import redis
+from flask import (
+    Blueprint,
+    current_app,
+    flash,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 from flask_login import current_user, login_required, login_user, logout_user
 from sqlalchemy import select
 
 from outgoing.ids import parse_id
 from outgoing.models import Admin
-from outgoing.passwords import verify_password
+from outgoing.passwords import stand_in_hash, verify_password
+from webapp import login_throttle
 from webapp.extensions import db, login_manager
 from webapp.forms.auth import LoginForm
+from webapp.services import redis_client
 
 bp = Blueprint("auth", __name__)
 
@@ -67,13 +80,34 @@ def local_path(target: str | None, prefix: str) -> str | None:
 def login():
     form = LoginForm()
     if form.validate_on_submit():
-        admin = db.session.scalar(select(Admin).where(Admin.email == form.email.data.lower()))
-        if admin and verify_password(admin.password_hash, form.password.data):
+        email = form.email.data.strip().lower()
+        client_ip = login_throttle.client_address()
+        wait = _throttle(login_throttle.blocked_for, client_ip, email) or 0
+        if wait:
+            flash(f"Too many failed logins. Try again in {max(1, math.ceil(wait / 60))} "
+                  "minute(s).", "error")
+            return render_template("login.html", form=form), 429
+        admin = db.session.scalar(select(Admin).where(Admin.email == email))
+        # An unknown email costs a password check too, so the time of a refusal does not
+        # tell which admin accounts exist.
+        if verify_password(admin.password_hash if admin else stand_in_hash(),
+                           form.password.data) and admin is not None:
+            _throttle(login_throttle.record_success, client_ip, email)
             session.clear()  # nothing of the session before the login carries over
             login_user(admin)
             return redirect(_safe_next(request.args.get("next")))
+        _throttle(login_throttle.record_failure, client_ip, email)
         flash("Email or password is not correct.", "error")
     return render_template("login.html", form=form), 200 if request.method == "GET" else 400
+
+
+def _throttle(step, client_ip: str, email: str):
+    """One step of the login throttle; with Redis unreachable, logins still work."""
+    try:
+        return step(redis_client(), client_ip, email)
+    except redis.RedisError as exc:
+        current_app.logger.warning("login throttle: Redis unavailable: %s", exc)
+        return None
 
 
 @bp.post("/logout")

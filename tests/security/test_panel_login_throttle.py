@@ -1,0 +1,95 @@
+"""Password guessing on the panel's login form: after AUTH_FAILURE_LIMIT wrong passwords the
+guessing address is blocked (even the right password is refused while it lasts), and so is
+the guessed admin's email from networks the admin never logged in from; the admin's own
+network keeps working. Through the real app, its login form and a real Redis."""
+
+from __future__ import annotations
+
+import pytest
+
+from outgoing import redis_keys
+from tests.support import data
+from tests.support.web import csrf_token
+
+EMAIL, PASSWORD = "root@example.net", "Root-pass-12345"
+LIMIT = 10  # AUTH_FAILURE_LIMIT's default
+
+
+@pytest.fixture
+def admin(app):
+    data.add_admin(EMAIL, PASSWORD)
+
+
+def client_from(app, address: str):
+    client = app.test_client()
+    client.environ_base["REMOTE_ADDR"] = address
+    return client
+
+
+def attempt(client, password: str, email: str = EMAIL):
+    return client.post("/login", data={"email": email, "password": password,
+                                       "csrf_token": csrf_token(client)})
+
+
+def test_the_guessing_address_is_blocked_even_for_the_right_password(app, admin):
+    guesser = client_from(app, "203.0.113.5")
+    for n in range(LIMIT):
+        assert attempt(guesser, f"guess-{n}").status_code == 400
+    refused = attempt(guesser, PASSWORD)
+    assert refused.status_code == 429
+    assert "Too many failed logins" in refused.get_data(as_text=True)
+    assert guesser.get("/outgoing/users").status_code == 302  # still not logged in
+
+
+def test_guessing_from_many_addresses_blocks_the_email_but_not_the_owners_network(
+        app, admin, redis_client):
+    owner = client_from(app, "198.51.100.20")
+    assert attempt(owner, PASSWORD).status_code == 302
+    owner.post("/logout", data={"csrf_token": csrf_token(owner, "/outgoing/users")})
+    for n in range(LIMIT):  # one guess per address: no address reaches the limit
+        assert attempt(client_from(app, f"203.0.{n}.9"), f"guess-{n}").status_code == 400
+    assert redis_client.exists(redis_keys.panel_login_block("email", EMAIL))
+    assert attempt(client_from(app, "192.0.2.77"), PASSWORD).status_code == 429
+    # The owner's /24 logged in before: the email's block does not apply there.
+    assert attempt(client_from(app, "198.51.100.21"), PASSWORD).status_code == 302
+
+
+def test_unknown_emails_count_too(app, admin):
+    guesser = client_from(app, "203.0.113.6")
+    for n in range(LIMIT):
+        assert attempt(guesser, "whatever-1", email=f"nobody{n}@example.net").status_code == 400
+    assert attempt(guesser, PASSWORD).status_code == 429
+
+
+def test_a_few_wrong_passwords_do_not_stop_the_right_one(app, admin):
+    client = client_from(app, "198.51.100.30")
+    for n in range(LIMIT - 1):
+        assert attempt(client, f"typo-{n}").status_code == 400
+    assert attempt(client, PASSWORD).status_code == 302
+
+
+def test_clients_behind_a_local_reverse_proxy_are_told_apart(app, admin):
+    proxy = client_from(app, "127.0.0.1")
+    behind = {"X-Forwarded-For": "198.51.100.99, 203.0.113.50"}  # the proxy appended the last
+    for n in range(LIMIT):
+        proxy.post("/login", headers=behind, data={
+            "email": "other@example.net", "password": f"guess-{n}",
+            "csrf_token": csrf_token(proxy)})
+    blocked = proxy.post("/login", headers=behind, data={
+        "email": EMAIL, "password": PASSWORD, "csrf_token": csrf_token(proxy)})
+    assert blocked.status_code == 429
+    admin_behind = {"X-Forwarded-For": "192.0.2.10"}
+    assert proxy.post("/login", headers=admin_behind, data={
+        "email": EMAIL, "password": PASSWORD,
+        "csrf_token": csrf_token(proxy)}).status_code == 302
+
+
+def test_a_remote_client_cannot_choose_its_address_with_the_header(app, admin):
+    guesser = client_from(app, "203.0.113.7")
+    for n in range(LIMIT):
+        guesser.post("/login", headers={"X-Forwarded-For": f"192.0.2.{n}"}, data={
+            "email": "other@example.net", "password": f"guess-{n}",
+            "csrf_token": csrf_token(guesser)})
+    assert guesser.post("/login", headers={"X-Forwarded-For": "192.0.2.200"}, data={
+        "email": EMAIL, "password": PASSWORD,
+        "csrf_token": csrf_token(guesser)}).status_code == 429
