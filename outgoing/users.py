@@ -22,6 +22,7 @@ from outgoing.models import (
     OutgoingUser,
 )
 from outgoing.passwords import hash_password
+from scoring.address import split_mailbox
 from scoring.ipranges import IpRange, parse_ip_range, whole_space_problem, width_problem
 from scoring.limits import CONNECTION_WINDOWS
 
@@ -212,7 +213,10 @@ def customer_username(name: str, domain: Domain) -> str:
         host = normalise_domain(host)
     except ValueError:
         host = ""
-    if not local or host != domain.name:
+    # The local part must be one an address can have (a dot-string or a quoted string of at
+    # most 64 octets): "eve@other.test@{domain}" or "<b>x</b>@{domain}" is no address of it.
+    if (not local or host != domain.name or len(local.encode()) > 64
+            or split_mailbox(f"{local}@{host}") != (local, host)):
         raise UserError("username", f"A username must be an address in {domain.name}, such "
                                     f"as alice@{domain.name} (or just alice).")
     return f"{local}@{host}"

@@ -246,6 +246,24 @@ def test_a_customer_cannot_add_a_login_in_another_domain(ops):
     assert users() == before
 
 
+@pytest.mark.parametrize("username", ["eve@other.test@one.example", "<b>eve</b>@one.example",
+                                      "eve@other.test@", "a..b", ".eve", "x" * 65])
+def test_a_customer_login_must_be_an_address_of_their_domain(ops, username):
+    before = users()
+    response = ops.add("user", "one.example", username=username, password=GOOD_PW,
+                       confirm_password=GOOD_PW, htmx=True)
+    assert response.status_code == 400
+    refusal = error_under(response.get_data(as_text=True), "username")
+    assert "must be an address in one.example" in refusal
+    assert users() == before
+
+
+def test_a_customer_login_may_be_any_address_of_their_domain(ops):
+    response = ops.add("user", "one.example", username="o'brien+shop.2@one.example",
+                       password=GOOD_PW, confirm_password=GOOD_PW, htmx=True)
+    assert response.status_code == 204
+
+
 def test_refusals_do_not_tell_whether_another_customer_has_the_login(ops):
     def refusal(name: str) -> str:
         response = ops.add("user", "one.example", username=name, password=GOOD_PW,
