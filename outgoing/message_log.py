@@ -16,6 +16,7 @@ led by its column (sender, user, Message-ID, domain) and bounded by the time ran
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -64,34 +65,59 @@ def encode(record: dict) -> dict[str, str]:
 
 def row_from_entry(stream_id: str, fields: dict) -> dict | None:
     """The table row of one stream entry; None for an entry that cannot be read (it is
-    acknowledged and skipped, never retried forever)."""
+    acknowledged and skipped, never retried forever).
+
+    Every value is made one the database takes, whatever the entry holds: a batch is one
+    transaction, so a single value it refused would fail every run and stall the log for
+    everyone (a NUL in text, which PostgreSQL refuses, comes straight from an AUTH LOGIN
+    name anyone may send)."""
     raw = fields.get(b"r", fields.get("r"))
     try:
         record = json.loads(raw)
+        if not isinstance(record, dict):
+            return None
         at = datetime.fromtimestamp(float(record["at"]), UTC).replace(tzinfo=None)
-    except (TypeError, ValueError, KeyError):
+        row = {"stream_id": stream_id, "at": at}
+        for name, limit in _TEXT_LIMITS.items():
+            value = record.get(name)
+            row[name] = None if value is None else _text(value, limit)
+        row["stage"] = row["stage"] or "data"
+        row["verdict"] = row["verdict"] or "refused"
+        for name in ("domain_id", "user_id", "size", "stored_id"):
+            row[name] = _integer(record.get(name))
+        for name in ("score", "relay_seconds"):
+            value = record.get(name)
+            row[name] = float(value) if isinstance(value, int | float) and \
+                math.isfinite(value) else None
+        listed = record.get("recipients")
+        listed = listed if isinstance(listed, list) else []
+        recipients = [_text(r, 320) for r in listed][:FIRST_RECIPIENTS]
+        row["recipients"] = "\n".join(recipients) or None
+        row["rcpt_count"] = _integer(record.get("rcpt_count")) or len(recipients)
+        row["refused_count"] = _integer(record.get("refused_count")) or 0
+        rules = record.get("rules")
+        row["rules"] = json.dumps(list(rules)[:50]) if isinstance(rules, list) and rules \
+            else None
+    except (TypeError, ValueError, KeyError, OverflowError, OSError):
         return None
-    if not isinstance(record, dict):
-        return None
-    row = {"stream_id": stream_id, "at": at}
-    for name, limit in _TEXT_LIMITS.items():
-        value = record.get(name)
-        row[name] = None if value is None else str(value)[:limit]
-    row["stage"] = row["stage"] or "data"
-    row["verdict"] = row["verdict"] or "refused"
-    for name in ("domain_id", "user_id", "size", "stored_id"):
-        value = record.get(name)
-        row[name] = int(value) if isinstance(value, int | float) else None
-    for name in ("score", "relay_seconds"):
-        value = record.get(name)
-        row[name] = float(value) if isinstance(value, int | float) else None
-    recipients = [str(r)[:320] for r in record.get("recipients") or []][:FIRST_RECIPIENTS]
-    row["recipients"] = "\n".join(recipients) or None
-    row["rcpt_count"] = int(record.get("rcpt_count") or len(recipients))
-    row["refused_count"] = int(record.get("refused_count") or 0)
-    rules = record.get("rules")
-    row["rules"] = json.dumps(list(rules)[:50]) if rules else None
     return row
+
+
+_INTEGER_MAX = 2**31 - 1  # the columns' type on PostgreSQL
+
+
+def _integer(value) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or \
+            not math.isfinite(value) or not -_INTEGER_MAX <= value <= _INTEGER_MAX:
+        return None
+    return int(value)
+
+
+def _text(value, limit: int) -> str:
+    """``value`` as text the database stores: no NUL, no lone surrogate, at most ``limit``
+    characters."""
+    text_ = str(value).replace("\x00", "\ufffd")
+    return text_.encode("utf-8", "replace").decode("utf-8")[:limit]
 
 
 def insert_rows(session, rows: list[dict]) -> int:

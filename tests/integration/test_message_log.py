@@ -5,6 +5,7 @@ nothing doubled when a worker dies mid-batch; retention."""
 from __future__ import annotations
 
 import base64
+import json
 import smtplib
 import subprocess
 import sys
@@ -271,3 +272,48 @@ def test_unreadable_entries_are_skipped_not_retried_forever(instance, redis_clie
     write_log(redis_client)
     assert len(rows()) == 1
     assert redis_client.xpending(message_log.STREAM, message_log.GROUP)["pending"] == 0
+
+
+def test_a_hostile_value_in_one_record_never_stalls_the_log(instance, start_proxy, hop,
+                                                           redis_client):
+    """Anyone may send AUTH LOGIN with a NUL in the name, which the record keeps as its login;
+    PostgreSQL refuses NUL in text, and the batch is one transaction: that one record failed
+    every run, so no record after it was ever written. Written now, the NUL replaced; the
+    next record is written too and nothing is left pending."""
+    data.add_user("example.com", "user", "alice@example.com", PASSWORD)
+    proxy = start_proxy(UPSTREAM_SMTP=f"127.0.0.1:{hop.port}")
+    with client(proxy.port) as smtp:
+        name = base64.b64encode(b"alice\0@example.com").decode()
+        assert smtp.docmd("AUTH", f"LOGIN {name}")[0] == 334
+        assert smtp.docmd(base64.b64encode(b"wrong-password-1").decode())[0] == 535
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        assert send(smtp, message(subject="After the hostile one"))[0] == 250
+    wait_for_stream(redis_client, 2)
+
+    write_log(redis_client, UPSTREAM_SMTP=f"127.0.0.1:{hop.port}")
+    auth, relayed = rows()
+    assert (auth.stage, auth.verdict, auth.login) == ("auth", "refused",
+                                                      "alice\ufffd@example.com")
+    assert relayed.subject == "After the hostile one"
+    assert redis_client.xpending(message_log.STREAM, message_log.GROUP)["pending"] == 0
+
+
+@pytest.mark.parametrize("odd", [
+    {"at": 1e300}, {"at": "NaN"}, {"size": 1e30}, {"size": float("inf")},
+    {"rcpt_count": "many"}, {"recipients": 5}, {"rules": 7}, {"user_id": 2**40},
+    {"subject": "lone \udc80 surrogate"}])
+def test_an_odd_entry_is_skipped_or_written_never_stalls_the_writer(instance, redis_client,
+                                                                    odd):
+    """An entry the reader cannot take whole (a number out of range, a value of the wrong
+    type) is written as far as it can be, or skipped: it never fails the batch, which would
+    stop every run at it."""
+    record = {"at": time.time(), "stage": "relay", "verdict": "relayed",
+              "mail_from": "odd@x.test", **odd}
+    redis_client.xadd(message_log.STREAM,
+                      {"r": json.dumps(record, ensure_ascii=True, allow_nan=True)})
+    fill_stream(redis_client, 1)
+    write_log(redis_client)
+    assert "sender0@example.com" in [r.mail_from for r in rows()]
+    assert redis_client.xpending(message_log.STREAM, message_log.GROUP)["pending"] == 0
+    assert message_log.lag(redis_client).entries == 0
