@@ -19,10 +19,12 @@ from sqlalchemy import select
 from outgoing.archive import archive_message, expire_archive
 from outgoing.db import session_scope
 from outgoing.dkim import DkimError, load_signing_key, sign_with
+from outgoing.jobs import enqueue, enqueue_delivery_report
 from outgoing.models import IdentificationHeader, OutgoingUser, QuarantinedMessage, utcnow
 from outgoing.quarantine import expire_quarantine, recipients
 from outgoing.storage import read_body, store_for
-from scoring.message import parse_headers, remove_headers, subject_of
+from scoring.message import header_block, parse_headers, remove_headers, subject_of
+from scoring.retry import next_attempt_at, parse_delays, split_refusals
 from worker import context
 from worker.mail import ExactSMTP
 
@@ -108,6 +110,10 @@ def release_quarantined(message_id: int) -> str:
             except RelayRefused as exc:
                 log.warning("release of quarantined message %s refused: %s", message_id, exc)
                 return f"not released: {exc}"
+            if refused:
+                # Before our commit: a kill in between relays and reports again rather than
+                # losing the recipients the next hop did not take.
+                _after_partial_refusal(config, redis, row.mail_from, data, refused)
             row.released_at = utcnow()
             db.commit()
         finally:
@@ -124,6 +130,35 @@ def release_quarantined(message_id: int) -> str:
     if refused:
         note += f"; refused: {', '.join(sorted(refused))}"
     return note
+
+
+RETRY_JOB = "worker.content_jobs.retry_deferred_recipients"
+
+
+def _after_partial_refusal(config: dict, redis, mail_from: str, data: bytes,
+                           refused: dict[str, tuple[int, bytes]]) -> None:
+    """The next hop took the released message for some recipients only: those it refused
+    for now are retried (``retry_deferred_recipients``, as on the proxy's path), those it
+    refused for good are reported to the sender, who was told 250 long ago. Raises when
+    neither can be queued, so the job is retried rather than the recipients dropped."""
+    answers = {rcpt: (int(code), text.decode("utf-8", "replace")
+                      if isinstance(text, bytes) else str(text))
+               for rcpt, (code, text) in refused.items()}
+    final, later = split_refusals(answers)
+    now = utcnow()
+    if later:
+        due = next_attempt_at(attempt=1, arrival=now, now=now,
+                              delays=parse_delays(config["DEFER_RETRY_SECONDS"]),
+                              give_up_seconds=config["DEFER_GIVE_UP_SECONDS"])
+        if due is None:
+            final.update(later)
+        else:
+            enqueue(redis, RETRY_JOB, mail_from, sorted(later), bytes(data), now.isoformat(),
+                    1, at=None if due <= now else due, retry=None)
+    if final and mail_from and mail_from != "<>":
+        head, _ = header_block(data)
+        enqueue_delivery_report(redis, mail_from, final, head, now.isoformat(),
+                                config["SMTP_HOSTNAME"])
 
 
 def expire_stored_messages(due: str | None = None) -> str:

@@ -159,3 +159,54 @@ def test_a_released_copy_is_archived_under_the_users_domain_whatever_its_sender(
     assert data.query(lambda s: [(a.subject, s.get(Domain, a.domain_id).name)
                                  for a in s.scalars(select(ArchivedMessage))]) == [
         ("Spam as the shop", "example.com")]
+
+
+def test_a_release_the_next_hop_takes_for_some_recipients_loses_none_of_the_others(
+        instance, start_proxy, redis_client):
+    """Released from the quarantine, the message is taken for bob, deferred (451) for carol
+    and refused (550) for dave. carol's copy used to be dropped, the row marked released,
+    and alice (told 250 when the message was quarantined) never heard of dave: now carol is
+    retried from the relayed bytes, and alice gets a delivery report for dave."""
+    from rq.registry import ScheduledJobRegistry
+
+    from tests.support.content import NextHop
+
+    add_alice(quarantine_response="accept")
+    proxy = start_proxy()
+    rcpts = ("bob@example.org", "carol@example.org", "dave@example.org")
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        assert send(smtp, message(subject="Cheap", body=GTUBE), rcpts=rcpts)[0] == 250
+    [row] = stored_rows()
+
+    hop = NextHop().start()
+    try:
+        hop.handler.refuse_rcpt.update({"carol@example.org": "451 4.2.1 Mailbox busy",
+                                        "dave@example.org": "550 5.1.1 No such user"})
+        env = process_env(UPSTREAM_SMTP=f"127.0.0.1:{hop.port}",
+                          DEFER_RETRY_SECONDS="600")
+        enqueue(redis_client, "worker.quarantine_jobs.release_quarantined", row.id)
+        result = run_worker_burst(env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        released, report = hop.handler.wait_for(2)
+        assert released.rcpt_tos == ["bob@example.org"]
+        assert report.rcpt_tos == ["alice@example.com"] and report.mail_from == "<>"
+        assert b"dave@example.org" in report.data and b"carol@example.org" not in report.data
+        assert stored_rows()[0].released_at is not None
+
+        # carol's retry waits its turn; run it now, the next hop taking her this time.
+        queue = Queue("outgoing", connection=redis_client)
+        [retry] = [job for job in (queue.fetch_job(job_id) for job_id
+                                   in ScheduledJobRegistry(queue=queue).get_job_ids())
+                   if job.func_name == "worker.content_jobs.retry_deferred_recipients"]
+        assert retry.args[1] == ["carol@example.org"]
+        hop.handler.refuse_rcpt.clear()
+        ScheduledJobRegistry(queue=queue).remove(retry)
+        queue.enqueue_job(retry)
+        result = run_worker_burst(env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        again = hop.handler.wait_for(3)[2]
+        assert again.rcpt_tos == ["carol@example.org"] and b"Subject: Cheap" in again.data
+        assert len(hop.handler.messages) == 3
+    finally:
+        hop.stop()
