@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import email.policy
+import re
 import smtplib
+from email.header import Header
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
@@ -38,11 +40,48 @@ class MailRefused(Exception):
     """The next hop refused the message for good (5xx): sending it again cannot help."""
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+
+
+def _one_line(value: str) -> str:
+    """``value`` on one line: control characters and runs of white space are one space."""
+    return " ".join(_CONTROL.sub(" ", str(value)).split())
+
+
+def _set_to(msg: EmailMessage, to: str) -> None:
+    """The To header, naming ``to`` exactly or not at all: the email package reads "=?...?="
+    in an address as an encoded word, so an address a customer chose (an identity such as
+    ``=?utf-8?q?a=0D=0A...?=@their.domain``) would crash the job, or name another address.
+    The envelope, not this header, decides where the message goes."""
+    try:
+        msg["To"] = to
+        header = msg["To"]
+        if len(header.addresses) == 1 and header.addresses[0].addr_spec == to:
+            return
+    except (ValueError, IndexError, TypeError):
+        pass
+    del msg["To"]
+    msg["To"] = "undisclosed-recipients:;"
+
+
+def _set_subject(msg: EmailMessage, subject: str) -> None:
+    """The Subject as given, on one line. The email package decodes "=?...?=" in a value it
+    is handed, which would put what the encoded word holds (CR LF, a whole header block)
+    into the header: such a subject is stored encoded, so it reads back as the text it
+    was."""
+    text = _one_line(subject)
+    if "=?" in text:
+        msg.set_raw("Subject", Header(text, "utf-8", header_name="Subject").encode(
+            maxlinelen=76))
+    else:
+        msg["Subject"] = text
+
+
 def compose(*, sender: str, to: str, subject: str, body: str) -> EmailMessage:
     msg = EmailMessage()
     msg["From"] = sender
-    msg["To"] = to
-    msg["Subject"] = subject
+    _set_to(msg, to)
+    _set_subject(msg, subject)
     msg["Date"] = formatdate(localtime=False)
     msg["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or None)
     msg["Auto-Submitted"] = "auto-generated"

@@ -390,3 +390,49 @@ def test_identity_in_the_users_own_domain_is_told_in_any_spelling_of_it(
     assert [m.rcpt_tos for m in sink.handler.messages] == [[told]]
     [result] = lock_notice_results(redis_client)
     assert "not an address" not in result
+
+
+def test_an_identity_spelled_as_encoded_words_neither_silences_nor_forges_the_alert(
+        instance, redis_client, sink):
+    """The sender chooses its identity, and "=?...?=" is a valid local part. The email
+    package read it as an encoded word: as the notice's To it decoded to CR LF and the job
+    crashed on every retry, so the domain's admin was never alerted of the lock; inside the
+    alert's Subject it put a header, or a whole forged body, of the sender's choosing. Now
+    both mails go out, with the identity shown as it is."""
+    forged = "=?utf-8?q?x=0D=0AReply-To=3A_e=40a.test=0D=0A=0D=0AClick?="  # 59 characters
+    identity = f"{forged}@example.com"
+    user_id = data.add_user("example.com", "domain", "example.com", "Domain-pass-123")
+    worker.set_domain("example.com", abuse_report_address="postmaster@example.com")
+    identity_id = data.add_identity(user_id, identity)
+
+    worker.lock("identity", identity_id)
+    worker.burst(sink)
+
+    # (aiosmtpd, the sink, decodes the envelope address itself; the notice is the other mail)
+    [notice] = [parsed(m) for m in sink.handler.messages
+                if m.rcpt_tos != ["postmaster@example.com"]]
+    assert notice["To"] == "undisclosed-recipients:;" and notice["Reply-To"] is None
+    alert = mail_to(sink, "postmaster@example.com")
+    assert alert["Subject"] == f"[Outbound Guard] Locked: identity {identity} of example.com"
+    assert alert["Reply-To"] is None
+    assert token_of(alert)
+
+
+def test_an_encoded_word_in_the_identity_puts_no_header_into_the_alert(instance, redis_client,
+                                                                      sink):
+    """Not an address the notice can go to, so only the alert is sent: its Subject names the
+    identity, which the email package decoded into a Reply-To header and a body of the
+    sender's choosing."""
+    identity = ("=?utf-8?q?x=0D=0AReply-To:_evil@attacker.test=0D=0A=0D=0AForged?="
+                "@example.com")
+    user_id = data.add_user("example.com", "domain", "example.com", "Domain-pass-123")
+    worker.set_domain("example.com", abuse_report_address="postmaster@example.com")
+    identity_id = data.add_identity(user_id, identity)
+
+    worker.lock("identity", identity_id)
+    worker.burst(sink)
+
+    alert = mail_to(sink, "postmaster@example.com")
+    assert alert["Reply-To"] is None
+    assert alert["Subject"] == f"[Outbound Guard] Locked: identity {identity} of example.com"
+    assert "Outbound Guard has locked" in alert.get_content()
