@@ -23,7 +23,13 @@ def expire(db, redis, target: OutgoingUser | Identity, lock_id: str, now: dateti
 
     Safe to call twice, and from the scheduled job and the sweep at once: the lock must still
     be ``lock_id``, and one Redis claim per lock lets only one caller count the unlock.
+    The row is read afresh (and, on PostgreSQL, locked until the unlock is committed): the
+    caller may have loaded it long before (the sweep loads every expired lock first), and
+    an administrator who unlocked and locked it again meanwhile set a lock this must not lift.
     """
+    model = type(target)
+    db.execute(select(model.id).where(model.id == target.id).with_for_update())
+    db.refresh(target)
     owner = owner_of(target)
     current = bool(target.locked) and target.lock_id == lock_id
     if current and target.lock_kind != LOCK_AUTOMATIC:

@@ -8,6 +8,7 @@ worker's real clock, with nothing patched and nobody sleeping.
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -162,3 +163,34 @@ def test_web_app_start_schedules_the_sweep_which_unlocks_expired_identity(instan
     worker.burst(sink)
     assert not worker.target("identity", identity_id).locked
     assert redis_client.get(redis_keys.identity_lock(user_id, "news@example.com")) is None
+
+
+def test_a_lock_set_after_the_sweep_read_the_expired_ones_is_not_lifted(alice, redis_client):
+    """The sweep reads every expired automatic lock, then unlocks them one by one, each
+    commit taking a while. An administrator who meanwhile unlocks one of them and locks it
+    again by hand sets a lock the timeout must never lift; the sweep lifted it (and its
+    Redis key, so the proxy let the sender's mail through again) from the row it had read."""
+    from datetime import timedelta
+
+    from outgoing.db import make_sessionmaker, session_scope
+    from outgoing.models import utcnow
+    from worker import unlocks
+
+    old_lock = worker.lock("user", alice, minutes_ago=TIMEOUT + 1)
+    with session_scope(make_sessionmaker(os.environ["DATABASE_URL"])) as sweep_db:
+        [read_by_sweep] = unlocks.expired_locks(sweep_db, utcnow())
+
+        def relock_by_hand(session):
+            target = session.get(OutgoingUser, alice)
+            locks.unlock(session, redis_client, target, actor="ops@example.com",
+                         reason="checked")
+            return locks.lock(session, redis_client, target, kind=LOCK_MANUAL,
+                              reason="still spamming", actor="ops@example.com")
+        new_lock = data.query(relock_by_hand)
+
+        note = unlocks.expire(sweep_db, redis_client, read_by_sweep, old_lock,
+                              utcnow() + timedelta(seconds=1))
+
+    alice_now = worker.target("user", alice)
+    assert alice_now.locked and alice_now.lock_id == new_lock, note
+    assert json.loads(redis_client.get(redis_keys.user_lock(alice)))["lock_id"] == new_lock
