@@ -131,11 +131,12 @@ def digest(db, redis, config: dict, domain_id: int, start: int) -> str:
         "",
     ]
     for row in rows:
-        lines += [f"- {row.received_at:%Y-%m-%d %H:%M:%S} UTC  from {row.mail_from or '<>'}"
+        sender = mail.one_line(row.mail_from or "<>")
+        lines += [f"- {row.received_at:%Y-%m-%d %H:%M:%S} UTC  from {sender}"
                   + (f"  (client {row.client_ip})" if row.client_ip else ""),
-                  f"  Subject: {row.subject or '(no subject)'}",
-                  f"  To: {', '.join(_recipients(row)) or '(none)'}",
-                  f"  Reason: {row.reason}"]
+                  f"  Subject: {mail.one_line(row.subject or '(no subject)')}",
+                  f"  To: {mail.one_line(', '.join(_recipients(row))) or '(none)'}",
+                  f"  Reason: {mail.one_line(row.reason or '')}"]
     body = "\n".join(lines) + "\n"
     message = mail.compose(
         sender=config["NOTIFY_FROM"], to=domain.abuse_report_address,

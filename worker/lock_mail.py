@@ -17,6 +17,7 @@ from outgoing.message_log import FIRST_RECIPIENTS
 from outgoing.models import LOCK_AUTOMATIC, Identity, OutgoingUser, QuarantinedMessage
 from outgoing.notify_addresses import own_domain_address
 from scoring.incident import NETWORK_PREFIX_V4, NETWORK_PREFIX_V6
+from worker.mail import one_line
 
 
 def describe(target: OutgoingUser | Identity) -> str:
@@ -126,8 +127,8 @@ def _seconds(moment: datetime | None) -> str:
 
 
 def _ranked(rows, unit: str, total: int | None = None) -> list[str]:
-    lines = [f"  {row.value}  {row.count} {unit if row.count != 1 else unit[:-1]}"
-             + (f" ({', '.join(row.extra)})" if row.extra else "") for row in rows]
+    lines = [f"  {one_line(row.value)}  {row.count} {unit if row.count != 1 else unit[:-1]}"
+             + (f" ({one_line(', '.join(row.extra))})" if row.extra else "") for row in rows]
     if total is not None and total > len(rows):
         lines.append(f"  ... and {total - len(rows)} more")
     return lines or ["  (none)"]
@@ -159,7 +160,7 @@ def pack_lines(pack: Pack) -> list[str]:
         "transaction):",
         *_ranked(summary.recipient_domains, "recipients"),
         "Sample subjects:",
-        *[f'  "{row.value}"  {row.count} message(s)' for row in summary.subjects],
+        *[f'  "{one_line(row.value)}"  {row.count} message(s)' for row in summary.subjects],
         *([] if summary.subjects else ["  (none)"]),
         "Client IP addresses:",
         *_ranked(summary.client_ips, "transactions", summary.client_ips_total),
@@ -187,9 +188,10 @@ def alert(target: OutgoingUser | Identity, spam: list[QuarantinedMessage], link:
     else:
         until = f"a manual unlock is needed: {ahead.manual_reason}"
     lines = [
-        f"Outbound Guard has locked outgoing mail from {who} (domain {owner.domain.name}).",
+        f"Outbound Guard has locked outgoing mail from {one_line(who)} "
+        f"(domain {owner.domain.name}).",
         "",
-        f"Why:    {target.lock_reason or 'not recorded'}",
+        f"Why:    {one_line(target.lock_reason or 'not recorded')}",
         f"Since:  {_when(target.locked_at)}",
         f"Until:  {until}",
         f"Automatic unlocks used: {target.automatic_unlocks_used or 0} of "
@@ -199,11 +201,11 @@ def alert(target: OutgoingUser | Identity, spam: list[QuarantinedMessage], link:
     if spam:
         lines.append("The quarantined messages that led to the lock (newest first):")
         for row in spam:
-            lines += [f"- {_when(row.received_at)}  from {row.mail_from or '<>'}",
-                      f"  Subject: {row.subject or '(no subject)'}",
-                      f"  To: {_recipients(row) or '(none)'}"]
+            lines += [f"- {_when(row.received_at)}  from {one_line(row.mail_from or '<>')}",
+                      f"  Subject: {one_line(row.subject or '(no subject)')}",
+                      f"  To: {one_line(_recipients(row)) or '(none)'}"]
             if row.reason:
-                lines.append(f"  Verdict: {row.reason}")
+                lines.append(f"  Verdict: {one_line(row.reason)}")
     else:
         lines.append("No quarantined messages were recorded in the minutes before the lock.")
     lines += [

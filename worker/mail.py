@@ -43,7 +43,7 @@ class MailRefused(Exception):
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
 
 
-def _one_line(value: str) -> str:
+def one_line(value: str) -> str:
     """``value`` on one line: control characters and runs of white space are one space."""
     return " ".join(_CONTROL.sub(" ", str(value)).split())
 
@@ -69,7 +69,7 @@ def _set_subject(msg: EmailMessage, subject: str) -> None:
     is handed, which would put what the encoded word holds (CR LF, a whole header block)
     into the header: such a subject is stored encoded, so it reads back as the text it
     was."""
-    text = _one_line(subject)
+    text = one_line(subject)
     if "=?" in text:
         msg.set_raw("Subject", Header(text, "utf-8", header_name="Subject").encode(
             maxlinelen=76))

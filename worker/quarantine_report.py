@@ -53,15 +53,15 @@ def render(domain: Domain, summary: dict, start: datetime, end: datetime) -> tup
         f"{'were' if total != 1 else 'was'} put into the quarantine.",
         "",
         "By outgoing user:",
-        *[f"  {n:>6}  {name}" for name, n in summary["users"][:TOP_ROWS]],
+        *[f"  {n:>6}  {mail.one_line(name)}" for name, n in summary["users"][:TOP_ROWS]],
         "",
         "By identity:",
-        *([f"  {n:>6}  {identity}  (user {name})"
+        *([f"  {n:>6}  {mail.one_line(identity)}  (user {mail.one_line(name)})"
            for name, identity, n in summary["identities"][:TOP_ROWS]]
           or ["  (no identities recorded)"]),
         "",
         "Top subjects:",
-        *[f"  {n:>6}  {subject or '(no subject)'}"
+        *[f"  {n:>6}  {mail.one_line(subject or '(no subject)')}"
           for subject, n in summary["subjects"][:TOP_SUBJECTS]],
         "",
         "The quarantined messages are listed in the control panel. You get this report because "

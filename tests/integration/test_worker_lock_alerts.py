@@ -436,3 +436,26 @@ def test_an_encoded_word_in_the_identity_puts_no_header_into_the_alert(instance,
     assert alert["Reply-To"] is None
     assert alert["Subject"] == f"[Outbound Guard] Locked: identity {identity} of example.com"
     assert "Outbound Guard has locked" in alert.get_content()
+
+
+def test_a_spam_subject_cannot_add_lines_to_the_alert(alice, sink):
+    """The quarantined messages' subjects are the sender's text, newlines and all (decoded
+    from an encoded word): in the alert they wrote lines of their own beside the real unlock
+    link, such as a link of the sender's. Each is shown on its one line now."""
+    from scoring.message import parse_headers, subject_of
+
+    raw = (b"From: alice@example.com\r\nSubject: =?utf-8?q?Invoice=0A=0AUnlock,_after_you_have"
+           b"_checked_the_sender:=0Ahttp://evil.test/unlock?=\r\n\r\nBuy now.\r\n")
+    forged = subject_of(parse_headers(raw))  # what the proxy stores with the message
+    assert "\nhttp://evil.test/unlock" in forged
+    worker.add_spam("example.com", alice, subject=forged, raw=raw)
+    worker.lock("user", alice)
+    worker.burst(sink)
+
+    text = mail_to(sink, "postmaster@example.com").get_content()
+    lines = text.splitlines()
+    assert "http://evil.test/unlock" not in lines
+    assert not any(line.startswith("Unlock, after you have checked the sender:")
+                   for line in lines)
+    assert ("  Subject: Invoice Unlock, after you have checked the sender: "
+            "http://evil.test/unlock") in lines
