@@ -82,7 +82,7 @@ def build_abuse_report(
         _raw_part("message/feedback-report", block.encode("utf-8")),
         _raw_part("message/rfc822", original)
         if whole
-        else _raw_part("text/rfc822-headers", _header_block(original)),
+        else _raw_part("text/rfc822-headers", _header_block(original, max_original)),
     ]
     boundary = _boundary_for(parts)
 
@@ -152,9 +152,21 @@ def _human_text(
     return "\n".join(lines) + "\n"
 
 
-def _header_block(message: bytes) -> bytes:
-    end = message.find(b"\r\n\r\n")
-    return message if end < 0 else message[: end + 2]
+_FIELD_LINE = re.compile(rb"[!-9;-~]+[ \t]*:|[ \t]")
+
+
+def _header_block(message: bytes, limit: int) -> bytes:
+    """The original's header block: its lines up to the first that is no header field (the
+    blank line, or body text in a message that has no blank line), at most ``limit`` bytes
+    of whole lines. A message too large to include must not come back whole as "headers"."""
+    block = []
+    size = 0
+    for line in message.split(b"\r\n"):
+        if not _FIELD_LINE.match(line) or size + len(line) + 2 > limit:
+            break
+        block.append(line + b"\r\n")
+        size += len(line) + 2
+    return b"".join(block)
 
 
 def _crlf(data: bytes) -> bytes:

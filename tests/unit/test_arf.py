@@ -118,3 +118,30 @@ def test_naive_arrival_is_taken_as_utc():
     fields = list(_parse(raw).iter_parts())[1].get_payload(0)
 
     assert fields["Arrival-Date"] == "Tue, 04 Mar 2025 09:15:00 +0000"
+
+
+def test_big_original_without_a_blank_line_is_not_included_whole_as_its_headers():
+    """A message with no blank line after its header fields had its every byte taken for
+    the header block: a report as large as the message it was to leave out, which the next
+    hop may refuse for its size."""
+    big = (b"Subject: no blank line follows\r\nFrom: promo@shop.example.com\r\n"
+           + b"body text " * 10_000 + b"\r\n" + b"more body\r\n" * 10_000)
+
+    raw = _report(original=big, max_original=1000)
+
+    assert len(raw) < 10_000
+    headers = list(_parse(raw).iter_parts())[2]
+    assert headers.get_content_type() == "text/rfc822-headers"
+    assert headers.get_content() == ("Subject: no blank line follows\r\n"
+                                     "From: promo@shop.example.com\r\n")
+
+
+def test_huge_header_block_is_cut_at_whole_lines():
+    big = b"".join(b"X-Filler-%d: %s\r\n" % (n, b"y" * 60) for n in range(5000)) \
+        + b"\r\nbody\r\n"
+
+    raw = _report(original=big, max_original=2000)
+
+    assert len(raw) < 6000
+    text = list(_parse(raw).iter_parts())[2].get_content()
+    assert text.startswith("X-Filler-0: ") and text.endswith("y\r\n")
