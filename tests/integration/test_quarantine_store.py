@@ -210,3 +210,29 @@ def test_a_release_the_next_hop_takes_for_some_recipients_loses_none_of_the_othe
         assert len(hop.handler.messages) == 3
     finally:
         hop.stop()
+
+
+def test_a_release_whose_worker_died_is_taken_over_not_left_for_an_hour(
+        instance, start_proxy, sink, redis_client):
+    """A worker killed mid-release leaves the message's claim behind. RQ's retry of that job
+    (the same job id), or a new Release once the holder has ended, takes it over; a claim
+    whose job is still queued or running is left alone."""
+    add_alice(quarantine_response="accept")
+    proxy = start_proxy()
+    for subject in ("Retried", "Clicked again", "Busy"):
+        assert submit(proxy, message(subject=subject, body=GTUBE))[0] == 250
+    retried, clicked, busy = stored_rows()
+    redis_client.set(f"og:release:{retried.id}", "release-1")  # this very job, died before
+    redis_client.set(f"og:release:{clicked.id}", "a-job-long-gone")
+    holder = Queue("elsewhere", connection=redis_client).enqueue("builtins.print")
+    redis_client.set(f"og:release:{busy.id}", holder.id)  # queued: at work
+    enqueue(redis_client, "worker.quarantine_jobs.release_quarantined", retried.id,
+            job_id="release-1")
+    for row in (clicked, busy):
+        enqueue(redis_client, "worker.quarantine_jobs.release_quarantined", row.id)
+
+    result = run_worker_burst(process_env(UPSTREAM_SMTP=f"127.0.0.1:{sink.port}"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    released = {row.subject: row.released_at is not None for row in stored_rows()}
+    assert released == {"Retried": True, "Clicked again": True, "Busy": False}
+    assert redis_client.get(f"og:release:{busy.id}") == holder.id.encode()
