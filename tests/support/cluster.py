@@ -45,11 +45,16 @@ def missing_binaries() -> str | None:
 class RedisClusterProcesses:
     def __init__(self, folder: Path, nodes: int = 6):
         self.folder = folder
-        self.ports = []
-        while len(self.ports) < nodes:
+        # Each node's port and its cluster bus port, all different: free_port() only knows
+        # that a port is free now, and a node not started yet has not bound its own (a bus
+        # once drawn the port of its own node, and the node failed to start).
+        taken: list[int] = []
+        while len(taken) < 2 * nodes:
             port = free_port()
-            if port not in self.ports:
-                self.ports.append(port)
+            if port not in taken:
+                taken.append(port)
+        self.ports = taken[:nodes]
+        self.buses = dict(zip(self.ports, taken[nodes:], strict=True))
         self.procs: dict[int, subprocess.Popen] = {}
 
     @property
@@ -58,7 +63,7 @@ class RedisClusterProcesses:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
 
     def _start_node(self, port: int) -> None:
-        bus = free_port()
+        bus = self.buses[port]
         log = open(self.folder / f"redis-{port}.log", "ab")  # noqa: SIM115 - with the process
         self.procs[port] = subprocess.Popen(
             [binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
