@@ -184,3 +184,28 @@ def test_confirmation_mails_are_rationed_and_go_only_to_addresses_still_named(
         results("worker.jobs.send_address_confirmation")
     linked = [n for n in range(12) if mails_to(sink, f"list{n}@elsewhere.example")]
     assert linked == list(range(9))
+
+
+def test_an_expired_a_foreign_or_a_garbage_link_confirms_nothing(instance, app):
+    """Links older than 7 days (410), for a domain that is gone (404), and junk of any kind
+    (400): a clear page, never a 500, and no row."""
+    import time
+
+    from outgoing.models import Domain as DomainRow
+
+    data.add_user("example.com", "user", "alice@example.com", "Alice-pass-123")
+    secret = app.config["SECRET_KEY"]
+    old = make_confirm_token(secret, domain_id=domain_id(), address=OUTSIDE,
+                             now=time.time() - 8 * 86400)
+    gone = make_confirm_token(secret, domain_id=domain_id() + 1000, address=OUTSIDE)
+    visitor = Panel(app.test_client())
+    assert visitor.get(f"/confirm-address/{old}").status_code == 410
+    visitor.token = re.search(r'name="csrf_token" (?:type="hidden" )?value="([^"]+)"',
+                              text(visitor.get("/login"))).group(1)
+    assert visitor.post(f"/confirm-address/{old}").status_code == 410  # pressed too late
+    assert visitor.get(f"/confirm-address/{gone}").status_code == 404
+    for junk in ("x" * 5000, "a.b.c", "%00%0d%0a", "..%2f..%2fetc"):
+        assert visitor.get(f"/confirm-address/{junk}").status_code in (400, 404), junk
+    assert data.query(lambda s: s.scalars(select(ConfirmedAddress)).all()) == []
+    assert data.query(lambda s: s.scalar(select(DomainRow.id).where(
+        DomainRow.name == "example.com"))) == domain_id()
