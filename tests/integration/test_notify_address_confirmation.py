@@ -16,7 +16,7 @@ from sqlalchemy import select
 from outgoing.jobs import enqueue
 from outgoing.models import ConfirmedAddress, Domain
 from outgoing.tokens import make_confirm_token
-from tests.integration.test_panel_users import ROOT, ROOT_PW, Panel, text
+from tests.integration.test_panel_users import ROOT, ROOT_PW, Panel, _csrf, text
 from tests.support import data, worker
 from tests.support.worker import PUBLIC_URL
 
@@ -57,8 +57,7 @@ def follow(app, path: str) -> str:
     visitor = Panel(app.test_client())
     page = visitor.get(path)
     assert page.status_code == 200, text(page)
-    visitor.token = re.search(r'name="csrf_token" (?:type="hidden" )?value="([^"]+)"',
-                              text(page)).group(1)
+    visitor.token = _csrf(text(page))
     done = visitor.post(path)
     assert done.status_code == 200, text(done)
     return text(done)
@@ -200,8 +199,7 @@ def test_an_expired_a_foreign_or_a_garbage_link_confirms_nothing(instance, app):
     gone = make_confirm_token(secret, domain_id=domain_id() + 1000, address=OUTSIDE)
     visitor = Panel(app.test_client())
     assert visitor.get(f"/confirm-address/{old}").status_code == 410
-    visitor.token = re.search(r'name="csrf_token" (?:type="hidden" )?value="([^"]+)"',
-                              text(visitor.get("/login"))).group(1)
+    visitor.token = _csrf(text(visitor.get("/login")))
     assert visitor.post(f"/confirm-address/{old}").status_code == 410  # pressed too late
     assert visitor.get(f"/confirm-address/{gone}").status_code == 404
     for junk in ("x" * 5000, "a.b.c", "%00%0d%0a", "..%2f..%2fetc"):
