@@ -82,9 +82,9 @@ def login():
     if form.validate_on_submit():
         email = form.email.data.strip().lower()
         client_ip = login_throttle.client_address()
-        wait = _throttle(login_throttle.blocked_for, client_ip, email) or 0
-        if wait:
-            flash(f"Too many failed logins. Try again in {max(1, math.ceil(wait / 60))} "
+        attempt = _throttle(login_throttle.begin, client_ip, email)
+        if isinstance(attempt, int):
+            flash(f"Too many failed logins. Try again in {max(1, math.ceil(attempt / 60))} "
                   "minute(s).", "error")
             return render_template("login.html", form=form), 429
         admin = db.session.scalar(select(Admin).where(Admin.email == email))
@@ -92,19 +92,21 @@ def login():
         # tell which admin accounts exist.
         if verify_password(admin.password_hash if admin else stand_in_hash(),
                            form.password.data) and admin is not None:
-            _throttle(login_throttle.record_success, client_ip, email)
+            if attempt is not None:
+                _throttle(login_throttle.record_success, client_ip, email, attempt)
             session.clear()  # nothing of the session before the login carries over
             login_user(admin)
             return redirect(_safe_next(request.args.get("next")))
-        _throttle(login_throttle.record_failure, client_ip, email)
+        if attempt is not None:
+            _throttle(login_throttle.record_failure, attempt)
         flash("Email or password is not correct.", "error")
     return render_template("login.html", form=form), 200 if request.method == "GET" else 400
 
 
-def _throttle(step, client_ip: str, email: str):
+def _throttle(step, *args):
     """One step of the login throttle; with Redis unreachable, logins still work."""
     try:
-        return step(redis_client(), client_ip, email)
+        return step(redis_client(), *args)
     except redis.RedisError as exc:
         current_app.logger.warning("login throttle: Redis unavailable: %s", exc)
         return None

@@ -6,6 +6,11 @@ networks (/24, /64) the admin logged in from within ``AUTH_KNOWN_NETWORK_DAYS``:
 from elsewhere cannot lock the owner out. While blocked, no password is checked, not even
 the right one. With Redis unreachable the form still works, unthrottled (logged).
 
+Each attempt is charged as a failure before its password is checked (``begin``), and given
+back when the password was right (``record_success``): a password check takes a while, and
+without the charge any number of parallel guesses would pass the check before the first
+failure was counted. An attempt charged past the limit blocks at once, unchecked.
+
 The client is the connection's address; for a connection from loopback (a reverse proxy on
 the same machine, as README's "Going live" has it) the address that proxy appended last to
 ``X-Forwarded-For``, so one guesser behind the proxy does not block every admin's login. A
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+from dataclasses import dataclass, field
 
 from flask import current_app, request
 
@@ -48,39 +54,83 @@ def _settings() -> tuple[int, int, int, int]:
             max(0, math.ceil(float(config.get("AUTH_KNOWN_NETWORK_DAYS") or 0) * 86400)))
 
 
+def _subjects(redis, client_ip: str, email: str, known_seconds: int) -> list[tuple[str, str]]:
+    """Who an attempt counts against: the address, and the email unless the admin logged in
+    from the client's network within ``AUTH_KNOWN_NETWORK_DAYS``."""
+    subjects = [(IP, client_ip)]
+    if not (known_seconds and redis.exists(
+            redis_keys.panel_login_known(email, auth_network(client_ip)))):
+        subjects.append((EMAIL, email))
+    return subjects
+
+
 def blocked_for(redis, client_ip: str, email: str) -> int:
     """Seconds this login attempt must wait (0: go ahead)."""
     limit, _window, _block, known_seconds = _settings()
     if limit <= 0:
         return 0
-    wait = redis.ttl(redis_keys.panel_login_block(IP, client_ip))
-    account = redis.ttl(redis_keys.panel_login_block(EMAIL, email))
-    if account > 0 and not (known_seconds and redis.exists(
-            redis_keys.panel_login_known(email, auth_network(client_ip)))):
-        wait = max(wait, account)
-    return max(wait, 0)
+    return max([0] + [redis.ttl(redis_keys.panel_login_block(kind, value))
+                      for kind, value in _subjects(redis, client_ip, email, known_seconds)])
 
 
-def record_failure(redis, client_ip: str, email: str) -> None:
+@dataclass
+class Attempt:
+    """A login attempt let through to its password check, charged as a failure."""
+
+    charged: list[tuple[str, str, int]] = field(default_factory=list)  # kind, value, count
+
+
+# A count starts its window with its first charge.
+_CHARGE = """
+local count = redis.call('incr', KEYS[1])
+if count == 1 then redis.call('expire', KEYS[1], ARGV[1]) end
+return count
+"""
+
+
+def begin(redis, client_ip: str, email: str) -> int | Attempt:
+    """Seconds to wait (the attempt is refused unchecked), or the charged ``Attempt``."""
+    wait = blocked_for(redis, client_ip, email)
+    if wait:
+        return wait
     limit, window, block, known_seconds = _settings()
+    attempt = Attempt()
     if limit <= 0:
-        return
-    subjects = [(IP, client_ip)]
-    if not (known_seconds and redis.exists(
-            redis_keys.panel_login_known(email, auth_network(client_ip)))):
-        subjects.append((EMAIL, email))
+        return attempt
+    for kind, value in _subjects(redis, client_ip, email, known_seconds):
+        count = redis.register_script(_CHARGE)(
+            keys=[redis_keys.panel_login_failures(kind, value)], args=[window])
+        attempt.charged.append((kind, value, int(count)))
+    over = [(kind, value) for kind, value, count in attempt.charged if count > limit]
+    if over:
+        _block(redis, over, block)
+        return block
+    return attempt
+
+
+def _block(redis, subjects: list[tuple[str, str]], block: int) -> None:
     for kind, value in subjects:
-        key = redis_keys.panel_login_failures(kind, value)
-        count = redis.incr(key)
-        if count == 1:
-            redis.expire(key, window)
-        if count >= limit:
-            redis.set(redis_keys.panel_login_block(kind, value), 1, ex=block)
-            redis.delete(key)
+        redis.set(redis_keys.panel_login_block(kind, value), 1, ex=block)
+        redis.delete(redis_keys.panel_login_failures(kind, value))
 
 
-def record_success(redis, client_ip: str, email: str) -> None:
-    _limit, _window, _block, known_seconds = _settings()
+def record_failure(redis, attempt: Attempt) -> None:
+    """The charged attempt failed: the subjects it brought to the limit are blocked."""
+    limit, _window, block, _known = _settings()
+    _block(redis, [(kind, value) for kind, value, count in attempt.charged if count >= limit],
+           block)
+
+
+# Gives a charge back only while its count lives: a count dropped by a block, or expired,
+# must not come back as a negative one that never expires.
+_REFUND = "if redis.call('exists', KEYS[1]) == 1 then redis.call('decr', KEYS[1]) end"
+
+
+def record_success(redis, client_ip: str, email: str, attempt: Attempt) -> None:
+    _limit, _window, _block_seconds, known_seconds = _settings()
+    refund = redis.register_script(_REFUND)
+    for kind, value, _count in attempt.charged:
+        refund(keys=[redis_keys.panel_login_failures(kind, value)])
     if known_seconds:
         redis.set(redis_keys.panel_login_known(email, auth_network(client_ip)), 1,
                   ex=known_seconds)

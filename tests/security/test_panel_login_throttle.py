@@ -5,11 +5,17 @@ network keeps working. Through the real app, its login form and a real Redis."""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
+import redis
 
 from outgoing import redis_keys
 from tests.support import data
+from tests.support.services import free_port
 from tests.support.web import csrf_token
+from webapp import login_throttle
 
 EMAIL, PASSWORD = "root@example.net", "Root-pass-12345"
 LIMIT = 10  # AUTH_FAILURE_LIMIT's default
@@ -93,3 +99,46 @@ def test_a_remote_client_cannot_choose_its_address_with_the_header(app, admin):
     assert guesser.post("/login", headers={"X-Forwarded-For": "192.0.2.200"}, data={
         "email": EMAIL, "password": PASSWORD,
         "csrf_token": csrf_token(guesser)}).status_code == 429
+
+
+def test_guesses_sent_at_once_are_decided_no_more_than_the_limit(app, admin):
+    """Each guess is charged before its password check (which takes a while): twice the
+    limit sent at once get at most the limit's worth of checked answers, the rest 429."""
+    clients = [client_from(app, "203.0.113.8") for _ in range(2 * LIMIT)]
+    tokens = [csrf_token(client) for client in clients]
+    start = threading.Barrier(len(clients))
+
+    def guess(n: int) -> int:
+        start.wait()
+        return clients[n].post("/login", data={"email": EMAIL, "password": f"guess-{n}",
+                                               "csrf_token": tokens[n]}).status_code
+
+    with ThreadPoolExecutor(len(clients)) as pool:
+        codes = list(pool.map(guess, range(len(clients))))
+    assert codes.count(400) <= LIMIT
+    assert codes.count(429) >= LIMIT
+    assert attempt(clients[0], PASSWORD).status_code == 429
+
+
+def test_attempts_in_flight_count_toward_the_limit_and_a_success_gives_its_charge_back(
+        app, admin, redis_client):
+    with app.test_request_context("/login", environ_base={"REMOTE_ADDR": "203.0.113.9"}):
+        in_flight = [login_throttle.begin(redis_client, "203.0.113.9", EMAIL)
+                     for _ in range(LIMIT)]
+        assert all(isinstance(one, login_throttle.Attempt) for one in in_flight)
+        for one in in_flight[:3]:
+            login_throttle.record_success(redis_client, "203.0.113.9", EMAIL, one)
+        # Three given back: three more may go to their password check, then no more.
+        assert all(isinstance(login_throttle.begin(redis_client, "203.0.113.9", EMAIL),
+                          login_throttle.Attempt) for _ in range(3))
+        assert login_throttle.begin(redis_client, "203.0.113.9", EMAIL) > 0
+    assert redis_client.exists(redis_keys.panel_login_block("ip", "203.0.113.9"))
+    assert redis_client.ttl(redis_keys.panel_login_failures("email", EMAIL)) > 0
+
+
+def test_with_redis_unreachable_the_form_still_logs_in_and_refuses(app, admin, monkeypatch):
+    dead = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
+    monkeypatch.setitem(app.extensions, "og_redis", dead)
+    client = client_from(app, "198.51.100.40")
+    assert attempt(client, "wrong-one").status_code == 400
+    assert attempt(client, PASSWORD).status_code == 302
