@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 
 from outgoing.models import ConfirmedAddress, Domain, utcnow
 from outgoing.users import normalise_domain
+from scoring.address import canonical_local_part, split_mailbox
 
 # A local part mail may be sent to without a confirmation: an ASCII dot-atom without "%" and
 # "!", which some next hops still read as a route to another host (user%host@, host!user@).
@@ -41,16 +42,20 @@ def own_domain_address(value: str | None, domain_name: str) -> str | None:
 
 
 def address_key(address: str) -> str:
-    """How a confirmed address is stored and compared: trimmed, lower-case, its domain in IDNA
-    form where it is a domain name."""
-    local, at, domain = address.strip().rpartition("@")
-    if not at:
-        return address.strip().lower()
+    """How a confirmed address is stored and compared: trimmed, lower-case, its local part
+    unquoted where quotes change nothing (``scoring.address``: the next hop reads
+    ``"alerts"@a.test`` as ``alerts@a.test``) and its domain in IDNA form where it is a
+    domain name. One mailbox, one key, however it was spelled."""
+    address = address.strip()
+    parts = split_mailbox(address)
+    if parts is None:
+        return address.lower()
+    local, domain = parts
     try:
         domain = normalise_domain(domain)
     except ValueError:
         pass
-    return f"{local}@{domain}".lower()
+    return f"{canonical_local_part(local)}@{domain}".lower()
 
 
 def is_confirmed(db, domain_id: int, address: str) -> bool:
