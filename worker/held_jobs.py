@@ -7,8 +7,11 @@ minute (a retry takes a slot too). Never lost, never twice: a message is claimed
 database (``UPDATE ... WHERE state``) before it is relayed and its outcome is written to the
 same row right after the next hop's answer, only while the claim is still ours; a worker
 killed while relaying leaves a claim that goes stale after HELD_CLAIM_SECONDS and is taken
-over. The one window left is a kill between the next hop's 250 and our commit
-(microseconds); the message is then sent again rather than lost.
+over. A live worker keeps its claim fresh while it waits on the next hop (``_keep_claim``),
+so a slow next hop (each step may take UPSTREAM_TIMEOUT, and a message has many steps) never
+makes a claim look abandoned and the message go out twice. The one window left is a kill
+between the next hop's 250 and our commit (microseconds); the message is then sent again
+rather than lost.
 
 The next hop's answer is handled per recipient as the proxy's normal path does
 (``proxy/content.py``), except that the sender was told 250 long ago, so nothing can be
@@ -25,7 +28,9 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select, update
@@ -111,6 +116,35 @@ def release_for_user(user_id: int) -> str:
     return (summary or "nothing due") + (", more next minute" if remaining else "")
 
 
+@contextmanager
+def _keep_claim(config: dict, row_id: int, token: str):
+    """While the body runs, move the claim's ``claimed_at`` on every third of
+    HELD_CLAIM_SECONDS, in a session of its own, so it goes stale only once this worker is
+    gone. It stops as soon as the claim is no longer ours."""
+    every = max(float(config.get("HELD_CLAIM_SECONDS", 120)) / 3, 0.05)
+    done = threading.Event()
+
+    def beat():
+        while not done.wait(every):
+            try:
+                with session_scope(context.sessionmaker()) as db:
+                    kept = db.execute(update(HeldMessage).where(
+                        HeldMessage.id == row_id, HeldMessage.state == SENDING,
+                        HeldMessage.claim == token).values(claimed_at=_now())).rowcount
+                if kept != 1:
+                    return
+            except Exception:  # the next beat tries again; staleness is the fallback
+                log.exception("could not keep the claim on held message %s", row_id)
+
+    thread = threading.Thread(target=beat, name=f"held-claim-{row_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def _brief(replies: dict[str, tuple[int, str]]) -> str:
     return "; ".join(f"{rcpt}: {code} {' '.join(str(text).split())}"
                      for rcpt, (code, text) in sorted(replies.items()))
@@ -122,7 +156,8 @@ def _send(db, config: dict, redis, user, row: HeldMessage, token: str) -> str:
     rcpts = recipients(row)
     stored = read_body(config, row)
     data = prepared_for_relay(db, user, stored)
-    refused = try_relay(config, row.mail_from, rcpts, data)
+    with _keep_claim(config, row.id, token):
+        refused = try_relay(config, row.mail_from, rcpts, data)
     accepted = [r for r in rcpts if r not in refused]
     final, later = split_refusals(refused)
     due = None

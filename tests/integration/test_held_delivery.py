@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from tests.integration.test_held_release import HOLD_ALL, PW, queue_all, states
 from tests.support import data
 from tests.support.content import NextHop
 from tests.support.mail import client, message, send
-from tests.support.services import ROOT, process_env, run_worker_burst
+from tests.support.services import ROOT, kill_worker, process_env, run_worker_burst
 
 RELEASE_JOB = "worker.held_jobs.release_for_user"
 
@@ -266,8 +265,7 @@ def test_a_worker_killed_mid_retry_loses_nothing_and_sends_nothing_twice(
     while states().get("sending", 0) == 0 and time.time() < deadline:
         time.sleep(0.1)
     assert states() == {"sending": 1, "retrying": 2}
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_worker(proc)  # and its work horse, which would else go on relaying
     hop.handler.stall_data = 0
     time.sleep(1.5)  # the claim goes stale; the other two are due
     enqueue(redis_module.from_url(os.environ["REDIS_URL"]), RELEASE_JOB, alice, retry=None)

@@ -4,7 +4,6 @@ lost and never sent twice, also when a worker is killed in the middle of a relea
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from sqlalchemy import select
 from outgoing.models import HeldMessage
 from tests.support import data
 from tests.support.mail import client, message, send
-from tests.support.services import ROOT, process_env, run_worker_burst
+from tests.support.services import ROOT, kill_worker, process_env, run_worker_burst
 
 PW = "Alice-pass-123"
 HOLD_ALL = dict(compromise_detection=True, detection_shadow_mode=False,
@@ -105,8 +104,7 @@ def test_a_worker_killed_mid_release_loses_nothing_and_sends_nothing_twice(
     while states().get("sending", 0) == 0 and time.time() < deadline:
         time.sleep(0.1)
     assert states().get("sending") == 1
-    os.killpg(worker.pid, signal.SIGKILL)
-    worker.wait()
+    kill_worker(worker)  # and its work horse, which would else go on relaying
     sink.handler.delay = 0
     time.sleep(1.5)  # the claim goes stale
     enqueue(r, "worker.held_jobs.release_for_user", alice, retry=None)
@@ -114,6 +112,47 @@ def test_a_worker_killed_mid_release_loses_nothing_and_sends_nothing_twice(
     assert result.returncode == 0, result.stderr[-2000:]
     assert states() == {"released": 4}
     assert delivered_subjects(sink) == sorted(f"Held {i}" for i in range(4))
+
+
+def test_a_slow_next_hop_does_not_make_a_live_workers_claim_stale(
+        instance, start_proxy, sink):
+    """The next hop takes longer than HELD_CLAIM_SECONDS to answer DATA: the worker still
+    waiting on it keeps its claim fresh, so another worker looking for stale claims meanwhile
+    takes nothing, and the message goes out once."""
+    from datetime import UTC, datetime, timedelta
+
+    from outgoing import held
+
+    alice = data.add_user("example.com", "user", "alice@example.com", PW,
+                          **dict(HOLD_ALL, detection_release_pace=100))
+    hold_messages(start_proxy, 1)
+    queue_all()
+    import redis as redis_module
+
+    from outgoing.jobs import enqueue
+
+    r = redis_module.from_url(os.environ["REDIS_URL"])
+    sink.handler.delay = 6
+    env = process_env(UPSTREAM_SMTP=f"127.0.0.1:{sink.port}", HELD_CLAIM_SECONDS="1",
+                      UPSTREAM_TIMEOUT="60")
+    enqueue(r, "worker.held_jobs.release_for_user", alice, retry=None)
+    slow = subprocess.Popen([str(os.path.join(os.path.dirname(sys.executable), "rq")),
+                             "worker", "--burst", "outgoing"], cwd=ROOT, env=env,
+                            start_new_session=True)
+    try:
+        assert sink.handler.data_started.wait(30)  # it is waiting on the next hop now
+        time.sleep(2)  # twice HELD_CLAIM_SECONDS: only the beat keeps the claim fresh
+
+        def look_for_stale_claims(s):  # what a second worker's release does first
+            now = datetime.now(UTC).replace(tzinfo=None)
+            return held.claim_next(s, alice, "other-worker", now, now - timedelta(seconds=1))
+        assert data.query(look_for_stale_claims) is None
+        assert slow.wait(timeout=60) == 0
+    finally:
+        if slow.poll() is None:
+            kill_worker(slow)
+    assert states() == {"released": 1}
+    assert delivered_subjects(sink) == ["Held 0"]  # once
 
 
 def test_held_mail_page_is_scoped_per_domain_and_releases_at_the_pace(

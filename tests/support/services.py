@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -289,6 +290,27 @@ def stop_process(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def kill_worker(proc: subprocess.Popen) -> None:
+    """SIGKILL an RQ worker started in a session of its own, and its work horse: RQ puts the
+    horse in a process group of its own (``os.setpgrp``), so killing the worker's group alone
+    leaves the job running; a crash kills both."""
+    horses = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == proc.pid:  # the parent's pid
+            horses.append(int(stat.parent.name))
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in horses:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
 
 
 def run_worker_burst(env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
