@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim import canonicalization
 
+from scoring.address import a_label_domain
 from scoring.message import crlf_lines, lines_end_in_crlf
 
 ALGORITHMS = ("rsa", "ed25519")
@@ -235,7 +236,8 @@ class _OpenSslRsaDKIM(dkimpy.DKIM):
 def _normalise_domain(domain: str, error: type[Exception] = ValueError) -> str:
     """Lower-case ASCII (IDNA) form, without a trailing dot, as published in DNS."""
     try:
-        ascii_domain = domain.strip().rstrip(".").encode("idna").decode("ascii").lower()
+        name = domain.strip().rstrip(".")
+        ascii_domain = (name if name.isascii() else a_label_domain(name)).lower()
     except UnicodeError as exc:
         raise error(f"invalid domain {domain!r}") from exc
     if not ascii_domain or not all(_LABEL.match(label) for label in ascii_domain.split(".")):

@@ -22,7 +22,7 @@ from outgoing.models import (
     OutgoingUser,
 )
 from outgoing.passwords import hash_password
-from scoring.address import split_mailbox
+from scoring.address import a_label_domain, split_mailbox
 from scoring.ipranges import IpRange, parse_ip_range, whole_space_problem, width_problem
 from scoring.limits import CONNECTION_WINDOWS
 
@@ -87,7 +87,7 @@ def normalise_domain(name: str) -> str:
     if not name or len(name) > 253:
         raise ValueError("Enter a domain name such as example.com.")
     try:
-        ascii_name = name.encode("idna").decode("ascii")
+        ascii_name = name if name.isascii() else a_label_domain(name)
     except UnicodeError:
         raise ValueError(f"{name!r} is not a valid domain name.") from None
     labels = ascii_name.split(".")

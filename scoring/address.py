@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import re
 
+import idna
+
 # RFC 5321 atext, with RFC 6531's UTF-8 (no C1 controls, no lone surrogates).
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u00a0-\ud7ff\ue000-\U0010ffff-]"
 _DOT_STRING = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
@@ -49,15 +51,29 @@ def canonical_local_part(local: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def a_label_domain(domain: str) -> str:
+    """The A-label (ASCII) form of a domain with non-ASCII characters, the one every part of
+    the product stores and compares: IDNA 2008 with UTS #46's non-transitional mapping (case
+    folded, full-width letters mapped), as registries and browsers resolve it, so
+    ``straße.de`` is ``xn--strae-oqa.de``, a domain of its own, and not ``strasse.de``, which
+    may be another customer's (IDNA 2003, Python's codec, folded one into the other). A name
+    IDNA 2008 refuses (a symbol, a zero-width character out of context) gets IDNA 2003's
+    form, as before, so spelling a domain with a zero-width character still names the same
+    domain. Raises UnicodeError when neither takes it."""
+    try:
+        return idna.encode(domain, uts46=True, transitional=False).decode("ascii")
+    except (idna.IDNAError, UnicodeError):
+        return domain.encode("idna").decode("ascii")
+
+
 def canonical_domain(domain: str) -> str:
-    """A domain with non-ASCII characters in its IDNA A-label form (Python's IDNA codec, with
-    nameprep: case folded, full-width letters mapped); an ASCII one, or one that is no valid
-    IDN, as it is. Without this a locked identity came back as another by spelling its
-    domain the other way."""
+    """A domain with non-ASCII characters in its A-label form (``a_label_domain``); an ASCII
+    one, or one that is no valid IDN, as it is. Without this a locked identity came back as
+    another by spelling its domain the other way."""
     if domain.isascii():
         return domain
     try:
-        return domain.encode("idna").decode("ascii")
+        return a_label_domain(domain)
     except UnicodeError:
         return domain
 

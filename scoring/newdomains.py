@@ -15,6 +15,8 @@ from typing import Any
 
 from publicsuffixlist import PublicSuffixList
 
+from scoring.address import a_label_domain
+
 # Built once: parsing the bundled list takes tens of milliseconds.
 _PSL = PublicSuffixList(only_icann=True)
 
@@ -41,10 +43,11 @@ def _registrable(address_or_domain: str) -> str | None:
     text = text.strip().rstrip(".").lower()
     if not text or text.startswith("[") or len(text) > 253:
         return None
-    try:
-        text = text.encode("idna").decode("ascii")
-    except UnicodeError:
-        return None
+    if not text.isascii():
+        try:
+            text = a_label_domain(text)
+        except UnicodeError:
+            return None
     labels = text.split(".")
     if any(not label or len(label) > 63 for label in labels):
         return None

@@ -106,3 +106,24 @@ def test_any_text_gets_one_canonical_form_and_never_raises(local, domain):
     once = canonical_mailbox(f"{local}@{domain}")
     assert canonical_mailbox(once) == once
     assert canonical_domain(canonical_domain(domain)) == canonical_domain(domain)
+
+
+@pytest.mark.parametrize("domain, a_label", [
+    ("straße.de", "xn--strae-oqa.de"),  # a domain of its own, not strasse.de
+    ("STRAßE.de", "xn--strae-oqa.de"),
+    ("ὀδυσσεύς.gr", "xn--pxac3bcak3d8526a.gr"),  # final sigma kept (IDNA 2003 made it σ)
+    ("ＢÜＣＨＥＲ。de", "xn--bcher-kva.de"),  # full-width mapped, case folded
+    ("ex\u200dample.com", "example.com"),  # a zero-width joiner out of context: dropped
+    ("☃.net", "xn--n3h.net"),  # a symbol IDNA 2008 refuses: IDNA 2003's form, as before
+])
+def test_a_domain_is_mapped_as_registries_map_it(domain, a_label):
+    assert canonical_domain(domain) == a_label
+
+
+def test_strasse_and_strasse_with_eszett_are_two_domains_everywhere():
+    from outgoing.users import normalise_domain
+    from scoring.newdomains import registrable_domain
+
+    assert normalise_domain("Straße.de") == "xn--strae-oqa.de" != normalise_domain("strasse.de")
+    assert registrable_domain("bob@mail.straße.de") == "xn--strae-oqa.de"
+    assert canonical_mailbox("bob@straße.de") != canonical_mailbox("bob@strasse.de")
