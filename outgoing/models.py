@@ -458,3 +458,14 @@ class MessageLogEntry(Base):
     relay_seconds: Mapped[float | None] = mapped_column(Float)
     stored_kind: Mapped[str | None] = mapped_column(String(16))  # quarantine | archive
     stored_id: Mapped[int | None] = mapped_column(Integer)
+
+
+# An id, once given, is never given again: ids travel in links, RQ jobs (a release carries a
+# quarantined message's id), markers and digests, and SQLite without AUTOINCREMENT hands the
+# id of a deleted highest row to the next one, so a late job or an old link would act on
+# someone else's row. (PostgreSQL's sequences never go back; migration 0010 rebuilt the
+# SQLite tables made before.)
+for _table in Base.metadata.tables.values():
+    if "id" in _table.c and _table.c.id.primary_key:
+        _table.dialect_kwargs["sqlite_autoincrement"] = True
+del _table
