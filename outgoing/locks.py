@@ -7,6 +7,7 @@ calls, so the web app, the proxy and the worker cannot disagree about what a loc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from datetime import datetime, timedelta
@@ -152,13 +153,23 @@ def reset_unlock_count(session, target: OutgoingUser | Identity, *, actor: str) 
 
 
 def restore_redis_locks(session, redis) -> int:
-    """Write every lock the database holds back into Redis (after Redis lost its data)."""
+    """Write every lock the database holds back into Redis (after Redis lost its data).
+
+    The mark (``LOCKS_MIRRORED``) is set first: data lost at any moment after takes the
+    mark with it, so the proxy, which checks the mark, writes the locks again. A run that
+    fails takes its mark away for the same reason."""
+    redis.set(redis_keys.LOCKS_MIRRORED, utcnow().isoformat())
     count = 0
-    for model in (OutgoingUser, Identity):
-        for target in session.scalars(select(model).where(model.locked.is_(True))):
-            value = json.dumps({"lock_id": target.lock_id, "reason": target.lock_reason,
-                                "kind": target.lock_kind,
-                                "at": target.locked_at.isoformat() if target.locked_at else ""})
-            if redis.set(_lock_key(target), value, nx=True):
-                count += 1
+    try:
+        for model in (OutgoingUser, Identity):
+            for target in session.scalars(select(model).where(model.locked.is_(True))):
+                at = target.locked_at.isoformat() if target.locked_at else ""
+                value = json.dumps({"lock_id": target.lock_id, "reason": target.lock_reason,
+                                    "kind": target.lock_kind, "at": at})
+                if redis.set(_lock_key(target), value, nx=True):
+                    count += 1
+    except BaseException:
+        with contextlib.suppress(Exception):
+            redis.delete(redis_keys.LOCKS_MIRRORED)
+        raise
     return count

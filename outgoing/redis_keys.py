@@ -6,6 +6,9 @@ live in one Redis Cluster slot and one Lua script may touch them together.
 
 CONFIG_VERSION = "og:config-version"
 CONFIG_CHANNEL = "og:config"
+# Set when the database's locks were written into Redis: gone means Redis lost its data
+# (restarted without persistence, flushed), and the proxy writes them back.
+LOCKS_MIRRORED = "og:locks-mirrored"
 
 
 def user_lock(user_id: int) -> str:

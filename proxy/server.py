@@ -22,7 +22,7 @@ import signal
 import socket
 import time
 
-from outgoing import jobs, locks, redis_conn
+from outgoing import jobs, locks, redis_conn, redis_keys
 from outgoing.config import parse_hostport, parse_networks
 from outgoing.db import make_sessionmaker, session_scope
 from proxy import metrics, metrics_server
@@ -81,6 +81,11 @@ async def _load(directory: Directory, sessionmaker, redis_sync) -> bool:
         log.warning("cannot load configuration yet (%s); retrying", exc)
         return False
 
+    await _restore(sessionmaker, redis_sync)
+    return True
+
+
+async def _restore(sessionmaker, redis_sync) -> None:
     def restore():
         # Also make sure the worker's periodic chains (sweep, retention, reports) exist.
         jobs.ensure_periodic(redis_sync)
@@ -93,7 +98,23 @@ async def _load(directory: Directory, sessionmaker, redis_sync) -> bool:
             log.info("restored %d locks into Redis", restored)
     except Exception as exc:
         log.warning("could not restore locks into Redis: %s", exc)
-    return True
+
+
+async def _keep_locks(redis_async, sessionmaker, redis_sync, every: float) -> None:
+    """Locks are checked in Redis only, so Redis losing its data (restarted without
+    persistence, flushed) while the proxy runs would unlock every locked sender: once a
+    refresh (one EXISTS), a missing mark of ``restore_redis_locks`` has the locks, and the
+    worker's periodic chains, written back from the database."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            if await redis_async.exists(redis_keys.LOCKS_MIRRORED):
+                continue
+        except Exception as exc:  # Redis down: the messages are answered 451 meanwhile
+            log.debug("cannot check the locks' mark: %s", exc)
+            continue
+        log.warning("Redis lost the locks' mark; writing the database's locks back")
+        await _restore(sessionmaker, redis_sync)
 
 
 async def _keep_loaded(directory: Directory, sessionmaker, redis_sync) -> None:
@@ -167,7 +188,9 @@ async def serve(config: dict, sock: socket.socket, clock=time.time,
     loop = asyncio.get_running_loop()
     server = await loop.create_server(factory, sock=sock)
     tasks = [asyncio.create_task(_keep_loaded(directory, sessionmaker, redis_sync)),
-             asyncio.create_task(flusher.run())]
+             asyncio.create_task(flusher.run()),
+             asyncio.create_task(_keep_locks(redis_async, sessionmaker, redis_sync,
+                                             float(config["CONFIG_REFRESH_SECONDS"])))]
     stop = asyncio.Event()
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -4,10 +4,13 @@ next message."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from sqlalchemy import select
 
-from outgoing.models import Identity, OutgoingUser
+from outgoing import locks
+from outgoing.models import LOCK_MANUAL, Identity, OutgoingUser
 from tests.support import data
 from tests.support.mail import GTUBE, client, message, send
 from tests.support.web import csrf_token, log_in
@@ -142,3 +145,34 @@ def test_identity_unlock_starts_its_spam_count_afresh(instance, admin, start_pro
         assert send(smtp, message(body=GTUBE), sender="spam@example.com")[0] == 550
         assert send(smtp, message(), sender="spam@example.com")[0] == 250
     assert not data.query(lambda s: s.get(Identity, spam).locked)
+
+
+def test_locks_come_back_when_redis_loses_its_data_while_the_proxy_runs(
+        instance, start_proxy, sink, redis_client):
+    """Redis restarted without persistence (or flushed) forgets every lock, and the proxy
+    reads locks there only: within one configuration refresh it writes the database's locks
+    back, so a locked sender stays refused without a proxy restart."""
+    alice = data.add_user("example.com", "user", "alice@example.com", PASSWORD)
+    shop = data.add_identity(data.add_user("example.com", "user", "bob@example.com",
+                                           "Bob-pass-123"), "shop@example.com")
+    for kind, target in (("user", alice), ("identity", shop)):
+        data.query(lambda s, kind=kind, target=target: locks.lock(
+            s, redis_client, s.get(OutgoingUser if kind == "user" else Identity, target),
+            kind=LOCK_MANUAL, reason="stolen password", actor="root@example.net"))
+    proxy = start_proxy()  # CONFIG_REFRESH_SECONDS 0.2
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        assert smtp.mail("alice@example.com")[0] == 550
+
+    redis_client.flushdb()
+    time.sleep(1.0)  # several refreshes
+
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        code, reply = smtp.mail("alice@example.com")
+        assert code == 550 and b"stolen password" in reply
+    with client(proxy.port) as smtp:
+        smtp.login("bob@example.com", "Bob-pass-123")
+        code, reply = send(smtp, message(sender="shop@example.com"), sender="shop@example.com")
+        assert code == 550 and b"is locked: stolen password" in reply
+    assert sink.handler.messages == []
