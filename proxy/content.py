@@ -369,7 +369,7 @@ class ContentPipeline:
         try:
             # plain bytes in the job: the mark of CrlfLines means nothing to the worker
             enqueue(self.redis_sync, RETRY_JOB, msg.mail_from, rcpt_tos, bytes(data),
-                    now.isoformat(), 1, at=None if due <= now else due, retry=None)
+                    now.isoformat(), 1, at=None if due <= now else due)
         except Exception:
             log.exception("could not hand %d deferred recipient(s) to the worker; reporting "
                           "them to the sender", len(rcpt_tos))

@@ -13,6 +13,8 @@ import time
 from datetime import UTC, datetime
 from email.utils import format_datetime, make_msgid
 
+from rq import get_current_job
+
 from outgoing.jobs import enqueue, enqueue_delivery_report
 from outgoing.newdomains import import_file
 from scoring.message import header_block
@@ -122,20 +124,39 @@ def try_relay(config: dict, mail_from: str, rcpt_tos: list[str],
     return {r: (int(code), _text(text)) for r, (code, text) in refused.items()}
 
 
+SETTLED_TTL = 7 * 86400  # longer than RQ's retries of one attempt take
+
+
 def retry_deferred_recipients(mail_from: str, rcpt_tos: list[str], data: bytes,
                               arrival_iso: str, attempt: int) -> str:
     """Try again the recipients the next hop refused for now; those it now refuses for good,
     or still refuses when the message reaches DEFER_GIVE_UP_SECONDS, get a delivery report.
 
-    Enqueued without RQ's own retries: a failed attempt is answered here, by scheduling the
-    next one, and an RQ retry after a partial success would deliver twice."""
+    The message lives only in this job, so the job has RQ's retries: a worker killed
+    mid-attempt, or an error (the next attempt or the report cannot be queued), runs it
+    again rather than dropping the recipients. A recipient this attempt settled (delivered,
+    handed to the next attempt, reported) is noted under the job's id first, and a retry of
+    the same job leaves it alone: nobody gets the message twice because of a retry."""
     config, redis = context.config(), context.redis_client()
+    job = get_current_job()
+    settled_key = f"og:retry-settled:{job.id}" if job is not None else None
+
+    def settle(recipients) -> None:
+        if settled_key and recipients:
+            redis.sadd(settled_key, *recipients)
+            redis.expire(settled_key, SETTLED_TTL)
+
+    settled = ({m.decode() for m in redis.smembers(settled_key)} if settled_key else set())
+    pending = [r for r in rcpt_tos if r not in settled]
+    if not pending:
+        return f"attempt {attempt}: every recipient settled before"
     arrival = datetime.fromisoformat(arrival_iso)
-    refused = try_relay(config, mail_from, list(rcpt_tos), data)
+    refused = try_relay(config, mail_from, pending, data)
+    settle([r for r in pending if r not in refused])
     final, deferred = split_refusals(refused)
     later = list(deferred)
     now = datetime.now(UTC).replace(tzinfo=None)
-    outcome = f"attempt {attempt}: {len(rcpt_tos) - len(refused)} of {len(rcpt_tos)} delivered"
+    outcome = f"attempt {attempt}: {len(pending) - len(refused)} of {len(pending)} delivered"
     if later:
         due = next_attempt_at(attempt=attempt + 1, arrival=arrival, now=now,
                               delays=parse_delays(config["DEFER_RETRY_SECONDS"]),
@@ -148,19 +169,25 @@ def retry_deferred_recipients(mail_from: str, rcpt_tos: list[str], data: bytes,
         else:
             try:
                 enqueue(redis, "worker.content_jobs.retry_deferred_recipients", mail_from,
-                        later, data, arrival_iso, attempt + 1, at=due, retry=None)
-                outcome += f", {len(later)} deferred again until {due.isoformat()}"
-            except Exception:  # the sender must hear of them rather than nobody
+                        later, data, arrival_iso, attempt + 1, at=due)
+            except Exception:
+                if job is not None and job.retries_left:
+                    raise  # RQ runs this job again, the recipients delivered excepted
+                # RQ's last try: the sender must hear of them rather than nobody
                 log.exception("cannot schedule the next attempt; reporting %d recipient(s)",
                               len(later))
                 final.update({r: refused[r] for r in later})
+            else:
+                settle(later)
+                outcome += f", {len(later)} deferred again until {due.isoformat()}"
     if final and mail_from and mail_from != "<>":
         # A job of its own, with RQ's retries: the report goes through the same next hop,
-        # which may well be down now, and this job is never retried.
+        # which may well be down now.
         head, _ = header_block(data)
         enqueue_delivery_report(redis, mail_from, final, head, arrival_iso,
                                 config["SMTP_HOSTNAME"])
         outcome += f", reporting {len(final)} to the sender"
+    settle(list(final))
     return outcome
 
 

@@ -196,7 +196,7 @@ def _after_partial_refusal(config: dict, redis, mail_from: str, data: bytes,
             final.update(later)
         else:
             enqueue(redis, RETRY_JOB, mail_from, sorted(later), bytes(data), now.isoformat(),
-                    1, at=None if due <= now else due, retry=None)
+                    1, at=None if due <= now else due)
     if final and mail_from and mail_from != "<>":
         head, _ = header_block(data)
         enqueue_delivery_report(redis, mail_from, final, head, now.isoformat(),

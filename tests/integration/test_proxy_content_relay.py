@@ -6,8 +6,14 @@ from __future__ import annotations
 import email
 import email.policy
 import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from rq import Queue
@@ -21,7 +27,7 @@ from proxy.tls import server_context
 from tests.support import data
 from tests.support.content import NextHop
 from tests.support.mail import client, message, send
-from tests.support.services import free_port, process_env, run_worker_burst
+from tests.support.services import ROOT, free_port, process_env, run_worker_burst
 
 PASSWORD = "Alice-pass-123"
 
@@ -449,3 +455,42 @@ def test_message_larger_than_the_limit_gets_552_and_is_not_relayed(alice, start_
     code, _ = submit(proxy, message(body=("y" * 70 + "\n") * 1000))
     assert code == 552
     assert hop.handler.messages == []
+
+
+def test_a_retry_whose_worker_is_killed_mid_attempt_is_run_again_by_rq(
+        alice, start_proxy, hop, redis_client):
+    """The deferred recipients live only in the retry job: a worker killed while it talks to
+    the next hop (the OOM killer takes the work horse) must not drop them; RQ runs the job
+    again, which delivers."""
+    hop.handler.refuse_rcpt["busy@example.org"] = "452 4.2.2 Mailbox full, try later"
+    proxy = proxy_to(start_proxy, hop, DEFER_RETRY_SECONDS="0,3600")
+    assert submit(proxy, rcpts=("bob@example.org", "busy@example.org"))[0] == 250
+    hop.handler.refuse_rcpt.clear()
+
+    # A next hop that takes the connection and never greets: the attempt waits there.
+    stall = socket.create_server(("127.0.0.1", 0))
+    stall.settimeout(30)
+    worker = subprocess.Popen(
+        [str(Path(sys.executable).parent / "rq"), "worker", "--burst", "--with-scheduler",
+         "outgoing"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=process_env(UPSTREAM_SMTP=f"127.0.0.1:{stall.getsockname()[1]}"))
+    try:
+        attempt, _ = stall.accept()
+        children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()
+        os.kill(int(children[0]), signal.SIGKILL)  # the work horse, mid-attempt
+        worker.wait(timeout=30)
+        attempt.close()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        stall.close()
+    [(job, due)] = scheduled_retries(redis_client)  # RQ's retry, after its first interval
+    time.sleep(max(0.0, due - time.time()) + 0.5)
+
+    result = run_worker_burst(process_env(UPSTREAM_SMTP=f"127.0.0.1:{hop.port}"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, retried = hop.handler.wait_for(2)
+    assert retried.rcpt_tos == ["busy@example.org"]
+    assert retried.data == first.data
+    assert len(hop.handler.messages) == 2
