@@ -117,3 +117,30 @@ def test_identities_are_searched_by_prefix_and_filtered_by_user(root, bob):
     assert values("/outgoing/identities?q=alpha") == ["alpha2@y.example", "alpha@x.example"]
     assert values(f"/outgoing/identities?user={carol}") == ["alpha2@y.example"]
     assert values(f"/outgoing/identities?user={bob}&q=b") == ["beta@x.example"]
+
+
+def test_an_identity_too_long_once_its_domain_is_spelled_as_dns_does_is_a_form_error(root, bob):
+    """The length is checked on the A-label spelling that is stored: 240 characters in
+    Unicode are 275 as xn--..., more than the column holds (PostgreSQL refused it: a 500)."""
+    domain = ".".join(["bücher" * 5] * 5) + ".test"
+    value = "s" * (240 - len(domain) - 1) + "@" + domain
+    assert len(value) == 240
+    response = root.post("/outgoing/identities", {"user": "bob@example.com", "value": value},
+                         htmx=True)
+    assert response.status_code == 400
+    body = text(response)
+    assert body.lstrip().startswith('<section class="card" id="add-identity"')
+    assert "An identity is at most 255 characters" in body
+    assert "this one is 275" in body
+    assert value in body  # the form shows back what was typed
+    assert data.query(lambda s: s.scalar(select(Identity.id))) is None
+
+
+def test_an_identity_longer_than_the_column_is_a_form_error(root, bob):
+    response = root.post("/outgoing/identities", {"user": "bob@example.com",
+                                                  "value": "c" * 256}, htmx=True)
+    assert response.status_code == 400
+    assert "An identity is at most 255 characters" in text(response)
+    response = root.post("/outgoing/identities", {"user": "bob@example.com",
+                                                  "value": "c" * 255})
+    assert response.status_code == 302
