@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_login import login_required
-from sqlalchemy import select
+from sqlalchemy import func, or_, select
 
 from outgoing import audit, listing, locks
 from outgoing.ids import parse_id
@@ -68,6 +68,14 @@ def _user_named(name: str) -> OutgoingUser | None:
     return matches[0] if len(matches) == 1 else None
 
 
+def _identity_of(user: OutgoingUser, value: str) -> str | None:
+    """The user's identity ``value`` names, as stored; case-blind, so a row added by hand
+    with capitals before identities were lower-cased here still counts as that one."""
+    return db.session.scalar(select(Identity.value).where(
+        Identity.user_id == user.id,
+        or_(Identity.value == value, func.lower(Identity.value) == value)).limit(1))
+
+
 @bp.post("")
 @login_required
 def add():
@@ -77,9 +85,8 @@ def add():
         user = _user_named(form.user.data)
         if user is None:
             form.user.errors.append(f"No outgoing user is called {form.user.data.strip()}.")
-        elif db.session.scalar(select(Identity.id).where(Identity.user_id == user.id,
-                                                         Identity.value == form.value.data)):
-            form.value.errors.append(f"{user.name} already has the identity {form.value.data}.")
+        elif (known := _identity_of(user, form.value.data)) is not None:
+            form.value.errors.append(f"{user.name} already has the identity {known}.")
             user = None
     if user is None:
         if htmx:

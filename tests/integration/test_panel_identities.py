@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from outgoing.models import AuditEvent, Identity
 from tests.integration.test_panel_users import ROOT, ROOT_PW, Panel, text
@@ -67,12 +67,12 @@ def test_an_address_added_by_hand_is_stored_as_the_proxy_spells_it(root, bob):
     """A quoted dot-string is the plain address (the proxy's lock key), not another one."""
     root.post("/outgoing/identities", {"user": "bob@example.com",
                                        "value": '"Lock\\ed"@example.com'})
-    assert identity_id("Locked@example.com") is not None
+    assert identity_id("locked@example.com") is not None
 
 
 def test_identities_lock_unlock_and_reset_in_place(root, bob, redis_client):
     root.post("/outgoing/identities", {"user": "bob@example.com", "value": "Shop-42"})
-    ident = identity_id("Shop-42")
+    ident = identity_id("shop-42")
     row = text(root.post(f"/outgoing/identities/{ident}/lock", {"reason": "spam run"},
                          htmx=True))
     assert row.lstrip().startswith(f'<tr id="identity-{ident}"')
@@ -144,3 +144,40 @@ def test_an_identity_longer_than_the_column_is_a_form_error(root, bob):
     response = root.post("/outgoing/identities", {"user": "bob@example.com",
                                                   "value": "c" * 255})
     assert response.status_code == 302
+
+
+def test_an_identity_added_by_hand_is_keyed_as_the_proxy_keys_it(root, bob):
+    """The proxy lower-cases the whole identity (its Redis key and its row), so capitals
+    typed in the panel named the same sender as a second row the proxy never counted."""
+    response = root.post("/outgoing/identities", {"user": "bob@example.com",
+                                                  "value": "Alice@Example.TEST"})
+    assert response.status_code == 302
+    assert data.query(lambda s: list(s.scalars(select(Identity.value)))) == [
+        "alice@example.test"]
+    for again in ("alice@example.test", "ALICE@EXAMPLE.TEST", '"Alice"@example.test'):
+        response = root.post("/outgoing/identities", {"user": "bob@example.com",
+                                                      "value": again}, htmx=True)
+        assert response.status_code == 400
+        assert "already has the identity alice@example.test" in text(response)
+    assert data.query(lambda s: s.scalar(select(func.count(Identity.id)))) == 1
+
+
+def test_a_capitalised_identity_added_by_hand_is_the_row_the_proxy_counts(root, bob):
+    """The proxy's counts for the sender land on the row the admin added, not a second one."""
+    from datetime import datetime
+
+    from outgoing.identities import record_counts
+
+    root.post("/outgoing/identities", {"user": "bob@example.com", "value": "Shop@Bücher.TEST"})
+    data.query(lambda s: record_counts(s, bob, {"shop@BÜCHER.test": (3, 1)}, datetime(2026, 1, 1)))
+    rows = data.query(lambda s: s.execute(select(
+        Identity.value, Identity.message_count, Identity.spam_count)).all())
+    assert [tuple(row) for row in rows] == [("shop@xn--bcher-kva.test", 3, 1)]
+
+
+def test_a_row_added_with_capitals_before_counts_as_the_same_identity(root, bob):
+    data.query(lambda s: s.add(Identity(user_id=bob, value="Alice@Example.TEST")))
+    response = root.post("/outgoing/identities", {"user": "bob@example.com",
+                                                  "value": "alice@example.test"}, htmx=True)
+    assert response.status_code == 400
+    assert "already has the identity Alice@Example.TEST" in text(response)

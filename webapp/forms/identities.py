@@ -5,7 +5,7 @@ from wtforms import StringField
 from wtforms.validators import InputRequired, Length, ValidationError
 
 from scoring.address import canonical_mailbox
-from scoring.identity import MAX_IDENTITY
+from scoring.identity import MAX_IDENTITY, normalise_identity
 
 
 class AddIdentityForm(FlaskForm):
@@ -26,11 +26,12 @@ class AddIdentityForm(FlaskForm):
             raise ValidationError("Enter the identity, e.g. an address or a customer id.")
         if any(not c.isprintable() for c in field.data):
             raise ValidationError("An identity is one line of printable text.")
-        # Stored as the proxy spells it: "locked"@a.test is the sender locked@a.test.
-        spelled = canonical_mailbox(field.data)
         # Measured as stored: a Unicode domain grows in its A-label form (xn--...), and the
         # column refused the longer value with a 500 instead of this message.
+        spelled = canonical_mailbox(field.data).lower()
         if len(spelled) > MAX_IDENTITY:
             raise ValidationError(f"An identity is at most {MAX_IDENTITY} characters; with "
                                   f"its domain spelled as DNS does this one is {len(spelled)}.")
-        field.data = spelled
+        # Stored as the proxy keys it: "Locked"@A.test is the sender locked@a.test, and a
+        # row spelled otherwise was a second one the proxy never counted.
+        field.data = normalise_identity(field.data)
