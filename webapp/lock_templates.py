@@ -56,6 +56,14 @@ def _editable(template: LockTemplate | None) -> bool:
         template.domain_id == current_user.domain_id)
 
 
+def _users_outside(template: LockTemplate, domain_id: int) -> int:
+    """How many users of other domains than ``domain_id`` use ``template``, in every domain:
+    moved to one domain, the template is that domain admin's to rewrite, and other
+    customers' senders would get the notice they wrote."""
+    return db.session.scalar(select(func.count()).select_from(OutgoingUser).where(
+        OutgoingUser.lock_template_id == template.id, OutgoingUser.domain_id != domain_id))
+
+
 def _save(form: LockTemplateForm, template: LockTemplate | None):
     """Validate and store; returns the template, or None with errors on the form."""
     if not form.validate_on_submit():
@@ -71,6 +79,15 @@ def _save(form: LockTemplateForm, template: LockTemplate | None):
             domain_id = scope.domain_named(form.domain.data).id
         except ValueError as exc:
             form.domain.errors = [*form.domain.errors, str(exc)]
+            return None
+    if template is not None and domain_id is not None and domain_id != template.domain_id:
+        outside = _users_outside(template, domain_id)
+        if outside:
+            name = db.session.get(Domain, domain_id).name
+            form.domain.errors = [*form.domain.errors, (
+                f"{outside} user{'s' if outside != 1 else ''} outside {name} "
+                f"use{'' if outside != 1 else 's'} this template; choose another lock "
+                "template for them first.")]
             return None
     creating = template is None
     before = _fields(template) if template else {}

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from outgoing import redis_keys
-from outgoing.models import AuditEvent, OutgoingUser
+from outgoing.models import AuditEvent, LockTemplate, OutgoingUser
 from outgoing.users import get_or_create_domain
 from tests.integration.test_panel_settings import settings
 from tests.integration.test_panel_users import Panel, user_named
@@ -340,6 +340,72 @@ def test_a_super_admin_sets_shared_smarthost_and_it_is_audited(root):
     assert data.query(lambda s: s.get(OutgoingUser, ip_user)).shared_smarthost is True
     updates = [e for e in audit_events("update") if e["target_id"] == ip_user]
     assert updates and updates[-1]["changes"]["shared_smarthost"] == [False, True]
+
+
+# -- lock templates ------------------------------------------------------------------------
+
+def _domain_error(response) -> str:
+    match = re.search(r'id="domain-error"[^>]*>([^<]*)</p>', response.get_data(as_text=True))
+    assert match, "no error under domain"
+    return " ".join(match.group(1).split())
+
+
+def _template_named(name: str):
+    return data.query(lambda s: s.scalar(select(LockTemplate).where(LockTemplate.name == name)))
+
+
+def _choose_template(root: Panel, user: str, domain: str, template_id: int | str) -> None:
+    response = root.post(f"/outgoing/users/{user_named(user).id}", settings(
+        domain=domain, reauthenticate_as="domain", lock_template_id=str(template_id)))
+    assert response.status_code == 302, response.get_data(as_text=True)[-1000:]
+
+
+def test_a_template_other_customers_use_is_not_moved_to_one_customer(root, app):
+    """Moved to one.example, one.example's admin could rewrite the notice two.example's
+    senders get; so the move waits until no user outside one.example uses the template."""
+    root.post("/outgoing/lock-templates/new", {"name": "Shared", "subject": "S", "body": "B",
+                                               "domain": ""})
+    shared = _template_named("Shared")
+    data.add_user("two.example", "user", "dave@two.example", GOOD_PW)
+    _choose_template(root, "carol@two.example", "two.example", shared.id)
+    _choose_template(root, "dave@two.example", "two.example", shared.id)
+    _choose_template(root, "seed@one.example", "one.example", shared.id)
+
+    form = {"name": "Shared", "subject": "S", "body": "B", "domain": "one.example"}
+    response = root.post(f"/outgoing/lock-templates/{shared.id}", form)
+    assert response.status_code == 400
+    assert _domain_error(response) == (
+        "2 users outside one.example use this template; choose another lock template for "
+        "them first.")
+    assert _template_named("Shared").domain_id is None
+    data.add_admin(OPS, OPS_PW, domain="one.example")
+    ops = Panel(app.test_client()).login(OPS, OPS_PW)
+    assert ops.post(f"/outgoing/lock-templates/{shared.id}",
+                    {"name": "Shared", "subject": "Pay us", "body": "B"}).status_code == 404
+
+    _choose_template(root, "carol@two.example", "two.example", "")
+    _choose_template(root, "dave@two.example", "two.example", "")
+    assert root.post(f"/outgoing/lock-templates/{shared.id}", form).status_code == 302
+    assert _template_named("Shared").domain_id == data.query(
+        lambda s: get_or_create_domain(s, "one.example").id)
+
+
+def test_a_template_of_one_customer_is_not_moved_to_another_while_its_users_use_it(root):
+    root.post("/outgoing/lock-templates/new", {"name": "Two's", "subject": "", "body": "",
+                                               "domain": "two.example"})
+    template = _template_named("Two's")
+    _choose_template(root, "carol@two.example", "two.example", template.id)
+    response = root.post(f"/outgoing/lock-templates/{template.id}",
+                         {"name": "Two's", "subject": "", "body": "", "domain": "one.example"})
+    assert response.status_code == 400
+    assert _domain_error(response).startswith(
+        "1 user outside one.example uses this template;")
+    assert _template_named("Two's").domain_id == template.domain_id
+    # Shared with every domain instead, it stays a template only super admins change.
+    response = root.post(f"/outgoing/lock-templates/{template.id}",
+                         {"name": "Two's", "subject": "", "body": "", "domain": ""})
+    assert response.status_code == 302
+    assert _template_named("Two's").domain_id is None
 
 
 # -- the CLI ---------------------------------------------------------------------------------
