@@ -347,17 +347,24 @@ class ContentPipeline:
         False (the jobs' Redis is down) means the client gets 451 and sends the whole
         message again, so the recipients the next hop already took get it twice: the price
         of never losing the others, which any MTA pays when it fails after a partial
-        delivery."""
+        delivery. A retry that cannot be queued is such a fault whoever the sender is: a
+        bounce (null sender) owes nobody a report, but its deferred recipients are still
+        owed the message."""
         log.warning("next hop refused %d of %d recipient(s) of a message of %s: %s",
                     len(refused), len(msg.rcpt_tos), msg.user.name, refused)
         final, later = split_refusals(refused)
-        if later and not self._defer(msg, data, list(later)):
-            final.update({r: refused[r] for r in later})
+        if later:
+            handed = self._defer(msg, data, list(later))
+            if handed is None:  # no time left to retry: refused for good
+                final.update({r: refused[r] for r in later})
+            elif not handed:
+                return False
         return not final or self._report_refused(msg, data, final)
 
-    def _defer(self, msg: Message, data: bytes, rcpt_tos: list[str]) -> bool:
-        """Hand recipients to the worker's retries; False when that cannot be done (they are
-        then reported to the sender instead)."""
+    def _defer(self, msg: Message, data: bytes, rcpt_tos: list[str]) -> bool | None:
+        """Hand recipients to the worker's retries: True when queued, False when the queue
+        cannot be reached (the client must keep the message), None when
+        DEFER_GIVE_UP_SECONDS leaves no time to retry (they are given up at once)."""
         now = self._now()
         due = next_attempt_at(attempt=1, arrival=now, now=now,
                               delays=parse_delays(self.config["DEFER_RETRY_SECONDS"]),
@@ -365,14 +372,14 @@ class ContentPipeline:
         if due is None:
             log.warning("DEFER_GIVE_UP_SECONDS leaves no time to retry; reporting %d "
                         "recipient(s) to the sender", len(rcpt_tos))
-            return False
+            return None
         try:
             # plain bytes in the job: the mark of CrlfLines means nothing to the worker
             enqueue(self.redis_sync, RETRY_JOB, msg.mail_from, rcpt_tos, bytes(data),
                     now.isoformat(), 1, at=None if due <= now else due)
         except Exception:
-            log.exception("could not hand %d deferred recipient(s) to the worker; reporting "
-                          "them to the sender", len(rcpt_tos))
+            log.exception("could not hand %d deferred recipient(s) to the worker; answering "
+                          "451 so that the client sends the message again", len(rcpt_tos))
             return False
         return True
 

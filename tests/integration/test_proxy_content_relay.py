@@ -333,6 +333,24 @@ def test_a_bounce_partially_refused_needs_no_report_and_is_accepted(alice, start
     assert code == 250
 
 
+def test_a_bounce_whose_deferred_recipients_cannot_be_queued_answers_451(
+        alice, start_proxy, hop, redis_client):
+    """A bounce owes no report, but a recipient the next hop deferred is still owed the
+    message: with the jobs' Redis down nobody would retry it, so the client keeps the bounce
+    and sends it again (a 250 lost that recipient)."""
+    hop.handler.refuse_rcpt["busy@example.org"] = "452 4.2.2 Mailbox full, try later"
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    proxy = proxy_to(start_proxy, hop, RQ_REDIS_URL=dead)
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        code, reply = send(smtp, message(), sender="", rcpts=("bob@example.org",
+                                                              "busy@example.org"))
+    assert code == 451, reply
+    assert [m.rcpt_tos for m in hop.handler.messages] == [["bob@example.org"]]
+    (record,) = log_records(redis_client)
+    assert record["verdict"] == "deferred" and record["reply"].startswith("451")
+
+
 def test_next_hop_answering_4xx_to_data_gives_451_and_nothing_is_archived(alice, start_proxy,
                                                                          hop):
     hop.handler.refuse_data = "451 4.3.0 Try again later"
