@@ -1,4 +1,5 @@
-"""Failed SMTP AUTH throttling in Redis, per client address and per username.
+"""Failed SMTP AUTH throttling in Redis, per client (an IPv4 address, an IPv6 /64) and per
+username.
 
 One script per AUTH before any password is checked (``auth.lua``: the blocks of the client's
 address and username, and whether the username succeeded from the client's network
@@ -37,6 +38,7 @@ from scoring.locks import (
     AUTH_KNOWN_NETWORK_DAYS,
     auth_block_until,
     auth_blocked,
+    auth_client,
     auth_known_network,
     auth_known_network_since,
     auth_network,
@@ -119,7 +121,8 @@ def _has_login(login: str | None) -> bool:
 
 
 def subjects(client_ip: str, login: str | None) -> list[str]:
-    found = [redis_keys.auth_subject_ip(client_ip)]
+    """The client (an IPv6 address as its /64, ``auth_client``) and the username."""
+    found = [redis_keys.auth_subject_ip(auth_client(client_ip))]
     if _has_login(login):
         found.append(redis_keys.auth_subject_user(login))
     return found

@@ -86,6 +86,28 @@ def auth_network(client_ip: str, *, v4: int = AUTH_KNOWN_NETWORK_PREFIX_V4,
     return str(ipaddress.ip_network((address, prefix), strict=False))
 
 
+AUTH_CLIENT_PREFIX_V6 = 64
+
+
+@lru_cache(maxsize=4096)  # several times per AUTH; the same clients come back
+def auth_client(client_ip: str) -> str:
+    """Whom failed AUTH attempts from ``client_ip`` count against: an IPv4 address as it is,
+    an IPv6 address as its /64, the smallest network a site is given and one that any host
+    in it can fill with addresses of its own, so a guesser rotating through them is one
+    client. An IPv4-mapped IPv6 address is its IPv4 address; anything that is not an
+    address stands for itself."""
+    text = client_ip.strip()
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return text.lower()
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    if address.version == 4:
+        return str(address)
+    return str(ipaddress.ip_network((address, AUTH_CLIENT_PREFIX_V6), strict=False))
+
+
 def auth_known_network(last_success: float | None, now: float, *,
                        days: float = AUTH_KNOWN_NETWORK_DAYS) -> bool:
     """Did the login succeed from this network less than ``days`` before ``now``? Then the

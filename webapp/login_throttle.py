@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from flask import current_app, request
 
 from outgoing import redis_keys
-from scoring.locks import auth_network
+from scoring.locks import auth_client, auth_network
 
 IP, EMAIL = "ip", "email"
 
@@ -55,9 +55,10 @@ def _settings() -> tuple[int, int, int, int]:
 
 
 def _subjects(redis, client_ip: str, email: str, known_seconds: int) -> list[tuple[str, str]]:
-    """Who an attempt counts against: the address, and the email unless the admin logged in
-    from the client's network within ``AUTH_KNOWN_NETWORK_DAYS``."""
-    subjects = [(IP, client_ip)]
+    """Who an attempt counts against: the client (an IPv6 address as its /64, which one
+    host can fill with addresses of its own), and the email unless the admin logged in from
+    the client's network within ``AUTH_KNOWN_NETWORK_DAYS``."""
+    subjects = [(IP, auth_client(client_ip))]
     if not (known_seconds and redis.exists(
             redis_keys.panel_login_known(email, auth_network(client_ip)))):
         subjects.append((EMAIL, email))

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import smtplib
+import socket
+import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -161,6 +164,60 @@ def test_while_redis_is_down_the_owner_is_not_locked_out_of_a_network_this_proxy
         assert auth(proxy.port, PASSWORD, HOME_OTHER_ADDRESS) == 235
     finally:
         own_redis.stop()
+
+
+class _Behind(smtplib.SMTP):
+    """smtplib from the load balancer's address, sending a PROXY v1 header for ``client``."""
+
+    def __init__(self, port: int, client: str):
+        self._header = f"PROXY TCP6 {client} 2001:db8:ffff::25 40000 25\r\n".encode()
+        super().__init__("127.0.0.1", port, timeout=15, source_address=(BALANCER, 0))
+
+    def _get_socket(self, host, port, timeout):
+        sock = socket.create_connection((host, port), timeout, self.source_address)
+        sock.sendall(self._header)
+        return sock
+
+
+BALANCER = "127.0.0.2"
+
+
+def auth_from_ipv6(port: int, password: str, client: str, login: str = LOGIN) -> int:
+    """One AUTH PLAIN after STARTTLS from the IPv6 ``client`` (loopback cannot play one: the
+    PROXY protocol names it, as HAProxy does in front of the proxies)."""
+    with _Behind(port, client) as smtp:
+        smtp.ehlo("client.example.com")
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        smtp.starttls(context=context)
+        smtp.ehlo("client.example.com")
+        return smtp.docmd("AUTH", f"PLAIN {plain(login, password)}")[0]
+
+
+def test_guesses_from_many_addresses_of_one_ipv6_64_add_up_to_its_block(
+        alice, start_proxy, redis_client):
+    """Any host can pick new addresses within its /64 at will: each guess from a new one
+    counts against the same client, so rotating them buys no more guesses."""
+    proxy = start_proxy(SMTP_PROXY_PROTOCOL_FROM=f"{BALANCER}/32", AUTH_FAILURE_LIMIT=3)
+    for n in range(3):  # three addresses, one guess each, other logins (no username block)
+        assert auth_from_ipv6(proxy.port, "wrong", f"2001:db8:7:7::{n + 1:x}",
+                              login=f"nobody{n}@example.com") == 535
+    assert auth_from_ipv6(proxy.port, PASSWORD, "2001:db8:7:7:ffff::99") == 454
+    assert redis_client.zscore(redis_keys.AUTH_BLOCKS,
+                               redis_keys.auth_subject_ip("2001:db8:7:7::/64")) is not None
+    # The next /64 is another client, and the owner gets in from there.
+    assert auth_from_ipv6(proxy.port, PASSWORD, "2001:db8:7:8::1") == 235
+
+
+def test_local_throttle_counts_an_ipv6_64_as_one_client():
+    now = 1_800_000_000.0
+    local = LocalThrottle(ThrottlePolicy(limit=3, window=600, block_seconds=900))
+    for n in range(3):
+        local.record_failure(f"2001:db8:5:5::{n + 1}", f"nobody{n}@example.com", now)
+    assert local.blocked_subject("2001:db8:5:5:abcd::1", LOGIN, now) == \
+        "ip:2001:db8:5:5::/64"
+    assert local.blocked_subject("2001:db8:5:6::1", LOGIN, now) is None
 
 
 # -- the policy, for what loopback cannot play (IPv6 networks) -------------------------------

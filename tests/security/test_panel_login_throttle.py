@@ -60,6 +60,18 @@ def test_guessing_from_many_addresses_blocks_the_email_but_not_the_owners_networ
     assert attempt(client_from(app, "198.51.100.21"), PASSWORD).status_code == 302
 
 
+def test_guesses_from_many_addresses_of_one_ipv6_64_add_up_to_its_block(
+        app, admin, redis_client):
+    """A host picks new addresses within its /64 at will: one guess from each still adds
+    up to the block of that /64 (other emails: no email block helps here)."""
+    for n in range(LIMIT):
+        guesser = client_from(app, f"2001:db8:9:9::{n + 1:x}")
+        assert attempt(guesser, "guess", email=f"nobody{n}@example.net").status_code == 400
+    assert attempt(client_from(app, "2001:db8:9:9:ffff::1"), PASSWORD).status_code == 429
+    assert redis_client.exists(redis_keys.panel_login_block("ip", "2001:db8:9:9::/64"))
+    assert attempt(client_from(app, "2001:db8:9:a::1"), PASSWORD).status_code == 302
+
+
 def test_unknown_emails_count_too(app, admin):
     guesser = client_from(app, "203.0.113.6")
     for n in range(LIMIT):

@@ -8,6 +8,7 @@ from scoring.locks import (
     AUTH_FAILURE_LIMIT,
     auth_block_until,
     auth_blocked,
+    auth_client,
     auto_unlock_decision,
     lock_reason,
     should_lock,
@@ -98,3 +99,16 @@ def test_local_throttle_memory_is_bounded(local):
     for n in range(50):
         local.record_failure(f"192.0.2.{n}", None, NOW)
     assert len(local._failures) <= 5
+
+
+@pytest.mark.parametrize(("address", "client"), [
+    ("192.0.2.77", "192.0.2.77"),  # IPv4: the address itself
+    ("::ffff:192.0.2.77", "192.0.2.77"),  # IPv4-mapped: its IPv4 address
+    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+    ("2001:DB8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),  # one /64, any host part
+    ("2001:db8:1:3::1", "2001:db8:1:3::/64"),  # the next /64 is another client
+    ("fe80::1%eth0", "fe80::/64"),
+    ("unknown", "unknown"),  # not an address: stands for itself
+])
+def test_auth_failures_count_per_ipv4_address_and_per_ipv6_64(address, client):
+    assert auth_client(address) == client
