@@ -210,6 +210,16 @@ async def count_recipient(
     return decision
 
 
+async def check_rcpt(
+    redis: AsyncRedis, user_id: int, max_per_day: int | None, now: float
+) -> LimitCheck:
+    """The RCPT stage in one round trip: the user's lock (set since MAIL checked it: the
+    recipient is refused as MAIL would have been, nothing counted), then one recipient
+    counted unless the maximum is reached, as ``count_recipient``."""
+    return await run_limits(redis, limits_call(user_id, {RECIPIENTS: max_per_day}, now,
+                                               check_lock=True))
+
+
 async def record_spam_event(
     redis: AsyncRedis,
     key_base: str,

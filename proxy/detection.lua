@@ -16,7 +16,10 @@
 --         returns {"locked", lock} and nothing is counted; else its message is counted in
 --         KEYS[8] under ARGV[5] (what proxy/identities.py's check does on its own when
 --         detection is off), so the message costs one call.
--- KEYS[9] optional, on a single Redis only (another slot): the identities anywhere sending
+-- KEYS[9] the user's lock        og:{u}:lock
+--         With ARGV[5] set, checked first: a user locked since MAIL checked it returns
+--         {"locked", lock, "user"} and nothing is counted.
+-- KEYS[10] optional, on a single Redis only (another slot): the identities anywhere sending
 --         this content this hour, og:{camp:<fp>}:senders:<hour> (HyperLogLog); counted here
 --         too, returned last. On a Cluster CAMPAIGN_LUA counts it, concurrently.
 -- ARGV: see proxy/detection.py _args; then the answers the next hop gave since this process
@@ -53,10 +56,10 @@ local first_domain = 7 + 3 * answers
 
 local state = KEYS[1]
 local campaign_senders = ""
-if KEYS[9] and campaign_member ~= "" then
-  redis.call("PFADD", KEYS[9], campaign_member)
-  redis.call("EXPIRE", KEYS[9], 7200)
-  campaign_senders = tostring(redis.call("PFCOUNT", KEYS[9]))
+if KEYS[10] and campaign_member ~= "" then
+  redis.call("PFADD", KEYS[10], campaign_member)
+  redis.call("EXPIRE", KEYS[10], 7200)
+  campaign_senders = tostring(redis.call("PFCOUNT", KEYS[10]))
 end
 local minute = math.floor(now / 60)
 
@@ -72,9 +75,12 @@ if answers > 0 then
   redis.call("EXPIRE", KEYS[5], 7200)
 end
 
--- The identity check (KEYS[7], KEYS[8]): a locked identity's message goes no further.
+-- The identity check (KEYS[9], KEYS[7], KEYS[8]): the message of a locked user or identity
+-- goes no further.
 if identity_field ~= "" then
-  local lock = redis.call("GET", KEYS[7])
+  local lock = redis.call("GET", KEYS[9])
+  if lock then return {"locked", lock, "user"} end
+  lock = redis.call("GET", KEYS[7])
   if lock then return {"locked", lock} end
   redis.call("HINCRBY", KEYS[8], identity_field, 1)
 end
@@ -244,7 +250,7 @@ for _, pair in ipairs(subjects) do
 end
 redis.call("EXPIRE", state, ttl)
 -- {"ok <identity risk> <user risk> <identity rung before, after> <user rung before,
---  after>|<identity signals>|<user signals>", the content's senders anywhere (KEYS[9], or
+--  after>|<identity signals>|<user signals>", the content's senders anywhere (KEYS[10], or
 --  "")}: one string to read for the common case, not nine.
 return {"ok " .. risks[1] .. " " .. risks[2] .. " " .. new_rungs[1] .. " " .. new_rungs[2]
         .. " " .. new_rungs[3] .. " " .. new_rungs[4] .. "|" .. signals[1] .. "|"

@@ -68,6 +68,8 @@ class Measure:
     identity_signals_text: str = ""  # "name points name points ..." as the script said
     user_signals_text: str = ""
     lock: str | None = None  # the identity's lock (JSON) when the script checked and found one
+    # The user's lock (JSON), set after MAIL checked it, when the script checked the identity
+    user_lock: str | None = None
 
     @cached_property
     def identity_signals(self) -> dict[str, float]:
@@ -230,7 +232,8 @@ def keys_for(user_id: int, identity: str, now: float, fp: str | None) -> list[st
             redis_keys.detection_refusals(user_id, hour),
             redis_keys.detection_refusals(user_id, hour - 1),
             redis_keys.identity_lock(user_id, identity),
-            redis_keys.identity_counts(user_id)]
+            redis_keys.identity_counts(user_id),
+            redis_keys.user_lock(user_id)]
 
 
 async def measure(redis, user_id: int, evidence: Evidence, settings: risk.Settings,
@@ -238,7 +241,8 @@ async def measure(redis, user_id: int, evidence: Evidence, settings: risk.Settin
                   answers: Answers | None = None, check_identity: bool = False) -> Measure:
     """Score one message in one call. Throttled (over the cap while throttled): nothing was
     counted. ``check_identity``: the script is also the identity check (``lock`` set when the
-    identity is locked, nothing scored), so the message costs one call, not two. The
+    identity is locked, ``user_lock`` when the user was locked after MAIL; nothing scored),
+    so the message costs one call, not two. The
     content's count of senders anywhere is another slot's key: on one Redis the script counts
     it too; on a Cluster it is a second call, concurrent with the first."""
     hour = int(now // risk.HOUR)
@@ -277,8 +281,11 @@ async def measure(redis, user_id: int, evidence: Evidence, settings: risk.Settin
 def parse(raw) -> Measure:
     head = _text(raw[0])
     if head == "locked":
+        lock = _text(raw[1])
+        users = len(raw) > 2 and _text(raw[2]) == "user"
         return Measure(False, 0.0, 0.0, (risk.OBSERVE, risk.OBSERVE),
-                       (risk.OBSERVE, risk.OBSERVE), lock=_text(raw[1]))
+                       (risk.OBSERVE, risk.OBSERVE), lock=None if users else lock,
+                       user_lock=lock if users else None)
     if head == "throttled":
         rung = RUNG_NAMES[int(raw[3])]
         return Measure(True, float(raw[1]), float(raw[2]), (rung, rung), (rung, rung))

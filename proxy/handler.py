@@ -6,10 +6,12 @@ identify and inspect (DATA), then quarantine or sign and relay. Policy decisions
 sender keeps the message and retries: nothing is lost, nothing slips through.
 
 Redis round trips per one-recipient message: one at MAIL (the user's lock, every connection
-window and one recipient reserved in advance, in one script) and one after DATA (the
-identity's lock and its message count, in one script), plus one with compromise detection on
-(proxy/detection.py, after inspection: score, decay, rung). Redis unreachable means 451 for new
-mail, or no checks at all with ``REDIS_FAIL_OPEN``; both recover by themselves.
+window and one recipient reserved in advance, in one script) and one after DATA (the user's
+lock again, for a lock set since MAIL, the identity's lock and its message count, in one
+script), plus one with compromise detection on (proxy/detection.py, after inspection: score,
+decay, rung). A message without an identity makes the one after DATA for the user's lock
+alone. Redis unreachable means 451 for new mail, or no checks at all with
+``REDIS_FAIL_OPEN``; both recover by themselves.
 """
 
 from __future__ import annotations
@@ -785,17 +787,21 @@ class OutboundHandler:
         if user is None:
             return "503 5.5.1 Error: need MAIL command"
         if state.reserved is not None and state.reserved[0] == user.id:
-            state.reserved = None  # counted at MAIL already
+            # Counted at MAIL already, in the round trip that checked the lock: a lock set
+            # since is caught by the next RCPT's call or the one after DATA.
+            state.reserved = None
         else:
             try:
-                decision = await counters.count_recipient(
+                check = await counters.check_rcpt(
                     self.redis, user.id, user.maximum_recipients_per_day, self.clock())
             except RedisError as exc:
                 if not self._redis_down("RCPT", exc):
                     return outcomes.TEMPORARY
             else:
-                if not decision.allowed:
-                    return str(decision.reply)
+                if check.lock is not None:  # locked since MAIL: what MAIL would say now
+                    return outcomes.user_locked(user.name, _reason(check.lock))
+                if not check.decision.allowed:
+                    return str(check.decision.reply)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return outcomes.OK
@@ -820,25 +826,31 @@ class OutboundHandler:
                         check: bool = True):
         """The identity of this message, or the reply refusing it (locked, Redis down).
         ``check`` False: only find it (compromise detection checks and counts it later, in
-        its own call)."""
+        its own call). A message without an identity has only the user's lock checked, as
+        no later call would see a lock set since MAIL."""
         found = identities.extract_identity(
             user.identification_method, mail_from=envelope.mail_from or "",
             auth_user=state.auth_login, headers=headers, rules=user.identity_rules)
         if not found.value:
             log.info("no identity (%s) in a message of %s; attributing it to the user",
                      found.source, user.name)
-            return found, None
+            return found, await self._check_identity(user, None)
         return found, (await self._check_identity(user, found.value) if check else None)
 
-    async def _check_identity(self, user: UserPolicy, identity: str) -> str | None:
-        """Refuse a locked identity's message, else count it: the reply, or None."""
+    async def _check_identity(self, user: UserPolicy, identity: str | None) -> str | None:
+        """Refuse the message of a user locked since MAIL, or of a locked identity, else
+        count it (one round trip): the reply, or None."""
         try:
-            lock = await identity_store.check_and_count(self.redis, user.id, identity)
+            found = await identity_store.check_and_count(self.redis, user.id, identity)
         except RedisError as exc:
             return None if self._redis_down("DATA", exc) else outcomes.TEMPORARY
-        if lock is not None:
-            return outcomes.identity_locked(identity, _reason(lock))
-        self.flusher.mark(user.id)
+        if found is not None:
+            whose, lock = found
+            if whose == identity_store.USER:
+                return outcomes.user_locked(user.name, _reason(lock))
+            return outcomes.identity_locked(identity or "", _reason(lock))
+        if identity:
+            self.flusher.mark(user.id)
         return None
 
     async def _data(self, session, envelope):
@@ -938,6 +950,8 @@ class OutboundHandler:
                                             check_identity=True)
         except RedisError as exc:
             return None if self._redis_down("DATA", exc) else outcomes.TEMPORARY
+        if found.user_lock is not None:  # locked since MAIL
+            return outcomes.user_locked(user.name, _reason(found.user_lock))
         if found.lock is not None:
             return outcomes.identity_locked(msg.identity or "", _reason(found.lock))
         self.flusher.mark(user.id)

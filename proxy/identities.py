@@ -1,11 +1,12 @@
 """Identities on the hot path: the lock check and the message count in one round trip, and a
 background task that writes the counts to the database in batches.
 
-Per message the proxy runs one script on the user's hash-tagged keys: if the identity is
-locked it answers with the lock, else it adds one to ``m:<identity>`` in the user's pending
-counts hash. Every few seconds the flusher takes each touched user's hash (read and delete in
-one script, so two proxy instances never write the same counts twice) and upserts it into the
-identities table. If the database is down the counts go back into Redis for the next try.
+Per message the proxy runs one script on the user's hash-tagged keys: if the user (locked
+since MAIL) or the identity is locked it answers with the lock, else it adds one to
+``m:<identity>`` in the user's pending counts hash. Every few seconds the flusher takes each
+touched user's hash (read and delete in one script, so two proxy instances never write the
+same counts twice) and upserts it into the identities table. If the database is down the
+counts go back into Redis for the next try.
 """
 
 from __future__ import annotations
@@ -24,14 +25,25 @@ from outgoing.redis_conn import is_cluster
 
 log = logging.getLogger(__name__)
 
+# KEYS[1] the user's lock, KEYS[2] the identity's lock and KEYS[3] the user's pending counts
+# (both absent for a message without an identity). A lock set since MAIL checked the user's
+# stops the message here, in the call the message makes anyway.
 CHECK_AND_COUNT_LUA = """
 local lock = redis.call("GET", KEYS[1])
 if lock then
-  return lock
+  return {"user", lock}
 end
-redis.call("HINCRBY", KEYS[2], ARGV[1], 1)
+if KEYS[2] then
+  lock = redis.call("GET", KEYS[2])
+  if lock then
+    return {"identity", lock}
+  end
+  redis.call("HINCRBY", KEYS[3], ARGV[1], 1)
+end
 return false
 """
+
+USER, IDENTITY = "user", "identity"
 
 TAKE_LUA = """
 local pending = redis.call("HGETALL", KEYS[1])
@@ -55,12 +67,21 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-async def check_and_count(redis, user_id: int, identity: str) -> str | None:
-    """The identity's lock (JSON) if it is locked; else count the message and return None."""
-    lock = await _script(redis, "check", CHECK_AND_COUNT_LUA)(
-        keys=[redis_keys.identity_lock(user_id, identity), redis_keys.identity_counts(user_id)],
-        args=[redis_keys.identity_count_field("m", identity)])
-    return _text(lock) if lock is not None else None
+async def check_and_count(redis, user_id: int,
+                          identity: str | None) -> tuple[str, str] | None:
+    """What refuses the message after DATA: (``USER``, the lock's JSON) when the user was
+    locked after MAIL checked it, (``IDENTITY``, JSON) when the identity is locked; else
+    count the identity's message (when it has one) and return None."""
+    keys = [redis_keys.user_lock(user_id)]
+    args = []
+    if identity:
+        keys += [redis_keys.identity_lock(user_id, identity),
+                 redis_keys.identity_counts(user_id)]
+        args = [redis_keys.identity_count_field("m", identity)]
+    found = await _script(redis, "check", CHECK_AND_COUNT_LUA)(keys=keys, args=args)
+    if not found:
+        return None
+    return _text(found[0]), _text(found[1])
 
 
 async def count_spam(redis, user_id: int, identity: str) -> None:

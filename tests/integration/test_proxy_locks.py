@@ -50,6 +50,56 @@ def test_manual_user_lock_and_unlock_from_the_panel_apply_to_the_next_message(
     assert len(sink.handler.messages) == 2
 
 
+def lock_from_panel(admin, user_id: int, reason: str) -> None:
+    response = admin.post(f"/outgoing/users/{user_id}/lock",
+                          data={"csrf_token": admin.token, "reason": reason})
+    assert response.status_code in (200, 302)
+
+
+def test_a_user_locked_mid_transaction_is_refused_at_its_next_rcpt_and_after_data(
+        alice, admin, start_proxy, sink):
+    """The lock lands after MAIL: the next recipient hears what MAIL would have said, and
+    the message goes nowhere (the first RCPT rides on MAIL's round trip, unchecked; the
+    check after DATA stops it)."""
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        assert smtp.mail("alice@example.com")[0] == 250
+        assert smtp.rcpt("bob@example.org")[0] == 250
+        lock_from_panel(admin, alice, "stolen password")
+        code, reply = smtp.rcpt("carol@example.org")
+        assert code == 550
+        assert reply.startswith(b"5.7.1 Outgoing user alice@example.com is locked: "
+                                b"stolen password")
+        code, reply = smtp.data(message())
+        assert code == 550
+        assert reply.startswith(b"5.7.1 Outgoing user alice@example.com is locked")
+        assert smtp.mail("alice@example.com")[0] == 550  # as at MAIL
+    assert sink.handler.messages == []
+
+
+@pytest.mark.parametrize(("detection", "sender"), [
+    (True, "alice@example.com"), (False, "alice@example.com"),
+    (False, ""),  # a bounce: no identity, so no identity check after DATA
+], ids=["detection on", "detection off", "no identity"])
+def test_a_user_locked_between_rcpt_and_the_end_of_data_is_refused_and_not_relayed(
+        instance, admin, start_proxy, sink, detection, sender):
+    alice = data.add_user("example.com", "user", "alice@example.com", PASSWORD,
+                          compromise_detection=detection)
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        assert smtp.mail(sender)[0] == 250
+        assert smtp.rcpt("bob@example.org")[0] == 250
+        assert smtp.rcpt("carol@example.org")[0] == 250
+        lock_from_panel(admin, alice, "stolen password")
+        code, reply = smtp.data(message())
+        assert code == 550
+        assert reply.startswith(b"5.7.1 Outgoing user alice@example.com is locked: "
+                                b"stolen password")
+    assert sink.handler.messages == []
+
+
 @pytest.mark.parametrize("detection", [True, False], ids=["detection on", "detection off"])
 def test_locked_identity_is_refused_after_data_and_others_of_the_user_still_send(
         instance, admin, start_proxy, sink, detection):
