@@ -78,18 +78,20 @@ def test_a_user_locked_mid_transaction_is_refused_at_its_next_rcpt_and_after_dat
     assert sink.handler.messages == []
 
 
-@pytest.mark.parametrize(("detection", "sender"), [
-    (True, "alice@example.com"), (False, "alice@example.com"),
-    (False, ""),  # a bounce: no identity, so no identity check after DATA
-], ids=["detection on", "detection off", "no identity"])
+@pytest.mark.parametrize(("detection", "method"), [
+    (True, "envelope_sender"), (False, "envelope_sender"),
+    # a header method with no header set: no identity, so no identity check after DATA
+    (True, "header"), (False, "header"),
+], ids=["detection on", "detection off", "no identity, detection on",
+        "no identity, detection off"])
 def test_a_user_locked_between_rcpt_and_the_end_of_data_is_refused_and_not_relayed(
-        instance, admin, start_proxy, sink, detection, sender):
+        instance, admin, start_proxy, sink, detection, method):
     alice = data.add_user("example.com", "user", "alice@example.com", PASSWORD,
-                          compromise_detection=detection)
+                          compromise_detection=detection, identification_method=method)
     proxy = start_proxy()
     with client(proxy.port) as smtp:
         smtp.login("alice@example.com", PASSWORD)
-        assert smtp.mail(sender)[0] == 250
+        assert smtp.mail("alice@example.com")[0] == 250
         assert smtp.rcpt("bob@example.org")[0] == 250
         assert smtp.rcpt("carol@example.org")[0] == 250
         lock_from_panel(admin, alice, "stolen password")
