@@ -81,11 +81,25 @@ class Attempt:
     charged: list[tuple[str, str, int]] = field(default_factory=list)  # kind, value, count
 
 
-# A count starts its window with its first charge.
+# Charges every subject of one attempt, atomically with the check of their blocks: a block
+# set (and its count dropped) by a parallel attempt refuses this one here, where a charge
+# after the drop would have started a fresh count and let the guess through. KEYS come in
+# pairs (failures, block); a count starts its window with its first charge. Returns
+# {0, seconds to wait} when a subject is blocked, else {1, count, count, ...}.
 _CHARGE = """
-local count = redis.call('incr', KEYS[1])
-if count == 1 then redis.call('expire', KEYS[1], ARGV[1]) end
-return count
+local wait = 0
+for i = 2, #KEYS, 2 do
+  local ttl = redis.call('ttl', KEYS[i])
+  if ttl > wait then wait = ttl elseif ttl == -1 then wait = tonumber(ARGV[2]) end
+end
+if wait > 0 then return {0, wait} end
+local counts = {1}
+for i = 1, #KEYS, 2 do
+  local count = redis.call('incr', KEYS[i])
+  if count == 1 then redis.call('expire', KEYS[i], ARGV[1]) end
+  counts[#counts + 1] = count
+end
+return counts
 """
 
 
@@ -98,10 +112,15 @@ def begin(redis, client_ip: str, email: str) -> int | Attempt:
     attempt = Attempt()
     if limit <= 0:
         return attempt
-    for kind, value in _subjects(redis, client_ip, email, known_seconds):
-        count = redis.register_script(_CHARGE)(
-            keys=[redis_keys.panel_login_failures(kind, value)], args=[window])
-        attempt.charged.append((kind, value, int(count)))
+    subjects = _subjects(redis, client_ip, email, known_seconds)
+    keys = [key for kind, value in subjects
+            for key in (redis_keys.panel_login_failures(kind, value),
+                        redis_keys.panel_login_block(kind, value))]
+    answer = redis.register_script(_CHARGE)(keys=keys, args=[window, block])
+    if int(answer[0]) == 0:
+        return int(answer[1])
+    attempt.charged = [(kind, value, int(count))
+                       for (kind, value), count in zip(subjects, answer[1:], strict=True)]
     over = [(kind, value) for kind, value, count in attempt.charged if count > limit]
     if over:
         _block(redis, over, block)
