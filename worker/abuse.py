@@ -117,12 +117,11 @@ def digest(db, redis, config: dict, domain_id: int, start: int) -> str:
         return f"{domain.abuse_report_address} is not confirmed for {domain.name}; nothing sent"
     entries = redis.hgetall(bucket_key(domain_id, start))
     ids = sorted(int(k) for k, v in entries.items() if v in (b"digest", "digest"))
-    rows = list(db.scalars(select(QuarantinedMessage).where(QuarantinedMessage.id.in_(ids))
-                          .order_by(QuarantinedMessage.received_at, QuarantinedMessage.id)))
-    if not rows:
-        return "nothing left for the digest"
     begin = datetime.fromtimestamp(start, UTC)
     end = begin + timedelta(seconds=BUCKET_SECONDS)
+    rows = list(db.scalars(_digest_rows(domain_id, ids, begin, end)))
+    if not rows:
+        return "nothing left for the digest"
     lines = [
         f"{len(rows)} more outgoing messages from {domain.name} were quarantined between "
         f"{begin:%Y-%m-%d %H:%M} and {end:%H:%M} UTC.",
@@ -148,6 +147,19 @@ def digest(db, redis, config: dict, domain_id: int, start: int) -> str:
     except mail.MailRefused as exc:
         return f"abuse digest refused: {exc}"
     return f"digest of {len(rows)} messages sent" if sent else "digest already sent"
+
+
+def _digest_rows(domain_id: int, ids: list[int], begin: datetime, end: datetime):
+    """The bucket's messages, of this domain and hour only: the bucket holds ids, and a
+    message deleted since (released, expired) may have left its id to another domain's
+    message (SQLite reuses the highest id), which must not go into this domain's digest."""
+    naive_begin, naive_end = begin.replace(tzinfo=None), end.replace(tzinfo=None)
+    return (select(QuarantinedMessage)
+            .where(QuarantinedMessage.id.in_(ids),
+                   QuarantinedMessage.domain_id == domain_id,
+                   QuarantinedMessage.received_at >= naive_begin,
+                   QuarantinedMessage.received_at < naive_end)
+            .order_by(QuarantinedMessage.received_at, QuarantinedMessage.id))
 
 
 def _recipients(row: QuarantinedMessage) -> list[str]:

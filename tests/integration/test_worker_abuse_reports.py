@@ -7,6 +7,7 @@ import email.policy
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import update
 
 from outgoing.config import load_config
 from outgoing.jobs import enqueue
@@ -125,3 +126,35 @@ def test_limit_counts_per_domain(alice, sink):
     report_jobs(*ids)
     worker.burst(sink)
     assert len([r for r in reports(sink) if r.get_content_type() == "multipart/report"]) == 11
+
+
+def test_digest_lists_only_its_own_domains_messages_when_an_id_was_reused(alice, sink):
+    """A message left for example.com's digest is deleted before the digest runs, and
+    other.example's next message gets its id (as SQLite hands out the highest id again)."""
+    other_abuse = "abuse@other.example"
+    data.add_user("other.example", "domain", "other.example", "Other-pass-123")
+    worker.set_domain("other.example", abuse_report_address=other_abuse)
+    hour = utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    ids = [worker.add_spam("example.com", alice, subject=f"Spam wave {n}",
+                           received_at=hour + timedelta(minutes=n))
+           for n in range(12)]
+    report_jobs(*ids)
+    worker.burst(sink)  # ten reports; the digest (waves 10 and 11) is due at once
+
+    gone = ids[-1]
+    data.query(lambda s: s.delete(s.get(QuarantinedMessage, gone)))
+    reused = worker.add_spam("other.example", None, subject="Other customer's secret",
+                             mail_from="bob@other.example",
+                             received_at=hour + timedelta(minutes=30))
+    if reused != gone:  # PostgreSQL never hands an id out twice: give it the id by hand
+        data.query(lambda s: s.execute(update(QuarantinedMessage)
+                                       .where(QuarantinedMessage.id == reused)
+                                       .values(id=gone)))
+    worker.burst(sink)
+
+    [digest] = [r for r in reports(sink) if r.get_content_type() == "text/plain"]
+    text = digest.get_content()
+    assert "1 more outgoing messages from example.com" in text
+    assert "Spam wave 10" in text
+    assert "Other customer's secret" not in text
+    assert "bob@other.example" not in text
