@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from outgoing import audit, jobs, locks
 from outgoing.changes import announce_config_change
@@ -15,20 +15,19 @@ from scoring.locks import auto_unlock_decision
 
 # RQ's scheduler works in whole seconds and may start a job up to a second early.
 EARLY_TOLERANCE = timedelta(seconds=2)
-CLAIM_SECONDS = 7 * 86400
+DECLINED_NOTE_SECONDS = 7 * 86400
 
 
 def expire(db, redis, target: OutgoingUser | Identity, lock_id: str, now: datetime) -> str:
     """Lift lock ``lock_id`` of ``target`` if its timeout has run out and unlocks remain.
 
-    Safe to call twice, and from the scheduled job and the sweep at once: the lock must still
-    be ``lock_id``, and one Redis claim per lock lets only one caller count the unlock.
-    The row is read afresh (and, on PostgreSQL, locked until the unlock is committed): the
-    caller may have loaded it long before (the sweep loads every expired lock first), and
-    an administrator who unlocked and locked it again meanwhile set a lock this must not lift.
+    Safe to call twice, and from the scheduled job and the sweep at once: the row is
+    claimed in the database (:func:`_claim`) and read afresh, and the lock must still be
+    ``lock_id``, so only one caller counts the unlock. The caller may have loaded the row
+    long before (the sweep loads every expired lock first), and an administrator who
+    unlocked and locked it again meanwhile set a lock this must not lift.
     """
-    model = type(target)
-    db.execute(select(model.id).where(model.id == target.id).with_for_update())
+    _claim(db, target)
     db.refresh(target)
     owner = owner_of(target)
     current = bool(target.locked) and target.lock_id == lock_id
@@ -48,24 +47,31 @@ def expire(db, redis, target: OutgoingUser | Identity, lock_id: str, now: dateti
         unlocks_used=target.automatic_unlocks_used or 0,
         maximum_unlocks=owner.maximum_unlocks_by_timeout or 0)
     if decision.unlock:
-        claim = f"og:auto-unlock:{lock_id}"
-        if not redis.set(claim, 1, nx=True, ex=CLAIM_SECONDS):
-            return "being unlocked by another job"
-        try:
-            locks.unlock(db, redis, target, actor="worker",
-                         reason=f"lock timeout expired ({decision.note})", automatic=True)
-        except BaseException:
-            redis.delete(claim)
-            raise
+        locks.unlock(db, redis, target, actor="worker",
+                     reason=f"lock timeout expired ({decision.note})", automatic=True)
         announce_config_change(redis)
     elif current and redis.set(f"og:auto-unlock-declined:{lock_id}", 1, nx=True,
-                               ex=CLAIM_SECONDS):
+                               ex=DECLINED_NOTE_SECONDS):
         # Once per lock, so the sweep does not repeat it every few minutes.
         audit.record(db, actor="worker", action="auto_unlock_declined",
                      target_type=kind_of(target), target_id=target.id,
                      domain_id=owner.domain_id, reason=decision.note, lock_id=lock_id)
         db.commit()
     return decision.note
+
+
+def _claim(db, target: OutgoingUser | Identity) -> None:
+    """Claim the row for this transaction: a write that changes nothing, so PostgreSQL locks
+    the row and SQLite the database until the commit (or the rollback), and a second caller
+    waits, then reads the unlock done. The claim ends with the transaction: a worker killed
+    mid-unlock loses its connection and with it the claim (a claim kept in Redis outlived
+    the worker and kept the sender locked for days)."""
+    model = type(target)
+    same = {model.lock_id: model.lock_id}
+    if hasattr(model, "updated_at"):
+        same[model.updated_at] = model.updated_at  # a claim is no change to the row
+    db.execute(update(model).where(model.id == target.id).values(same)
+               .execution_options(synchronize_session=False))
 
 
 def expired_locks(db, now: datetime) -> list[OutgoingUser | Identity]:

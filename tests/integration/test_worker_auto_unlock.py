@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -194,3 +197,33 @@ def test_a_lock_set_after_the_sweep_read_the_expired_ones_is_not_lifted(alice, r
     alice_now = worker.target("user", alice)
     assert alice_now.locked and alice_now.lock_id == new_lock, note
     assert json.loads(redis_client.get(redis_keys.user_lock(alice)))["lock_id"] == new_lock
+
+
+# A sweep that dies (SIGKILL, as the OOM killer or a node's restart would) inside the unlock,
+# after it has claimed the lock and before it commits.
+KILLED_SWEEP = """
+import os, signal
+from outgoing import audit
+from worker import jobs
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+audit.record = die  # written inside the unlock's transaction, before its commit
+jobs.sweep_expired_locks()
+"""
+
+
+def test_a_sweep_killed_mid_unlock_does_not_keep_the_sender_locked(alice, sink, redis_client):
+    worker.lock("user", alice, minutes_ago=TIMEOUT + 1)
+    killed = subprocess.run([sys.executable, "-c", KILLED_SWEEP], env=worker.worker_env(sink),
+                            capture_output=True, text=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert worker.target("user", alice).locked  # nothing of the unlock was committed
+
+    jobs.ensure_periodic(redis_client)
+    worker.burst(sink)  # the scheduled unlock and the next sweep
+
+    alice_now = worker.target("user", alice)
+    assert not alice_now.locked and alice_now.automatic_unlocks_used == 1
+    assert [e.actor for e in audit("unlock")] == ["worker"]
