@@ -9,6 +9,8 @@ from email.header import Header
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
+from worker import claims
+
 SENT_MARKER_SECONDS = 14 * 86400
 
 
@@ -120,6 +122,11 @@ def _sent_key(marker: str) -> str:
     return f"og:sent:{marker}"
 
 
+SENT = "sent"
+# "1" is what a marker held before markers named their job: the mail went out then.
+_SENT_VALUES = frozenset({SENT, "1"})
+
+
 def was_sent(redis, marker: str) -> bool:
     """Whether ``send_once`` has sent (or is sending) the mail of ``marker``."""
     return bool(redis.exists(_sent_key(marker)))
@@ -127,18 +134,23 @@ def was_sent(redis, marker: str) -> bool:
 
 def send_once(config: dict, redis, marker: str, message: EmailMessage | bytes, *,
               sender: str, to: list[str]) -> bool:
-    """Send unless ``marker`` says it was sent already; True when sent now.
+    """Send unless ``marker`` says it was sent already, or is being sent by a job at work;
+    True when sent now.
 
-    The marker is claimed before sending and released if sending fails, so a retried job
-    neither mails twice nor loses the mail. (A crash between the next hop's 250 and the end
-    of the job is the one case left where a retry could mail twice.)
+    The marker is a claim naming this job (:mod:`worker.claims`) while the mail is on its
+    way, and becomes "sent" only once the next hop has taken it: a worker killed mid-send
+    leaves a claim that RQ's retry, or the next job once this one has ended, takes over
+    and sends, rather than a marker that says sent for mail that never went. A refusal or
+    failure gives the claim back. (A kill between the next hop's 250 and "sent" is the one
+    case left where a retry mails twice.)
     """
     key = _sent_key(marker)
-    if not redis.set(key, 1, nx=True, ex=SENT_MARKER_SECONDS):
+    if not claims.claim(redis, key, seconds=SENT_MARKER_SECONDS, final=_SENT_VALUES):
         return False
     try:
         send(config, message, sender=sender, to=to)
     except BaseException:
-        redis.delete(key)
+        claims.give_back(redis, key)
         raise
+    redis.set(key, SENT, ex=SENT_MARKER_SECONDS)
     return True

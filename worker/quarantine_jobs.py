@@ -14,9 +14,6 @@ import smtplib
 import ssl
 from datetime import UTC, datetime
 
-from rq import get_current_job
-from rq.exceptions import NoSuchJobError
-from rq.job import Job, JobStatus
 from sqlalchemy import select
 
 from outgoing.archive import archive_message, expire_archive
@@ -25,11 +22,10 @@ from outgoing.dkim import DkimError, load_signing_key, sign_with
 from outgoing.jobs import enqueue, enqueue_delivery_report
 from outgoing.models import IdentificationHeader, OutgoingUser, QuarantinedMessage, utcnow
 from outgoing.quarantine import expire_quarantine, recipients
-from outgoing.redis_conn import rq_connection
 from outgoing.storage import read_body, store_for
 from scoring.message import header_block, parse_headers, remove_headers, subject_of
 from scoring.retry import next_attempt_at, parse_delays, split_refusals
-from worker import context
+from worker import claims, context
 from worker.mail import ExactSMTP
 
 log = logging.getLogger(__name__)
@@ -92,46 +88,15 @@ def prepared_for_relay(db, user: OutgoingUser | None, data: bytes) -> bytes:
     return data
 
 
-# Take over a claim whose holder is no longer at work: compare and set, so of two takers only
-# one gets it.
-_TAKE_OVER = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-  return 1
-end
-return 0
-"""
 CLAIM_SECONDS = 3600
-_AT_WORK = {JobStatus.STARTED, JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
-
-
-def _claim(redis, key: str) -> bool:
-    """Claim the release of one message for this job. The claim names the job: a worker
-    killed mid-release leaves it behind, and RQ's retry of that job (the same id), or a new
-    Release once that job has ended, takes it over instead of waiting out the hour."""
-    job = get_current_job()
-    mine = job.id if job is not None else "-"
-    if redis.set(key, mine, nx=True, ex=CLAIM_SECONDS):
-        return True
-    holder = redis.get(key)
-    if holder is None:
-        return bool(redis.set(key, mine, nx=True, ex=CLAIM_SECONDS))
-    holder = holder.decode() if isinstance(holder, bytes) else str(holder)
-    if holder != mine and _at_work(redis, holder):
-        return False
-    return bool(redis.eval(_TAKE_OVER, 1, key, holder, mine, CLAIM_SECONDS))
-
-
-def _at_work(redis, job_id: str) -> bool:
-    try:
-        status = Job.fetch(job_id, connection=rq_connection(redis)).get_status()
-    except NoSuchJobError:
-        return False
-    return status in _AT_WORK
 
 
 def release_quarantined(message_id: int) -> str:
-    """Relay a quarantined message to the next hop and mark it released (once)."""
+    """Relay a quarantined message to the next hop and mark it released (once).
+
+    One job at a time holds the message's claim (:mod:`worker.claims`): a worker killed
+    mid-release leaves it behind, and RQ's retry of that job, or a new Release once that job
+    has ended, takes it over instead of waiting out the hour."""
     config, redis = context.config(), context.redis_client()
     claim = f"og:release:{message_id}"
     with session_scope(context.sessionmaker()) as db:
@@ -140,7 +105,7 @@ def release_quarantined(message_id: int) -> str:
             return "message no longer in the quarantine"
         if row.released_at is not None:
             return "already released"
-        if not _claim(redis, claim):
+        if not claims.claim(redis, claim, seconds=CLAIM_SECONDS):
             return "a release of this message is already under way"
         try:
             user = db.get(OutgoingUser, row.user_id) if row.user_id else None
@@ -159,7 +124,7 @@ def release_quarantined(message_id: int) -> str:
             row.released_at = utcnow()
             db.commit()
         finally:
-            redis.delete(claim)
+            claims.give_back(redis, claim)
         if user is not None and user.message_archiving:
             try:
                 archive_message(db, store_for(config), domain_id=row.domain_id,

@@ -9,8 +9,11 @@ from __future__ import annotations
 import email
 import email.policy
 import re
+import subprocess
+import sys
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from rq import Queue
@@ -22,6 +25,7 @@ from outgoing.jobs import enqueue
 from outgoing.models import AuditEvent, Identity, LockTemplate, OutgoingUser, utcnow
 from outgoing.tokens import make_unlock_token
 from tests.support import data, worker
+from tests.support.services import ROOT
 from tests.support.worker import LINK, PUBLIC_URL
 
 ADMIN, ADMIN_PW = "ops@example.com", "Ops-pass-123"
@@ -459,3 +463,52 @@ def test_a_spam_subject_cannot_add_lines_to_the_alert(alice, sink):
                    for line in lines)
     assert ("  Subject: Invoice Unlock, after you have checked the sender: "
             "http://evil.test/unlock") in lines
+
+
+def notify_job_id(redis_client) -> str:
+    [job] = [job for job in Queue("outgoing", connection=redis_client).get_jobs()
+             if job.func_name == "worker.jobs.notify_lock"]
+    return job.id
+
+
+def test_mail_whose_worker_died_mid_send_is_sent_by_the_retry_or_the_next_job(
+        alice, sink, redis_client):
+    """A worker killed while it sent left the mail's marker behind, and every later run
+    took it for "sent": the notice was lost. The marker names the job that sends; RQ's retry
+    of that job (the same id), or another job once that one has ended, sends."""
+    lock_id = worker.lock("user", alice)
+    redis_client.set(f"og:sent:{lock_id}:notice", notify_job_id(redis_client))  # retried
+    redis_client.set(f"og:sent:{lock_id}:alert", "a-job-long-gone")
+    worker.burst(sink)
+    assert sorted(m.rcpt_tos[0] for m in sink.handler.messages) == [
+        "alice@example.com", "postmaster@example.com"]
+    assert redis_client.get(f"og:sent:{lock_id}:notice") == b"sent"
+    assert redis_client.get(f"og:sent:{lock_id}:alert") == b"sent"
+
+
+def test_the_marker_names_the_sending_job_and_says_sent_only_after_the_next_hop_took_it(
+        alice, sink, redis_client):
+    lock_id = worker.lock("user", alice)
+    job_id = notify_job_id(redis_client)
+    notice = f"og:sent:{lock_id}:notice"
+    sink.handler.refuse_with = "451 4.3.0 try again later"
+    worker.burst(sink)
+    assert redis_client.get(notice) is None  # deferred: nothing claims it was sent
+
+    sink.handler.refuse_with = None
+    sink.handler.data_started.clear()
+    sink.handler.delay = 3  # the next hop takes its time over DATA
+    registry = Queue("outgoing", connection=redis_client).scheduled_job_registry
+    redis_client.zadd(registry.key, {job_id: 0}, xx=True)  # RQ's retry, due now
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "rq"), "worker", "--burst",
+                             "--with-scheduler", "outgoing"], cwd=ROOT,
+                            env=worker.worker_env(sink), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        assert sink.handler.data_started.wait(30)
+        assert redis_client.get(notice) == job_id.encode()  # on its way, not yet sent
+    finally:
+        assert proc.wait(60) == 0
+    assert redis_client.get(notice) == b"sent"
+    assert sorted(m.rcpt_tos[0] for m in sink.handler.messages) == [
+        "alice@example.com", "postmaster@example.com"]
