@@ -108,6 +108,9 @@ def release_quarantined(message_id: int) -> str:
         if not claims.claim(redis, claim, seconds=CLAIM_SECONDS):
             return "a release of this message is already under way"
         try:
+            db.refresh(row)  # another release may have ended between our read and our claim
+            if row.released_at is not None:
+                return "already released"
             user = db.get(OutgoingUser, row.user_id) if row.user_id else None
             data = prepared_for_relay(db, user, read_body(config, row))
             rcpts = recipients(row)

@@ -236,3 +236,35 @@ def test_a_release_whose_worker_died_is_taken_over_not_left_for_an_hour(
     released = {row.subject: row.released_at is not None for row in stored_rows()}
     assert released == {"Retried": True, "Clicked again": True, "Busy": False}
     assert redis_client.get(f"og:release:{busy.id}") == holder.id.encode()
+
+
+def test_two_releases_of_one_message_relay_it_once(instance, sink, redis_client, monkeypatch):
+    """Release pressed twice: the second job read the message (not released yet), then the
+    first relayed it, marked it released and gave its claim back, and only then did the
+    second take the claim. It relayed the message a second time."""
+    from tests.support import worker
+    from worker import claims, context, quarantine_jobs
+
+    user_id = add_alice()
+    row_id = worker.add_spam("example.com", user_id, subject="Pressed twice")
+    monkeypatch.setenv("UPSTREAM_SMTP", f"127.0.0.1:{sink.port}")
+    for cached in (context.config, context.sessionmaker, context.redis_client):
+        cached.cache_clear()
+    take_claim = claims.claim
+
+    def first_release_ends_before_our_claim(*args, **kwargs):
+        enqueue(redis_client, "worker.quarantine_jobs.release_quarantined", row_id)
+        result = run_worker_burst(process_env(UPSTREAM_SMTP=f"127.0.0.1:{sink.port}"))
+        assert result.returncode == 0, result.stderr[-2000:]
+        return take_claim(*args, **kwargs)
+
+    monkeypatch.setattr(claims, "claim", first_release_ends_before_our_claim)
+    try:
+        note = quarantine_jobs.release_quarantined(row_id)
+    finally:
+        for cached in (context.config, context.sessionmaker, context.redis_client):
+            cached.cache_clear()
+
+    assert note == "already released"
+    assert [m.rcpt_tos for m in sink.handler.messages] == [["victim@example.org"]]
+    assert stored_rows()[0].released_at is not None
