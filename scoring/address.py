@@ -94,3 +94,15 @@ def mailbox_domain(address: str) -> str:
     lower-cased; "" when ``address`` is not a mailbox."""
     parts = split_mailbox(address)
     return parts[1].lower() if parts else ""
+
+
+def a_label_mailbox(address: str) -> str:
+    """``address`` as SMTP and headers carry it without SMTPUTF8: its domain in A-label form,
+    its local part as written (that part is the receiving side's to read). Anything that is
+    not a mailbox is returned as it is. A domain is only ever a name for DNS, so a
+    non-ASCII one need not make a message need SMTPUTF8, which many next hops lack."""
+    parts = split_mailbox(address)
+    if parts is None:
+        return address
+    local, domain = parts
+    return f"{local}@{canonical_domain(domain)}"

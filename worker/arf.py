@@ -20,6 +20,8 @@ from email import policy as email_policy
 from email.message import EmailMessage, MIMEPart
 from email.utils import format_datetime, make_msgid
 
+from scoring.address import a_label_mailbox
+
 _POLICY = email_policy.SMTP  # CRLF line endings
 _LINE_BREAKS = re.compile(r"[\r\n]+[ \t]*")
 
@@ -88,7 +90,7 @@ def build_abuse_report(
 
     head = EmailMessage(policy=_POLICY)
     head["From"] = reporter
-    head["To"] = to
+    head["To"] = a_label_mailbox(to)
     head["Subject"] = _one_line(f"Abuse report: mail from {reported_domain}")
     head["Date"] = format_datetime(_aware(date or datetime.now(UTC)))
     head["Message-ID"] = make_msgid(domain=_domain_of(reporter))

@@ -9,6 +9,7 @@ from email.header import Header
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
+from scoring.address import a_label_mailbox
 from worker import claims
 
 SENT_MARKER_SECONDS = 14 * 86400
@@ -82,7 +83,7 @@ def _set_subject(msg: EmailMessage, subject: str) -> None:
 def compose(*, sender: str, to: str, subject: str, body: str) -> EmailMessage:
     msg = EmailMessage()
     msg["From"] = sender
-    _set_to(msg, to)
+    _set_to(msg, a_label_mailbox(to))
     _set_subject(msg, subject)
     msg["Date"] = formatdate(localtime=False)
     msg["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or None)
@@ -93,11 +94,16 @@ def compose(*, sender: str, to: str, subject: str, body: str) -> EmailMessage:
 
 def send(config: dict, message: EmailMessage | bytes, *, sender: str, to: list[str]) -> None:
     """Raise MailRefused on a permanent refusal, anything else on a transient failure (so
-    RQ retries the job)."""
+    RQ retries the job).
+
+    Domains go out in A-label form; SMTPUTF8 is asked for only when a local part is not
+    ASCII, the one thing no A-label can spell."""
     host, _, port = config["UPSTREAM_SMTP"].rpartition(":")
+    sender, to = a_label_mailbox(sender), [a_label_mailbox(rcpt) for rcpt in to]
+    utf8 = not all(address.isascii() for address in [sender, *to])
     # CRLF line endings: smtplib sends bytes as given, and SMTP lines end in CRLF.
-    data = (message.as_bytes(policy=email.policy.SMTP) if isinstance(message, EmailMessage)
-            else message)
+    data = (message.as_bytes(policy=email.policy.SMTPUTF8 if utf8 else email.policy.SMTP)
+            if isinstance(message, EmailMessage) else message)
     try:
         with ExactSMTP(host.strip("[]"), int(port),
                        timeout=config["UPSTREAM_TIMEOUT"]) as smtp:
@@ -107,7 +113,9 @@ def send(config: dict, message: EmailMessage | bytes, *, sender: str, to: list[s
                 smtp.ehlo(config["SMTP_HOSTNAME"])
             if config.get("UPSTREAM_USERNAME") and smtp.has_extn("auth"):
                 smtp.login(config["UPSTREAM_USERNAME"], config.get("UPSTREAM_PASSWORD") or "")
-            smtp.sendmail(sender, to, data)
+            smtp.sendmail(sender, to, data, mail_options=["SMTPUTF8"] if utf8 else [])
+    except smtplib.SMTPNotSupportedError as exc:
+        raise MailRefused(f"{', '.join(to)} needs SMTPUTF8, which the next hop lacks") from exc
     except smtplib.SMTPRecipientsRefused as exc:
         if all(code >= 500 for code, _ in exc.recipients.values()):
             raise MailRefused(f"{', '.join(to)} refused: {exc.recipients}") from exc

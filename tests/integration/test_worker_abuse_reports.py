@@ -158,3 +158,15 @@ def test_digest_lists_only_its_own_domains_messages_when_an_id_was_reused(alice,
     assert "Spam wave 10" in text
     assert "Other customer's secret" not in text
     assert "bob@other.example" not in text
+
+
+def test_a_report_to_an_idn_domain_names_the_domain_in_a_label_form(alice, sink):
+    worker.set_domain("example.com", abuse_report_address="abuse@bücher.example")
+    report_jobs(worker.add_spam("example.com", alice))
+    worker.burst(sink)
+    [received] = sink.handler.messages
+    assert received.rcpt_tos == ["abuse@xn--bcher-kva.example"]
+    assert "SMTPUTF8" not in received.mail_options
+    report = email.message_from_bytes(received.data, policy=email.policy.default)
+    assert report.get_content_type() == "multipart/report"
+    assert report["To"] == "abuse@xn--bcher-kva.example"

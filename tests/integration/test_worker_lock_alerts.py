@@ -25,7 +25,7 @@ from outgoing.jobs import enqueue
 from outgoing.models import AuditEvent, Identity, LockTemplate, OutgoingUser, utcnow
 from outgoing.tokens import make_unlock_token
 from tests.support import data, worker
-from tests.support.services import ROOT
+from tests.support.services import ROOT, Sink
 from tests.support.worker import LINK, PUBLIC_URL
 
 ADMIN, ADMIN_PW = "ops@example.com", "Ops-pass-123"
@@ -512,3 +512,33 @@ def test_the_marker_names_the_sending_job_and_says_sent_only_after_the_next_hop_
     assert redis_client.get(notice) == b"sent"
     assert sorted(m.rcpt_tos[0] for m in sink.handler.messages) == [
         "alice@example.com", "postmaster@example.com"]
+
+
+def test_an_alert_to_an_idn_domain_names_the_domain_in_a_label_form(instance, redis_client,
+                                                                     sink):
+    """Sent as it was written, the address made smtplib fail on every try (non-ASCII in an
+    SMTP command without SMTPUTF8): the alert never went out."""
+    user_id = data.add_user("example.com", "user", "alice@example.com", "Alice-pass-123")
+    worker.set_domain("example.com", abuse_report_address="ops@bücher.example")
+    worker.lock("user", user_id)
+    worker.burst(sink)
+    [alert] = [m for m in sink.handler.messages
+               if m.rcpt_tos == ["ops@xn--bcher-kva.example"]]
+    assert "SMTPUTF8" not in alert.mail_options  # a domain needs none
+    assert alert.data.isascii()
+    assert parsed(alert)["To"] == "ops@xn--bcher-kva.example"
+
+
+def test_an_alert_to_a_non_ascii_mailbox_asks_for_smtputf8(instance, redis_client):
+    user_id = data.add_user("example.com", "user", "alice@example.com", "Alice-pass-123")
+    worker.set_domain("example.com", abuse_report_address="jürgen@bücher.example")
+    worker.lock("user", user_id)
+    hop = Sink(smtputf8=True).start()
+    try:
+        worker.burst(hop)
+        [alert] = [m for m in hop.handler.messages
+                   if m.rcpt_tos == ["jürgen@xn--bcher-kva.example"]]
+    finally:
+        hop.stop()
+    assert "SMTPUTF8" in alert.mail_options
+    assert parsed(alert)["To"] == "jürgen@xn--bcher-kva.example"

@@ -68,6 +68,7 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     data: bytes
+    mail_options: list[str] = field(default_factory=list)  # MAIL FROM's, e.g. SMTPUTF8
 
 
 @dataclass
@@ -88,7 +89,8 @@ class SinkHandler:
             if server.transport is None or server.transport.is_closing():
                 return "421 4.4.2 client gone"  # never answered 250: not taken
         self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
-                                      envelope.original_content or b""))
+                                      envelope.original_content or b"",
+                                      list(envelope.mail_options)))
         return "250 2.0.0 sink took it"
 
     def wait_for(self, count: int, timeout: float = 15.0) -> list[Received]:
@@ -99,10 +101,11 @@ class SinkHandler:
 
 
 class Sink:
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, *, smtputf8: bool = False):
         self.port = port or free_port()
         self.handler = SinkHandler()
-        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port)
+        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port,
+                                     enable_SMTPUTF8=smtputf8)
 
     def start(self) -> Sink:
         self.controller.start()

@@ -4,7 +4,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scoring.address import canonical_domain, canonical_mailbox, mailbox_domain, split_mailbox
+from scoring.address import (
+    a_label_mailbox,
+    canonical_domain,
+    canonical_mailbox,
+    mailbox_domain,
+    split_mailbox,
+)
 from scoring.identity import extract_identity, normalise_identity
 
 ATEXT = "abcXYZ019!#$%&'*+/=?^_`{|}~-é"
@@ -127,3 +133,11 @@ def test_strasse_and_strasse_with_eszett_are_two_domains_everywhere():
     assert normalise_domain("Straße.de") == "xn--strae-oqa.de" != normalise_domain("strasse.de")
     assert registrable_domain("bob@mail.straße.de") == "xn--strae-oqa.de"
     assert canonical_mailbox("bob@straße.de") != canonical_mailbox("bob@strasse.de")
+
+
+def test_a_notice_address_keeps_its_local_part_and_spells_its_domain_in_a_label_form():
+    assert a_label_mailbox("ops@Bücher.example") == "ops@xn--bcher-kva.example"
+    assert a_label_mailbox("jürgen@bücher.example") == "jürgen@xn--bcher-kva.example"
+    assert a_label_mailbox('"a b"@bücher.example') == '"a b"@xn--bcher-kva.example'
+    assert a_label_mailbox("ops@example.com") == "ops@example.com"
+    assert a_label_mailbox("<>") == "<>"
