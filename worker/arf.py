@@ -21,6 +21,7 @@ from email.message import EmailMessage, MIMEPart
 from email.utils import format_datetime, make_msgid
 
 from scoring.address import a_label_mailbox
+from worker.mail import set_to
 
 _POLICY = email_policy.SMTP  # CRLF line endings
 _LINE_BREAKS = re.compile(r"[\r\n]+[ \t]*")
@@ -90,7 +91,7 @@ def build_abuse_report(
 
     head = EmailMessage(policy=_POLICY)
     head["From"] = reporter
-    head["To"] = a_label_mailbox(to)
+    set_to(head, a_label_mailbox(to))  # a stored address must not write headers of its own
     head["Subject"] = _one_line(f"Abuse report: mail from {reported_domain}")
     head["Date"] = format_datetime(_aware(date or datetime.now(UTC)))
     head["Message-ID"] = make_msgid(domain=_domain_of(reporter))

@@ -51,7 +51,7 @@ def one_line(value: str) -> str:
     return " ".join(_CONTROL.sub(" ", str(value)).split())
 
 
-def _set_to(msg: EmailMessage, to: str) -> None:
+def set_to(msg: EmailMessage, to: str) -> None:
     """The To header, naming ``to`` exactly or not at all: the email package reads "=?...?="
     in an address as an encoded word, so an address a customer chose (an identity such as
     ``=?utf-8?q?a=0D=0A...?=@their.domain``) would crash the job, or name another address.
@@ -83,7 +83,7 @@ def _set_subject(msg: EmailMessage, subject: str) -> None:
 def compose(*, sender: str, to: str, subject: str, body: str) -> EmailMessage:
     msg = EmailMessage()
     msg["From"] = sender
-    _set_to(msg, a_label_mailbox(to))
+    set_to(msg, a_label_mailbox(to))
     _set_subject(msg, subject)
     msg["Date"] = formatdate(localtime=False)
     msg["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or None)

@@ -145,3 +145,24 @@ def test_huge_header_block_is_cut_at_whole_lines():
     assert len(raw) < 6000
     text = list(_parse(raw).iter_parts())[2].get_content()
     assert text.startswith("X-Filler-0: ") and text.endswith("y\r\n")
+
+
+def test_an_abuse_address_cannot_write_headers_into_the_report():
+    """The address is stored as a domain admin typed it; set as it was, an encoded word in it
+    decoded to CR LF and a header block (the job crashed on every try), or to other
+    addresses; alerts' To handling names it exactly or not at all."""
+    for to in ("=?utf-8?q?a=0D=0ABcc:_evil@attacker.test?=@shop.example.com",
+               "=?utf-8?q?boss=40attacker.test=2C_x?=@shop.example.com",
+               "postmaster@shop.example.com\r\nBcc: evil@attacker.test"):
+        raw = _report(to=to)
+        head = raw.split(b"\r\n\r\n", 1)[0]
+        assert b"attacker" not in head, to
+        report = _parse(raw)
+        assert report["Bcc"] is None
+        assert report["To"] == "undisclosed-recipients:;"
+        assert report.get_content_type() == "multipart/report"
+
+
+def test_a_plain_abuse_address_is_the_reports_to():
+    assert _parse(_report(to='"desk, abuse"@shop.example.com'))["To"] == \
+        '"desk, abuse"@shop.example.com'
