@@ -185,6 +185,23 @@ def test_confirmation_mails_are_rationed_and_go_only_to_addresses_still_named(
     assert linked == list(range(9))
 
 
+def test_a_link_whose_worker_died_mid_send_is_sent_by_the_next_job(instance, app, sink):
+    """A claim on the day's marker left by a job that no longer runs (its worker was killed
+    while mailing the link) does not count as "already sent today": the next job sends."""
+    from datetime import UTC, datetime
+
+    from outgoing.notify_addresses import address_key
+
+    data.add_user("example.com", "user", "alice@example.com", "Alice-pass-123")
+    panel = customer(app)
+    day = datetime.now(UTC).strftime("%Y%m%d")
+    worker.redis_client().set(
+        f"og:sent:confirm:{domain_id()}:{address_key(OUTSIDE)}:{day}", "a-job-that-died")
+    panel.post(f"/outgoing/settings/{domain_id()}", {"abuse_report_address": OUTSIDE})
+    worker.burst(sink)
+    assert len(mails_to(sink, OUTSIDE)) == 1
+
+
 def test_an_expired_a_foreign_or_a_garbage_link_confirms_nothing(instance, app):
     """Links older than 7 days (410), for a domain that is gone (404), and junk of any kind
     (400): a clear page, never a 500, and no row."""
