@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import select
 
+from outgoing import audit
 from outgoing.archive import archive_message, expire_archive
 from outgoing.db import session_scope
 from outgoing.dkim import DkimError, load_signing_key, sign_with
@@ -119,6 +120,7 @@ def release_quarantined(message_id: int) -> str:
                                      data=data)
             except RelayRefused as exc:
                 log.warning("release of quarantined message %s refused: %s", message_id, exc)
+                _after_full_refusal(db, config, redis, row, data, rcpts, exc)
                 return f"not released: {exc}"
             if refused:
                 # Before our commit: a kill in between relays and reports again rather than
@@ -143,6 +145,41 @@ def release_quarantined(message_id: int) -> str:
 
 
 RETRY_JOB = "worker.content_jobs.retry_deferred_recipients"
+
+
+def _refusals(exc: RelayRefused, rcpts: list[str]) -> dict[str, tuple[int, str]]:
+    """Each recipient with the next hop's reply that refused it (for a refused message,
+    that one reply for all)."""
+    cause = exc.__cause__
+    if isinstance(cause, smtplib.SMTPRecipientsRefused):
+        return {rcpt: (int(code), _text(text)) for rcpt, (code, text)
+                in cause.recipients.items()}
+    code = int(getattr(cause, "smtp_code", 554))
+    return {rcpt: (code, _text(getattr(cause, "smtp_error", str(exc)))) for rcpt in rcpts}
+
+
+def _text(text) -> str:
+    return text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+
+
+def _after_full_refusal(db, config: dict, redis, row: QuarantinedMessage, data: bytes,
+                        rcpts: list[str], exc: RelayRefused) -> None:
+    """The next hop refused the released message for good, for every recipient. It stays in
+    the quarantine (nothing went out); the sender, told 250 when it was quarantined, gets a
+    delivery report, and the domain's audit log says why the release did not happen, so
+    the administrator who pressed Release sees the next hop's answer. A second Release
+    refused the same way reports nothing twice (the report's marker is the same)."""
+    answers = _refusals(exc, rcpts)
+    if row.mail_from and row.mail_from != "<>":
+        head, _ = header_block(data)
+        enqueue_delivery_report(redis, row.mail_from, answers, head,
+                                row.received_at.isoformat(), config["SMTP_HOSTNAME"])
+    audit.record(db, actor="worker", action="release_refused", target_type="quarantine",
+                 target_id=row.id, domain_id=row.domain_id,
+                 next_hop_said="; ".join(f"{rcpt}: {code} {' '.join(text.split())}"[:300]
+                                         for rcpt, (code, text) in sorted(answers.items()))
+                 [:2000])
+    db.commit()
 
 
 def _after_partial_refusal(config: dict, redis, mail_from: str, data: bytes,

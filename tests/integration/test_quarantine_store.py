@@ -212,6 +212,47 @@ def test_a_release_the_next_hop_takes_for_some_recipients_loses_none_of_the_othe
         hop.stop()
 
 
+def test_a_release_the_next_hop_refuses_for_everyone_is_reported_and_stays_quarantined(
+        instance, start_proxy, redis_client):
+    """Released, the message is refused for good (550) for both recipients: it stays in
+    the quarantine, alice (told 250 when it was quarantined) gets a delivery report, and the
+    domain's audit log keeps the next hop's answers for the admin who pressed Release.
+    Before, the job only logged it: no report, and nothing the admin could see."""
+    import json
+
+    from outgoing.models import AuditEvent
+    from tests.support.content import NextHop
+
+    add_alice(quarantine_response="accept")
+    proxy = start_proxy()
+    rcpts = ("dave@example.org", "erin@example.org")
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        assert send(smtp, message(subject="Cheap", body=GTUBE), rcpts=rcpts)[0] == 250
+    [row] = stored_rows()
+
+    hop = NextHop().start()
+    try:
+        hop.handler.refuse_rcpt.update({"dave@example.org": "550 5.1.1 No such user",
+                                        "erin@example.org": "550 5.7.1 Not wanted"})
+        env = process_env(UPSTREAM_SMTP=f"127.0.0.1:{hop.port}")
+        for _ in range(2):  # pressed twice: one report
+            enqueue(redis_client, "worker.quarantine_jobs.release_quarantined", row.id)
+            result = run_worker_burst(env)
+            assert result.returncode == 0, result.stderr[-2000:]
+        [report] = hop.handler.wait_for(1)
+        assert report.rcpt_tos == ["alice@example.com"] and report.mail_from == "<>"
+        assert b"dave@example.org" in report.data and b"erin@example.org" in report.data
+        assert b"No such user" in report.data
+        assert stored_rows()[0].released_at is None  # still in the quarantine
+        events = data.query(lambda s: [(e.domain_id, json.loads(e.detail)) for e in s.scalars(
+            select(AuditEvent).where(AuditEvent.action == "release_refused"))])
+        assert len(events) == 2 and events[0][0] == row.domain_id
+        assert "dave@example.org: 550 5.1.1 No such user" in events[0][1]["next_hop_said"]
+    finally:
+        hop.stop()
+
+
 def test_a_release_whose_worker_died_is_taken_over_not_left_for_an_hour(
         instance, start_proxy, sink, redis_client):
     """A worker killed mid-release leaves the message's claim behind. RQ's retry of that job
