@@ -11,6 +11,7 @@ import secrets
 import smtplib
 import time
 from datetime import UTC, datetime
+from email.header import Header
 from email.utils import format_datetime, make_msgid
 
 from rq import get_current_job
@@ -39,6 +40,32 @@ def _status(code: int, text: str) -> str:
     return "5.0.0" if code >= 500 else "4.0.0"
 
 
+def _ascii(value: object, limit: int = 400) -> str:
+    """A value on one line with every non-ASCII character as ``\\x{HEX}`` (RFC 6533's
+    embedded-unicode), for the report's ASCII-only parts."""
+    return "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in _line(value, limit))
+
+
+def _final_recipient(rcpt: str) -> str:
+    """An ASCII address as ``rfc822``, one with a non-ASCII local part or domain as RFC 6533's
+    ``utf-8`` type in its ASCII (embedded-unicode) form: the report travels without SMTPUTF8
+    when its own recipient, the sender, is ASCII, so no raw UTF-8 may be in its headers."""
+    text = _line(rcpt, 300)
+    if text.isascii():
+        return f"rfc822; {text}"
+    return "utf-8; " + "".join(
+        c if c.isascii() and c not in "\\+=" and 32 < ord(c) < 127 else f"\\x{{{ord(c):X}}}"
+        for c in text)
+
+
+def _subject(text: str) -> str:
+    """The Subject as it is when ASCII, else RFC 2047 encoded words: raw UTF-8 in a header
+    needs SMTPUTF8, which the report to an ASCII sender is sent without."""
+    if text.isascii():
+        return text
+    return Header(text, "utf-8", header_name="Subject").encode(linesep="\r\n")
+
+
 def build_delivery_report(*, sender: str, reporter: str, reporting_mta: str,
                           refused: list[list], original_headers: bytes,
                           arrival: datetime) -> bytes:
@@ -56,15 +83,15 @@ def build_delivery_report(*, sender: str, reporter: str, reporting_mta: str,
                      f"Arrival-Date: {format_datetime(arrival)}\r\n")
     for rcpt, code, text in refused:
         status_fields += (
-            f"\r\nFinal-Recipient: rfc822; {_line(rcpt, 300)}\r\n"
+            f"\r\nFinal-Recipient: {_final_recipient(rcpt)}\r\n"
             f"Action: failed\r\n"
             f"Status: {_status(int(code), str(text))}\r\n"
-            f"Diagnostic-Code: smtp; {int(code)} {_line(text)}\r\n")
+            f"Diagnostic-Code: smtp; {int(code)} {_ascii(text)}\r\n")
     headers = original_headers.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n").rstrip(b"\r\n")
     head = (
         f"From: Mail Delivery System <{reporter}>\r\n"
         f"To: {_line(sender, 320)}\r\n"
-        f"Subject: Undelivered mail: refused for {_line(names, 150)}\r\n"
+        f"Subject: {_subject(f'Undelivered mail: refused for {_line(names, 150)}')}\r\n"
         f"Date: {format_datetime(datetime.now(UTC))}\r\n"
         f"Message-ID: {make_msgid(domain=reporter.rpartition('@')[2] or None)}\r\n"
         "Auto-Submitted: auto-replied\r\n"
