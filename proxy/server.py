@@ -87,10 +87,16 @@ async def _load(directory: Directory, sessionmaker, redis_sync) -> bool:
 
 async def _restore(sessionmaker, redis_sync) -> None:
     def restore():
-        # Also make sure the worker's periodic chains (sweep, retention, reports) exist.
-        jobs.ensure_periodic(redis_sync)
         with session_scope(sessionmaker) as db:
-            return locks.restore_redis_locks(db, redis_sync)
+            restored = locks.restore_redis_locks(db, redis_sync)
+        # Also make sure the worker's periodic chains (sweep, retention, reports) exist. Their
+        # Redis (RQ_REDIS_URL) may be another server, still down: that must not keep the
+        # locks out, so it comes second and fails on its own.
+        try:
+            jobs.ensure_periodic(redis_sync)
+        except Exception as exc:
+            log.warning("could not make sure the worker's periodic jobs exist: %s", exc)
+        return restored
 
     try:
         restored = await asyncio.get_running_loop().run_in_executor(None, restore)

@@ -4,6 +4,7 @@ of the ones it refused for now, and the daily import of the newly registered dom
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -15,6 +16,8 @@ from email.header import Header
 from email.utils import format_datetime, make_msgid
 
 from rq import get_current_job
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
 
 from outgoing.jobs import enqueue, enqueue_delivery_report
 from outgoing.newdomains import import_file
@@ -174,6 +177,14 @@ def retry_deferred_recipients(mail_from: str, rcpt_tos: list[str], data: bytes,
             redis.expire(settled_key, SETTLED_TTL)
 
     settled = ({m.decode() for m in redis.smembers(settled_key)} if settled_key else set())
+    # The next attempt has an id made from this one's: queued again by a retry of this job
+    # (killed after queuing it, before noting its recipients settled) it replaces itself,
+    # and a retry finding it already queued leaves its recipients to it.
+    next_id = f"{job.id}-next" if job is not None else None
+    if next_id:
+        with contextlib.suppress(NoSuchJobError):
+            settled.update(Job.fetch(next_id, connection=job.connection).args[1])
+            next_id = None  # taken: recipients deferred anew get a job of their own
     pending = [r for r in rcpt_tos if r not in settled]
     if not pending:
         return f"attempt {attempt}: every recipient settled before"
@@ -196,7 +207,7 @@ def retry_deferred_recipients(mail_from: str, rcpt_tos: list[str], data: bytes,
         else:
             try:
                 enqueue(redis, "worker.content_jobs.retry_deferred_recipients", mail_from,
-                        later, data, arrival_iso, attempt + 1, at=due)
+                        later, data, arrival_iso, attempt + 1, at=due, job_id=next_id)
             except Exception:
                 if job is not None and job.retries_left:
                     raise  # RQ runs this job again, the recipients delivered excepted

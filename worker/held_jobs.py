@@ -177,8 +177,9 @@ def _send(db, config: dict, redis, user, row: HeldMessage, token: str) -> str:
                               stored, f"deferred: {_brief(later)}")
     if final and row.mail_from and row.mail_from != "<>":
         # Before our commit: a kill in between sends the report again, which send_once's
-        # marker (the same refusals of the same message) turns into nothing.
-        head, _ = header_block(data)
+        # marker (the same refusals of the same message) turns into nothing. It quotes the
+        # stored headers: the relayed ones carry a DKIM signature made anew each time.
+        head, _ = header_block(stored)
         enqueue_delivery_report(redis, row.mail_from, final, head, row.received_at.isoformat(),
                                 config["SMTP_HOSTNAME"])
     notes = []

@@ -113,19 +113,26 @@ def release_quarantined(message_id: int) -> str:
             if row.released_at is not None:
                 return "already released"
             user = db.get(OutgoingUser, row.user_id) if row.user_id else None
-            data = prepared_for_relay(db, user, read_body(config, row))
+            stored = read_body(config, row)
+            data = prepared_for_relay(db, user, stored)
+            # Reports quote the stored headers, not the relayed ones: a DKIM signature made
+            # anew (its t=) would make each Release's report a new one, sent again.
+            head, _ = header_block(stored)
             rcpts = recipients(row)
             try:
                 refused = relay_sync(config, mail_from=row.mail_from, rcpt_tos=rcpts,
                                      data=data)
             except RelayRefused as exc:
                 log.warning("release of quarantined message %s refused: %s", message_id, exc)
-                _after_full_refusal(db, config, redis, row, data, rcpts, exc)
+                _after_full_refusal(db, config, redis, row, head, rcpts, exc)
                 return f"not released: {exc}"
+            except smtplib.SMTPRecipientsRefused as exc:  # none taken, some only for now
+                refused = exc.recipients
             if refused:
                 # Before our commit: a kill in between relays and reports again rather than
                 # losing the recipients the next hop did not take.
-                _after_partial_refusal(config, redis, row.mail_from, data, refused)
+                _after_partial_refusal(config, redis, row.mail_from, data, refused, head,
+                                       row.received_at)
             row.released_at = utcnow()
             db.commit()
         finally:
@@ -162,7 +169,7 @@ def _text(text) -> str:
     return text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
 
 
-def _after_full_refusal(db, config: dict, redis, row: QuarantinedMessage, data: bytes,
+def _after_full_refusal(db, config: dict, redis, row: QuarantinedMessage, head: bytes,
                         rcpts: list[str], exc: RelayRefused) -> None:
     """The next hop refused the released message for good, for every recipient. It stays in
     the quarantine (nothing went out); the sender, told 250 when it was quarantined, gets a
@@ -171,7 +178,6 @@ def _after_full_refusal(db, config: dict, redis, row: QuarantinedMessage, data: 
     refused the same way reports nothing twice (the report's marker is the same)."""
     answers = _refusals(exc, rcpts)
     if row.mail_from and row.mail_from != "<>":
-        head, _ = header_block(data)
         enqueue_delivery_report(redis, row.mail_from, answers, head,
                                 row.received_at.isoformat(), config["SMTP_HOSTNAME"])
     audit.record(db, actor="worker", action="release_refused", target_type="quarantine",
@@ -183,7 +189,8 @@ def _after_full_refusal(db, config: dict, redis, row: QuarantinedMessage, data: 
 
 
 def _after_partial_refusal(config: dict, redis, mail_from: str, data: bytes,
-                           refused: dict[str, tuple[int, bytes]]) -> None:
+                           refused: dict[str, tuple[int, bytes]], head: bytes,
+                           arrival: datetime) -> None:
     """The next hop took the released message for some recipients only: those it refused
     for now are retried (``retry_deferred_recipients``, as on the proxy's path), those it
     refused for good are reported to the sender, who was told 250 long ago. Raises when
@@ -203,8 +210,7 @@ def _after_partial_refusal(config: dict, redis, mail_from: str, data: bytes,
             enqueue(redis, RETRY_JOB, mail_from, sorted(later), bytes(data), now.isoformat(),
                     1, at=None if due <= now else due)
     if final and mail_from and mail_from != "<>":
-        head, _ = header_block(data)
-        enqueue_delivery_report(redis, mail_from, final, head, now.isoformat(),
+        enqueue_delivery_report(redis, mail_from, final, head, arrival.isoformat(),
                                 config["SMTP_HOSTNAME"])
 
 

@@ -512,3 +512,28 @@ def test_a_retry_whose_worker_is_killed_mid_attempt_is_run_again_by_rq(
     assert retried.rcpt_tos == ["busy@example.org"]
     assert retried.data == first.data
     assert len(hop.handler.messages) == 2
+
+
+def test_a_retry_run_again_after_it_queued_the_next_attempt_queues_no_second_one(
+        instance, hop, redis_client):
+    """Killed after it queued the next attempt but before it noted those recipients as
+    settled, an attempt run again by RQ must not queue a second next attempt (both would
+    deliver): the next attempt's id is made from this one's, and a run finding it queued
+    leaves its recipients to it."""
+    from datetime import UTC, datetime
+
+    from outgoing.jobs import enqueue
+
+    hop.handler.refuse_rcpt["busy@example.org"] = "452 4.2.2 Mailbox full, try later"
+    env = process_env(UPSTREAM_SMTP=f"127.0.0.1:{hop.port}", DEFER_RETRY_SECONDS="3600")
+    arrival = datetime.now(UTC).replace(tzinfo=None).isoformat()
+    enqueue(redis_client, RETRY_JOB, "alice@example.com", ["busy@example.org"],
+            message(), arrival, 1, job_id="an-attempt")
+    assert run_worker_burst(env).returncode == 0
+    assert [job.args[1] for job, _ in scheduled_retries(redis_client)] == [["busy@example.org"]]
+
+    redis_client.delete("og:retry-settled:an-attempt")  # the kill's window: not noted yet
+    queue = Queue("outgoing", connection=redis_client)
+    queue.enqueue_job(Job.fetch("an-attempt", connection=redis_client))  # RQ's retry
+    assert run_worker_burst(env).returncode == 0
+    assert [job.args[1] for job, _ in scheduled_retries(redis_client)] == [["busy@example.org"]]

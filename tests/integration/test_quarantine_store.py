@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
@@ -217,13 +218,17 @@ def test_a_release_the_next_hop_refuses_for_everyone_is_reported_and_stays_quara
     """Released, the message is refused for good (550) for both recipients: it stays in
     the quarantine, alice (told 250 when it was quarantined) gets a delivery report, and the
     domain's audit log keeps the next hop's answers for the admin who pressed Release.
-    Before, the job only logged it: no report, and nothing the admin could see."""
+    Before, the job only logged it: no report, and nothing the admin could see. alice signs
+    with DKIM, and the second Release comes a second later (another signature time): still
+    one report."""
     import json
 
     from outgoing.models import AuditEvent
+    from tests.integration.test_proxy_content_dkim import publish_key
     from tests.support.content import NextHop
 
-    add_alice(quarantine_response="accept")
+    add_alice(quarantine_response="accept", dkim_selector="og1")
+    publish_key("example.com", "og1", "rsa")
     proxy = start_proxy()
     rcpts = ("dave@example.org", "erin@example.org")
     with client(proxy.port) as smtp:
@@ -240,6 +245,7 @@ def test_a_release_the_next_hop_refuses_for_everyone_is_reported_and_stays_quara
             enqueue(redis_client, "worker.quarantine_jobs.release_quarantined", row.id)
             result = run_worker_burst(env)
             assert result.returncode == 0, result.stderr[-2000:]
+            time.sleep(1.1)
         [report] = hop.handler.wait_for(1)
         assert report.rcpt_tos == ["alice@example.com"] and report.mail_from == "<>"
         assert b"dave@example.org" in report.data and b"erin@example.org" in report.data
@@ -249,6 +255,41 @@ def test_a_release_the_next_hop_refuses_for_everyone_is_reported_and_stays_quara
             select(AuditEvent).where(AuditEvent.action == "release_refused"))])
         assert len(events) == 2 and events[0][0] == row.domain_id
         assert "dave@example.org: 550 5.1.1 No such user" in events[0][1]["next_hop_said"]
+    finally:
+        hop.stop()
+
+
+def test_a_release_refused_for_everyone_some_only_for_now_loses_nobody(
+        instance, start_proxy, redis_client):
+    """Every recipient refused, dave for good (550), carol for now (451): dave is reported
+    to alice and carol goes to the retry job, as when some recipient was taken. Before,
+    the job failed (five RQ retries, then nothing) and dave was never reported."""
+    from tests.support.content import NextHop
+
+    add_alice(quarantine_response="accept")
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        assert send(smtp, message(subject="Cheap", body=GTUBE),
+                    rcpts=("carol@example.org", "dave@example.org"))[0] == 250
+    [row] = stored_rows()
+    hop = NextHop().start()
+    try:
+        hop.handler.refuse_rcpt.update({"carol@example.org": "451 4.2.1 Mailbox busy",
+                                        "dave@example.org": "550 5.1.1 No such user"})
+        env = process_env(UPSTREAM_SMTP=f"127.0.0.1:{hop.port}", DEFER_RETRY_SECONDS="600")
+        enqueue(redis_client, "worker.quarantine_jobs.release_quarantined", row.id)
+        result = run_worker_burst(env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        [report] = hop.handler.wait_for(1)
+        assert report.rcpt_tos == ["alice@example.com"] and b"dave@example.org" in report.data
+        assert b"carol@example.org" not in report.data
+        from rq.registry import ScheduledJobRegistry
+        queue = Queue("outgoing", connection=redis_client)
+        retries = [job for job in (queue.fetch_job(job_id) for job_id
+                                   in ScheduledJobRegistry(queue=queue).get_job_ids())
+                   if job.func_name == "worker.content_jobs.retry_deferred_recipients"]
+        assert [job.args[1] for job in retries] == [["carol@example.org"]]
     finally:
         hop.stop()
 
