@@ -13,6 +13,7 @@ from outgoing import locks
 from outgoing.models import LOCK_MANUAL, Identity, OutgoingUser
 from tests.support import data
 from tests.support.mail import GTUBE, client, message, send
+from tests.support.services import free_port
 from tests.support.web import csrf_token, log_in
 
 PASSWORD = "Alice-pass-123"
@@ -228,3 +229,20 @@ def test_locks_come_back_when_redis_loses_its_data_while_the_proxy_runs(
         code, reply = send(smtp, message(sender="shop@example.com"), sender="shop@example.com")
         assert code == 550 and b"is locked: stolen password" in reply
     assert sink.handler.messages == []
+
+
+def test_locks_come_back_while_the_jobs_redis_is_still_down(
+        instance, start_proxy, sink, redis_client):
+    """The worker's jobs may live in another Redis (RQ_REDIS_URL) that comes back later
+    than the locks' one: writing the locks back must not wait for it."""
+    alice = data.add_user("example.com", "user", "alice@example.com", PASSWORD)
+    data.query(lambda s: locks.lock(s, redis_client, s.get(OutgoingUser, alice),
+                                    kind=LOCK_MANUAL, reason="stolen password",
+                                    actor="root@example.net"))
+    proxy = start_proxy(RQ_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    redis_client.flushdb()
+    time.sleep(1.0)  # several refreshes
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        code, reply = smtp.mail("alice@example.com")
+        assert code == 550 and b"stolen password" in reply
