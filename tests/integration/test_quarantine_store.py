@@ -39,6 +39,15 @@ def stored_rows() -> list[QuarantinedMessage]:
                                                .order_by(QuarantinedMessage.id))))
 
 
+def quarantine_spam(start_proxy, rcpts: tuple[str, ...]) -> QuarantinedMessage:
+    """alice's spam to ``rcpts``, quarantined (250): its row."""
+    with client(start_proxy().port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        assert send(smtp, message(subject="Cheap", body=GTUBE), rcpts=rcpts)[0] == 250
+    [row] = stored_rows()
+    return row
+
+
 def body_of(row_id: int, config: dict) -> bytes:
     return data.query(lambda s: read_body(config, s.get(QuarantinedMessage, row_id)))
 
@@ -173,12 +182,7 @@ def test_a_release_the_next_hop_takes_for_some_recipients_loses_none_of_the_othe
     from tests.support.content import NextHop
 
     add_alice(quarantine_response="accept")
-    proxy = start_proxy()
-    rcpts = ("bob@example.org", "carol@example.org", "dave@example.org")
-    with client(proxy.port) as smtp:
-        smtp.login("alice@example.com", PASSWORD)
-        assert send(smtp, message(subject="Cheap", body=GTUBE), rcpts=rcpts)[0] == 250
-    [row] = stored_rows()
+    row = quarantine_spam(start_proxy, ("bob@example.org", "carol@example.org", "dave@example.org"))
 
     hop = NextHop().start()
     try:
@@ -229,12 +233,7 @@ def test_a_release_the_next_hop_refuses_for_everyone_is_reported_and_stays_quara
 
     add_alice(quarantine_response="accept", dkim_selector="og1")
     publish_key("example.com", "og1", "rsa")
-    proxy = start_proxy()
-    rcpts = ("dave@example.org", "erin@example.org")
-    with client(proxy.port) as smtp:
-        smtp.login("alice@example.com", PASSWORD)
-        assert send(smtp, message(subject="Cheap", body=GTUBE), rcpts=rcpts)[0] == 250
-    [row] = stored_rows()
+    row = quarantine_spam(start_proxy, ("dave@example.org", "erin@example.org"))
 
     hop = NextHop().start()
     try:
@@ -267,12 +266,7 @@ def test_a_release_refused_for_everyone_some_only_for_now_loses_nobody(
     from tests.support.content import NextHop
 
     add_alice(quarantine_response="accept")
-    proxy = start_proxy()
-    with client(proxy.port) as smtp:
-        smtp.login("alice@example.com", PASSWORD)
-        assert send(smtp, message(subject="Cheap", body=GTUBE),
-                    rcpts=("carol@example.org", "dave@example.org"))[0] == 250
-    [row] = stored_rows()
+    row = quarantine_spam(start_proxy, ("carol@example.org", "dave@example.org"))
     hop = NextHop().start()
     try:
         hop.handler.refuse_rcpt.update({"carol@example.org": "451 4.2.1 Mailbox busy",
