@@ -49,6 +49,20 @@ def queue_all() -> None:
     data.query(mark)
 
 
+def release_in_a_worker(r, alice: int, sink) -> tuple[dict, subprocess.Popen]:
+    """Queue alice's release and start a real RQ worker on it, in a session of its own (to
+    be killed), with a 1 s HELD_CLAIM_SECONDS: its environment and its process."""
+    from outgoing.jobs import enqueue
+
+    env = process_env(UPSTREAM_SMTP=f"127.0.0.1:{sink.port}", HELD_CLAIM_SECONDS="1",
+                      UPSTREAM_TIMEOUT="60")
+    enqueue(r, "worker.held_jobs.release_for_user", alice, retry=None)
+    worker = subprocess.Popen([str(os.path.join(os.path.dirname(sys.executable), "rq")),
+                               "worker", "--burst", "outgoing"], cwd=ROOT, env=env,
+                              start_new_session=True)
+    return env, worker
+
+
 def delivered_subjects(sink) -> list[str]:
     return sorted(m.data.split(b"Subject: ")[1].split(b"\r\n")[0].decode()
                   for m in sink.handler.messages)
@@ -94,12 +108,7 @@ def test_a_worker_killed_mid_release_loses_nothing_and_sends_nothing_twice(
 
     r = redis_module.from_url(os.environ["REDIS_URL"])
     sink.handler.delay = 30  # the next hop hangs on the first message: kill the worker then
-    env = process_env(UPSTREAM_SMTP=f"127.0.0.1:{sink.port}", HELD_CLAIM_SECONDS="1",
-                      UPSTREAM_TIMEOUT="60")
-    enqueue(r, "worker.held_jobs.release_for_user", alice, retry=None)
-    worker = subprocess.Popen([str(os.path.join(os.path.dirname(sys.executable), "rq")),
-                               "worker", "--burst", "outgoing"], cwd=ROOT, env=env,
-                              start_new_session=True)
+    env, worker = release_in_a_worker(r, alice, sink)
     deadline = time.time() + 20
     while states().get("sending", 0) == 0 and time.time() < deadline:
         time.sleep(0.1)
@@ -129,16 +138,10 @@ def test_a_slow_next_hop_does_not_make_a_live_workers_claim_stale(
     queue_all()
     import redis as redis_module
 
-    from outgoing.jobs import enqueue
 
     r = redis_module.from_url(os.environ["REDIS_URL"])
     sink.handler.delay = 6
-    env = process_env(UPSTREAM_SMTP=f"127.0.0.1:{sink.port}", HELD_CLAIM_SECONDS="1",
-                      UPSTREAM_TIMEOUT="60")
-    enqueue(r, "worker.held_jobs.release_for_user", alice, retry=None)
-    slow = subprocess.Popen([str(os.path.join(os.path.dirname(sys.executable), "rq")),
-                             "worker", "--burst", "outgoing"], cwd=ROOT, env=env,
-                            start_new_session=True)
+    _env, slow = release_in_a_worker(r, alice, sink)
     try:
         assert sink.handler.data_started.wait(30)  # it is waiting on the next hop now
         time.sleep(2)  # twice HELD_CLAIM_SECONDS: only the beat keeps the claim fresh
