@@ -8,6 +8,7 @@ from pathlib import Path
 import redis
 from flask import Flask, render_template, request
 from flask_wtf.csrf import CSRFError
+from sqlalchemy.exc import IntegrityError
 
 from outgoing import redis_conn
 from outgoing.config import ConfigError, known_settings, load_config
@@ -130,6 +131,19 @@ def _error_pages(app: Flask) -> None:
         app.logger.error("Redis unavailable: %s", exc)
         return page(503, "Temporarily unavailable",
                     "Redis cannot be reached, so the change was not made. Try again shortly.")
+
+    @app.errorhandler(IntegrityError)
+    def changed_meanwhile(exc):
+        """Two requests made the same change at once (the same identity, user or domain
+        added twice): the database's unique key refused the second after its own check had
+        passed. The second is told so, not given a 500."""
+        db.session.rollback()
+        app.logger.warning("a change collided with another made at the same time: %s",
+                           exc.orig)
+        return page(409, "Changed meanwhile",
+                    "The same change was being made at the same moment, by you in another "
+                    "tab or by another admin, so this one was not made. Reload the page to "
+                    "see what is there now.")
 
 
 def _refuse_nul():

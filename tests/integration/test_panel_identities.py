@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
+from sqlalchemy.engine import Engine
 
 from outgoing.models import AuditEvent, Identity
 from tests.integration.test_panel_users import ROOT, ROOT_PW, Panel, text
@@ -181,3 +182,28 @@ def test_a_row_added_with_capitals_before_counts_as_the_same_identity(root, bob)
                                                   "value": "alice@example.test"}, htmx=True)
     assert response.status_code == 400
     assert "already has the identity Alice@Example.TEST" in text(response)
+
+
+def test_an_identity_added_twice_at_once_is_added_once_and_the_second_is_told(root, bob):
+    """The second of two identical adds passes the duplicate check before the first commits;
+    the unique key then refuses its insert. Simulated exactly: the other add commits through
+    its own connection just before this request's INSERT."""
+    raced = []
+
+    def other_add_first(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("INSERT INTO IDENTITIES") and not raced:
+            raced.append("racing")  # the other add's own INSERT passes through here too
+            raced.append(data.add_identity(bob, "shop-42"))
+
+    event.listen(Engine, "before_cursor_execute", other_add_first)
+    try:
+        response = root.post("/outgoing/identities", {"user": "bob@example.com",
+                                                      "value": "shop-42"}, htmx=True)
+    finally:
+        event.remove(Engine, "before_cursor_execute", other_add_first)
+    assert len(raced) == 2
+    assert response.status_code == 409
+    assert "same change was being made at the same moment" in text(response)
+    assert data.query(lambda s: s.scalar(select(func.count()).select_from(Identity))) == 1
+    # the panel's session is usable again: the next page works
+    assert root.get(f"/outgoing/identities?user={bob}").status_code == 200
