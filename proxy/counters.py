@@ -2,7 +2,7 @@
 
 All keys of one outgoing user carry the hash tag ``{<user_id>}`` so they share a Redis Cluster
 slot. The limit windows of a user live in one small hash checked and counted atomically by
-``limits.lua`` in one round trip (EVALSHA via ``register_script``); the policy (windows,
+``limits.lua`` in one round trip (EVALSHA, ``proxy.scripts``); the policy (windows,
 estimate, replies) is ``scoring.limits``. The clock is always passed in as ``now``.
 """
 
@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import math
 import secrets
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from redis.asyncio import Redis as AsyncRedis
 
 from outgoing import redis_keys
 from outgoing.redis_keys import user_limits as limits_key
+from proxy.scripts import LuaScript
 from scoring.limits import (
     ALLOWED,
     CONNECTION_WINDOWS,
@@ -34,11 +33,9 @@ from scoring.limits import (
 )
 
 LIMITS_LUA = Path(__file__).with_name("limits.lua").read_text(encoding="utf-8")
+LIMITS = LuaScript(LIMITS_LUA)
 SPAM_WINDOW = 600  # seconds: "the 5th event in the window (10 minutes) locks"
 SPAM_EVENTS_KEPT = 100  # newest events kept per key; bounds memory, far above any threshold
-
-# One registered script per client, dropped with the client.
-_scripts: weakref.WeakKeyDictionary[AsyncRedis, Any] = weakref.WeakKeyDictionary()
 
 Counts = dict[str, tuple[int, int]]
 
@@ -52,13 +49,6 @@ def spam_key(user_id: int, identity: str | None = None) -> str:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _limits_script(redis: AsyncRedis) -> Any:
-    script = _scripts.get(redis)
-    if script is None:
-        script = _scripts[redis] = redis.register_script(LIMITS_LUA)
-    return script
 
 
 @dataclass(frozen=True)
@@ -137,7 +127,7 @@ def limits_call(
 
 async def run_limits(redis: AsyncRedis, call: LimitsCall) -> LimitCheck:
     """One round trip of ``limits.lua``."""
-    return call.parse(await _limits_script(redis)(keys=call.keys, args=call.args))
+    return call.parse(await LIMITS(redis, call.keys, call.args))
 
 
 def connection_call(user_id: int, limits: Mapping[str, int | None], now: float) -> LimitsCall:

@@ -16,15 +16,14 @@ The next hop's answers (recipients taken or refused for good) cost no round trip
 from __future__ import annotations
 
 import asyncio
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 from outgoing import redis_keys
 from outgoing.redis_conn import is_cluster
+from proxy.scripts import LuaScript
 from scoring import risk
 
 CAMPAIGN_LUA = """
@@ -35,16 +34,6 @@ return redis.call("PFCOUNT", KEYS[1])
 STATE_TTL = 15 * 86400  # an idle user's detection state goes after the baseline's span
 RUNG_NAMES = {0: risk.OBSERVE, 1: risk.THROTTLE, 2: risk.HOLD, 3: risk.LOCK}
 MAX_DOMAINS = 200  # recipient domains passed per message (the HyperLogLog needs no more)
-
-_scripts: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
-
-
-def _script(redis, name: str, source: str):
-    per_client = _scripts.setdefault(redis, {})
-    if name not in per_client:
-        per_client[name] = redis.register_script(source)
-    return per_client[name]
-
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -199,6 +188,8 @@ def _constants() -> str:
 # they change only with the code (a new source, a new SHA, loaded on first use).
 DETECTION_LUA = (Path(__file__).with_name("detection.lua").read_text(encoding="utf-8")
                  .replace("--[[CONSTANTS]]", _constants()))
+DETECT = LuaScript(DETECTION_LUA)
+CAMPAIGN = LuaScript(CAMPAIGN_LUA)
 
 
 def _numbers(evidence: Evidence, settings: risk.Settings, now: float, senders: int,
@@ -257,21 +248,19 @@ async def measure(redis, user_id: int, evidence: Evidence, settings: risk.Settin
     # pair), and counting them twice would raise a sender's refused share; losing a few
     # under a Redis fault only lowers it.
     taken = answers.take(user_id, now) if answers is not None else []
-    script = _script(redis, "detect", DETECTION_LUA)
     member = f"{user_id}:{identity}"
     count_field = redis_keys.identity_count_field("m", identity) if check_identity else ""
     if fp and is_cluster(redis):
-        count_script = _script(redis, "campaign", CAMPAIGN_LUA)
         args = _args(evidence, settings, now, senders, enforce, taken, identity_field=count_field)
         count, raw = await asyncio.gather(
-            count_script(keys=[redis_keys.campaign_senders(hour, fp)], args=[member]),
-            script(keys=keys, args=args))
+            CAMPAIGN(redis, [redis_keys.campaign_senders(hour, fp)], [member]),
+            DETECT(redis, keys, args))
     else:
         if fp:
             keys.append(redis_keys.campaign_senders(hour, fp))
         args = _args(evidence, settings, now, senders, enforce, taken,
                      campaign_member=member if fp else "", identity_field=count_field)
-        raw = await script(keys=keys, args=args)
+        raw = await DETECT(redis, keys, args)
         count = raw[-1]
     if fp and count not in (None, b"", "") and raw[0] not in (b"locked", "locked"):
         campaigns.put(fp, int(count))

@@ -22,6 +22,7 @@ from outgoing import redis_keys
 from outgoing.db import session_scope
 from outgoing.identities import record_counts
 from outgoing.redis_conn import is_cluster
+from proxy.scripts import LuaScript
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ if KEYS[2] then
 end
 return false
 """
+CHECK_AND_COUNT = LuaScript(CHECK_AND_COUNT_LUA)
 
 USER, IDENTITY = "user", "identity"
 
@@ -78,7 +80,7 @@ async def check_and_count(redis, user_id: int,
         keys += [redis_keys.identity_lock(user_id, identity),
                  redis_keys.identity_counts(user_id)]
         args = [redis_keys.identity_count_field("m", identity)]
-    found = await _script(redis, "check", CHECK_AND_COUNT_LUA)(keys=keys, args=args)
+    found = await CHECK_AND_COUNT(redis, keys, args)
     if not found:
         return None
     return _text(found[0]), _text(found[1])

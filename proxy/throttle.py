@@ -23,14 +23,13 @@ from __future__ import annotations
 import json
 import math
 import secrets
-import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from outgoing import redis_keys
 from proxy.counters import LIMITS_LUA, LimitCheck, LimitsCall
+from proxy.scripts import LuaScript
 from scoring.locks import (
     AUTH_BLOCK_SECONDS,
     AUTH_FAILURE_LIMIT,
@@ -65,10 +64,8 @@ if result[3] == 1 then
 end
 return result
 """
-
-# One registered script per client, dropped with the client.
-_scripts: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
-
+AUTH = LuaScript(AUTH_LUA)
+AUTH_AND_COUNT = LuaScript(AUTH_AND_COUNT_LUA)
 
 MAX_KNOWN_NETWORK_DAYS = 3650.0
 
@@ -135,14 +132,6 @@ def _first_blocked(names: list[str], untils: list[float | None], now: float) -> 
     return None
 
 
-def _script(redis, source: str) -> Any:
-    per_client = _scripts.setdefault(redis, {})
-    script = per_client.get(source)
-    if script is None:
-        script = per_client[source] = redis.register_script(source)
-    return script
-
-
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -187,10 +176,9 @@ async def check(redis, client_ip: str, login: str | None, now: float, policy: Th
             redis_keys.auth_failures(names[0]), redis_keys.auth_pending(names[0]),
             redis_keys.auth_pending(redis_keys.auth_subject_user(login or ""))]
     if count is not None and success:
-        raw = await _script(redis, AUTH_AND_COUNT_LUA)(keys=keys + count.keys,
-                                                       args=args + count.args)
+        raw = await AUTH_AND_COUNT(redis, keys + count.keys, args + count.args)
     else:
-        raw = await _script(redis, AUTH_LUA)(keys=keys, args=args)
+        raw = await AUTH(redis, keys, args)
     succeeded = int(raw[2]) == 1
     return AuthCheck(blocked=_text(raw[0]) or None, known_network=int(raw[1]) == 1,
                      succeeded=succeeded, failed_before=int(raw[3]) == 1,

@@ -1,0 +1,41 @@
+"""proxy.scripts: the proxy's Lua scripts run by EVALSHA, and again after Redis forgot them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+import redis.asyncio as aioredis
+
+from proxy.scripts import LuaScript
+
+ECHO = LuaScript('redis.call("INCR", KEYS[1]); return {KEYS[1], ARGV[1], ARGV[2]}')
+
+
+@pytest.fixture(autouse=True)
+def clean_db(redis_client):
+    return redis_client
+
+
+def run(scenario):
+    async def main():
+        r = aioredis.Redis.from_url(os.environ["REDIS_URL"])
+        try:
+            return await scenario(r)
+        finally:
+            await r.aclose()
+    return asyncio.run(main())
+
+
+def test_a_script_runs_with_its_keys_and_arguments_and_again_after_a_script_flush(redis_client):
+    async def scenario(r):
+        first = await ECHO(r, ["og:test:n"], ["a", 2])
+        await r.script_flush()  # a restarted Redis: NOSCRIPT, then loaded and run once
+        second = await ECHO(r, ["og:test:n"], ["b", 3])
+        return first, second
+
+    first, second = run(scenario)
+    assert first == [b"og:test:n", b"a", b"2"]
+    assert second == [b"og:test:n", b"b", b"3"]
+    assert redis_client.get("og:test:n") == b"2"  # the retry ran it once, not twice
