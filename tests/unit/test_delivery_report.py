@@ -38,3 +38,19 @@ def test_an_ascii_recipient_is_reported_as_before():
     assert b"Subject: Undelivered mail: refused for dave@example.org\r\n" in raw
     assert b"Final-Recipient: rfc822; dave@example.org\r\n" in raw
     assert b"Status: 5.1.1\r\n" in raw
+
+
+def test_a_line_break_in_a_recipient_or_a_reply_adds_no_header_or_status_field():
+    """The next hop's reply text is anyone's words, and a recipient comes from the stored
+    envelope: a CR LF in either is folded onto its line, never a field of its own."""
+    raw = report([["dave@example.org\r\nBcc: eve@evil.example", 550,
+                   "5.1.1 gone\r\nReporting-MTA: dns; evil.example\nX-Injected: yes"]])
+    head, _, body = raw.partition(b"\r\n\r\n")
+    fields = [line.split(b":")[0] for line in head.split(b"\r\n") if line[:1] not in b" \t"]
+    assert b"Bcc" not in fields
+    assert b"\r\nX-Injected:" not in raw and b"\nX-Injected:" not in raw
+    assert raw.count(b"\r\nReporting-MTA:") == 1
+    assert (b"Final-Recipient: rfc822; dave@example.org Bcc: eve@evil.example\r\n"
+            in raw)
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert parsed["Bcc"] is None
