@@ -152,24 +152,57 @@ def reset_unlock_count(session, target: OutgoingUser | Identity, *, actor: str) 
     session.commit()
 
 
+# Delete a lock key only while it holds what the caller wrote (not a lock set since).
+_DELETE_IF_UNCHANGED = """
+if redis.call("GET", KEYS[1]) == ARGV[1] then
+  return redis.call("DEL", KEYS[1])
+end
+return 0
+"""
+_IDS_PER_QUERY = 500
+
+
 def restore_redis_locks(session, redis) -> int:
     """Write every lock the database holds back into Redis (after Redis lost its data).
 
     The mark (``LOCKS_MIRRORED``) is set first: data lost at any moment after takes the
     mark with it, so the proxy, which checks the mark, writes the locks again. A run that
-    fails takes its mark away for the same reason."""
+    fails takes its mark away for the same reason.
+
+    An unlock that runs meanwhile deletes its key, then commits; when that falls between
+    this run's read and its write, the write brings the lock back, and the sender would be
+    refused (and a new lock of it not recorded) while the panel says unlocked. So the rows
+    written are read again in a new transaction, and a key whose row is no longer locked is
+    taken away, if it still holds what this run wrote."""
     redis.set(redis_keys.LOCKS_MIRRORED, utcnow().isoformat())
-    count = 0
+    written: list[tuple[type, int, str, str]] = []
     try:
         for model in (OutgoingUser, Identity):
             for target in session.scalars(select(model).where(model.locked.is_(True))):
                 at = target.locked_at.isoformat() if target.locked_at else ""
                 value = json.dumps({"lock_id": target.lock_id, "reason": target.lock_reason,
                                     "kind": target.lock_kind, "at": at})
-                if redis.set(_lock_key(target), value, nx=True):
-                    count += 1
+                key = _lock_key(target)
+                if redis.set(key, value, nx=True):
+                    written.append((model, target.id, key, value))
+        session.rollback()  # ends the read: SQLite would go on showing its snapshot
+        for model, row_id, key, value in _unlocked_since(session, written):
+            redis.eval(_DELETE_IF_UNCHANGED, 1, key, value)
+            written.remove((model, row_id, key, value))
     except BaseException:
         with contextlib.suppress(Exception):
             redis.delete(redis_keys.LOCKS_MIRRORED)
         raise
-    return count
+    return len(written)
+
+
+def _unlocked_since(session, written: list[tuple[type, int, str, str]]) -> list:
+    """The entries of ``written`` whose row is no longer locked."""
+    still: set[tuple[type, int]] = set()
+    for model in (OutgoingUser, Identity):
+        ids = [row_id for kind, row_id, _, _ in written if kind is model]
+        for start in range(0, len(ids), _IDS_PER_QUERY):
+            chunk = ids[start:start + _IDS_PER_QUERY]
+            still.update((model, row_id) for row_id in session.scalars(
+                select(model.id).where(model.id.in_(chunk), model.locked.is_(True))))
+    return [entry for entry in written if (entry[0], entry[1]) not in still]

@@ -199,6 +199,42 @@ def test_a_lock_set_after_the_sweep_read_the_expired_ones_is_not_lifted(alice, r
     assert json.loads(redis_client.get(redis_keys.user_lock(alice)))["lock_id"] == new_lock
 
 
+def test_a_lock_lifted_while_the_locks_are_restored_stays_lifted(alice, redis_client):
+    """Redis lost its data; while the proxy writes the database's locks back, an admin
+    unlocks alice (the unlock deletes the key, then commits). The restore had read alice as
+    locked and wrote her key after that delete: she stayed refused while the panel said
+    unlocked, and a new lock of hers found the key taken and was never recorded."""
+    import redis as redis_py
+
+    worker.lock("user", alice, lock_kind=LOCK_MANUAL, reason="checking")
+    redis_client.flushdb()
+
+    class UnlockedMeanwhile(redis_py.Redis):
+        """A real client: the admin's unlock runs just before the restore's first write."""
+        raced = False
+
+        def set(self, name, *args, **kwargs):
+            if name == redis_keys.user_lock(alice) and not self.raced:
+                self.raced = True
+                data.query(lambda s: locks.unlock(s, redis_client, s.get(OutgoingUser, alice),
+                                                  actor="ops@example.com", reason="fine"))
+            return super().set(name, *args, **kwargs)
+
+    racing = UnlockedMeanwhile.from_url(os.environ["REDIS_URL"])
+    try:
+        restored = data.query(lambda s: locks.restore_redis_locks(s, racing))
+    finally:
+        racing.close()
+
+    assert racing.raced and restored == 0
+    assert not worker.target("user", alice).locked
+    assert redis_client.get(redis_keys.user_lock(alice)) is None
+    assert redis_client.exists(redis_keys.LOCKS_MIRRORED)
+    # and a new lock of alice's is recorded again
+    assert worker.lock("user", alice, reason="5 spam messages in 10 minutes") is not None
+    assert worker.target("user", alice).locked
+
+
 # A sweep that dies (SIGKILL, as the OOM killer or a node's restart would) inside the unlock,
 # after it has claimed the lock and before it commits.
 KILLED_SWEEP = """
