@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import uuid
 from datetime import datetime, timedelta
 
@@ -16,6 +17,8 @@ from sqlalchemy import select
 
 from outgoing import audit, jobs, metrics, redis_keys
 from outgoing.models import LOCK_AUTOMATIC, Identity, OutgoingUser, QuarantinedMessage, utcnow
+
+log = logging.getLogger(__name__)
 
 
 def _lock_key(target: OutgoingUser | Identity) -> str:
@@ -93,13 +96,23 @@ def _spam_keys(session, target: OutgoingUser | Identity) -> list[str]:
         redis_keys.identity_spam(target.id, value) for value in senders]
 
 
+# Delete a lock key only while it holds the lock ARGV[1] (its JSON's lock_id).
+_DELETE_IF_LOCK = """
+local value = redis.call("GET", KEYS[1])
+if value and cjson.decode(value)["lock_id"] == ARGV[1] then
+  return redis.call("DEL", KEYS[1])
+end
+return 0
+"""
+
+
 def unlock(session, redis, target: OutgoingUser | Identity, *, actor: str, reason: str,
            automatic: bool = False) -> bool:
     """Unlock ``target``; an automatic (timed) unlock counts against the maximum.
 
     The spam count starts afresh: without that, the events that caused the lock are still
     in the window and the next spam message locks again at once."""
-    was_locked = bool(target.locked)
+    was_locked, lock_id = bool(target.locked), target.lock_id
     redis.delete(_lock_key(target), *_spam_keys(session, target))
     if not was_locked:
         return False
@@ -114,6 +127,16 @@ def unlock(session, redis, target: OutgoingUser | Identity, *, actor: str, reaso
     if automatic:
         target.automatic_unlocks_used = (target.automatic_unlocks_used or 0) + 1
     session.commit()
+    # Once more now that the unlock is committed: a restore of the locks (after Redis lost
+    # its data) that read the row before the commit may have written this lock's key back
+    # since the first delete, and its own second look at the row would still have seen it
+    # locked. Only this lock's: a new lock set since the commit stays.
+    try:
+        if lock_id:
+            redis.eval(_DELETE_IF_LOCK, 1, _lock_key(target), lock_id)
+    except Exception as exc:  # the unlock stands; only a restore that raced it could linger
+        log.warning("unlocked %s %s, but could not delete its lock key again: %s",
+                    kind_of(target), target.id, exc)
     metrics.count(redis, f"unlocks:{kind_of(target)}:{'timed' if automatic else 'manual'}")
     return True
 

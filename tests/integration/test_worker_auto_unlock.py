@@ -235,6 +235,52 @@ def test_a_lock_lifted_while_the_locks_are_restored_stays_lifted(alice, redis_cl
     assert worker.target("user", alice).locked
 
 
+def test_a_restore_run_inside_an_unlock_leaves_the_sender_unlocked(alice, redis_client):
+    """The unlock deletes the key, then commits. A restore that runs in between reads alice
+    as locked (twice: before its write and after), writes her key back and keeps it; the
+    unlock then commits, and she stayed refused while the panel said unlocked."""
+    from sqlalchemy import event
+
+    worker.lock("user", alice, lock_kind=LOCK_MANUAL, reason="checking")
+    redis_client.flushdb()
+    restored = []
+
+    def unlock(session):
+        def restore_meanwhile(_session):
+            restored.append(data.query(lambda s: locks.restore_redis_locks(s, redis_client)))
+
+        event.listen(session, "before_commit", restore_meanwhile, once=True)
+        locks.unlock(session, redis_client, session.get(OutgoingUser, alice),
+                     actor="ops@example.com", reason="fine")
+
+    data.query(unlock)
+
+    assert restored == [1]  # the restore saw alice locked and wrote her key
+    assert not worker.target("user", alice).locked
+    assert redis_client.get(redis_keys.user_lock(alice)) is None
+
+
+def test_a_lock_set_just_after_an_unlock_committed_is_kept(alice, redis_client):
+    """The unlock's second delete (after its commit) takes away only the lock it lifted: a
+    new lock that the proxy set in between (the next spam run) keeps its key."""
+    from sqlalchemy import event
+
+    worker.lock("user", alice, lock_kind=LOCK_MANUAL, reason="checking")
+    relocked = []
+
+    def unlock(session):
+        event.listen(session, "after_commit", lambda _s: relocked.append(
+            worker.lock("user", alice, reason="5 spam messages in 10 minutes")), once=True)
+        locks.unlock(session, redis_client, session.get(OutgoingUser, alice),
+                     actor="ops@example.com", reason="fine")
+
+    data.query(unlock)
+
+    assert relocked[0] is not None
+    assert worker.target("user", alice).lock_id == relocked[0]
+    assert json.loads(redis_client.get(redis_keys.user_lock(alice)))["lock_id"] == relocked[0]
+
+
 # A sweep that dies (SIGKILL, as the OOM killer or a node's restart would) inside the unlock,
 # after it has claimed the lock and before it commits.
 KILLED_SWEEP = """
