@@ -85,7 +85,8 @@ async def _load(directory: Directory, sessionmaker, redis_sync) -> bool:
     return True
 
 
-async def _restore(sessionmaker, redis_sync) -> None:
+async def _restore(sessionmaker, redis_sync) -> bool:
+    """Write the database's locks back into Redis: whether that was done."""
     def restore():
         with session_scope(sessionmaker) as db:
             restored = locks.restore_redis_locks(db, redis_sync)
@@ -102,25 +103,56 @@ async def _restore(sessionmaker, redis_sync) -> None:
         restored = await asyncio.get_running_loop().run_in_executor(None, restore)
         if restored:
             log.info("restored %d locks into Redis", restored)
+        return True
     except Exception as exc:
         log.warning("could not restore locks into Redis: %s", exc)
+        return False
 
 
 async def _keep_locks(redis_async, sessionmaker, redis_sync, every: float) -> None:
-    """Locks are checked in Redis only, so Redis losing its data (restarted without
-    persistence, flushed) while the proxy runs would unlock every locked sender: once a
-    refresh (one EXISTS), a missing mark of ``restore_redis_locks`` has the locks, and the
-    worker's periodic chains, written back from the database."""
+    """Locks are checked in Redis only, so Redis losing its data while the proxy runs would
+    unlock locked senders: once a refresh, the database's locks (and the worker's periodic
+    chains) are written back when
+
+    - the mark of ``restore_redis_locks`` is gone (one EXISTS): Redis restarted without
+      persistence, or was flushed;
+    - a Redis server's run_id changed (one INFO): it restarted, maybe from a snapshot older
+      than the newest locks, which still holds the mark; or, in a Cluster, a replica took
+      over from its master, and asynchronous replication may have lost the last writes.
+
+    Writing back sets only keys that are missing, so a restart that lost nothing costs a
+    read of the locked rows."""
+    known: frozenset[str] | None = None
     while True:
         await asyncio.sleep(every)
         try:
-            if await redis_async.exists(redis_keys.LOCKS_MIRRORED):
-                continue
+            marked = await redis_async.exists(redis_keys.LOCKS_MIRRORED)
+            servers = await _server_ids(redis_async)
         except Exception as exc:  # Redis down: the messages are answered 451 meanwhile
             log.debug("cannot check the locks' mark: %s", exc)
             continue
-        log.warning("Redis lost the locks' mark; writing the database's locks back")
-        await _restore(sessionmaker, redis_sync)
+        if marked and servers == (known if known is not None else servers):
+            known = servers
+            continue
+        if not marked:
+            log.warning("Redis lost the locks' mark; writing the database's locks back")
+        else:
+            log.warning("a Redis server restarted or was replaced (run_id %s, was %s); "
+                        "writing the database's locks back", ", ".join(sorted(servers)),
+                        ", ".join(sorted(known or ())))
+        if await _restore(sessionmaker, redis_sync):
+            known = servers  # else the next refresh tries again
+
+
+async def _server_ids(redis_async) -> frozenset[str]:
+    """The run_id of every Redis server (every Cluster master) that holds locks."""
+    if redis_conn.is_cluster(redis_async):
+        found = await redis_async.info("server", target_nodes=redis_async.PRIMARIES)
+    else:
+        found = await redis_async.info("server")
+    if "run_id" in found:
+        return frozenset([str(found["run_id"])])
+    return frozenset(str(info.get("run_id")) for info in found.values())
 
 
 async def _keep_loaded(directory: Directory, sessionmaker, redis_sync) -> None:

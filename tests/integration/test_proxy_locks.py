@@ -7,13 +7,14 @@ from __future__ import annotations
 import time
 
 import pytest
+import redis as redis_py
 from sqlalchemy import select
 
-from outgoing import locks
+from outgoing import locks, redis_keys
 from outgoing.models import LOCK_MANUAL, Identity, OutgoingUser
 from tests.support import data
 from tests.support.mail import GTUBE, client, message, send
-from tests.support.services import free_port
+from tests.support.services import RedisServer, free_port
 from tests.support.web import csrf_token, log_in
 
 PASSWORD = "Alice-pass-123"
@@ -240,6 +241,41 @@ def test_locks_come_back_while_the_jobs_redis_is_still_down(
     redis_client.flushdb()
     time.sleep(1.0)  # several refreshes
     assert_alice_refused_as_locked(proxy)
+
+
+def test_locks_come_back_when_redis_restarts_from_an_older_snapshot(
+        instance, start_proxy, tmp_path):
+    """A Redis restarted from a snapshot taken before a lock has the locks' mark (written
+    long before) but not that lock: a mark alone would have let the locked sender's mail
+    through. The server's new run_id has the proxy write the locks back."""
+    own = RedisServer(data_dir=tmp_path).start()
+    own_client = redis_py.Redis.from_url(own.url)
+    try:
+        alice = data.add_user("example.com", "user", "alice@example.com", PASSWORD)
+        proxy = start_proxy(REDIS_URL=own.url)
+        eventually_true(lambda: own_client.exists(redis_keys.LOCKS_MIRRORED))
+        own_client.save()  # the snapshot: the mark, no lock yet
+        data.query(lambda s: locks.lock(s, own_client, s.get(OutgoingUser, alice),
+                                        kind=LOCK_MANUAL, reason="stolen password",
+                                        actor="root@example.net"))
+        assert_alice_refused_as_locked(proxy)
+
+        own.stop()  # never saves: the snapshot stays the older one
+        own.start()
+        assert own_client.exists(redis_keys.LOCKS_MIRRORED)
+        eventually_true(lambda: own_client.exists(redis_keys.user_lock(alice)))
+
+        assert_alice_refused_as_locked(proxy)
+    finally:
+        own_client.close()
+        own.stop()
+
+
+def eventually_true(fn, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not fn():
+        assert time.monotonic() < deadline, "not within the time"
+        time.sleep(0.1)
 
 
 def assert_alice_refused_as_locked(proxy) -> None:

@@ -117,10 +117,13 @@ class Sink:
 
 
 class RedisServer:
-    """A redis-server process of a test's own, to stop and start again (Redis outages)."""
+    """A redis-server process of a test's own, to stop and start again (Redis outages).
+    With ``data_dir``, a start loads the snapshot a SAVE wrote there (a restart from an
+    older snapshot); it never saves by itself, not even when stopped."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, data_dir: Path | None = None):
         self.port = port or free_port()
+        self.data_dir = data_dir
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -128,9 +131,11 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
+        where = ["--dir", str(self.data_dir)] if self.data_dir is not None else []
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "--appendonly", "no", *where], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
         wait_for_port(self.port, proc=self.proc)
         return self
 
