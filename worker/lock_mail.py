@@ -6,6 +6,7 @@ Pure text building from loaded rows; sending and idempotency are the job's busin
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -18,6 +19,8 @@ from outgoing.models import LOCK_AUTOMATIC, Identity, OutgoingUser, QuarantinedM
 from outgoing.notify_addresses import own_domain_address
 from scoring.incident import NETWORK_PREFIX_V4, NETWORK_PREFIX_V6
 from worker.mail import one_line
+
+log = logging.getLogger(__name__)
 
 
 def describe(target: OutgoingUser | Identity) -> str:
@@ -104,7 +107,15 @@ def template_context(target: OutgoingUser | Identity) -> dict:
 
 
 def sender_notice(target: OutgoingUser | Identity) -> RenderedTemplate:
-    template = owner_of(target).lock_template
+    """The lock notice from the user's template, unless that template belongs to another
+    domain than the user's (a template moved to one customer while another's user chose
+    it): that customer's admin may have written it, so the default notice goes instead."""
+    owner = owner_of(target)
+    template = owner.lock_template
+    if template is not None and template.domain_id not in (None, owner.domain_id):
+        log.warning("the lock template %s of %s belongs to another domain; sending the "
+                    "default notice", template.id, owner.name)
+        template = None
     return render_lock_template(template.subject if template else None,
                                 template.body if template else None, template_context(target))
 

@@ -542,3 +542,36 @@ def test_an_alert_to_a_non_ascii_mailbox_asks_for_smtputf8(instance, redis_clien
         hop.stop()
     assert "SMTPUTF8" in alert.mail_options
     assert parsed(alert)["To"] == "jürgen@xn--bcher-kva.example"
+
+
+def test_a_template_of_another_domain_is_never_sent_to_a_users_senders(instance):
+    """A super admin moves a shared template to one.example while two.example's admin picks
+    it for a user: both checks pass, and the user ends up with one.example's template, which
+    one.example's admin may rewrite at will. Its notice is then the default one."""
+    from outgoing.users import get_or_create_domain
+    from worker.lock_mail import sender_notice
+
+    user_id = data.add_user("two.example", "user", "dave@two.example", "Dave-pass-123")
+
+    def assign(domain_name):
+        def do(session):
+            user = session.get(OutgoingUser, user_id)
+            user.lock_template = LockTemplate(
+                name="t", subject="Pay us to unlock",
+                body="Send bitcoin", domain_id=get_or_create_domain(session, domain_name).id)
+            session.flush()
+            return sender_notice(user)
+        return data.query(do)
+
+    other = assign("one.example")
+    assert "Pay us" not in other.subject and "bitcoin" not in other.body
+    assert other.subject == data.query(lambda s: sender_notice(
+        _without_template(s, user_id))).subject
+    own = assign("two.example")
+    assert own.subject == "Pay us to unlock"
+
+
+def _without_template(session, user_id):
+    user = session.get(OutgoingUser, user_id)
+    user.lock_template = None
+    return user
