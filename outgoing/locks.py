@@ -113,7 +113,8 @@ def unlock(session, redis, target: OutgoingUser | Identity, *, actor: str, reaso
     The spam count starts afresh: without that, the events that caused the lock are still
     in the window and the next spam message locks again at once."""
     was_locked, lock_id = bool(target.locked), target.lock_id
-    redis.delete(_lock_key(target), *_spam_keys(session, target))
+    key, target_id = _lock_key(target), target.id  # the commit expires the row: kept here
+    redis.delete(key, *_spam_keys(session, target))
     if not was_locked:
         return False
     audit.record(session, actor=actor, action="unlock", target_type=kind_of(target),
@@ -133,10 +134,10 @@ def unlock(session, redis, target: OutgoingUser | Identity, *, actor: str, reaso
     # locked. Only this lock's: a new lock set since the commit stays.
     try:
         if lock_id:
-            redis.eval(_DELETE_IF_LOCK, 1, _lock_key(target), lock_id)
+            redis.eval(_DELETE_IF_LOCK, 1, key, lock_id)
     except Exception as exc:  # the unlock stands; only a restore that raced it could linger
         log.warning("unlocked %s %s, but could not delete its lock key again: %s",
-                    kind_of(target), target.id, exc)
+                    kind_of(target), target_id, exc)
     metrics.count(redis, f"unlocks:{kind_of(target)}:{'timed' if automatic else 'manual'}")
     return True
 

@@ -123,25 +123,35 @@ async def _keep_locks(redis_async, sessionmaker, redis_sync, every: float) -> No
     Writing back sets only keys that are missing, so a restart that lost nothing costs a
     read of the locked rows."""
     known: frozenset[str] | None = None
+    ids_unknown = False
     while True:
         await asyncio.sleep(every)
         try:
             marked = await redis_async.exists(redis_keys.LOCKS_MIRRORED)
-            servers = await _server_ids(redis_async)
         except Exception as exc:  # Redis down: the messages are answered 451 meanwhile
             log.debug("cannot check the locks' mark: %s", exc)
             continue
-        if marked and servers == (known if known is not None else servers):
-            known = servers
+        try:
+            servers = await _server_ids(redis_async)
+        except Exception as exc:  # INFO refused (an ACL without @dangerous, a Redis proxy)
+            if not ids_unknown:
+                log.warning("cannot read the Redis servers' run_id (%s): only a missing mark "
+                            "will have the locks written back", exc)
+            ids_unknown, servers = True, known
+        else:
+            ids_unknown = False
+        if marked and known is not None and servers == known:
             continue
         if not marked:
             log.warning("Redis lost the locks' mark; writing the database's locks back")
-        else:
+        elif known is not None:
             log.warning("a Redis server restarted or was replaced (run_id %s, was %s); "
-                        "writing the database's locks back", ", ".join(sorted(servers)),
-                        ", ".join(sorted(known or ())))
+                        "writing the database's locks back", ", ".join(sorted(servers or ())),
+                        ", ".join(sorted(known)))
+        # (The first check writes them back too: the start-up's write-back may have failed,
+        # and Redis may have restarted from an older snapshot before this first look.)
         if await _restore(sessionmaker, redis_sync):
-            known = servers  # else the next refresh tries again
+            known = servers if servers is not None else frozenset()  # else tried again
 
 
 async def _server_ids(redis_async) -> frozenset[str]:

@@ -136,14 +136,26 @@ def _error_pages(app: Flask) -> None:
     def changed_meanwhile(exc):
         """Two requests made the same change at once (the same identity, user or domain
         added twice): the database's unique key refused the second after its own check had
-        passed. The second is told so, not given a 500."""
+        passed. The second is told so, not given a 500. Any other integrity error is a
+        fault, and stays one (a 500 with its traceback in the log)."""
         db.session.rollback()
+        if not _unique_violation(exc):
+            raise exc
         app.logger.warning("a change collided with another made at the same time: %s",
                            exc.orig)
         return page(409, "Changed meanwhile",
                     "The same change was being made at the same moment, by you in another "
                     "tab or by another admin, so this one was not made. Reload the page to "
                     "see what is there now.")
+
+
+def _unique_violation(exc: IntegrityError) -> bool:
+    """A duplicate row (PostgreSQL's SQLSTATE 23505, SQLite's UNIQUE constraint), not a
+    missing value or a broken reference."""
+    state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    if state is not None:
+        return state == "23505"
+    return "UNIQUE constraint failed" in str(exc.orig)
 
 
 def _refuse_nul():

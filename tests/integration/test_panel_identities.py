@@ -207,3 +207,21 @@ def test_an_identity_added_twice_at_once_is_added_once_and_the_second_is_told(ro
     assert data.query(lambda s: s.scalar(select(func.count()).select_from(Identity))) == 1
     # the panel's session is usable again: the next page works
     assert root.get(f"/outgoing/identities?user={bob}").status_code == 200
+
+
+def test_only_a_duplicate_row_is_a_change_made_meanwhile(instance):
+    """The 409 is for a duplicate row only; a missing value or a broken reference is a
+    fault of the code and stays a 500 with its traceback."""
+    from sqlalchemy import insert
+    from sqlalchemy.exc import IntegrityError
+
+    from webapp import _unique_violation
+
+    bob = data.add_user("example.com", "user", "bob@example.com", "Bob-pass-12345")
+    data.add_identity(bob, "shop-42")
+    with pytest.raises(IntegrityError) as duplicate:
+        data.add_identity(bob, "shop-42")
+    with pytest.raises(IntegrityError) as missing:
+        data.query(lambda s: s.execute(insert(Identity).values(user_id=bob, value=None)))
+    assert _unique_violation(duplicate.value)
+    assert not _unique_violation(missing.value)

@@ -271,6 +271,54 @@ def test_locks_come_back_when_redis_restarts_from_an_older_snapshot(
         own.stop()
 
 
+def test_locks_come_back_when_redis_comes_up_after_the_proxy_from_an_older_snapshot(
+        instance, start_proxy, redis_client, tmp_path):
+    """The machine restarts: the proxy comes up before Redis, so its start-up write-back
+    fails; Redis then loads a snapshot that holds the mark but not alice's lock. The
+    proxy's first look at Redis writes the locks back all the same."""
+    own = RedisServer(data_dir=tmp_path).start()
+    own_client = redis_py.Redis.from_url(own.url)
+    try:
+        own_client.set(redis_keys.LOCKS_MIRRORED, "before the lock")
+        own_client.save()
+        own.stop()
+        alice = data.add_user("example.com", "user", "alice@example.com", PASSWORD)
+        data.query(lambda s: locks.lock(s, redis_client, s.get(OutgoingUser, alice),
+                                        kind=LOCK_MANUAL, reason="stolen password",
+                                        actor="root@example.net"))
+        proxy = start_proxy(REDIS_URL=own.url)
+        time.sleep(0.5)  # its start-up write-back has failed
+        own.start()
+        eventually_true(lambda: own_client.exists(redis_keys.user_lock(alice)))
+        assert_alice_refused_as_locked(proxy)
+    finally:
+        own_client.close()
+        own.stop()
+
+
+def test_locks_come_back_for_a_redis_user_not_allowed_info(instance, start_proxy, tmp_path):
+    """A least-privilege Redis user (``-@dangerous``) may not run INFO: the proxy cannot
+    see run_ids then, and the mark alone must still have the locks written back."""
+    own = RedisServer(options=("--user", "default", "off", "--user", "admin", "on", ">admin",
+                               "~*", "&*", "+@all", "--user", "og", "on", ">og", "~*", "&*",
+                               "+@all", "-@dangerous")).start()
+    admin = redis_py.Redis(port=own.port, username="admin", password="admin")
+    try:
+        alice = data.add_user("example.com", "user", "alice@example.com", PASSWORD)
+        data.query(lambda s: locks.lock(s, admin, s.get(OutgoingUser, alice),
+                                        kind=LOCK_MANUAL, reason="stolen password",
+                                        actor="root@example.net"))
+        proxy = start_proxy(REDIS_URL=f"redis://og:og@127.0.0.1:{own.port}/0")
+        eventually_true(lambda: admin.exists(redis_keys.LOCKS_MIRRORED))
+        time.sleep(0.5)  # a few refreshes, INFO refused in each
+        admin.flushall()
+        eventually_true(lambda: admin.exists(redis_keys.user_lock(alice)))
+        assert_alice_refused_as_locked(proxy)
+    finally:
+        admin.close()
+        own.stop()
+
+
 def eventually_true(fn, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not fn():

@@ -281,6 +281,30 @@ def test_a_lock_set_just_after_an_unlock_committed_is_kept(alice, redis_client):
     assert json.loads(redis_client.get(redis_keys.user_lock(alice)))["lock_id"] == relocked[0]
 
 
+def test_an_unlock_whose_user_is_deleted_just_after_its_commit_does_not_fail(
+        alice, redis_client):
+    """The panel's sessions expire rows at commit; what the unlock does after it (the second
+    delete of the key, its warning) must not load the row again: deleted meanwhile, that
+    raised after the unlock had been made."""
+    from sqlalchemy import delete, event
+    from sqlalchemy.orm import Session
+
+    from outgoing.db import make_engine
+
+    worker.lock("user", alice, lock_kind=LOCK_MANUAL, reason="checking")
+    engine = make_engine(os.environ["DATABASE_URL"])
+    try:
+        with Session(engine, expire_on_commit=True) as session:  # as Flask-SQLAlchemy's
+            event.listen(session, "after_commit", lambda _s: data.query(
+                lambda other: other.execute(delete(OutgoingUser).where(
+                    OutgoingUser.id == alice))), once=True)
+            assert locks.unlock(session, redis_client, session.get(OutgoingUser, alice),
+                                actor="ops@example.com", reason="fine") is True
+    finally:
+        engine.dispose()
+    assert redis_client.get(redis_keys.user_lock(alice)) is None
+
+
 # A sweep that dies (SIGKILL, as the OOM killer or a node's restart would) inside the unlock,
 # after it has claimed the lock and before it commits.
 KILLED_SWEEP = """

@@ -121,9 +121,11 @@ class RedisServer:
     With ``data_dir``, a start loads the snapshot a SAVE wrote there (a restart from an
     older snapshot); it never saves by itself, not even when stopped."""
 
-    def __init__(self, port: int | None = None, data_dir: Path | None = None):
+    def __init__(self, port: int | None = None, data_dir: Path | None = None,
+                 options: tuple[str, ...] = ()):
         self.port = port or free_port()
         self.data_dir = data_dir
+        self.options = options  # more redis-server arguments (users, say)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -134,7 +136,7 @@ class RedisServer:
         where = ["--dir", str(self.data_dir)] if self.data_dir is not None else []
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", *where], stdout=subprocess.DEVNULL,
+             "--appendonly", "no", *where, *self.options], stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL)
         wait_for_port(self.port, proc=self.proc)
         return self
