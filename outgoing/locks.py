@@ -13,7 +13,7 @@ import logging
 import uuid
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from outgoing import audit, jobs, metrics, redis_keys
 from outgoing.models import LOCK_AUTOMATIC, Identity, OutgoingUser, QuarantinedMessage, utcnow
@@ -200,6 +200,7 @@ def restore_redis_locks(session, redis) -> int:
     taken away, if it still holds what this run wrote."""
     redis.set(redis_keys.LOCKS_MIRRORED, utcnow().isoformat())
     written: list[tuple[type, int, str, str]] = []
+    locked_keys: set[str] = set()
     try:
         for model in (OutgoingUser, Identity):
             for target in session.scalars(select(model).where(model.locked.is_(True))):
@@ -207,17 +208,71 @@ def restore_redis_locks(session, redis) -> int:
                 value = json.dumps({"lock_id": target.lock_id, "reason": target.lock_reason,
                                     "kind": target.lock_kind, "at": at})
                 key = _lock_key(target)
+                locked_keys.add(key)
                 if redis.set(key, value, nx=True):
                     written.append((model, target.id, key, value))
         session.rollback()  # ends the read: SQLite would go on showing its snapshot
         for model, row_id, key, value in _unlocked_since(session, written):
             redis.eval(_DELETE_IF_UNCHANGED, 1, key, value)
             written.remove((model, row_id, key, value))
+        _drop_stale_locks(session, redis, locked_keys)
     except BaseException:
         with contextlib.suppress(Exception):
             redis.delete(redis_keys.LOCKS_MIRRORED)
         raise
     return len(written)
+
+
+# A lock key younger than this is left alone by the write-back even when the database has
+# no such lock: a lock is set in Redis just before its row is committed.
+STALE_LOCK_AGE = timedelta(minutes=2)
+_LOCK_KEY_PATTERNS = ("og:{*}:lock", "og:{*}:idlock:*")
+
+
+def _drop_stale_locks(session, redis, locked_keys: set[str]) -> None:
+    """Take away lock keys the database no longer holds: a Redis restarted from an older
+    snapshot, or a replica that took over before an unlock's delete reached it, brings back
+    locks lifted since, and the sender would stay refused while the panel says unlocked.
+    One SCAN of the lock keys (every Cluster master's); each key is read again in the
+    database before it goes, and goes only if it still holds what was read."""
+    for pattern in _LOCK_KEY_PATTERNS:
+        for raw in redis.scan_iter(match=pattern, count=1000):
+            key = raw.decode() if isinstance(raw, bytes) else raw
+            if key in locked_keys:
+                continue
+            value = redis.get(key)
+            if value is None or not _old_enough(value) or _locked_now(session, key):
+                continue
+            redis.eval(_DELETE_IF_UNCHANGED, 1, key, value)
+            log.warning("took away the lock key %s: the database holds no such lock", key)
+
+
+def _old_enough(value: bytes | str) -> bool:
+    try:
+        at = datetime.fromisoformat(json.loads(value)["at"])
+    except (ValueError, TypeError, KeyError):
+        return False  # not a lock as this code writes it: not ours to judge
+    return at <= utcnow() - STALE_LOCK_AGE
+
+
+def _locked_now(session, key: str) -> bool:
+    """Does the database hold a lock for ``key`` (``og:{user}:lock`` or ``og:{user}:idlock:
+    value``)? Unknown shapes count as locked, so they are left alone."""
+    tag, _, rest = key.partition("}:")
+    try:
+        user_id = int(tag.removeprefix("og:{"))
+    except ValueError:
+        return True
+    if rest == "lock":
+        query = select(OutgoingUser.id).where(OutgoingUser.id == user_id,
+                                              OutgoingUser.locked.is_(True))
+    elif rest.startswith("idlock:"):
+        query = select(Identity.id).where(
+            Identity.user_id == user_id, Identity.locked.is_(True),
+            func.lower(Identity.value) == rest.removeprefix("idlock:"))
+    else:
+        return True
+    return session.scalar(query.limit(1)) is not None
 
 
 def _unlocked_since(session, written: list[tuple[type, int, str, str]]) -> list:

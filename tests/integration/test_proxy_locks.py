@@ -4,6 +4,7 @@ next message."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -316,6 +317,46 @@ def test_locks_come_back_for_a_redis_user_not_allowed_info(instance, start_proxy
         assert_alice_refused_as_locked(proxy)
     finally:
         admin.close()
+        own.stop()
+
+
+def test_an_unlock_stays_when_redis_restarts_from_a_snapshot_taken_while_locked(
+        instance, start_proxy, tmp_path):
+    """The snapshot holds alice's lock; she was unlocked since. Redis restarts from it: the
+    lock key is back, the database says unlocked. The write-back takes the key away (and
+    leaves a lock of bob's that was set a moment ago, before its commit, alone)."""
+    from datetime import timedelta
+
+    from outgoing.models import utcnow
+
+    own = RedisServer(data_dir=tmp_path).start()
+    own_client = redis_py.Redis.from_url(own.url)
+    try:
+        alice = data.add_user("example.com", "user", "alice@example.com", PASSWORD)
+        bob = data.add_user("example.com", "user", "bob@example.com", "Bob-pass-123")
+        data.query(lambda s: locks.lock(s, own_client, s.get(OutgoingUser, alice),
+                                        kind=LOCK_MANUAL, reason="stolen password",
+                                        actor="root@example.net",
+                                        now=utcnow() - timedelta(minutes=10)))
+        proxy = start_proxy(REDIS_URL=own.url)
+        eventually_true(lambda: own_client.exists(redis_keys.LOCKS_MIRRORED))
+        young = json.dumps({"lock_id": "x", "reason": "r", "kind": "automatic",
+                            "at": utcnow().isoformat()})
+        own_client.set(redis_keys.user_lock(bob), young)  # a lock being made: not committed
+        own_client.save()  # the snapshot: the mark, alice's lock and bob's new one
+        data.query(lambda s: locks.unlock(s, own_client, s.get(OutgoingUser, alice),
+                                          actor="root@example.net", reason="new password"))
+        own.stop()
+        own.start()
+        assert own_client.exists(redis_keys.user_lock(alice))
+        eventually_true(lambda: not own_client.exists(redis_keys.user_lock(alice)))
+
+        with client(proxy.port) as smtp:
+            smtp.login("alice@example.com", PASSWORD)
+            assert smtp.mail("alice@example.com")[0] == 250
+        assert own_client.get(redis_keys.user_lock(bob)) == young.encode()
+    finally:
+        own_client.close()
         own.stop()
 
 
