@@ -120,8 +120,9 @@ async def _keep_locks(redis_async, sessionmaker, redis_sync, every: float) -> No
       than the newest locks, which still holds the mark; or, in a Cluster, a replica took
       over from its master, and asynchronous replication may have lost the last writes.
 
-    Writing back sets only keys that are missing, so a restart that lost nothing costs a
-    read of the locked rows."""
+    Writing back sets only keys that are missing and takes away those the database no
+    longer holds, so a restart that lost nothing costs a read of the locked rows and one
+    SCAN of the lock keys."""
     known: frozenset[str] | None = None
     ids_unknown = False
     while True:
