@@ -2,30 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-
-import pytest
-import redis.asyncio as aioredis
-
 from proxy.scripts import LuaScript
+from tests.integration.test_detection_signals import run
 
 ECHO = LuaScript('redis.call("INCR", KEYS[1]); return {KEYS[1], ARGV[1], ARGV[2]}')
-
-
-@pytest.fixture(autouse=True)
-def clean_db(redis_client):
-    return redis_client
-
-
-def run(scenario):
-    async def main():
-        r = aioredis.Redis.from_url(os.environ["REDIS_URL"])
-        try:
-            return await scenario(r)
-        finally:
-            await r.aclose()
-    return asyncio.run(main())
 
 
 def test_a_script_runs_with_its_keys_and_arguments_and_again_after_a_script_flush(redis_client):
