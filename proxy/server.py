@@ -15,6 +15,7 @@ dropped connection), and only then does the process stop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -74,15 +75,15 @@ def listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
 
 async def _load(directory: Directory, sessionmaker, redis_sync) -> bool:
     """Load the configuration, then put the locks the database holds back into Redis (in
-    case Redis lost its data). False when the database cannot be read yet."""
+    case Redis lost its data). Whether the locks were written back (False too when the
+    database cannot be read yet)."""
     try:
         await directory.reload()
     except Exception as exc:
         log.warning("cannot load configuration yet (%s); retrying", exc)
         return False
 
-    await _restore(sessionmaker, redis_sync)
-    return True
+    return await _restore(sessionmaker, redis_sync)
 
 
 async def _restore(sessionmaker, redis_sync) -> bool:
@@ -109,7 +110,8 @@ async def _restore(sessionmaker, redis_sync) -> bool:
         return False
 
 
-async def _keep_locks(redis_async, sessionmaker, redis_sync, every: float) -> None:
+async def _keep_locks(redis_async, sessionmaker, redis_sync, every: float,
+                      known: frozenset[str] | None = None) -> None:
     """Locks are checked in Redis only, so Redis losing its data while the proxy runs would
     unlock locked senders: once a refresh, the database's locks (and the worker's periodic
     chains) are written back when
@@ -122,8 +124,8 @@ async def _keep_locks(redis_async, sessionmaker, redis_sync, every: float) -> No
 
     Writing back sets only keys that are missing and takes away those the database no
     longer holds, so a restart that lost nothing costs a read of the locked rows and one
-    SCAN of the lock keys."""
-    known: frozenset[str] | None = None
+    SCAN of the lock keys. ``known``: the run_ids the start-up's write-back saw, if it
+    was made."""
     ids_unknown = False
     while True:
         await asyncio.sleep(every)
@@ -149,8 +151,8 @@ async def _keep_locks(redis_async, sessionmaker, redis_sync, every: float) -> No
             log.warning("a Redis server restarted or was replaced (run_id %s, was %s); "
                         "writing the database's locks back", ", ".join(sorted(servers or ())),
                         ", ".join(sorted(known)))
-        # (The first check writes them back too: the start-up's write-back may have failed,
-        # and Redis may have restarted from an older snapshot before this first look.)
+        # (With ``known`` None, the first check writes them back too: the start-up's
+        # write-back failed, Redis down then, and it may come up from an older snapshot.)
         if await _restore(sessionmaker, redis_sync):
             known = servers if servers is not None else frozenset()  # else tried again
 
@@ -231,7 +233,10 @@ async def serve(config: dict, sock: socket.socket, clock=time.time,
                                    "SMTP_PROXY_PROTOCOL_FROM",
                                    config.get("SMTP_PROXY_PROTOCOL_FROM", "")))
 
-    await _load(directory, sessionmaker, redis_sync)
+    servers = None  # the run_ids the start-up's write-back saw: no second one at once
+    if await _load(directory, sessionmaker, redis_sync):
+        with contextlib.suppress(Exception):
+            servers = await _server_ids(redis_async)
     if freeze_heap:
         _freeze_startup_heap()
     loop = asyncio.get_running_loop()
@@ -239,7 +244,8 @@ async def serve(config: dict, sock: socket.socket, clock=time.time,
     tasks = [asyncio.create_task(_keep_loaded(directory, sessionmaker, redis_sync)),
              asyncio.create_task(flusher.run()),
              asyncio.create_task(_keep_locks(redis_async, sessionmaker, redis_sync,
-                                             float(config["CONFIG_REFRESH_SECONDS"])))]
+                                             float(config["CONFIG_REFRESH_SECONDS"]),
+                                             servers))]
     stop = asyncio.Event()
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
