@@ -305,6 +305,34 @@ def test_an_unlock_whose_user_is_deleted_just_after_its_commit_does_not_fail(
     assert redis_client.get(redis_keys.user_lock(alice)) is None
 
 
+def test_the_write_back_takes_only_stale_lock_keys_it_can_read(alice, redis_client):
+    """Keys the write-back did not write, of shapes it may meet: an old lock of an unknown
+    user and of an identity with odd characters go (the database holds no such lock); a
+    value that is not a lock as this code writes it, a tag that is no user id, and a key of
+    another kind stay; nothing raises."""
+    from datetime import timedelta
+
+    from outgoing.models import utcnow
+
+    old = json.dumps({"lock_id": "x", "reason": "r", "kind": "manual",
+                      "at": (utcnow() - timedelta(hours=1)).isoformat()})
+    stale = [redis_keys.user_lock(999_999),
+             redis_keys.identity_lock(alice, "Jürgen\r\nBcc: x@evil.example"),
+             redis_keys.identity_lock(alice, "x" * 5000)]
+    kept = {f"og:{{{alice}}}:lock": "not json", "og:{abc}:lock": old,
+            redis_keys.identity_lock(alice, "no-time"): json.dumps({"lock_id": "y"}),
+            f"og:{{{alice}}}:idlockish": old, f"og:{{{alice}}}:lock:": old}
+    for key in stale:
+        redis_client.set(key, old)
+    for key, value in kept.items():
+        redis_client.set(key, value)
+
+    assert data.query(lambda s: locks.restore_redis_locks(s, redis_client)) == 0
+
+    assert [key for key in stale if redis_client.exists(key)] == []
+    assert {k: redis_client.get(k).decode() for k in kept} == kept
+
+
 # A sweep that dies (SIGKILL, as the OOM killer or a node's restart would) inside the unlock,
 # after it has claimed the lock and before it commits.
 KILLED_SWEEP = """
