@@ -8,7 +8,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,7 +27,13 @@ from tests.integration.test_held_release import HOLD_ALL, PW, queue_all, states
 from tests.support import data
 from tests.support.content import NextHop
 from tests.support.mail import client, message, send
-from tests.support.services import ROOT, kill_worker, process_env, run_worker_burst
+from tests.support.services import (
+    ROOT,
+    kill_worker,
+    process_env,
+    procfile_worker,
+    run_worker_burst,
+)
 
 RELEASE_JOB = "worker.held_jobs.release_for_user"
 
@@ -257,8 +262,7 @@ def test_a_worker_killed_mid_retry_loses_nothing_and_sends_nothing_twice(
     hop.handler.refuse_data = None
     hop.handler.stall_data = 20  # the retry hangs at DATA: kill the worker then
     time.sleep(1.3)
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "rq"), "worker", "--burst",
-                             "--with-scheduler", "outgoing"], cwd=ROOT, env=env,
+    proc = subprocess.Popen(procfile_worker("--burst"), cwd=ROOT, env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 20

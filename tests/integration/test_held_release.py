@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 
 from sqlalchemy import select
@@ -13,7 +12,13 @@ from sqlalchemy import select
 from outgoing.models import HeldMessage
 from tests.support import data
 from tests.support.mail import client, message, send
-from tests.support.services import ROOT, kill_worker, process_env, run_worker_burst
+from tests.support.services import (
+    ROOT,
+    kill_worker,
+    process_env,
+    procfile_worker,
+    run_worker_burst,
+)
 
 PW = "Alice-pass-123"
 HOLD_ALL = dict(compromise_detection=True, detection_shadow_mode=False,
@@ -57,8 +62,7 @@ def release_in_a_worker(r, alice: int, sink) -> tuple[dict, subprocess.Popen]:
     env = process_env(UPSTREAM_SMTP=f"127.0.0.1:{sink.port}", HELD_CLAIM_SECONDS="1",
                       UPSTREAM_TIMEOUT="60")
     enqueue(r, "worker.held_jobs.release_for_user", alice, retry=None)
-    worker = subprocess.Popen([str(os.path.join(os.path.dirname(sys.executable), "rq")),
-                               "worker", "--burst", "outgoing"], cwd=ROOT, env=env,
+    worker = subprocess.Popen(procfile_worker("--burst"), cwd=ROOT, env=env,
                               start_new_session=True)
     return env, worker
 

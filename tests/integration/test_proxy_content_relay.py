@@ -11,7 +11,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +26,13 @@ from proxy.tls import server_context
 from tests.support import data
 from tests.support.content import NextHop
 from tests.support.mail import client, message, send
-from tests.support.services import ROOT, free_port, process_env, run_worker_burst
+from tests.support.services import (
+    ROOT,
+    free_port,
+    process_env,
+    procfile_worker,
+    run_worker_burst,
+)
 
 PASSWORD = "Alice-pass-123"
 
@@ -489,8 +494,7 @@ def test_a_retry_whose_worker_is_killed_mid_attempt_is_run_again_by_rq(
     stall = socket.create_server(("127.0.0.1", 0))
     stall.settimeout(30)
     worker = subprocess.Popen(
-        [str(Path(sys.executable).parent / "rq"), "worker", "--burst", "--with-scheduler",
-         "outgoing"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        procfile_worker("--burst"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env=process_env(UPSTREAM_SMTP=f"127.0.0.1:{stall.getsockname()[1]}"))
     try:
         attempt, _ = stall.accept()

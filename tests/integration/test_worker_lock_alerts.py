@@ -10,10 +10,8 @@ import email
 import email.policy
 import re
 import subprocess
-import sys
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from rq import Queue
@@ -25,7 +23,7 @@ from outgoing.jobs import enqueue
 from outgoing.models import AuditEvent, Identity, LockTemplate, OutgoingUser, utcnow
 from outgoing.tokens import make_unlock_token
 from tests.support import data, worker
-from tests.support.services import ROOT, Sink
+from tests.support.services import ROOT, Sink, procfile_worker
 from tests.support.worker import LINK, PUBLIC_URL
 
 ADMIN, ADMIN_PW = "ops@example.com", "Ops-pass-123"
@@ -500,8 +498,7 @@ def test_the_marker_names_the_sending_job_and_says_sent_only_after_the_next_hop_
     sink.handler.delay = 3  # the next hop takes its time over DATA
     registry = Queue("outgoing", connection=redis_client).scheduled_job_registry
     redis_client.zadd(registry.key, {job_id: 0}, xx=True)  # RQ's retry, due now
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "rq"), "worker", "--burst",
-                             "--with-scheduler", "outgoing"], cwd=ROOT,
+    proc = subprocess.Popen(procfile_worker("--burst"), cwd=ROOT,
                             env=worker.worker_env(sink), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:

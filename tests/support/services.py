@@ -323,8 +323,17 @@ def kill_worker(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def procfile_worker(*options: str) -> list[str]:
+    """The Procfile's ``worker`` command, with this environment's ``rq`` and ``options``
+    (``--burst``) added: tests run the worker exactly as a deployment does."""
+    line = next(x for x in (ROOT / "Procfile").read_text().splitlines()
+                if x.startswith("worker:"))
+    program, command, *rest = line.split(":", 1)[1].split()
+    assert (program, command) == ("rq", "worker"), line
+    return [str(Path(sys.executable).parent / "rq"), "worker", *options, *rest]
+
+
 def run_worker_burst(env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
-    """A real RQ worker, in burst mode with the scheduler, as the Procfile runs it."""
-    return subprocess.run([str(Path(sys.executable).parent / "rq"), "worker", "--burst",
-                           "--with-scheduler", "outgoing"], cwd=ROOT, env=env,
+    """A real RQ worker, in burst mode, as the Procfile runs it (with the scheduler)."""
+    return subprocess.run(procfile_worker("--burst"), cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
