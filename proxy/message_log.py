@@ -54,14 +54,23 @@ class MessageLog:
     """Records wait in a bounded in-process queue; one writer task sends them to Redis in
     pipelined batches (one XADD per record, one round trip per batch). So a slow or hung
     Redis holds one connection, never one per message, and costs no reply any time: the
-    queue fills, further records are dropped and counted, mail flows on."""
+    queue fills, further records are dropped and counted, mail flows on.
+
+    A woken writer lingers ``linger`` seconds before it sends, so that the records of that
+    moment go together: at hundreds of messages a second, one round trip carries a dozen
+    records instead of one each (a round trip costs the proxy more CPU than the XADDs in
+    it). A record waits that long at most for Redis; a stop sends what waits first
+    (``close``), a crash loses at most that moment's records."""
 
     BATCH = 500
+    LINGER = 0.02
 
-    def __init__(self, redis, *, maxlen: int, faults, limit: int = 20000):
+    def __init__(self, redis, *, maxlen: int, faults, limit: int = 20000,
+                 linger: float = LINGER):
         self.redis = redis
         self.maxlen = maxlen
         self.limit = limit
+        self.linger = linger
         self._faults = faults
         self._pending: deque[dict] = deque()
         self._wake: asyncio.Event | None = None
@@ -91,6 +100,8 @@ class MessageLog:
     async def _run(self) -> None:
         while not self._closing:
             await self._wake.wait()
+            if self.linger and len(self._pending) < self.BATCH and not self._closing:
+                await asyncio.sleep(self.linger)
             self._wake.clear()
             await self._send()
 
@@ -101,6 +112,7 @@ class MessageLog:
             pipe = self.redis.pipeline(transaction=False)
             for fields in batch:
                 pipe.xadd(STREAM, fields, maxlen=self.maxlen, approximate=True)
+            metrics.MESSAGE_LOG_BATCHES.inc()
             try:
                 await pipe.execute()
             except Exception as exc:

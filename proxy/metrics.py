@@ -48,6 +48,10 @@ DATA_BUDGET = Gauge(
 MESSAGE_LOG_ERRORS = Counter(
     "outbound_guard_message_log_append_errors_total",
     "Message-log records that could not be appended to the Redis stream (lost)")
+MESSAGE_LOG_BATCHES = Counter(
+    "outbound_guard_message_log_batches_total",
+    "Round trips that appended message-log records to the Redis stream (several records "
+    "each under load)")
 PASSWORD_CHECKS = Counter(
     "outbound_guard_auth_password_checks_total",
     "Passwords checked with scrypt at AUTH: of existing logins, and of unknown ones against a "
