@@ -103,10 +103,17 @@ class MessageLog:
             if self.linger and len(self._pending) < self.BATCH and not self._closing:
                 await asyncio.sleep(self.linger)
             self._wake.clear()
-            await self._send()
+            await self._send_batch()
+            if self._pending:  # written while it was sent: they linger in turn
+                self._wake.set()
 
     async def _send(self) -> None:
         while self._pending:
+            await self._send_batch()
+
+    async def _send_batch(self) -> None:
+        """One round trip: the oldest BATCH records at most."""
+        if self._pending:
             batch = [self._pending.popleft()
                      for _ in range(min(self.BATCH, len(self._pending)))]
             pipe = self.redis.pipeline(transaction=False)

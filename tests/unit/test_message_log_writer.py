@@ -4,6 +4,7 @@ message, and a full queue drops records (counted) instead of growing or delaying
 from __future__ import annotations
 
 import asyncio
+import time
 
 from proxy import message_log as mlog
 from proxy import metrics
@@ -62,3 +63,52 @@ def test_a_hung_redis_holds_one_round_trip_and_a_full_queue_drops_records():
     sent, dropped = asyncio.run(scenario())
     assert sent + dropped == 80
     assert dropped == 29  # one record went out before the hang, 50 waited, the rest dropped
+
+
+class SlowRedis:
+    """A Redis whose pipelines take ``delay`` seconds to answer; it counts them."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+        self.trips = 0
+        self.sent: list[dict] = []
+
+    def pipeline(self, transaction=False):
+        redis = self
+
+        class Pipe:
+            def __init__(self):
+                self.fields = []
+
+            def xadd(self, stream, fields, **_):
+                self.fields.append(fields)
+
+            async def execute(self):
+                redis.trips += 1
+                await asyncio.sleep(redis.delay)
+                redis.sent.extend(self.fields)
+        return Pipe()
+
+
+def test_records_written_while_a_batch_is_sent_linger_for_the_next_one():
+    """A record every 2 ms and a round trip of 10 ms: what comes in while a batch is on its
+    way waits out the linger with the records after it, rather than going at once in a
+    round trip of its own (and the next, and the next)."""
+    linger = 0.05
+
+    async def scenario():
+        redis = SlowRedis(delay=0.01)
+        log = mlog.MessageLog(redis, maxlen=1000, faults=RateLimitedLog(), linger=linger)
+        started = time.monotonic()
+        for n in range(50):
+            log.write(mlog.finish(mlog.new_record(float(n), "192.0.2.1"), "250 OK"))
+            await asyncio.sleep(0.002)
+        writing = time.monotonic() - started
+        await log.close()
+        return redis, writing
+
+    redis, writing = asyncio.run(scenario())
+    assert len(redis.sent) == 50
+    # a batch per linger while records came (about 100 ms: 2 or 3), and the close's; a
+    # round trip each time one ends would make one per 10 ms
+    assert redis.trips <= writing / linger + 2
