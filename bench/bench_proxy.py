@@ -851,19 +851,19 @@ def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before.get(k, 0) for k in after if after[k] - before.get(k, 0)}
 
 
-# Pipelined commands of one client closer together than this are one round trip (the message
-# log's XADDs: its writer sends a batch at most every 20 ms).
+# XADDs of one client within this of the first of theirs are one round trip, a pipeline (the
+# message log's writer: a batch runs in well under a millisecond, the next comes 20 ms on).
 SAME_TRIP_SECONDS = 0.005
 
 
 def round_trips(world: World, port: int, messages: int, size: int) -> tuple[float, float, dict]:
     """MONITOR during ``messages`` messages: client round trips and commands run inside
-    scripts, per message. A client command is a round trip, except an XADD that follows
-    the same connection's XADD within ``SAME_TRIP_SECONDS`` (one pipeline)."""
+    scripts, per message. A client command is a round trip, except an XADD that comes
+    within ``SAME_TRIP_SECONDS`` of the first XADD of the same connection's pipeline."""
     client = world.client()
     counts = {"client": 0, "lua": 0}
     commands: dict[str, int] = {}
-    last_xadd: dict[str, float] = {}
+    trip_start: dict[str, float] = {}  # by connection: its pipeline of XADDs began then
     stop_flag = threading.Event()
 
     def watch():
@@ -880,10 +880,9 @@ def round_trips(world: World, port: int, messages: int, size: int) -> tuple[floa
                     name = entry["command"].split()[0].upper()
                     if name == "XADD":
                         who = f"{entry['client_address']}:{entry['client_port']}"
-                        previous = last_xadd.get(who, 0.0)
-                        last_xadd[who] = entry["time"]
-                        if entry["time"] - previous < SAME_TRIP_SECONDS:
+                        if entry["time"] - trip_start.get(who, 0.0) < SAME_TRIP_SECONDS:
                             continue  # the same pipeline
+                        trip_start[who] = entry["time"]
                     commands[name] = commands.get(name, 0) + 1
                 counts[kind] += 1
 
