@@ -11,14 +11,14 @@ from proxy import metrics
 from proxy.handler import RateLimitedLog
 
 
-class HungRedis:
-    """A Redis whose pipelines never answer until released."""
+class FakeRedis:
+    """A Redis of pipelines only: what each pipeline sends is answered by ``_answer``."""
 
     def __init__(self):
-        self.in_flight = 0
-        self.most_in_flight = 0
         self.sent: list[dict] = []
-        self.release = asyncio.Event()
+
+    async def _answer(self) -> None:
+        raise NotImplementedError
 
     def pipeline(self, transaction=False):
         redis = self
@@ -31,12 +31,25 @@ class HungRedis:
                 self.fields.append(fields)
 
             async def execute(self):
-                redis.in_flight += 1
-                redis.most_in_flight = max(redis.most_in_flight, redis.in_flight)
-                await redis.release.wait()
-                redis.in_flight -= 1
+                await redis._answer()
                 redis.sent.extend(self.fields)
         return Pipe()
+
+
+class HungRedis(FakeRedis):
+    """A Redis whose pipelines never answer until released."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.release = asyncio.Event()
+
+    async def _answer(self) -> None:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        await self.release.wait()
+        self.in_flight -= 1
 
 
 def lost() -> float:
@@ -65,29 +78,17 @@ def test_a_hung_redis_holds_one_round_trip_and_a_full_queue_drops_records():
     assert dropped == 29  # one record went out before the hang, 50 waited, the rest dropped
 
 
-class SlowRedis:
+class SlowRedis(FakeRedis):
     """A Redis whose pipelines take ``delay`` seconds to answer; it counts them."""
 
     def __init__(self, delay: float):
+        super().__init__()
         self.delay = delay
         self.trips = 0
-        self.sent: list[dict] = []
 
-    def pipeline(self, transaction=False):
-        redis = self
-
-        class Pipe:
-            def __init__(self):
-                self.fields = []
-
-            def xadd(self, stream, fields, **_):
-                self.fields.append(fields)
-
-            async def execute(self):
-                redis.trips += 1
-                await asyncio.sleep(redis.delay)
-                redis.sent.extend(self.fields)
-        return Pipe()
+    async def _answer(self) -> None:
+        self.trips += 1
+        await asyncio.sleep(self.delay)
 
 
 def test_records_written_while_a_batch_is_sent_linger_for_the_next_one():
