@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.support.services import (
+    ROOT,
     free_port,
     process_env,
     start_process,
@@ -46,3 +50,23 @@ def test_idle_browser_connections_do_not_hold_up_the_next_page(instance, tmp_pat
         for conn in idle:
             conn.close()
         stop_process(web)
+
+
+@pytest.mark.parametrize("threads, said", [
+    ("abc", "expected a whole number"),
+    ("4\x01\r\n5", "expected a whole number"),
+    ("9" * 5000, "expected a whole number"),  # past Python's digit limit for int()
+    ("9" * 40, "expected 1 to 15"),
+    ("0", "expected 1 to 15"),
+    ("16", "expected 1 to 15"),  # more than the process's database connections
+])
+def test_a_bad_thread_count_stops_the_panel_with_a_clear_error(instance, threads, said):
+    """WEB_THREADS out of bounds or not a number: gunicorn does not start, and says which
+    setting and why, in one line rather than a traceback."""
+    env = process_env(PORT=free_port(), WEB_THREADS=threads)
+    result = subprocess.run([str(Path(sys.executable).parent / "gunicorn"),
+                             "webapp:create_app()"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0
+    assert f"WEB_THREADS: {said}" in result.stderr
+    assert "Traceback" not in result.stderr
