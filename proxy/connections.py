@@ -4,23 +4,27 @@ all of one process's together.
 Per client address: an IPv4 address, or an IPv6 /64 (one subscriber's network: a client that
 owns a /64 could otherwise open connections from as many addresses as it likes). The parent
 creates one shared anonymous mapping before it forks the workers: an array of int32 counters
-per worker, indexed by a stable hash of the client address. A worker writes only its
+per worker, indexed by a keyed hash of the client address. A worker writes only its
 own array (so no locks: each array has one writer, the worker's single event loop); the check
 sums one slot over every array. When a worker dies, the parent zeroes that worker's array
 before it starts the replacement, so a crash never leaves connections counted. No Redis round
 trip, no per-connection allocation.
 
 Two addresses whose hashes share a slot share a cap; with 65536 slots that is rare, and it
-only ever makes the cap stricter for them, never looser.
+only ever makes the cap stricter for them, never looser. The hash is keyed with a secret drawn
+when the parent makes the table (its workers inherit it): with an unkeyed one (CRC-32) a client
+could work out offline which of its addresses (any /64 of a /48 it holds) shares the slot of
+another customer's server, fill that slot and lock the other customer out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import mmap
+import os
 import resource
-import zlib
 
 from scoring.locks import auth_network
 
@@ -31,15 +35,17 @@ _INT = 4
 
 
 class ConnectionCounts:
-    def __init__(self, workers: int = 1):
+    def __init__(self, workers: int = 1, key: bytes | None = None):
         self.workers = max(1, workers)
         self._memory = mmap.mmap(-1, self.workers * SLOTS * _INT)  # MAP_SHARED: survives fork
         self._counts = memoryview(self._memory).cast("i")
         self.worker = 0  # the array this process writes; set in the child after fork
+        self._key = key or os.urandom(16)  # the slots' secret, inherited by the workers
 
-    @staticmethod
-    def slot(ip: str) -> int:
-        return zlib.crc32(client_key(ip).encode("utf-8", "surrogateescape")) & (SLOTS - 1)
+    def slot(self, ip: str) -> int:
+        digest = hashlib.blake2b(client_key(ip).encode("utf-8", "surrogateescape"),
+                                 key=self._key, digest_size=4).digest()
+        return int.from_bytes(digest, "little") & (SLOTS - 1)
 
     def count(self, slot: int) -> int:
         """Open connections in ``slot`` over all processes."""

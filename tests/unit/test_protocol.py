@@ -140,8 +140,21 @@ def test_connection_counts_sum_over_all_processes_and_a_dead_one_is_forgotten():
     counts.clear(0)  # worker 0 died: its two connections are gone
     assert counts.acquire("192.0.2.1", 3) is not None
     counts.release(slots[1])
-    assert counts.count(ConnectionCounts.slot("192.0.2.1")) == 1
+    assert counts.count(counts.slot("192.0.2.1")) == 1
     assert counts.acquire("192.0.2.1", 0) is not None  # 0: no cap
+
+
+def test_no_client_can_pick_an_address_that_shares_another_clients_slot():
+    """127.0.154.138 has the CRC-32 slot of 127.0.0.5 (found offline, as an attacker would
+    search its own /48 for a /64 with a customer server's slot): filling its cap must leave
+    the other address its own. The slots are keyed with a secret of each table."""
+    counts = ConnectionCounts(key=bytes(range(16)))
+    for _ in range(3):
+        assert counts.acquire("127.0.154.138", 3) is not None
+    assert counts.acquire("127.0.0.5", 3) is not None
+    addresses = [f"198.51.100.{n}" for n in range(40)]
+    one, other = ConnectionCounts(), ConnectionCounts()
+    assert [one.slot(a) for a in addresses] != [other.slot(a) for a in addresses]
 
 
 def test_an_ipv6_64_is_one_client_and_a_mapped_ipv4_address_is_the_ipv4_client():
