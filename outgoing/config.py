@@ -131,6 +131,9 @@ def _defaults(instance: Path) -> dict:
         "MESSAGE_LOG_RETENTION_DAYS": 30,
         "MESSAGE_LOG_STREAM_MAXLEN": 500000,
         "MESSAGE_LOG_CLAIM_IDLE_SECONDS": 60.0,
+        # Refusals recorded a minute per client network (IPv4 address, IPv6 /64) before anyone
+        # is known (no AUTH, no IP/Range user), per proxy process; 0: all of them.
+        "MESSAGE_LOG_ANONYMOUS_PER_MINUTE": 60,
         # Prometheus: where the proxy's parent process serves its metrics (empty: nowhere),
         # and the bearer token for the panel's /metrics (empty: loopback clients only).
         "METRICS_LISTEN": "127.0.0.1:9125",

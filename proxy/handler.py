@@ -41,6 +41,8 @@ from outgoing.snapshot import UserPolicy
 from proxy import counters, detection, metrics, throttle
 from proxy import identities as identity_store
 from proxy import message_log as mlog
+from proxy.anonymous_records import AnonymousRecords
+from proxy.connections import client_key
 from proxy.content import ContentPipeline, Message
 from proxy.directory import Directory, login_key
 from scoring import identity as identities
@@ -165,6 +167,8 @@ class OutboundHandler:
         self.answers = detection.Answers()
         self.log = mlog.MessageLog(redis, maxlen=int(config["MESSAGE_LOG_STREAM_MAXLEN"]),
                                    faults=self._faults)
+        self.anonymous_records = AnonymousRecords(
+            int(config["MESSAGE_LOG_ANONYMOUS_PER_MINUTE"]), client_key)
 
     # -- helpers ---------------------------------------------------------------------------
     async def _in_thread(self, fn, *args, **kwargs):
@@ -273,9 +277,23 @@ class OutboundHandler:
         self._log_refusal(session, "connect", reply, user)
 
     def _log_refusal(self, session, stage: str, reply: str, user=None, **fields) -> None:
-        """The record of a transaction that ended before it began (connect, AUTH, MAIL)."""
-        self.log.write(mlog.finish(mlog.new_record(self.clock(), _client_ip(session), user,
-                                                   stage=stage, **fields), reply))
+        """The record of a transaction that ended before it began (connect, AUTH, MAIL); of
+        one nobody is known for, only within the client network's budget a minute."""
+        ip, now = _client_ip(session), self.clock()
+        if user is None:
+            recorded, first = self.anonymous_records.allow(ip, now)
+            if not recorded:
+                metrics.MESSAGE_LOG_UNRECORDED.inc()
+                if first:
+                    log.info("%s: more than %d refusals this minute, the rest of the minute "
+                             "unrecorded in the message log", client_key(ip),
+                             self.anonymous_records.per_minute)
+                else:
+                    self._faults.warning("anonymous-records", "refusals of unknown clients "
+                                         "over the message log's budget go unrecorded")
+                return
+        self.log.write(mlog.finish(mlog.new_record(now, ip, user, stage=stage, **fields),
+                                   reply))
 
     def data_refused(self, session, reply: str) -> None:
         """DATA refused before the message reached the handler (over the size limit, a line

@@ -52,6 +52,10 @@ MESSAGE_LOG_BATCHES = Counter(
     "outbound_guard_message_log_batches_total",
     "Round trips that appended message-log records to the Redis stream (several records "
     "each under load)")
+MESSAGE_LOG_UNRECORDED = Counter(
+    "outbound_guard_message_log_unrecorded_refusals_total",
+    "Refusals of clients nobody is known for (no AUTH, no IP/Range user) over "
+    "MESSAGE_LOG_ANONYMOUS_PER_MINUTE, not recorded in the message log")
 PASSWORD_CHECKS = Counter(
     "outbound_guard_auth_password_checks_total",
     "Passwords checked with scrypt at AUTH: of existing logins, and of unknown ones against a "

@@ -365,9 +365,9 @@ class LimitedSMTP(SMTP):
 
     # -- commands that send no mail ----------------------------------------------------------
     async def _no_progress(self) -> bool:
-        """Count a NOOP/RSET/VRFY/EXPN/HELP; past the cap, 421 and close. Only a finished
-        DATA starts the count afresh, so a client cannot idle forever on NOOPs (each one
-        resets the idle timeout) or RSETs between aborted transactions."""
+        """Count a NOOP/RSET/VRFY/EXPN/HELP or a refused MAIL; past the cap, 421 and close.
+        Only a finished DATA starts the count afresh, so a client cannot idle forever on
+        NOOPs (each one resets the idle timeout) or RSETs between aborted transactions."""
         self._junk_commands += 1
         if not self.max_junk_commands or self._junk_commands <= self.max_junk_commands:
             return False
@@ -625,8 +625,16 @@ class LimitedSMTP(SMTP):
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg):
+        """A refused MAIL starts no transaction, so it counts as a command without progress:
+        else a client that never authenticates could send a million of them on one
+        connection, each one a 530 and a record in the message log."""
+        if self.envelope.mail_from is not None:  # nested: aiosmtpd's 503, nothing more
+            await super().smtp_MAIL(arg)
+            return
         if not await self._path_refused(arg, "FROM:"):
             await super().smtp_MAIL(arg)
+        if self.envelope.mail_from is None:
+            await self._no_progress()
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg):

@@ -22,6 +22,7 @@ from tests.support import data
 from tests.support.content import NextHop, with_attachment
 from tests.support.mail import GTUBE, client, message, send
 from tests.support.services import ROOT, process_env, run_worker_burst
+from tests.support.worker import lock
 
 PASSWORD = "Alice-pass-123"
 WRITE_JOB = "worker.message_log_jobs.write_message_log"
@@ -157,6 +158,39 @@ def test_a_connection_over_the_per_address_cap_is_a_connect_refusal(
     assert (refused.stage, refused.verdict, refused.client_ip) == (
         "connect", "refused", "127.0.0.6")
     assert refused.reply.startswith("421 4.7.0")
+
+
+def stream_clients(redis_client) -> list[str]:
+    return [json.loads(fields[b"r"])["client_ip"]
+            for _, fields in redis_client.xrange(message_log.STREAM)]
+
+
+def test_refusals_nobody_is_known_for_are_recorded_within_a_budget_per_network(
+        instance, start_proxy, hop, redis_client):
+    """Unauthenticated clients asking for refusals as fast as they can: each network gets
+    MESSAGE_LOG_ANONYMOUS_PER_MINUTE records a minute, whatever it sends and however often it
+    reconnects; another network keeps its own, and a known user's refusals are all kept."""
+    lock("user", data.add_user("example.com", "ip", "127.0.0.9"))
+    proxy = start_proxy(UPSTREAM_SMTP=f"127.0.0.1:{hop.port}",
+                        MESSAGE_LOG_ANONYMOUS_PER_MINUTE=5)
+    for _ in range(3):  # reconnecting starts nothing afresh
+        with client(proxy.port, source="127.0.0.66") as smtp:
+            smtp.ehlo()
+            for _ in range(4):
+                assert smtp.mail("x@evil.test")[0] == 530
+    with client(proxy.port, source="127.0.0.67") as smtp:
+        smtp.ehlo()
+        assert smtp.mail("y@evil.test")[0] == 530
+    with client(proxy.port, source="127.0.0.9") as smtp:
+        smtp.ehlo()
+        for _ in range(8):
+            assert smtp.mail("ops@example.com")[0] == 550
+    wait_for_stream(redis_client, 14)
+    time.sleep(0.3)
+    seen = stream_clients(redis_client)
+    assert seen.count("127.0.0.66") == 5
+    assert seen.count("127.0.0.67") == 1
+    assert seen.count("127.0.0.9") == 8
 
 
 def test_data_refused_before_it_is_checked_is_a_data_refusal_not_abandoned(

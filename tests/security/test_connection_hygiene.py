@@ -297,6 +297,20 @@ def test_twenty_junk_commands_then_421_and_closed(alice, start_proxy):
     conn.close()
 
 
+def test_refused_mail_commands_are_commands_without_mail(alice, start_proxy):
+    """A client that never authenticates gets 530 for each MAIL: the 21st is followed by
+    421 and the end of the connection, not a million more (each one a message-log record)."""
+    proxy = start_proxy()
+    conn = Conn(proxy.port, source="127.0.0.77")
+    assert conn.ask(b"EHLO client.example")[0] == 250
+    conn.sock.sendall(b"MAIL FROM:<x@evil.test>\r\n" * 20)
+    assert [conn.reply()[0] for _ in range(20)] == [530] * 20
+    assert conn.ask(b"MAIL FROM:<x@evil.test>")[0] == 530
+    assert conn.reply() == (421, TOO_MANY_JUNK + b"\r\n")
+    assert conn.closed_by_server()
+    conn.close()
+
+
 def test_a_finished_message_starts_the_count_afresh_and_aborted_transactions_do_not(
         alice, start_proxy, sink):
     proxy = start_proxy(SMTP_TRUSTED=True)
