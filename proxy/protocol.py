@@ -401,6 +401,16 @@ class LimitedSMTP(SMTP):
         if not await self._no_progress():
             await super().smtp_HELP(arg)
 
+    # -- AUTH ---------------------------------------------------------------------------------
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg):
+        """The mechanism's name whatever its case (``auth login``, as some clients write it
+        and Postfix and Exim accept; aiosmtpd answered 504). The credentials are untouched."""
+        if arg:
+            mechanism, *rest = arg.split(None, 1)
+            arg = " ".join([mechanism.upper(), *rest])
+        await super().smtp_AUTH(arg)
+
     # -- STARTTLS ----------------------------------------------------------------------------
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg):

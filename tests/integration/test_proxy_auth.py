@@ -209,6 +209,12 @@ def test_auth_login_with_and_without_initial_response(alice, start_proxy):
     with client(proxy.port) as smtp:
         assert smtp.docmd("AUTH", f"LOGIN {user}")[0] == 334
         assert smtp.docmd(password)[0] == 235
+    with client(proxy.port) as smtp:  # a mechanism's name is the same in lower case
+        assert smtp.docmd("auth", f"login {user}")[0] == 334
+        assert smtp.docmd(password)[0] == 235
+    blob = base64.b64encode(b"\0alice@example.com\0" + PASSWORD.encode()).decode()
+    with client(proxy.port) as smtp:
+        assert smtp.docmd("AUTH", f"Plain {blob}")[0] == 235
 
 
 @pytest.mark.parametrize("limits", [False, True], ids=["no limits", "connection limits"])
