@@ -43,14 +43,17 @@ def unconfirmed(domain: Domain, address: str | None) -> str | None:
     return None if notify_addresses.may_notify(db.session, domain, address) else address
 
 
-def request_confirmation(domain: Domain, address: str | None) -> str | None:
-    """After a save naming ``address`` for the domain's notices: a super admin's choice is
-    the provider's and counts as confirmed; a domain admin's outside address is mailed the
-    link. What to tell the admin, or None."""
+def request_confirmation(domain: Domain, address: str | None, typed: bool) -> str | None:
+    """After a save naming ``address`` for the domain's notices: an address a super admin
+    ``typed`` in this very save is the provider's choice and counts as confirmed; any other
+    outside address is mailed the link. A super admin's save that leaves an address a domain
+    admin chose as it was confirms nothing: else any unrelated save by the provider would
+    send a customer's notices to an outsider who never agreed. What to tell the admin, or
+    None."""
     address = unconfirmed(domain, address)
     if address is None:
         return None
-    if current_user.is_super:
+    if current_user.is_super and typed:
         notify_addresses.confirm(db.session, domain.id, address)
         db.session.commit()
         return None

@@ -134,7 +134,8 @@ def settings(domain_id: int):
                 db.session.commit()
                 announce_change()
             flash("Saved." if changes else "Saved (nothing had changed).", "success")
-            asked = request_confirmation(domain, domain.abuse_report_address)
+            asked = request_confirmation(domain, domain.abuse_report_address,
+                                         typed="abuse_report_address" in changes)
             if asked:
                 flash(asked, "info")
             return redirect(url_for("domains.settings", domain_id=domain.id))

@@ -300,7 +300,8 @@ def edit(user_id: int):
     if changes:
         announce_change()
     message = "Saved." if changes else "Saved (nothing had changed)."
-    asked = request_confirmation(user.domain, user.contact_email)
+    asked = request_confirmation(user.domain, user.contact_email,
+                                 typed="contact_email" in changes)
     if htmx:
         form = _build_form(user, stored=True)
         return _render(user, form, saved=" ".join(filter(None, (message, asked))))

@@ -160,7 +160,7 @@ def add():
                  **confirmed_overlaps(db.session, user))
     db.session.commit()
     announce_change()
-    asked = request_confirmation(domain, user.contact_email)
+    asked = request_confirmation(domain, user.contact_email, typed=True)
     if asked:
         flash(asked, "info")
     if request.form.get("action") == "add":

@@ -138,6 +138,29 @@ def test_the_domains_own_address_and_a_super_admins_choice_need_no_link(instance
     assert mails_to(sink, "noc@provider.example") == []  # no link: nothing to confirm
 
 
+def test_a_super_admins_save_confirms_only_what_it_typed_not_the_customers_choice(
+        instance, app, sink):
+    """A customer's outside addresses stay unconfirmed through the provider's later saves:
+    the domain's settings saved as shown, a user's other setting changed."""
+    from tests.integration.test_panel_settings import settings
+
+    user_id = data.add_user("example.com", "ip", "192.0.2.0/24")
+    panel = customer(app)
+    assert panel.post(f"/outgoing/settings/{domain_id()}",
+                      {"abuse_report_address": OUTSIDE}).status_code == 302
+    contact = "other@elsewhere.example"
+    assert panel.post(f"/outgoing/users/{user_id}",
+                      settings(contact_email=contact)).status_code == 302
+    data.add_admin(ROOT, ROOT_PW)
+    root = Panel(app.test_client()).login(ROOT, ROOT_PW)
+    assert root.post(f"/outgoing/settings/{domain_id()}",
+                     {"abuse_report_address": OUTSIDE}).status_code == 302
+    assert root.post(f"/outgoing/users/{user_id}", settings(
+        contact_email=contact, lock_timeout_minutes="90")).status_code == 302
+    assert confirmed() == []
+    assert f"{contact} is not confirmed yet" in text(root.get(f"/outgoing/users/{user_id}"))
+
+
 def test_a_link_confirms_its_own_domain_only_and_a_changed_one_nothing(instance, app, sink):
     data.add_user("example.com", "user", "alice@example.com", "Alice-pass-123")
     data.add_user("other.example", "user", "bob@other.example", "Bob-pass-1234")
