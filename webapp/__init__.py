@@ -92,6 +92,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     ui.init_app(app)
     _error_pages(app)
     app.before_request(_refuse_nul)
+    app.after_request(_security_headers)
 
     @app.get("/")
     def index():
@@ -104,6 +105,23 @@ def create_app(overrides: dict | None = None) -> Flask:
         return {"status": "ok"}
 
     return app
+
+
+# Every page runs only the panel's own script files: no inline script or handler, no eval
+# (htmx's allowEval is off too). A domain admin's text shown to a super admin (a user's or a
+# template's name) can then never run as script, even where an escaping slipped. Styles may
+# be inline (htmx's indicator style, SVG attributes). A page with its own policy (the stored
+# message view's stricter one) keeps it.
+PANEL_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+             "img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; "
+             "frame-ancestors 'none'")
+
+
+def _security_headers(response):
+    response.headers.setdefault("Content-Security-Policy", PANEL_CSP)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    return response
 
 
 def page(status: int, heading: str, message: str):

@@ -93,6 +93,10 @@ def test_admin_adds_one_user_of_each_type_with_add_and_configure_and_changes_set
     page.get_by_label("Remove header").check()
     page.get_by_role("button", name="+ Add header").click()  # a new row, from the server
     page.get_by_label("Header name").nth(1).fill("X-Customer")
+    page.get_by_role("button", name="+ Add header").click()  # one too many: deleted again
+    page.get_by_label("Header name").nth(2).fill("X-Mistake")
+    page.get_by_role("button", name="Delete row").nth(2).click()
+    expect(page.get_by_label("Header name")).to_have_count(2)
     page.get_by_label("Automatic lock").uncheck()  # a smarthost: see the help text
     page.get_by_label("Enable outgoing connection limits").check()
     page.get_by_label("Limit per hour").fill("1000")

@@ -67,9 +67,26 @@
     return max + 1;
   }
 
+  // No inline handlers (the panel's Content-Security-Policy runs no inline script, and a
+  // name put into one would be script): forms ask data-confirm="text" before they submit,
+  // data-remove-closest="selector" removes its row, data-empty="id" empties that element.
+  function bindActions() {
+    document.addEventListener("submit", (event) => {
+      const text = event.target.dataset && event.target.dataset.confirm;
+      if (text && !window.confirm(text)) event.preventDefault();
+    });
+    document.addEventListener("click", (event) => {
+      const remover = event.target.closest("[data-remove-closest]");
+      if (remover) remover.closest(remover.dataset.removeClosest).remove();
+      const emptier = event.target.closest("[data-empty]");
+      if (emptier) document.getElementById(emptier.dataset.empty).replaceChildren();
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
     closeMenusOnOutsideClick();
     bindTabs();
+    bindActions();
     document.addEventListener("change", updateShowIf);
     if (!window.htmx) { updateShowIf(); return; }
     htmx.onLoad(updateShowIf);
