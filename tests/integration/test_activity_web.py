@@ -78,7 +78,14 @@ def sent(instance, start_proxy, hop, clock, redis_client):
     write_log(redis_client, 7, hop)
     data.add_admin("ops@example.com", OPS_PW, domain="example.com")
     data.add_admin("ops@other.example", OPS_PW, domain="other.example")
-    identities = data.query(lambda s: {i.value: i.id for i in s.scalars(select(Identity))})
+    # The proxy writes identities to the database every IDENTITY_FLUSH_SECONDS: wait for both.
+    deadline = time.monotonic() + 15
+    while True:
+        identities = data.query(lambda s: {i.value: i.id for i in s.scalars(select(Identity))})
+        if {"alice@example.com", "billing@example.com"} <= set(identities) \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     return {"user": alice, "identities": identities,
             "hour": int(clock.now // 3600) * 3600, "day": int(clock.now // 86400) * 86400}
 
