@@ -13,6 +13,7 @@ from flask_login import login_required
 from outgoing import incident
 from outgoing.models import utcnow
 from webapp import scope
+from webapp.downloads import attachment
 from webapp.extensions import db
 
 bp = Blueprint("incident", __name__)
@@ -23,11 +24,10 @@ def _download(target, name: str) -> Response:
     pack = incident.build(db.session, target, now=utcnow(), public_url=config["PUBLIC_URL"],
                           spam_window_seconds=config["SPAM_WINDOW_SECONDS"])
     data = incident.zip_pack(db.session, config, target, pack)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
-    filename = f"incident-{safe}-{pack.generated_at:%Y%m%d-%H%M}.zip"
-    return Response(data, mimetype="application/zip", headers={
-        "Content-Disposition": f'attachment; filename="{filename}"',
-        "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})
+    response = attachment(data, "application/zip",
+                          f"incident-{name[:80]}-{pack.generated_at:%Y%m%d-%H%M}.zip")
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 def user_pack(target_id: int):

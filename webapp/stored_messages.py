@@ -10,6 +10,7 @@ from flask import Response, abort, current_app, render_template
 
 from outgoing.storage import StorageError, read_body
 from scoring.message import readable
+from webapp.downloads import attachment
 
 VIEW_CSP = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; " \
            "form-action 'self'; frame-ancestors 'none'"
@@ -33,6 +34,4 @@ def download_response(row, filename: str) -> Response:
         data = read_body(current_app.config, row)
     except StorageError:
         abort(404)
-    return Response(data, mimetype="message/rfc822", headers={
-        "Content-Disposition": f'attachment; filename="{filename}"',
-        "X-Content-Type-Options": "nosniff"})
+    return attachment(data, "message/rfc822", filename)

@@ -355,6 +355,18 @@ def test_an_identitys_pack_is_that_identitys_only(app, customers):
         "news@example.com"]
 
 
+def test_a_cyrillic_identitys_pack_downloads_under_its_name(app, customers):
+    """WSGI headers are Latin-1: gunicorn refused the raw name and the download failed."""
+    ivan = data.add_identity(customers["alice"], "иван@example.com")
+    own = panel(app, OPS, OPS_PW)
+    response = own.get(f"/outgoing/identities/{ivan}/incident-pack")
+    assert opened(response)[0]["target"]["identity"] == "иван@example.com"
+    disposition = response.headers["Content-Disposition"]
+    assert re.fullmatch(r'attachment; filename="incident-_____example\.com-\d{8}-\d{4}\.zip"; '
+                        r"filename\*=UTF-8''incident-%D0%B8%D0%B2%D0%B0%D0%BD_example\.com-"
+                        r"\d{8}-\d{4}\.zip", disposition), disposition
+
+
 def test_another_domains_admin_gets_404_for_every_pack(app, customers):
     stranger = panel(app, OTHER, OTHER_PW)
     for path in (f"/outgoing/users/{customers['alice']}/incident-pack",
