@@ -207,15 +207,23 @@ def _render_default(source: str, context: dict, max_output: int, clean) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _compile(source: str):
+    """Jinja's parser, ``_check_tree`` and Python's compiler of the generated code recurse or
+    count once per level of nesting: a few hundred brackets or ``{% if %}`` blocks inside
+    each other raise RecursionError or SyntaxError, and the lexer's int() a ValueError for a
+    number over 4,300 digits. None of these is a TemplateSyntaxError."""
     try:
         tree = _env.parse(source)
+        _check_tree(tree)
+        return _env.from_string(tree)
     except TemplateSyntaxError as exc:
         raise TemplateProblem(f"syntax error on line {exc.lineno}: {exc.message}") from exc
-    _check_tree(tree)
-    try:
-        return _env.from_string(tree)
     except TemplateError as exc:
         raise TemplateProblem(f"cannot be compiled: {exc}") from exc
+    except (RecursionError, SyntaxError) as exc:
+        raise TemplateProblem("brackets, {% if %} blocks or operators are nested too "
+                              "deeply") from exc
+    except ValueError as exc:
+        raise TemplateProblem("a number has too many digits") from exc
 
 
 def _check_tree(node: nodes.Node) -> None:

@@ -130,11 +130,20 @@ def test_a_lock_template_is_created_previewed_and_chosen_for_a_user(ops):
     assert audit_actions()[-1] == ("create", "lock_template")
 
 
+NESTED = "brackets, {% if %} blocks or operators are nested too deeply"
+DEEP_LOCK_TEMPLATES = [
+    ("{{ " + "(" * 400 + "user" + ")" * 400 + " }}", NESTED),
+    ("{% if user %}" * 300 + "x" + "{% endif %}" * 300, NESTED),
+    ("{{ " + "9" * 5000 + " }}", "a number has too many digits"),
+]
+
+
 @pytest.mark.parametrize("body, message", [
     ("{{ user.__class__ }}", "attribute access (a.b) cannot be used"),
     ("{% for x in user %}{% endfor %}", "loops ({% for %}) cannot be used"),
     ("{{ password }}", "unknown placeholder"),
     ("{% if %}", "syntax error on line 1"),
+    *DEEP_LOCK_TEMPLATES,
 ])
 def test_a_broken_lock_template_is_a_form_error(ops, body, message):
     response = ops.post("/outgoing/lock-templates/new", {"name": "Bad", "subject": "",
@@ -142,6 +151,16 @@ def test_a_broken_lock_template_is_a_form_error(ops, body, message):
     assert response.status_code == 400
     assert message in html_lib.unescape(text(response))
     assert data.query(lambda s: s.scalar(select(LockTemplate))) is None
+
+
+@pytest.mark.parametrize("body, message", DEEP_LOCK_TEMPLATES)
+def test_the_preview_shows_why_a_deep_lock_template_cannot_be_used(ops, body, message):
+    """Jinja raised RecursionError or ValueError here, not TemplateSyntaxError: a 500."""
+    preview = ops.post("/outgoing/lock-templates/preview", {"name": "x", "subject": "",
+                                                            "body": body}, htmx=True)
+    assert preview.status_code == 200
+    assert f"Body: {message}" in html_lib.unescape(text(preview))
+    assert "Why: 5 messages classified as spam" in text(preview)  # the built-in text
 
 
 def test_shared_templates_are_readable_but_not_editable_by_a_domain_admin(ops, root):

@@ -109,6 +109,16 @@ def test_value_that_breaks_a_template_falls_back_instead_of_raising():
     assert "cannot be rendered" in rendered.error
 
 
+@pytest.mark.parametrize("body", ["{{ " + "(" * 400 + "user" + ")" * 400 + " }}",
+                                  "{% if user %}" * 100 + "x" + "{% endif %}" * 100,
+                                  "{{ " + "9" * 5000 + " }}"])
+def test_a_template_jinja_cannot_compile_falls_back_instead_of_raising(body):
+    rendered = render_lock_template("s", body, CONTEXT)
+
+    assert rendered.used_default
+    assert rendered.error.startswith("lock template body: ")
+
+
 def test_line_breaks_are_removed_from_subject():
     rendered = render_lock_template(
         "Paused\r\nBcc: victim@example.org {{ identity }}", "ok",
