@@ -22,6 +22,9 @@ from webapp.stored_messages import download_response, view_response
 bp = Blueprint("archive", __name__, url_prefix="/outgoing/archive")
 
 PAGE_SIZE = 50
+# The search form's fields: the only query arguments the "Older messages" link passes on
+# (url_for takes "endpoint" and "_method" as its own: the link could not be built).
+FIELDS = ("sender", "recipient", "subject", "from", "to")
 
 
 def message_or_404(message_id: int) -> ArchivedMessage:
@@ -62,7 +65,7 @@ def index():
     query = scope.restrict(search_query(criteria), ArchivedMessage)
     rows = list(db.session.scalars(query.offset(offset).limit(PAGE_SIZE + 1)))
     more = len(rows) > PAGE_SIZE
-    args = {k: v for k, v in request.args.items() if k != "offset" and v}
+    args = {k: request.args[k] for k in FIELDS if request.args.get(k)}
     context = dict(rows=rows[:PAGE_SIZE], criteria=criteria, args=args,
                    errors=[e for e in (error_from, error_to) if e],
                    next_offset=offset + PAGE_SIZE if more else None,

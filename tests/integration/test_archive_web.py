@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import select
 
 from outgoing.models import ArchivedMessage, Domain
+from outgoing.users import get_or_create_domain
 from tests.support import data
 from tests.support.mail import client, message, send
 from tests.support.web import log_in
@@ -109,6 +110,28 @@ def test_search_by_date(admin):
     assert "Lunch?" not in listed(admin, f"?to={yesterday}")
     assert "Lunch?" not in listed(admin, f"?from={today + timedelta(days=1)}")
     assert "is not a date" in listed(admin, "?from=tomorrow")
+
+
+@pytest.fixture
+def crowded(web, instance):
+    """51 archived messages: one more than a page."""
+    def archive(session):
+        domain = get_or_create_domain(session, "example.com")
+        session.flush()
+        session.add_all(ArchivedMessage(domain_id=domain.id, mail_from="alice@example.com",
+                                        rcpt_tos='["bob@example.org"]', subject=f"Note {n}",
+                                        size=1, storage_key=f"none/{n}") for n in range(51))
+    data.query(archive)
+    data.add_admin("ops@example.com", "Ops-pass-12345", domain="example.com")
+    assert log_in(web, "ops@example.com", "Ops-pass-12345").status_code == 302
+    return web
+
+
+@pytest.mark.parametrize("extra", ["endpoint=x", "_method=POST", "utm_source=mail"])
+def test_older_messages_passes_on_the_search_and_nothing_else(crowded, extra):
+    """url_for took "endpoint" and "_method" in the query as its own: a 500."""
+    page = listed(crowded, f"?subject=Note&{extra}")
+    assert '<a href="/outgoing/archive?offset=50&amp;subject=Note">Older messages</a>' in page
 
 
 def test_download_gives_the_message_as_relayed(admin, relayed):
