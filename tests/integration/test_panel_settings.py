@@ -329,6 +329,16 @@ def test_the_header_method_needs_a_header_and_blank_rows_are_ignored(root, bob):
     assert [h.header_name for h in load(bob).identification_headers] == ["X-Id"]
 
 
+@pytest.mark.parametrize("index", ["²", "0²", "9" * 5000])
+def test_a_header_row_whose_index_is_no_number_is_ignored(root, bob, index):
+    """WTForms read any index str.isdigit passes with int(), which refuses these: a 500."""
+    response = root.post(f"/outgoing/users/{bob}", settings(
+        identification_method="header", **{"headers-1-header_name": "X-Id",
+                                           f"headers-{index}-header_name": "X-Other"}))
+    assert response.status_code == 302
+    assert [h.header_name for h in load(bob).identification_headers] == ["X-Id"]
+
+
 def test_other_methods_keep_the_stored_header_rows(root, bob):
     root.post(f"/outgoing/users/{bob}", settings(
         identification_method="header", **{"headers-0-header_name": "X-Id"}))

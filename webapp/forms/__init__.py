@@ -1,7 +1,10 @@
 """Flask-WTF forms, one module per page area."""
 
 from email_validator import EmailNotValidError, validate_email
+from wtforms import fields
 from wtforms.validators import ValidationError
+
+from outgoing.ids import parse_id
 
 try:  # WTForms >= 3.3 wants SelectChoice objects; older ones take (value, label) pairs.
     from wtforms.fields.choices import SelectChoice as _Choice
@@ -14,6 +17,19 @@ def choices(pairs) -> list:
     """SelectField choices from (value, label) pairs, in the form this WTForms expects."""
     return [_Choice(value, label) for value, label in pairs]
 
+
+class FieldList(fields.FieldList):
+    """WTForms' FieldList, but a row's index is read like an id (``outgoing.ids``): WTForms
+    takes any index ``str.isdigit`` passes and int() refuses some ("²", 5,000 digits), a
+    500 on Save. A key with such an index is ignored, like any key no field reads."""
+
+    def _extract_indices(self, prefix, formdata):
+        offset = len(prefix) + 1
+        for key in formdata:
+            if key.startswith(prefix):
+                index = parse_id(key[offset:].split(self._field_separator, 1)[0])
+                if index is not None:
+                    yield index
 
 
 def optional_email(field, example: str) -> None:

@@ -7,7 +7,6 @@ database (lock templates, DKIM selectors) are filled in by the route.
 from flask_wtf import FlaskForm
 from wtforms import (
     BooleanField,
-    FieldList,
     Form,
     FormField,
     IntegerField,
@@ -31,7 +30,7 @@ from outgoing.models import (
     REAUTH_USER,
 )
 from scoring.identity import MAX_HEADER_NAME, MAX_PATTERN, validate_header_name, validate_regex
-from webapp.forms import choices, optional_email
+from webapp.forms import FieldList, choices, optional_email
 
 MAX_HEADERS = 20
 WEEK_MINUTES = 7 * 24 * 60
