@@ -30,10 +30,12 @@ def _bucket_index(session, span: Span):
     return cast(seconds / literal_column(str(span.seconds)), Integer)
 
 
-def buckets(session, *, user_id: int, span: Span, now: float,
-            identity: str | None = None) -> list[Bucket]:
+def buckets(session, *, user_id: int, span: Span, now: float, identity: str | None = None,
+            domain_id: int | None = None) -> list[Bucket]:
     """Messages, recipients, spam and refusals of the user (or one identity of it) in every
-    bucket of ``span`` ending now, oldest first."""
+    bucket of ``span`` ending now, oldest first. ``domain_id`` counts only what the user sent
+    in that domain: a user the provider moved keeps its id, and its mail from before is the
+    old domain's."""
     entry = MessageLogEntry
     start, end = activity.bounds(now, span)
     index = _bucket_index(session, span).label("bucket")
@@ -50,4 +52,6 @@ def buckets(session, *, user_id: int, span: Span, now: float,
         .group_by(index))
     if identity is not None:
         query = query.where(entry.identity == identity)
+    if domain_id is not None:
+        query = query.where(entry.domain_id == domain_id)
     return activity.fill(session.execute(query).all(), now, span)

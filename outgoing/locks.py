@@ -145,9 +145,10 @@ def unlock(session, redis, target: OutgoingUser | Identity, *, actor: str, reaso
 def spam_between(session, target: OutgoingUser | Identity, since: datetime,
                  until: datetime | None = None, limit: int = 10) -> list[QuarantinedMessage]:
     """The quarantined messages of ``target`` received from ``since`` (to ``until``), newest
-    first."""
+    first, filed under its user's current domain: a user the provider moved keeps its id,
+    and the spam it sent before is the old domain's, not for the new domain's admin."""
     row = QuarantinedMessage
-    query = select(row).where(row.received_at >= since)
+    query = select(row).where(row.domain_id == _domain_id(target), row.received_at >= since)
     if until is not None:
         query = query.where(row.received_at <= until)
     if isinstance(target, Identity):

@@ -37,7 +37,8 @@ def _span():
 def chart_context(user: OutgoingUser, identity: Identity | None, span) -> dict:
     """The two charts of one span: volume with the limits drawn, and spam with refusals."""
     found = activity.buckets(db.session, user_id=user.id, span=span, now=time.time(),
-                             identity=identity.value if identity is not None else None)
+                             identity=identity.value if identity is not None else None,
+                             domain_id=scope.domain_id())
     starts = [b.start for b in found]
     prefix = f"identity-{identity.id}" if identity is not None else f"user-{user.id}"
     lines = []

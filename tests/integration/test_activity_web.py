@@ -11,8 +11,9 @@ from sqlalchemy import select
 
 from outgoing import message_log
 from outgoing.jobs import enqueue
-from outgoing.models import Identity, QuarantinedMessage
-from tests.support import data
+from outgoing.models import Domain, Identity, QuarantinedMessage
+from tests.integration.test_incident_pack import log, store_log
+from tests.support import data, worker
 from tests.support.content import NextHop, with_attachment
 from tests.support.mail import GTUBE, client, message, send
 from tests.support.services import process_env, run_worker_burst
@@ -219,3 +220,62 @@ def test_another_domains_admin_gets_404_for_every_chart_and_panel(app, sent):
     for url in urls:
         assert own.get(url).status_code == 200, url
     assert own.get(f"/outgoing/users/{sent['user']}/charts?span=week").status_code == 404
+
+
+@pytest.fixture
+def moved(instance):
+    """alice@example.com sent spam and other mail while in example.com; then the provider
+    moved it to other.example, where it sent spam once more."""
+    alice = data.add_user("example.com", "user", "alice@example.com", PW)
+    identity = data.add_identity(alice, "alice@example.com")
+    before = [worker.add_spam("example.com", alice, identity="alice@example.com",
+                              subject=f"Example.com board minutes {n}",
+                              rcpts=("banker@example.org",)) for n in range(3)]
+    data.move_user(alice, "other.example")
+    after = worker.add_spam("other.example", alice, identity="alice@example.com",
+                            subject="Prize draw", rcpts=("victim@example.net",))
+    ids = data.query(lambda s: dict(s.execute(select(Domain.name, Domain.id)).all()))
+    sent = {"user_id": alice, "identity": "alice@example.com"}
+    store_log(*(log(n, n, domain_id=ids["example.com"], **sent) for n in range(4)),
+              log(4, 5, domain_id=ids["other.example"], **sent))
+    data.add_admin("ops@other.example", OPS_PW, domain="other.example")
+    data.add_admin("root@example.net", OPS_PW)
+    return {"user": alice, "identity": identity, "before": before, "after": after}
+
+
+def test_a_moved_users_why_panel_shows_none_of_its_old_domains_spam(app, moved):
+    web = app.test_client()
+    log_in(web, "ops@other.example", OPS_PW)
+    urls = [f"/outgoing/users/{moved['user']}/why",
+            f"/outgoing/identities/{moved['identity']}/why"]
+    leaked = []
+    for locked in (False, True):  # the spam of the current window, then of the lock's
+        if locked:
+            worker.lock("user", moved["user"])
+        for url in urls:
+            html = web.get(url, headers=HX).get_data(as_text=True)
+            assert f'href="/outgoing/quarantine/{moved["after"]}"' in html, (url, locked)
+            assert "Prize draw" in html, (url, locked)
+            if "Example.com board minutes" in html or any(
+                    f'href="/outgoing/quarantine/{message_id}"' in html
+                    for message_id in moved["before"]):
+                leaked.append((url, locked))
+    assert leaked == []
+
+
+def messages_charted(html: str) -> int:
+    return sum(int(n) for n in re.findall(
+        r'data-series="messages" data-start="\d+" data-value="(\d+)"', chart(html, "volume")))
+
+
+def test_a_moved_users_charts_count_none_of_its_old_domains_mail(app, moved):
+    urls = [f"/outgoing/users/{moved['user']}/charts",
+            f"/outgoing/identities/{moved['identity']}/charts"]
+    web = app.test_client()
+    log_in(web, "ops@other.example", OPS_PW)
+    for url in urls:
+        assert messages_charted(web.get(url, headers=HX).get_data(as_text=True)) == 1, url
+    root = app.test_client()  # the provider's record of the user: all of it
+    log_in(root, "root@example.net", OPS_PW)
+    for url in urls:
+        assert messages_charted(root.get(url, headers=HX).get_data(as_text=True)) == 5, url

@@ -280,6 +280,30 @@ def test_admin_of_another_domain_cannot_use_the_link(alice, sink, app):
     assert worker.target("user", alice).locked
 
 
+def test_a_moved_users_alert_and_link_show_none_of_its_old_domains_spam(alice, sink, app):
+    """The provider moved alice to other.example; what it sent while in example.com stays
+    example.com's, in the alert to other.example and on the page its link opens."""
+    for n in range(3):
+        worker.add_spam("example.com", alice, subject=f"Example.com board minutes {n}",
+                        rcpts=("banker@example.org",))
+    data.move_user(alice, "other.example")
+    worker.set_domain("other.example", abuse_report_address="postmaster@other.example")
+    worker.add_spam("other.example", alice, subject="Prize draw", rcpts=("victim@example.net",))
+    data.add_admin("ops@other.example", "Other-pass-123", domain="other.example")
+
+    worker.lock("user", alice)
+    worker.burst(sink)
+
+    alert = mail_to(sink, "postmaster@other.example")
+    page = app.test_client()
+    log_in(page, "ops@other.example", "Other-pass-123")
+    html = page.get(f"/unlock/{token_of(alert)}").get_data(as_text=True)
+    shown = {"alert": alert.get_content(), "unlock page": html}
+    assert all("Prize draw" in text and "victim@example.net" in text for text in shown.values())
+    assert [where for where, text in shown.items() if "Example.com board minutes" in text
+            or "banker@example.org" in text] == []
+
+
 def test_link_of_a_lock_that_ended_and_was_replaced_is_refused(alice, sink, app):
     data.add_admin(ADMIN, ADMIN_PW)  # a super admin may act on every domain
     token = locked_and_alerted(sink, alice)

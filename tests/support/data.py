@@ -6,9 +6,14 @@ from __future__ import annotations
 import os
 
 from outgoing.db import make_sessionmaker, session_scope
-from outgoing.models import Admin, Identity
+from outgoing.models import Admin, Identity, OutgoingUser
 from outgoing.passwords import hash_password
-from outgoing.users import Authority, create_outgoing_user, get_or_create_domain
+from outgoing.users import (
+    Authority,
+    apply_settings,
+    create_outgoing_user,
+    get_or_create_domain,
+)
 
 # Test set-up acts as a super admin who confirmed any overlap between domains' ranges; the
 # tenancy rules themselves are tested in tests/security/.
@@ -51,6 +56,14 @@ def add_identity(user_id: int, value: str) -> int:
         session.flush()
         return identity.id
     return query(add)
+
+
+def move_user(user_id: int, domain: str) -> None:
+    """Move a user to another domain, as a super admin does on its settings page."""
+    def move(session):
+        apply_settings(session, session.get(OutgoingUser, user_id), {},
+                       domain=get_or_create_domain(session, domain), authority=SET_UP)
+    query(move)
 
 
 def query(fn):
