@@ -21,6 +21,7 @@ from sqlalchemy import Select, select
 
 from outgoing.models import ArchivedMessage, Domain, utcnow
 from outgoing.quarantine import purge_older_than
+from outgoing.storage import commit_with_bodies
 
 AREA = "archive"
 
@@ -64,8 +65,7 @@ def archive_message(session, store, *, domain_id: int, user_id: int | None, mail
 
 def archive_messages(session, store, messages: list[ToArchive]) -> list[ArchivedMessage]:
     """File every message, committed in one transaction: the bodies are durable first, and
-    a failure leaves none of them (their bodies discarded), so the caller can retry each
-    on its own."""
+    a failure leaves none of the rows, so the caller can retry each on its own."""
     domains = archive_domain_ids(session, messages)
     rows = [ArchivedMessage(
         domain_id=domain_id, user_id=m.user_id, mail_from=m.mail_from[:320],
@@ -74,12 +74,7 @@ def archive_messages(session, store, messages: list[ToArchive]) -> list[Archived
     ) for m, domain_id in zip(messages, domains, strict=True)]
     store.attach_many([(row, m.data) for row, m in zip(rows, messages, strict=True)], AREA)
     session.add_all(rows)
-    try:
-        session.commit()
-    except BaseException:
-        for row in rows:
-            store.discard(row.storage_key)
-        raise
+    commit_with_bodies(session, store, rows)
     return rows
 
 

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, select
 
 from outgoing.models import QuarantinedMessage, utcnow
-from outgoing.storage import discard_body
+from outgoing.storage import commit_with_bodies, discard_body
 
 AREA = "quarantine"
 
@@ -43,16 +43,15 @@ def quarantine_message(session, store, *, domain_id: int, user_id: int | None,
 
 
 def store_durably(session, store, row, data: bytes, area: str):
-    """The body, then the row; both durable when this returns (the sender may get 250). A
-    failed commit leaves no orphaned body behind."""
+    """The body, then the row; both durable when this returns (the sender may get 250)."""
     store.attach(row, data, area)
     session.add(row)
     try:
         _durable_commits(session)
-        session.commit()
     except BaseException:
         store.discard(row.storage_key)
         raise
+    commit_with_bodies(session, store, [row])
     return row
 
 

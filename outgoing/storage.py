@@ -166,3 +166,19 @@ def discard_body(config: dict, key: str) -> None:
     if not key or key.startswith(DB_PREFIX):
         return
     FileStore(config["STORAGE_DIR"]).delete(key)
+
+
+def commit_with_bodies(session, store, rows) -> None:
+    """Commit ``rows``, whose bodies ``store`` already holds. A failure before the commit was
+    sent (the INSERTs) discards the bodies: no row will ever name them. A failure of the
+    commit itself keeps them: the database may have committed and only its answer was lost
+    (a cut connection), and a row whose body was deleted could never be read or released,
+    where a body without a row only takes disk space."""
+    try:
+        session.flush()
+    except BaseException:
+        for row in rows:
+            store.discard(row.storage_key)
+        raise
+    session.commit()
+

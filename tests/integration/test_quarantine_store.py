@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from datetime import timedelta
 
 import pytest
 from rq import Queue
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 
 from outgoing.config import load_config
 from outgoing.db import make_sessionmaker, session_scope
@@ -19,7 +22,7 @@ from outgoing.storage import DB_PREFIX, read_body, store_for
 from outgoing.users import get_or_create_domain
 from tests.support import data
 from tests.support.mail import GTUBE, client, message, send
-from tests.support.services import process_env, run_worker_burst
+from tests.support.services import TcpForwarder, process_env, run_worker_burst
 
 PASSWORD = "Alice-pass-123"
 
@@ -344,3 +347,60 @@ def test_two_releases_of_one_message_relay_it_once(instance, sink, redis_client,
     assert note == "already released"
     assert [m.rcpt_tos for m in sink.handler.messages] == [["victim@example.org"]]
     assert stored_rows()[0].released_at is not None
+
+
+class CommitAnswerLost(TcpForwarder):
+    """PostgreSQL through a relay that, once ``armed``, lets the COMMIT of a transaction that
+    inserted a quarantined message through and then cuts the connection: the database
+    commits, and its answer never reaches the proxy."""
+
+    armed = False
+
+    async def _accept(self, reader, writer):
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        inserted = committed = False
+
+        async def upward():
+            nonlocal inserted, committed
+            while chunk := await reader.read(65536):
+                inserted = inserted or (self.armed and b"INSERT INTO quarantined_messages"
+                                        in chunk)
+                committed = inserted and b"COMMIT" in chunk
+                up_writer.write(chunk)
+                if committed:
+                    self.armed = False
+                    await asyncio.sleep(0.3)  # the database commits meanwhile
+                    up_writer.transport.abort()
+                    writer.transport.abort()
+                    return
+
+        async def downward():
+            while chunk := await up_reader.read(65536):
+                if not committed:
+                    writer.write(chunk)
+        await asyncio.gather(upward(), downward(), return_exceptions=True)
+
+
+def test_a_commit_whose_answer_is_lost_keeps_the_body_of_the_row_it_may_have_made(
+        instance, migrated, start_proxy, sink):
+    """The client gets 451 (we cannot know the commit happened); the row that did commit
+    can still be read and released, and the client's retry is stored as a message of its
+    own, not over a body deleted under a committed row."""
+    url = make_url(os.environ["DATABASE_URL"])
+    if url.get_backend_name() != "postgresql":
+        pytest.skip("a lost commit answer needs a networked database (run with PostgreSQL)")
+    relay = CommitAnswerLost(url.host or "127.0.0.1", url.port or 5432).start()
+    try:
+        add_alice(quarantine_response="accept")
+        proxy = start_proxy(DATABASE_URL=url.set(host="127.0.0.1", port=relay.port)
+                            .render_as_string(hide_password=False))
+        relay.armed = True
+        assert submit(proxy, message(subject="Cheap", body=GTUBE))[0] == 451
+        assert submit(proxy, message(subject="Cheap", body=GTUBE))[0] == 250
+    finally:
+        relay.stop()
+    rows = stored_rows()
+    assert len(rows) == 2
+    config = load_config()
+    for row in rows:
+        assert GTUBE.encode() in read_body(config, row)
