@@ -14,7 +14,7 @@ import redis as redis_lib
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from tests.support.services import Clock, InProcessProxy, Sink
+from tests.support.services import Clock, InProcessProxy, Sink, TcpForwarder
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
@@ -204,3 +204,16 @@ def start_proxy(proxy_config, clock, redis_client):
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture
+def database_behind_a_cable(migrated):
+    """The test database reached through a TCP relay the test can cut (PostgreSQL only:
+    SQLite is a local file and has no outage of this kind): the relay and its URL."""
+    url = make_url(os.environ["DATABASE_URL"])
+    if url.get_backend_name() != "postgresql":
+        pytest.skip("a database outage needs a networked database (run with PostgreSQL)")
+    relay = TcpForwarder(url.host or "127.0.0.1", url.port or 5432).start()
+    yield relay, url.set(host="127.0.0.1", port=relay.port).render_as_string(
+        hide_password=False)
+    relay.stop()

@@ -16,11 +16,10 @@ import ssl
 import time
 
 import pytest
-from sqlalchemy.engine import make_url
 
 from tests.support import data
 from tests.support.mail import GTUBE, client, message, read_reply, send
-from tests.support.services import RedisServer, TcpForwarder
+from tests.support.services import RedisServer
 
 PASSWORD = "Alice-pass-123"
 
@@ -125,19 +124,6 @@ def test_failed_logins_are_still_throttled_while_redis_is_down(alice, start_prox
 
 
 # -- database --------------------------------------------------------------------------------
-
-@pytest.fixture
-def database_behind_a_cable(migrated):
-    """The test database reached through a TCP relay the test can cut (PostgreSQL only:
-    SQLite is a local file and has no outage of this kind)."""
-    url = make_url(os.environ["DATABASE_URL"])
-    if url.get_backend_name() != "postgresql":
-        pytest.skip("a database outage needs a networked database (run with PostgreSQL)")
-    relay = TcpForwarder(url.host or "127.0.0.1", url.port or 5432).start()
-    yield relay, url.set(host="127.0.0.1", port=relay.port).render_as_string(
-        hide_password=False)
-    relay.stop()
-
 
 def test_database_outage_keeps_cached_configuration_serving(alice, start_proxy, sink,
                                                             redis_client,

@@ -322,13 +322,10 @@ def test_two_releases_of_one_message_relay_it_once(instance, sink, redis_client,
     first relayed it, marked it released and gave its claim back, and only then did the
     second take the claim. It relayed the message a second time."""
     from tests.support import worker
-    from worker import claims, context, quarantine_jobs
+    from worker import claims, quarantine_jobs
 
     user_id = add_alice()
     row_id = worker.add_spam("example.com", user_id, subject="Pressed twice")
-    monkeypatch.setenv("UPSTREAM_SMTP", f"127.0.0.1:{sink.port}")
-    for cached in (context.config, context.sessionmaker, context.redis_client):
-        cached.cache_clear()
     take_claim = claims.claim
 
     def first_release_ends_before_our_claim(*args, **kwargs):
@@ -338,11 +335,8 @@ def test_two_releases_of_one_message_relay_it_once(instance, sink, redis_client,
         return take_claim(*args, **kwargs)
 
     monkeypatch.setattr(claims, "claim", first_release_ends_before_our_claim)
-    try:
+    with worker.jobs_in_this_process(monkeypatch, UPSTREAM_SMTP=f"127.0.0.1:{sink.port}"):
         note = quarantine_jobs.release_quarantined(row_id)
-    finally:
-        for cached in (context.config, context.sessionmaker, context.redis_client):
-            cached.cache_clear()
 
     assert note == "already released"
     assert [m.rcpt_tos for m in sink.handler.messages] == [["victim@example.org"]]

@@ -203,6 +203,16 @@ class TcpForwarder:
             self._writers.clear()
         self._call(close())
 
+    def cut_when(self, event: threading.Event, timeout: float = 20) -> threading.Thread:
+        """Cut, from a thread of its own, as soon as ``event`` is set (a next hop's DATA
+        came, say): an outage that starts in the middle of what the test runs."""
+        def run():
+            event.wait(timeout)
+            self.cut()
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
     def stop(self) -> None:
         self.cut()
         self.loop.call_soon_threadsafe(self.loop.stop)

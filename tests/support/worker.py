@@ -10,6 +10,7 @@ import json
 import os
 import re
 import subprocess
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 import redis as redis_lib
@@ -114,3 +115,21 @@ def add_spam(domain: str, user_id: int | None, *, subject: str = "Cheap pills",
         session.flush()
         return row.id
     return data.query(add)
+
+
+@contextmanager
+def jobs_in_this_process(monkeypatch, **env):
+    """Jobs called here, in the test, with ``env`` over the test's environment: the jobs'
+    context (``worker.context``, cached per process) is built from it, and anew after."""
+    from worker import context
+
+    def forget():
+        for cached in (context.config, context.sessionmaker, context.redis_client):
+            cached.cache_clear()
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    forget()
+    try:
+        yield
+    finally:
+        forget()
