@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 
 from outgoing import audit, redis_keys
 from outgoing.models import (
@@ -107,7 +107,8 @@ def claim_next(session, user_id: int, token: str, now: datetime, stale_before: d
     """Claim the oldest queued message of a user, a retrying one whose delay has passed, or
     one whose claim went stale (its worker was killed). The UPDATE ... WHERE state (and, for
     a retry, WHERE attempts is still what we read) is the lock: two workers never claim one
-    row."""
+    row. A stale claim is taken over as the same attempt (``attempts`` unchanged): that
+    attempt may have relayed before it failed, which the worker's note of it says."""
     waiting = ((HeldMessage.state == QUEUED)
                | ((HeldMessage.state == SENDING) & (HeldMessage.claimed_at < stale_before)))
     candidates = [(row_id, waiting) for row_id in session.scalars(
@@ -125,7 +126,8 @@ def claim_next(session, user_id: int, token: str, now: datetime, stale_before: d
         done = session.execute(
             update(HeldMessage).where(HeldMessage.id == row_id, condition)
             .values(state=SENDING, claim=token, claimed_at=now,
-                    attempts=HeldMessage.attempts + 1))
+                    attempts=case((HeldMessage.state == SENDING, HeldMessage.attempts),
+                                  else_=HeldMessage.attempts + 1)))
         session.commit()
         if done.rowcount == 1:
             row = session.get(HeldMessage, row_id)

@@ -44,15 +44,22 @@ def claim(redis, key: str, *, seconds: int, final: frozenset[str] = frozenset())
     mine = current_job_id()
     if redis.set(key, mine, nx=True, ex=seconds):
         return True
-    holder = redis.get(key)
+    holder = holder_of(redis, key)
     if holder is None:
         return bool(redis.set(key, mine, nx=True, ex=seconds))
-    holder = holder.decode() if isinstance(holder, bytes) else str(holder)
     if holder in final:
         return False
     if holder != mine and at_work(redis, holder):
         return False
     return bool(redis.eval(_TAKE_OVER, 1, key, holder, mine, seconds))
+
+
+def holder_of(redis, key: str) -> str | None:
+    """What ``key`` holds: a job's id, a final value, or None when nobody claims it."""
+    holder = redis.get(key)
+    if holder is None:
+        return None
+    return holder.decode() if isinstance(holder, bytes) else str(holder)
 
 
 def give_back(redis, key: str) -> None:

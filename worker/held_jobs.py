@@ -9,9 +9,13 @@ same row right after the next hop's answer, only while the claim is still ours; 
 killed while relaying leaves a claim that goes stale after HELD_CLAIM_SECONDS and is taken
 over. A live worker keeps its claim fresh while it waits on the next hop (``_keep_claim``),
 so a slow next hop (each step may take UPSTREAM_TIMEOUT, and a message has many steps) never
-makes a claim look abandoned and the message go out twice. The one window left is a kill
-between the next hop's 250 and our commit (microseconds); the message is then sent again
-rather than lost.
+makes a claim look abandoned and the message go out twice. The next hop's answer is noted
+in Redis (``_note_relay``, per message and attempt) before anything else can fail: when the
+commit of the outcome does not happen (the database is away, a delivery report cannot be
+queued, the deferred recipients' copy cannot be stored), the claim goes stale and whoever
+takes it over finishes that attempt from the note instead of relaying again, however long
+the outage. The window left is a kill, or a Redis outage, between the next hop's answer and
+the note; the message is then sent again rather than lost.
 
 The next hop's answer is handled per recipient as the proxy's normal path does
 (``proxy/content.py``), except that the sender was told 250 long ago, so nothing can be
@@ -26,6 +30,7 @@ as "retrying", survives a worker or Redis restart, and can still be deleted.
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import threading
@@ -57,6 +62,7 @@ from scoring.message import header_block, parse_headers, subject_of
 from scoring.retry import next_attempt_at, parse_delays, split_refusals
 from worker import context
 from worker.content_jobs import try_relay
+from worker.mail import SENT_MARKER_SECONDS
 from worker.quarantine_jobs import prepared_for_relay
 
 log = logging.getLogger(__name__)
@@ -156,8 +162,11 @@ def _send(db, config: dict, redis, user, row: HeldMessage, token: str) -> str:
     rcpts = recipients(row)
     stored = read_body(config, row)
     data = prepared_for_relay(db, user, stored)
-    with _keep_claim(config, row.id, token):
-        refused = try_relay(config, row.mail_from, rcpts, data)
+    refused = _relayed(redis, row)
+    if refused is None:
+        with _keep_claim(config, row.id, token):
+            refused = try_relay(config, row.mail_from, rcpts, data)
+        _note_relay(redis, row, refused)
     accepted = [r for r in rcpts if r not in refused]
     final, later = split_refusals(refused)
     due = None
@@ -204,6 +213,32 @@ def _send(db, config: dict, redis, user, row: HeldMessage, token: str) -> str:
     if final or later:
         log.warning("held message %s: %s", row.id, "; ".join(notes))
     return state
+
+
+RELAYED_SECONDS = SENT_MARKER_SECONDS  # far beyond any outage a stale claim outlives
+
+
+def _relayed_key(row: HeldMessage) -> str:
+    return f"og:held-relayed:{row.id}:{row.attempts}"
+
+
+def _note_relay(redis, row: HeldMessage, refused: dict[str, tuple[int, str]]) -> None:
+    """The next hop's answer to this attempt, kept apart from the database whose commit of
+    it may fail. A note that cannot be written leaves that commit as the only record."""
+    try:
+        redis.set(_relayed_key(row), json.dumps(refused), ex=RELAYED_SECONDS)
+    except Exception:
+        log.exception("held message %s was relayed; cannot note it in Redis", row.id)
+
+
+def _relayed(redis, row: HeldMessage) -> dict[str, tuple[int, str]] | None:
+    """The next hop's answer noted by an earlier run of this attempt, else None."""
+    noted = redis.get(_relayed_key(row))
+    if noted is None:
+        return None
+    log.warning("held message %s was relayed before its outcome was recorded; recording "
+                "it now", row.id)
+    return {rcpt: (int(code), str(text)) for rcpt, (code, text) in json.loads(noted).items()}
 
 
 def _after_answer(db, config: dict, redis, user, row: HeldMessage, accepted: list[str],

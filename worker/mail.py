@@ -139,10 +139,9 @@ def was_sent(redis, marker: str) -> bool:
     """Whether ``send_once`` has sent the mail of ``marker``, or another job at work is
     sending it. A claim left by a job that has ended (killed mid-send) is neither: its mail
     went nowhere, and the caller must go on to ``send_once``, which takes the claim over."""
-    holder = redis.get(_sent_key(marker))
+    holder = claims.holder_of(redis, _sent_key(marker))
     if holder is None:
         return False
-    holder = holder.decode() if isinstance(holder, bytes) else str(holder)
     if holder in _SENT_VALUES:
         return True
     return holder != claims.current_job_id() and claims.at_work(redis, holder)

@@ -14,7 +14,7 @@ import smtplib
 import ssl
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from outgoing import audit
 from outgoing.archive import archive_message, expire_archive
@@ -27,7 +27,7 @@ from outgoing.storage import read_body, store_for
 from scoring.message import header_block, parse_headers, remove_headers, subject_of
 from scoring.retry import next_attempt_at, parse_delays, split_refusals
 from worker import claims, context
-from worker.mail import ExactSMTP
+from worker.mail import SENT, SENT_MARKER_SECONDS, ExactSMTP
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,12 @@ def release_quarantined(message_id: int) -> str:
 
     One job at a time holds the message's claim (:mod:`worker.claims`): a worker killed
     mid-release leaves it behind, and RQ's retry of that job, or a new Release once that job
-    has ended, takes it over instead of waiting out the hour."""
+    has ended, takes it over instead of waiting out the hour. Once the next hop has taken
+    the message the claim becomes "sent" (in Redis, for SENT_MARKER_SECONDS) before the
+    database records it: when that commit fails (the database is away), RQ's retry or the
+    next Release finds "sent" and only records the release, however long the outage. What
+    is left where a retry relays again: a kill, or a Redis outage, between the next hop's
+    answer and "sent" (which includes queuing the refused recipients' retry or report)."""
     config, redis = context.config(), context.redis_client()
     claim = f"og:release:{message_id}"
     with session_scope(context.sessionmaker()) as db:
@@ -106,8 +111,14 @@ def release_quarantined(message_id: int) -> str:
             return "message no longer in the quarantine"
         if row.released_at is not None:
             return "already released"
-        if not claims.claim(redis, claim, seconds=CLAIM_SECONDS):
-            return "a release of this message is already under way"
+        if not claims.claim(redis, claim, seconds=CLAIM_SECONDS, final=_RELAYED):
+            if claims.holder_of(redis, claim) not in _RELAYED:
+                return "a release of this message is already under way"
+            user = db.get(OutgoingUser, row.user_id) if row.user_id else None
+            if not _record_release(db, config, row, user,
+                                   prepared_for_relay(db, user, read_body(config, row))):
+                return "already released"
+            return "relayed before; its release is recorded now"
         try:
             db.refresh(row)  # another release may have ended between our read and our claim
             if row.released_at is not None:
@@ -129,26 +140,46 @@ def release_quarantined(message_id: int) -> str:
             except smtplib.SMTPRecipientsRefused as exc:  # none taken, some only for now
                 refused = exc.recipients
             if refused:
-                # Before our commit: a kill in between relays and reports again rather than
+                # Before "sent": a failure in between relays and reports again rather than
                 # losing the recipients the next hop did not take.
                 _after_partial_refusal(config, redis, row.mail_from, data, refused, head,
                                        row.received_at)
-            row.released_at = utcnow()
-            db.commit()
+            try:  # give_back leaves "sent" alone
+                redis.set(claim, SENT, ex=SENT_MARKER_SECONDS)
+            except Exception:  # our commit below still records it, unless both are away
+                log.exception("quarantined message %s was relayed; cannot note it in Redis",
+                              message_id)
+            released = _record_release(db, config, row, user, data)
         finally:
             claims.give_back(redis, claim)
-        if user is not None and user.message_archiving:
-            try:
-                archive_message(db, store_for(config), domain_id=row.domain_id,
-                                user_id=user.id, mail_from=row.mail_from, rcpt_tos=rcpts,
-                                data=data, subject=subject_of(parse_headers(data)),
-                                by_sender=bool(user.shared_smarthost))
-            except Exception:
-                log.exception("released message %s was relayed but not archived", message_id)
     note = f"released to {len(rcpts) - len(refused)} recipient(s)"
     if refused:
         note += f"; refused: {', '.join(sorted(refused))}"
-    return note
+    return note if released else "already released"
+
+
+_RELAYED = frozenset({SENT})
+
+
+def _record_release(db, config: dict, row: QuarantinedMessage, user: OutgoingUser | None,
+                    data: bytes) -> bool:
+    """Mark the relayed message released and archive it when the user archives; False when
+    another job recorded it first (two finishing one release archive it once)."""
+    done = db.execute(update(QuarantinedMessage).where(
+        QuarantinedMessage.id == row.id, QuarantinedMessage.released_at.is_(None))
+        .values(released_at=utcnow()))
+    db.commit()
+    if done.rowcount != 1:
+        return False
+    if user is not None and user.message_archiving:
+        try:
+            archive_message(db, store_for(config), domain_id=row.domain_id,
+                            user_id=user.id, mail_from=row.mail_from, rcpt_tos=recipients(row),
+                            data=data, subject=subject_of(parse_headers(data)),
+                            by_sender=bool(user.shared_smarthost))
+        except Exception:
+            log.exception("released message %s was relayed but not archived", row.id)
+    return True
 
 
 RETRY_JOB = "worker.content_jobs.retry_deferred_recipients"

@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from datetime import timedelta
 
+import pytest
 from sqlalchemy import select
 
 from outgoing.models import HeldMessage
@@ -222,3 +224,87 @@ def test_a_released_copy_is_archived_under_the_users_domain_whatever_its_sender(
     assert data.query(lambda s: [(a.subject, s.get(Domain, a.domain_id).name)
                                  for a in s.scalars(select(ArchivedMessage))]) == [
         ("Held as the shop", "example.com")]
+
+
+def test_a_release_whose_commit_fails_after_the_next_hop_took_it_is_relayed_once(
+        instance, start_proxy, sink, monkeypatch, database_behind_a_cable):
+    """The database goes away while the next hop reads a released held message: its outcome
+    is not recorded and the row stays "sending". Once the database is back and the claim is
+    stale, the periodic release finishes that attempt without relaying it again (it did)."""
+    from sqlalchemy import update
+    from sqlalchemy.exc import OperationalError
+
+    from outgoing.models import ArchivedMessage, utcnow
+    from tests.support import worker
+    from worker import held_jobs
+
+    relay, url = database_behind_a_cable
+    alice = data.add_user("example.com", "user", "alice@example.com", PW,
+                          **dict(HOLD_ALL, message_archiving=True))
+    hold_messages(start_proxy, 1)
+    queue_all()
+    sink.handler.delay = 0.3  # the next hop thinks a moment over the message, then 250
+    cutting = relay.cut_when(sink.handler.data_started)
+    with worker.jobs_in_this_process(monkeypatch, DATABASE_URL=url, HELD_CLAIM_SECONDS="60",
+                                     UPSTREAM_SMTP=f"127.0.0.1:{sink.port}"):
+        with pytest.raises(OperationalError):
+            held_jobs.release_for_user(alice)
+        cutting.join()
+        assert len(sink.handler.messages) == 1  # the next hop took it
+        relay.start()  # the database is back
+        assert states() == {"sending": 1}
+        data.query(lambda s: s.execute(update(HeldMessage).values(  # the claim is stale
+            claimed_at=utcnow() - timedelta(seconds=61))))
+        assert held_jobs.release_for_user(alice) == "released 1"
+
+    assert delivered_subjects(sink) == ["Held 0"]  # once
+    assert data.query(lambda s: [(r.state, r.attempts) for r in s.scalars(
+        select(HeldMessage))]) == [("released", 1)]
+    assert data.query(lambda s: len(s.scalars(select(ArchivedMessage)).all())) == 1
+
+
+def test_a_release_that_fails_after_the_next_hop_answered_is_finished_without_relaying(
+        instance, start_proxy, monkeypatch):
+    """The next hop took one recipient and deferred the other; storing the deferred one's
+    copy failed (a full disk), so nothing was recorded. The periodic release finishes that
+    attempt from the answer noted in Redis: released for the one, retrying for the other,
+    and the next hop never gets the message twice."""
+    from sqlalchemy import update
+
+    from outgoing import held
+    from outgoing.models import utcnow
+    from tests.support import worker
+    from tests.support.content import NextHop
+    from worker import held_jobs
+
+    alice = data.add_user("example.com", "user", "alice@example.com", PW, **HOLD_ALL)
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PW)
+        assert send(smtp, message(subject="Held 0"),
+                    rcpts=["took@dest.example", "later@dest.example"])[0] == 250
+    queue_all()
+    hop = NextHop().start()
+    hop.handler.refuse_rcpt["later@dest.example"] = "451 4.3.0 try again later"
+    split_off = held.split_off
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    try:
+        with worker.jobs_in_this_process(monkeypatch, HELD_CLAIM_SECONDS="60",
+                                         UPSTREAM_SMTP=f"127.0.0.1:{hop.port}"):
+            monkeypatch.setattr(held, "split_off", full_disk)
+            with pytest.raises(OSError):
+                held_jobs.release_for_user(alice)
+            assert states() == {"sending": 1}
+            monkeypatch.setattr(held, "split_off", split_off)
+            data.query(lambda s: s.execute(update(HeldMessage).values(  # the claim is stale
+                claimed_at=utcnow() - timedelta(seconds=61))))
+            assert held_jobs.release_for_user(alice) == "released 1"
+    finally:
+        hop.stop()
+
+    assert [m.rcpt_tos for m in hop.handler.messages] == [["took@dest.example"]]  # once
+    assert data.query(lambda s: sorted((r.state, r.rcpt_tos, r.attempts) for r in s.scalars(
+        select(HeldMessage)))) == [("released", '["took@dest.example", "later@dest.example"]', 1),
+                                   ("retrying", '["later@dest.example"]', 1)]

@@ -12,11 +12,12 @@ import pytest
 from rq import Queue
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from outgoing.config import load_config
 from outgoing.db import make_sessionmaker, session_scope
 from outgoing.jobs import enqueue
-from outgoing.models import QuarantinedMessage, utcnow
+from outgoing.models import ArchivedMessage, QuarantinedMessage, utcnow
 from outgoing.quarantine import quarantine_message
 from outgoing.storage import DB_PREFIX, read_body, store_for
 from outgoing.users import get_or_create_domain
@@ -398,3 +399,33 @@ def test_a_commit_whose_answer_is_lost_keeps_the_body_of_the_row_it_may_have_mad
     config = load_config()
     for row in rows:
         assert GTUBE.encode() in read_body(config, row)
+
+
+def test_a_release_whose_commit_fails_after_the_next_hop_took_it_is_relayed_once(
+        instance, sink, redis_client, monkeypatch, database_behind_a_cable):
+    """The database goes away while the next hop reads the released message: the job fails
+    on its commit and RQ retries it. The retry, and Release pressed again once the database
+    is back, record the release; neither relays the message again (both did)."""
+    from tests.support import worker
+    from worker import quarantine_jobs
+
+    relay, url = database_behind_a_cable
+    user_id = add_alice(message_archiving=True)
+    row_id = worker.add_spam("example.com", user_id, subject="Released in an outage")
+    sink.handler.delay = 0.3  # the next hop thinks a moment over the message, then 250
+    cutting = relay.cut_when(sink.handler.data_started)
+    with worker.jobs_in_this_process(monkeypatch, DATABASE_URL=url,
+                                     UPSTREAM_SMTP=f"127.0.0.1:{sink.port}"):
+        with pytest.raises(OperationalError):
+            quarantine_jobs.release_quarantined(row_id)
+        cutting.join()
+        assert len(sink.handler.messages) == 1  # the next hop took it
+        relay.start()  # the database is back
+        assert stored_rows()[0].released_at is None  # and nothing recorded that
+        assert quarantine_jobs.release_quarantined(row_id) == \
+            "relayed before; its release is recorded now"  # RQ's retry
+        assert quarantine_jobs.release_quarantined(row_id) == "already released"  # pressed
+
+    assert len(sink.handler.messages) == 1
+    assert stored_rows()[0].released_at is not None
+    assert data.query(lambda s: len(s.scalars(select(ArchivedMessage)).all())) == 1
