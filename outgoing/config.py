@@ -63,6 +63,10 @@ def _defaults(instance: Path) -> dict:
         "REDIS_FAIL_OPEN": False,
         # Seconds the proxy waits for Redis per call (the panel and worker wait 5).
         "PROXY_REDIS_TIMEOUT": 1.0,
+        # Seconds the proxy waits for the database per call on the SMTP path (storing in the
+        # quarantine, a DKIM key, a lock) before it answers 4xx: a hung database answers
+        # nothing and raises nothing, and the sender would otherwise hear nothing at all.
+        "PROXY_DATABASE_TIMEOUT": 5.0,
         "SPAM_LOCK_THRESHOLD": 5,
         # Compromise detection: seconds in which a sender's risk halves (scoring/risk.py).
         "DETECTION_HALF_LIFE_SECONDS": 3600,
@@ -391,6 +395,8 @@ def load_config(overrides: dict | None = None, environ=None) -> dict:
                        ("SMTP_DATA_BUDGET", "a number of bytes, or 0 for no budget")):
         if config[name] < 0:  # a negative cap refuses every connection or message
             raise ConfigError(f"{name}: expected {what}")
+    if not config["PROXY_DATABASE_TIMEOUT"] > 0:  # 0 would answer 4xx to every message
+        raise ConfigError("PROXY_DATABASE_TIMEOUT: expected a number of seconds above 0")
     budget = int(config["SMTP_DATA_BUDGET"])
     # A message of the largest size allowed must fit the budget alone, or it would get
     # "452 try again later" for ever. (Its end line and a line over the limit, at most.)

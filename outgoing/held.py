@@ -54,7 +54,7 @@ DEFAULT_CHOICES = [(DEFAULT_SHADOW, "On, in shadow mode"), (DEFAULT_ON, "On"),
 def hold_message(session, store, *, domain_id: int, user_id: int, mail_from: str,
                  rcpt_tos, data: bytes, subject: str, identity: str | None,
                  client_ip: str | None, risk_value: float, signals: dict,
-                 received_at: datetime | None = None) -> HeldMessage:
+                 received_at: datetime | None = None, wanted=None) -> HeldMessage:
     """Store the body, then the row; both durable when this returns (the sender gets 250)."""
     row = HeldMessage(
         domain_id=domain_id, user_id=user_id, mail_from=mail_from[:320],
@@ -63,7 +63,7 @@ def hold_message(session, store, *, domain_id: int, user_id: int, mail_from: str
         identity=(identity or None) and identity[:255], client_ip=client_ip,
         risk=float(risk_value), signals=json.dumps(signals), state=HELD, attempts=0,
         received_at=received_at or utcnow())
-    return store_durably(session, store, row, data, AREA)
+    return store_durably(session, store, row, data, AREA, wanted)
 
 
 def signals_of(row: HeldMessage) -> dict:

@@ -15,6 +15,10 @@ from outgoing.storage import commit_with_bodies, discard_body
 AREA = "quarantine"
 
 
+class Abandoned(Exception):
+    """A write whose caller stopped waiting before it committed: rolled back."""
+
+
 def _durable_commits(session) -> None:
     """SQLite in WAL mode with synchronous=NORMAL can lose the last commits on power loss;
     a quarantined message was promised to the sender, so this commit is synced to disk."""
@@ -29,7 +33,8 @@ def quarantine_message(session, store, *, domain_id: int, user_id: int | None,
                        mail_from: str, rcpt_tos: list[str], data: bytes, subject: str,
                        identity: str | None, client_ip: str | None, reason: str,
                        score: float, rules: list[str] | tuple[str, ...],
-                       received_at: datetime | None = None) -> QuarantinedMessage:
+                       received_at: datetime | None = None,
+                       wanted=None) -> QuarantinedMessage:
     """Store the body, then the row; both are durable when this returns."""
     row = QuarantinedMessage(
         domain_id=domain_id, user_id=user_id, mail_from=mail_from[:320],
@@ -39,15 +44,21 @@ def quarantine_message(session, store, *, domain_id: int, user_id: int | None,
         reason=reason[:500], score=float(score), rules=json.dumps(list(rules)),
         received_at=received_at or utcnow(),
     )
-    return store_durably(session, store, row, data, AREA)
+    return store_durably(session, store, row, data, AREA, wanted)
 
 
-def store_durably(session, store, row, data: bytes, area: str):
-    """The body, then the row; both durable when this returns (the sender may get 250)."""
+def store_durably(session, store, row, data: bytes, area: str, wanted=None):
+    """The body, then the row; both durable when this returns (the sender may get 250).
+    ``wanted``, asked once the row is written and before the commit: False rolls it back
+    (``Abandoned``; see proxy/database.py)."""
     store.attach(row, data, area)
     session.add(row)
     try:
         _durable_commits(session)
+        if wanted is not None:
+            session.flush()
+            if not wanted():
+                raise Abandoned("the sender stopped waiting for this message")
     except BaseException:
         store.discard(row.storage_key)
         raise

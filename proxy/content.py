@@ -41,11 +41,12 @@ from outgoing.db import session_scope
 from outgoing.dkim import DkimError, SigningKey, load_signing_key, sign_with
 from outgoing.jobs import enqueue, enqueue_delivery_report
 from outgoing.models import DKIM_DEFAULT
-from outgoing.quarantine import quarantine_message
+from outgoing.quarantine import Abandoned, quarantine_message, remove_messages
 from outgoing.snapshot import UserPolicy
 from outgoing.storage import store_for
 from proxy import metrics, rspamd
 from proxy.batches import Batches
+from proxy.database import Database
 from proxy.relay import Relay, Upstream
 from proxy.sender_domains import RegistrationDates
 from scoring import outcomes
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 ABUSE_REPORT_JOB = "worker.jobs.send_abuse_report"
 RETRY_JOB = "worker.content_jobs.retry_deferred_recipients"
 DKIM_KEY_TTL = 60.0  # seconds a loaded (or missing) key is trusted before asking again
+DKIM_KEY_RETRY = 10.0  # seconds a cached key serves alone after its reload failed
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ class ContentPipeline:
         self._http: httpx.AsyncClient | None = None
         self._keys: dict[tuple[int, str], tuple[float, SigningKey | None]] = {}
         self.archives = Batches(self._archive)
+        self.database = Database(float(config["PROXY_DATABASE_TIMEOUT"]))
 
     async def _in_thread(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(None, partial(fn, *args, **kwargs))
@@ -161,6 +164,7 @@ class ContentPipeline:
         await self.dates.close()
         if self._http is not None:
             await self._http.aclose()
+        self.database.close()
 
     # -- MAIL ------------------------------------------------------------------------------
     async def check_sender(self, user: UserPolicy, mail_from: str) -> str | None:
@@ -209,15 +213,13 @@ class ContentPipeline:
         quarantine."""
         reason = f"spam ({verdict.engine}): " + (", ".join(verdict.rules) or "score")
 
-        def store() -> int:
-            with session_scope(self.sessionmaker) as db:
-                row = quarantine_message(
-                    db, self.store, domain_id=msg.user.domain_id, user_id=msg.user.id,
-                    mail_from=msg.mail_from, rcpt_tos=list(msg.rcpt_tos), data=msg.data,
-                    subject=subject_of(list(msg.headers)), identity=msg.identity,
-                    client_ip=msg.client_ip, reason=reason, score=verdict.score,
-                    rules=verdict.rules, received_at=self._now())
-                row_id = row.id
+        def store(waiter) -> int:
+            row_id = self.store_durably(waiter, partial(
+                quarantine_message, store=self.store, domain_id=msg.user.domain_id,
+                user_id=msg.user.id, mail_from=msg.mail_from, rcpt_tos=list(msg.rcpt_tos),
+                data=msg.data, subject=subject_of(list(msg.headers)), identity=msg.identity,
+                client_ip=msg.client_ip, reason=reason, score=verdict.score,
+                rules=verdict.rules, received_at=self._now()))
             try:
                 enqueue(self.redis_sync, ABUSE_REPORT_JOB, row_id)
             except Exception:
@@ -225,10 +227,31 @@ class ContentPipeline:
                               row_id)
             return row_id
 
-        row_id = await self._in_thread(store)
+        row_id = await self.database.write(store)
         log.info("quarantined message %s of %s (%s, score %s)", row_id, msg.user.name,
                  reason, verdict.score)
         return row_id
+
+    def store_durably(self, waiter, write) -> int:
+        """``write(db, wanted=...)`` stores a message durably (the quarantine's or the held
+        mail's ``store_durably``): its row's id once the sender will hear of it. When the
+        sender was answered 4xx meanwhile (``Database.write``), the commit is rolled back,
+        or the row and its body removed if it was made already (``Abandoned``): the sender
+        sends the message again."""
+        with session_scope(self.sessionmaker) as db:
+            row = write(db, wanted=waiter.waiting)
+            model, row_id = type(row), row.id
+        if waiter.done():
+            return row_id
+        log.warning("%s %s was stored after its sender got 4xx; removing it", model.__name__,
+                    row_id)
+        try:
+            with session_scope(self.sessionmaker) as db:
+                remove_messages(db, self.config, filter(None, [db.get(model, row_id)]))
+        except Exception:
+            log.exception("could not remove %s %s: it stays, and the sender's next attempt "
+                          "is stored beside it", model.__name__, row_id)
+        raise Abandoned(f"{model.__name__} {row_id} removed")
 
     # -- after DATA ------------------------------------------------------------------------
     def _load_key(self, domain_id: int, selector: str) -> SigningKey | None:
@@ -238,7 +261,8 @@ class ContentPipeline:
 
     async def signing_key(self, user: UserPolicy) -> SigningKey | None:
         """The user's DKIM key, cached per (domain, selector) for ``DKIM_KEY_TTL`` seconds; a
-        database outage keeps serving the last key it had."""
+        database outage (or a database that does not answer in time) keeps serving the last
+        key it had, asking again every ``DKIM_KEY_RETRY`` seconds, not for every message."""
         selector = (user.dkim_selector or "").strip().lower()
         if not selector:
             return None
@@ -247,11 +271,12 @@ class ContentPipeline:
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]
         try:
-            key = await self._in_thread(self._load_key, user.domain_id, selector)
+            key = await self.database.call(self._load_key, user.domain_id, selector)
         except Exception:
             if cached is not None:
                 log.warning("could not reload the DKIM key %s of %s; using the cached one",
                             selector, user.domain, exc_info=True)
+                self._keys[cache_key] = (time.monotonic() + DKIM_KEY_RETRY, cached[1])
                 return cached[1]
             raise
         if key is None and selector != DKIM_DEFAULT:
@@ -300,11 +325,13 @@ class ContentPipeline:
                 return outcomes.TEMPORARY
         if msg.user.message_archiving:
             try:
-                record["stored_id"] = await self.archives.add(ToArchive(
+                # Bounded: a hung database must not hold the reply to a relayed message (the
+                # copy is still filed when it answers; only its id is not waited for).
+                record["stored_id"] = await asyncio.wait_for(self.archives.add(ToArchive(
                     domain_id=msg.user.domain_id, user_id=msg.user.id, mail_from=msg.mail_from,
                     rcpt_tos=list(msg.rcpt_tos), data=data,
                     subject=subject_of(list(msg.headers)), received_at=self._now(),
-                    by_sender=msg.user.shared_smarthost))
+                    by_sender=msg.user.shared_smarthost)), self.database.timeout)
                 record["stored_kind"] = "archive"
             except Exception:
                 log.exception("relayed a message of %s but could not archive it",
@@ -316,7 +343,8 @@ class ContentPipeline:
         message on its own, so that one message's fault costs only its own copy. When the
         database or the disk fails it, every message of the batch gets that error at once:
         filing them one by one would make each session wait for every attempt in turn (a
-        locked SQLite waits 30 s an attempt) while its message is already relayed."""
+        locked SQLite waits PROXY_DATABASE_TIMEOUT an attempt) while its message is already
+        relayed."""
         try:
             return self._archive_together(messages)
         except _STORE_FAULTS:

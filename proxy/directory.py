@@ -115,14 +115,20 @@ class Directory:
             log.warning("database unreachable: %s", exc)
             return False
 
-    async def database_reachable(self, max_age: float = 1.0) -> bool:
+    async def database_reachable(self, max_age: float = 1.0,
+                                 timeout: float | None = None) -> bool:
         """Can the database be read now? Asked only on failure paths, answered from a probe
-        at most ``max_age`` seconds old, one probe at a time however many ask."""
+        at most ``max_age`` seconds old, one probe at a time however many ask. A probe not
+        answered within ``timeout`` seconds is "no" (a hung database)."""
         if time.monotonic() - self._probed_at < max_age:
             return self._reachable
         if self._probe is None or self._probe.done():
             self._probe = asyncio.get_running_loop().run_in_executor(None, self._ping)
-        reachable = await asyncio.shield(self._probe)
+        try:
+            reachable = await asyncio.wait_for(asyncio.shield(self._probe), timeout)
+        except TimeoutError:
+            log.warning("database unreachable: no answer within %g s", timeout)
+            reachable = False
         self._reachable, self._probed_at = reachable, time.monotonic()
         return reachable
 

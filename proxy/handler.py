@@ -25,6 +25,7 @@ import logging
 import secrets
 import time
 from base64 import b64decode
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
@@ -44,6 +45,7 @@ from proxy import message_log as mlog
 from proxy.anonymous_records import AnonymousRecords
 from proxy.connections import client_key
 from proxy.content import ContentPipeline, Message
+from proxy.database import DatabaseTimeout
 from proxy.directory import Directory, login_key
 from scoring import identity as identities
 from scoring import outcomes, risk
@@ -69,6 +71,9 @@ log = logging.getLogger(__name__)
 MAX_RECIPIENTS_PER_MESSAGE = 1000
 MAX_AUTH_BLOB = 2048  # decoded bytes of AUTH PLAIN data (authzid, login, password)
 MAX_AUTH_FIELD = 1024  # decoded bytes of one AUTH LOGIN answer
+# scrypt's threads, its own: CPU-bound, so more than the cores only queue in the kernel, and
+# shared with nothing, so that no other work (the database hung) can keep logins waiting.
+SCRYPT_THREADS = 2
 
 
 @dataclass
@@ -151,6 +156,8 @@ class OutboundHandler:
             redis, sessionmaker, clock, float(config.get("IDENTITY_FLUSH_SECONDS", 2.0)))
         self.content = ContentPipeline(config=config, sessionmaker=sessionmaker, redis=redis,
                                        redis_sync=redis_sync, clock=clock)
+        self.database = self.content.database
+        self._scrypt = ThreadPoolExecutor(SCRYPT_THREADS, thread_name_prefix="scrypt")
         self._verified: dict[tuple[int, str], bytes] = {}
         # Sessions that owe a connection count (``_owe``), by id: counted at shutdown.
         self._owing: dict[int, SessionState] = {}
@@ -171,9 +178,6 @@ class OutboundHandler:
             int(config["MESSAGE_LOG_ANONYMOUS_PER_MINUTE"]), client_key)
 
     # -- helpers ---------------------------------------------------------------------------
-    async def _in_thread(self, fn, *args, **kwargs):
-        return await asyncio.get_running_loop().run_in_executor(None, partial(fn, *args, **kwargs))
-
     def _redis_down(self, where: str, exc: Exception) -> bool:
         """Log a Redis fault; True when the deployment chose to let mail through anyway."""
         metrics.REDIS_ERRORS.labels(where).inc()
@@ -188,7 +192,16 @@ class OutboundHandler:
     def _background(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        """Background work's failure is logged here, as nobody awaits it."""
+        self._tasks.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, DatabaseTimeout):
+            self._faults.warning("database", "background work: %s", error)
+        elif error is not None:
+            log.error("background work failed", exc_info=error)
 
     async def handle_exception(self, error: Exception) -> str:
         """aiosmtpd's last resort: never show the client a Python error."""
@@ -407,8 +420,9 @@ class OutboundHandler:
         key = self._verification_key(user, login, password)
         pending = self._verifying.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(self._in_thread(
-                _verify, user.password_hash if key[0] is not None else None, password))
+            pending = asyncio.get_running_loop().run_in_executor(
+                self._scrypt, _verify, user.password_hash if key[0] is not None else None,
+                password)
             self._verifying[key] = pending
             pending.add_done_callback(lambda _: self._verifying.pop(key, None))
         return pending
@@ -596,7 +610,7 @@ class OutboundHandler:
         if newly:
             log.warning("blocking AUTH for %s after %d failures in %d s", ", ".join(newly),
                         self.throttle.limit, self.throttle.window)
-        if not await self.directory.database_reachable():
+        if not await self.directory.database_reachable(timeout=self.database.timeout):
             # The cached view may not know a user added or changed meanwhile.
             return AuthResult(success=False, handled=False, message=outcomes.AUTH_TEMPORARY)
         return AuthResult(success=False, handled=False, message=outcomes.AUTH_INVALID)
@@ -831,6 +845,9 @@ class OutboundHandler:
             state.txn = mlog.new_record(self.clock(), _client_ip(session))
         try:
             reply = await self._data(session, envelope)
+        except DatabaseTimeout as exc:  # an outage: one line now and then, not a traceback
+            self._faults.warning("database", "DATA: %s; answering 4xx", exc)
+            reply = outcomes.TEMPORARY
         except Exception:
             log.exception("DATA failed")
             reply = outcomes.TEMPORARY
@@ -983,37 +1000,35 @@ class OutboundHandler:
             return None  # most messages: no rung change to record, nothing to enforce
         decision = risk.decide(found.identity_risk, found.user_risk, settings, found.signals)
         if found.rung != found.previous_rung:
-            self._background(self._in_thread(self._audit_rung, user, msg.identity, found,
-                                             decision))
+            self._background(self.database.call(self._audit_rung, user, msg.identity, found,
+                                                decision))
         if spam is not None or decision.effective in (risk.OBSERVE, risk.THROTTLE):
             return None  # spam goes to the quarantine as before
         if decision.effective == risk.LOCK:
             reason = risk.lock_reason(decision)
             if found.identity_rung[1] != risk.LOCK:  # many senders of the user together
-                await self._in_thread(self._lock_user, user.id, reason)
+                await self.database.call(self._lock_user, user.id, reason)
                 record.update(stage="content")
                 return outcomes.user_locked(user.name, reason)
-            await self._in_thread(self._lock_identity, user.id, msg.identity, reason)
+            await self.database.call(self._lock_identity, user.id, msg.identity, reason)
             record.update(stage="content")
             return outcomes.identity_locked(msg.identity or "", reason)
-        row_id = await self._in_thread(self._hold, msg, decision)
+        row_id = await self.database.write(self._hold, msg, decision)
         record.update(stage="content", verdict="held")
         del row_id
         return outcomes.QUEUED
 
-    def _hold(self, msg: Message, decision: risk.Decision) -> int:
-        with session_scope(self.sessionmaker) as db:
-            row = held.hold_message(
-                db, self.content.store, domain_id=msg.user.domain_id, user_id=msg.user.id,
-                mail_from=msg.mail_from, rcpt_tos=msg.rcpt_tos, data=msg.data,
-                subject=subject_of(list(msg.headers)), identity=msg.identity,
-                client_ip=msg.client_ip,
-                risk_value=max(decision.identity_risk, decision.user_risk),
-                signals=decision.signals,
-                received_at=datetime.fromtimestamp(self.clock(), UTC).replace(tzinfo=None))
-            log.info("held message %s of %s (%s): %s", row.id, msg.user.name, msg.identity,
-                     risk.describe(decision.signals))
-            return row.id
+    def _hold(self, waiter, msg: Message, decision: risk.Decision) -> int:
+        row_id = self.content.store_durably(waiter, partial(
+            held.hold_message, store=self.content.store, domain_id=msg.user.domain_id,
+            user_id=msg.user.id, mail_from=msg.mail_from, rcpt_tos=msg.rcpt_tos,
+            data=msg.data, subject=subject_of(list(msg.headers)), identity=msg.identity,
+            client_ip=msg.client_ip, risk_value=max(decision.identity_risk, decision.user_risk),
+            signals=decision.signals,
+            received_at=datetime.fromtimestamp(self.clock(), UTC).replace(tzinfo=None)))
+        log.info("held message %s of %s (%s): %s", row_id, msg.user.name, msg.identity,
+                 risk.describe(decision.signals))
+        return row_id
 
     def _audit_rung(self, user: UserPolicy, identity: str | None, found, decision) -> None:
         """Every rung change is an audit event with its signals; "would have" in shadow."""
@@ -1059,15 +1074,15 @@ class OutboundHandler:
         if should_lock(count, enabled=user.automatic_lock, threshold=threshold):
             # The user lock covers every identity behind it; locking the identity as well
             # would only keep it blocked after an administrator unlocks the user.
-            await self._in_thread(self._lock_user, user.id, lock_reason(count, window))
+            await self.database.call(self._lock_user, user.id, lock_reason(count, window))
             return
         if identity:
             id_count = await counters.record_spam_event(
                 self.redis, counters.spam_key(user.id, identity), now, window)
             if should_lock(id_count, enabled=user.lock_identities_automatically,
                            threshold=threshold):
-                await self._in_thread(self._lock_identity, user.id, identity,
-                                      lock_reason(id_count, window))
+                await self.database.call(self._lock_identity, user.id, identity,
+                                         lock_reason(id_count, window))
 
     def _lock_user(self, user_id: int, reason: str) -> None:
         with session_scope(self.sessionmaker) as db:
@@ -1109,6 +1124,7 @@ class OutboundHandler:
         close = getattr(self.content, "close", None)
         if close is not None:
             await close()
+        self._scrypt.shutdown(wait=False, cancel_futures=True)
 
 
 def _in_transaction() -> AuthResult:

@@ -194,7 +194,9 @@ async def serve(config: dict, sock: socket.socket, clock=time.time,
                 freeze_heap: bool = False) -> None:
     """Serve SMTP on ``sock`` until a signal (or cancellation). ``freeze_heap``: this
     process does nothing else (``python -m proxy``), see :func:`_freeze_startup_heap`."""
-    sessionmaker = make_sessionmaker(config["DATABASE_URL"])
+    # Bounds of the driver's own, so that a thread blocked on a hung database comes back.
+    sessionmaker = make_sessionmaker(config["DATABASE_URL"],
+                                     timeout=float(config["PROXY_DATABASE_TIMEOUT"]))
     # Short timeouts: a sender waits on every Redis call, and a hung Redis must cost it about
     # a second before its 451, not the panel's and the worker's 5 s.
     timeout = float(config["PROXY_REDIS_TIMEOUT"])

@@ -208,7 +208,7 @@ def artifacts() -> Path:
 
 @pytest.fixture
 def database_behind_a_cable(migrated):
-    """The test database reached through a TCP relay the test can cut (PostgreSQL only:
+    """The test database reached through a TCP relay the test can cut or freeze (PostgreSQL only:
     SQLite is a local file and has no outage of this kind): the relay and its URL."""
     url = make_url(os.environ["DATABASE_URL"])
     if url.get_backend_name() != "postgresql":

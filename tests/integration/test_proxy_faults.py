@@ -14,9 +14,12 @@ import smtplib
 import socket
 import ssl
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from sqlalchemy import select
 
+from outgoing.models import QuarantinedMessage
 from tests.support import data
 from tests.support.mail import GTUBE, client, message, read_reply, send
 from tests.support.services import RedisServer
@@ -155,6 +158,65 @@ def test_database_outage_keeps_cached_configuration_serving(alice, start_proxy, 
             return smtp.docmd("AUTH", f"PLAIN {plain('carol@example.com', 'Carol-123')}")[0]
 
     assert eventually(unknown_login, 535) == 535
+
+
+def _timed(fn):
+    started = time.monotonic()
+    return fn(), time.monotonic() - started
+
+
+def _login(port: int, login: str, password: str) -> int:
+    with client(port) as smtp:
+        return smtp.docmd("AUTH", f"PLAIN {plain(login, password)}")[0]
+
+
+def _send(port: int, body: str = "Just saying hello.\n") -> int:
+    with client(port) as smtp:
+        assert smtp.docmd("AUTH", f"PLAIN {plain('alice@example.com', PASSWORD)}")[0] == 235
+        return send(smtp, message(body=body))[0]
+
+
+def test_a_hung_database_costs_a_sender_seconds_and_logins_are_still_answered(
+        instance, start_proxy, sink, database_behind_a_cable):
+    """A database that answers nothing (a network black hole, a frozen server) and raises
+    nothing: every reply still comes within about PROXY_DATABASE_TIMEOUT, as with a frozen
+    Redis; and a message whose sender got 451 is not kept when the database answers late
+    (the sender sends it again)."""
+    relay, url = database_behind_a_cable
+    data.add_user("example.com", "user", "alice@example.com", PASSWORD,
+                  quarantine_response="accept")
+    data.add_user("example.com", "user", "carol@example.com", "Carol-pass-123")
+    timeout = 1.0
+    proxy = start_proxy(DATABASE_URL=url, PROXY_DATABASE_TIMEOUT=timeout)
+    # configuration loaded (and alice's password known: her AUTH needs no scrypt)
+    assert eventually(lambda: _login(proxy.port, "alice@example.com", PASSWORD), 235) == 235
+    relay.frozen = True
+    try:
+        # More spam at once than the proxy has database threads (8): each one's quarantine
+        # write is given up, and each sender hears 451.
+        with ThreadPoolExecutor(10) as senders:
+            replies = list(senders.map(lambda _: _timed(lambda: _send(proxy.port, GTUBE)),
+                                       range(10)))
+        print("spam with the database hung:", replies)
+        assert {code for code, _ in replies} == {451}, replies
+        assert max(seconds for _, seconds in replies) < 4 * timeout + 2, replies
+        # A clean message: its DKIM key (every user's "@default") is not cached yet.
+        code, seconds = _timed(lambda: _send(proxy.port))
+        assert code in (250, 451) and seconds < 3 * timeout + 2, (code, seconds)
+        # Another user's first login (scrypt), and a wrong password, whose reply asks
+        # whether the database can be read (454, not 535, while it cannot).
+        code, seconds = _timed(lambda: _login(proxy.port, "carol@example.com",
+                                              "Carol-pass-123"))
+        assert code == 235 and seconds < 3, (code, seconds)
+        code, seconds = _timed(lambda: _login(proxy.port, "carol@example.com", "wrong"))
+        assert code == 454 and seconds < 2 * timeout + 2, (code, seconds)
+    finally:
+        relay.frozen = False
+    assert eventually(lambda: _send(proxy.port, GTUBE), 250) == 250
+    assert _send(proxy.port) == 250
+    time.sleep(2 * timeout)  # the given-up writes end meanwhile, rolled back
+    stored = data.query(lambda s: list(s.scalars(select(QuarantinedMessage))))
+    assert len(stored) == 1  # the one answered 250; none of the ten answered 451
 
 
 # -- malformed AUTH ----------------------------------------------------------------------------

@@ -149,7 +149,10 @@ class RedisServer:
 
 class TcpForwarder:
     """A TCP relay to a real server (e.g. PostgreSQL) that a test can cut and restore, to
-    play a network outage of that server without touching the server itself."""
+    play a network outage of that server without touching the server itself, or freeze: a
+    hung server, whose connections stay open while nothing answers."""
+
+    frozen = False  # while True, no byte goes through (the kernel still acknowledges them)
 
     def __init__(self, target_host: str, target_port: int):
         self.target = (target_host, target_port)
@@ -165,6 +168,8 @@ class TcpForwarder:
     async def _pipe(self, reader, writer):
         try:
             while data := await reader.read(65536):
+                while self.frozen:
+                    await asyncio.sleep(0.05)
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.CancelledError):
