@@ -238,20 +238,15 @@ def test_a_release_whose_commit_fails_after_the_next_hop_took_it_is_relayed_once
     from tests.support import worker
     from worker import held_jobs
 
-    relay, url = database_behind_a_cable
     alice = data.add_user("example.com", "user", "alice@example.com", PW,
                           **dict(HOLD_ALL, message_archiving=True))
     hold_messages(start_proxy, 1)
     queue_all()
-    sink.handler.delay = 0.3  # the next hop thinks a moment over the message, then 250
-    cutting = relay.cut_when(sink.handler.data_started)
-    with worker.jobs_in_this_process(monkeypatch, DATABASE_URL=url, HELD_CLAIM_SECONDS="60",
-                                     UPSTREAM_SMTP=f"127.0.0.1:{sink.port}"):
+    with worker.database_cut_while_relaying(monkeypatch, database_behind_a_cable, sink,
+                                            HELD_CLAIM_SECONDS="60") as database_back:
         with pytest.raises(OperationalError):
             held_jobs.release_for_user(alice)
-        cutting.join()
-        assert len(sink.handler.messages) == 1  # the next hop took it
-        relay.start()  # the database is back
+        database_back()
         assert states() == {"sending": 1}
         data.query(lambda s: s.execute(update(HeldMessage).values(  # the claim is stale
             claimed_at=utcnow() - timedelta(seconds=61))))

@@ -409,18 +409,13 @@ def test_a_release_whose_commit_fails_after_the_next_hop_took_it_is_relayed_once
     from tests.support import worker
     from worker import quarantine_jobs
 
-    relay, url = database_behind_a_cable
     user_id = add_alice(message_archiving=True)
     row_id = worker.add_spam("example.com", user_id, subject="Released in an outage")
-    sink.handler.delay = 0.3  # the next hop thinks a moment over the message, then 250
-    cutting = relay.cut_when(sink.handler.data_started)
-    with worker.jobs_in_this_process(monkeypatch, DATABASE_URL=url,
-                                     UPSTREAM_SMTP=f"127.0.0.1:{sink.port}"):
+    with worker.database_cut_while_relaying(monkeypatch, database_behind_a_cable,
+                                            sink) as database_back:
         with pytest.raises(OperationalError):
             quarantine_jobs.release_quarantined(row_id)
-        cutting.join()
-        assert len(sink.handler.messages) == 1  # the next hop took it
-        relay.start()  # the database is back
+        database_back()
         assert stored_rows()[0].released_at is None  # and nothing recorded that
         assert quarantine_jobs.release_quarantined(row_id) == \
             "relayed before; its release is recorded now"  # RQ's retry

@@ -133,3 +133,23 @@ def jobs_in_this_process(monkeypatch, **env):
         yield
     finally:
         forget()
+
+
+@contextmanager
+def database_cut_while_relaying(monkeypatch, cable, sink, **env):
+    """Jobs run in the test against the database behind ``cable`` (the fixture
+    ``database_behind_a_cable``), cut as the next hop starts reading a message, which it
+    takes (250) a moment later: the relaying job then fails on the database. Yields what
+    to call after that job: it waits for the cut, checks the next hop has the message, and
+    brings the database back."""
+    relay, url = cable
+    sink.handler.delay = 0.3
+    cutting = relay.cut_when(sink.handler.data_started)
+
+    def back() -> None:
+        cutting.join()
+        assert len(sink.handler.messages) == 1  # the next hop took it
+        relay.start()
+    with jobs_in_this_process(monkeypatch, DATABASE_URL=url,
+                              UPSTREAM_SMTP=f"127.0.0.1:{sink.port}", **env):
+        yield back
