@@ -102,7 +102,8 @@ def _defaults(instance: Path) -> dict:
         # limit (raised to the hard limit at start), the rest for upstream, Redis, files.
         "SMTP_MAX_CONNECTIONS": 0,
         # On SIGTERM, seconds a transaction in flight may take to finish before its session
-        # gets 421 and the process stops (the systemd unit's TimeoutStopSec leaves room).
+        # gets 421 and the process stops; one whose message is in waits for its reply up to
+        # UPSTREAM_TIMEOUT + 5 s more (the systemd unit's TimeoutStopSec leaves room).
         "SMTP_DRAIN_SECONDS": 20.0,
         "SMTP_MAX_JUNK_COMMANDS": 20,
         # Bytes of DATA one proxy process holds at once, all connections together (a message

@@ -132,26 +132,44 @@ class OpenConnections:
         if not self._open and self._emptied is not None:
             self._emptied.set()
 
-    async def drain(self, seconds: float) -> None:
+    async def drain(self, seconds: float, answering_seconds: float = 0.0) -> None:
         """Shutdown, once the listening socket is closed: sessions between transactions end
         at once, with 421; those in a transaction finish it (their next reply is followed by
-        421) for up to ``seconds``; then whatever is left gets 421 and is closed."""
+        421) for up to ``seconds``; then whatever is left gets 421 and is closed, except a
+        session whose message is in and waits for its reply (``answering``: the next hop
+        may have it already, and a 421 would have the client send it again), which gets up
+        to ``answering_seconds`` more (the next hop's timeout)."""
         self.draining = True
         self._emptied = asyncio.Event()
         for connection in list(self._open):
             connection.drain()
         if self._open and seconds > 0:
             log.info("shutdown: waiting up to %g s for the transactions in flight", seconds)
-            try:
-                await asyncio.wait_for(self._emptied.wait(), timeout=seconds)
-            except TimeoutError:
-                pass
+            await self._wait(seconds)
         if self._open:
-            log.warning("shutdown: %d connections still busy after %g s; closed with 421",
-                        len(self._open), seconds)
+            busy = [c for c in self._open if not getattr(c, "answering", False)]
+            if busy:
+                log.warning("shutdown: %d connections still busy after %g s; closed with 421",
+                            len(busy), seconds)
+                for connection in busy:
+                    connection.shut_down()
+            answering = len(self._open) - len(busy)
+            if answering and answering_seconds > 0:
+                log.info("shutdown: waiting up to %g s more for %d messages' replies",
+                         answering_seconds, answering)
+            await self._wait(answering_seconds if answering and answering_seconds > 0 else 1)
+        if self._open:
+            log.warning("shutdown: %d connections still open; closed with 421", len(self._open))
             for connection in list(self._open):
                 connection.shut_down()
-            try:  # let the closed connections end (their sessions give back what they owe)
-                await asyncio.wait_for(self._emptied.wait(), timeout=1)
-            except TimeoutError:
-                pass
+            await self._wait(1)  # the closed ones end (their sessions give back what they owe)
+
+    async def _wait(self, seconds: float) -> None:
+        """Until every connection has ended, or ``seconds``."""
+        if not self._open:
+            return
+        self._emptied.clear()
+        try:
+            await asyncio.wait_for(self._emptied.wait(), timeout=seconds)
+        except TimeoutError:
+            pass

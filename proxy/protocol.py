@@ -213,6 +213,9 @@ class LimitedSMTP(SMTP):
         self._real_peer = None
         self._proxy_data = None
         self._lost = False  # connection_lost ran
+        # The message is in and its reply waits on the handler (the next hop, the
+        # quarantine): a drain lets it finish past SMTP_DRAIN_SECONDS (``OpenConnections``).
+        self.answering = False
 
     # -- connections per client IP ----------------------------------------------------------
     def connection_made(self, transport):
@@ -542,7 +545,11 @@ class LimitedSMTP(SMTP):
             content = original
         self.envelope.content = content
         self.envelope.original_content = original
-        status = await self._call_handler_hook("DATA")
+        self.answering = True
+        try:
+            status = await self._call_handler_hook("DATA")
+        finally:
+            self.answering = False
         self._set_post_data_state()
         await self.push("250 OK" if status is MISSING else status)
 

@@ -263,8 +263,9 @@ async def serve(config: dict, sock: socket.socket, clock=time.time,
         # returns at once, and then the runner cancels every session mid-transaction.
         server.close()
         drain = float(config["SMTP_DRAIN_SECONDS"]) if stop.is_set() else 0
+        answering = float(config["UPSTREAM_TIMEOUT"]) + 5 if stop.is_set() else 0
         try:
-            await open_connections.drain(drain)
+            await open_connections.drain(drain, answering)
         except Exception:
             log.exception("shutdown: draining the connections failed")
         for task in tasks:

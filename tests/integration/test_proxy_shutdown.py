@@ -39,6 +39,24 @@ def refused(port: int) -> bool:
     return False
 
 
+def sending(port: int) -> tuple:
+    """alice sends a message on a thread of its own: her connection, the thread, and the
+    outcome (the reply, or the error of a connection that dropped without one)."""
+    smtp = client(port)
+    smtp.login("alice@example.com", PASSWORD)
+    outcome: dict = {}
+
+    def sender():
+        try:
+            outcome["reply"] = send(smtp, message())
+        except Exception as exc:
+            outcome["reply"] = exc
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    return smtp, thread, outcome
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_sigterm_finishes_the_message_in_flight_and_sends_idle_sessions_421(
         instance, sink, tmp_path, workers):
@@ -54,18 +72,7 @@ def test_sigterm_finishes_the_message_in_flight_and_sends_idle_sessions_421(
         assert idle.ask(b"EHLO idle.example")[0] == 250
 
         sink.handler.delay = 3  # the next hop takes its time over the final dot
-        smtp = client(port)
-        smtp.login("alice@example.com", PASSWORD)
-        outcome: dict = {}
-
-        def sender():
-            try:
-                outcome["reply"] = send(smtp, message())
-            except Exception as exc:  # the connection dropped without a reply
-                outcome["reply"] = exc
-
-        thread = threading.Thread(target=sender)
-        thread.start()
+        smtp, thread, outcome = sending(port)
         assert sink.handler.data_started.wait(15)  # the relay is under way
         proc.send_signal(signal.SIGTERM)
 
@@ -79,6 +86,37 @@ def test_sigterm_finishes_the_message_in_flight_and_sends_idle_sessions_421(
         assert len(sink.handler.messages) == 1
         assert smtp.getreply() == (421, SHUTTING_DOWN.strip()[4:])
         smtp.close()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        stop_process(proc)
+
+
+def test_a_message_whose_next_hop_answers_after_the_drain_still_gets_its_reply(
+        instance, sink, tmp_path):
+    """SMTP_DRAIN_SECONDS is over while the next hop, which has the message, thinks over
+    its reply: the sender gets that reply (250), not 421 and a reason to send it again,
+    while a session still in its transaction without a message gets 421 at the deadline."""
+    data.add_user("example.com", "user", "alice@example.com", PASSWORD)
+    port = free_port()
+    env = process_env(SMTP_LISTEN=f"127.0.0.1:{port}", UPSTREAM_SMTP=f"127.0.0.1:{sink.port}",
+                      METRICS_LISTEN="", SMTP_DRAIN_SECONDS="1", UPSTREAM_TIMEOUT="10")
+    proc = start_process([sys.executable, "-m", "proxy", "--workers", "1"], env,
+                         tmp_path / "proxy.log")
+    try:
+        wait_for_port(port, proc=proc)
+        slow = client(port)
+        slow.login("alice@example.com", PASSWORD)
+        assert slow.mail("alice@example.com")[0] == 250  # and nothing more for now
+        sink.handler.delay = 3
+        smtp, thread, outcome = sending(port)
+        assert sink.handler.data_started.wait(15)
+        proc.send_signal(signal.SIGTERM)
+        assert slow.getreply() == (421, SHUTTING_DOWN.strip()[4:])
+        thread.join(30)
+        assert outcome["reply"][0] == 250, outcome["reply"]
+        assert len(sink.handler.messages) == 1
+        smtp.close()
+        slow.close()
         assert proc.wait(timeout=30) == 0
     finally:
         stop_process(proc)
