@@ -866,6 +866,8 @@ class OutboundHandler:
         found = identities.extract_identity(
             user.identification_method, mail_from=envelope.mail_from or "",
             auth_user=state.auth_login, headers=headers, rules=user.identity_rules)
+        if found.conflicting:
+            return found, outcomes.ambiguous_identity(found.source, found.conflicting)
         if not found.value:
             log.info("no identity (%s) in a message of %s; attributing it to the user",
                      found.source, user.name)

@@ -125,6 +125,9 @@ class IdentityResult:
     value: str | None
     source: str
     remove_headers: tuple[str, ...] = ()
+    # Copies of the rule's header that name different identities: the message cannot be
+    # identified (a sender adding a copy of its own would choose its identity, locked or not).
+    conflicting: tuple[str, ...] = ()
 
 
 def compile_rules(rules: Iterable[HeaderRule | Sequence[Any] | Any]) -> CompiledRules:
@@ -212,7 +215,8 @@ def extract_identity(
 
     With the header method every rule's header that is present and marked "remove header" is
     listed for removal, whether or not it gave the identity: the setting means that header
-    must not reach recipients."""
+    must not reach recipients. The first rule whose header gives an identity decides; when
+    its copies give different ones, ``conflicting`` lists them and there is no identity."""
     if method == ENVELOPE_SENDER:
         return IdentityResult(normalise_identity(mail_from), ENVELOPE_SENDER)
     if method == AUTH_USER:
@@ -230,8 +234,11 @@ def extract_identity(
     removal = tuple(remove.values())
 
     for rule in rules.rules:
-        for value in present.get(rule.key, ()):
-            found = _from_header(value, rule.regex)
-            if found is not None:
-                return IdentityResult(found, f"{HEADER}:{rule.header_name}", removal)
+        found = [f for f in (_from_header(v, rule.regex) for v in present.get(rule.key, ()))
+                 if f is not None]
+        if found:
+            source, distinct = f"{HEADER}:{rule.header_name}", tuple(dict.fromkeys(found))
+            if len(distinct) > 1:
+                return IdentityResult(None, source, removal, conflicting=distinct)
+            return IdentityResult(found[0], source, removal)
     return IdentityResult(None, HEADER, removal)

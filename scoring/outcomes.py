@@ -39,6 +39,13 @@ def identity_locked(identity: str, reason: str | None) -> str:
     return f"550 5.7.1 Sender {_clean(identity, 100)} is locked{why}; contact your administrator"
 
 
+def ambiguous_identity(source: str, values: tuple[str, ...]) -> str:
+    header = source.partition(":")[2] or source
+    names = ", ".join(_clean(v, 60) for v in values[:3])
+    return (f"550 5.7.1 The {_clean(header, 60)} headers of this message name different senders "
+            f"({names}); send it with one")
+
+
 def quarantined(quarantine_response: str, rules: tuple[str, ...] | list[str]) -> str:
     """Rejected (550) tells the sender; Accepted (250) keeps the quarantine silent."""
     if quarantine_response == "accept":

@@ -138,6 +138,28 @@ def test_a_header_to_remove_cannot_hide_where_the_proxy_would_not_remove_it(
         "customer-4711": (1, 0)}
 
 
+def test_a_locked_header_identity_cannot_pass_under_a_copy_of_the_header(instance,
+                                                                         start_proxy, clock,
+                                                                         sink):
+    """Five spam messages lock the identity "spammer"; the same message with a copy of the
+    header naming someone else above it is refused too, naming both, and not relayed."""
+    data.add_user("example.com", "ip", "127.0.0.5", identification_method="header",
+                  automatic_lock=False, lock_identities_automatically=True,
+                  identification_headers=[IdentificationHeader(
+                      position=0, header_name="X-Customer", remove_header=True)])
+    proxy = start_proxy()
+    with client(proxy.port, source="127.0.0.5") as smtp:
+        for _ in range(5):
+            send(smtp, message(body=GTUBE, X_Customer="spammer"))
+            clock.advance(30)
+        assert send(smtp, message(X_Customer="spammer"))[0] == 550
+        code, reply = send(smtp, b"X-Customer: anything-else\r\n" +
+                           message(X_Customer="spammer"))
+    assert (code, reply) == (550, b"5.7.1 The X-Customer headers of this message name "
+                                  b"different senders (anything-else, spammer); send it with one")
+    assert sink.handler.messages == []
+
+
 def test_message_without_an_identity_is_attributed_to_the_user_and_logged(
         instance, fast_flush, sink, caplog):
     smarthost = data.add_user("example.com", "ip", "127.0.0.5",

@@ -119,7 +119,7 @@ def test_undecodable_bytes_in_a_header_still_give_an_identity():
 
 
 def test_header_marked_remove_is_listed_for_removal_once():
-    headers = [("X-Client-ID", "42"), ("x-client-id", "43")]
+    headers = [("X-Client-ID", "42"), ("x-client-id", "42")]
     result = by_header(headers, [("X-Client-ID", None, True)])
     assert result.value == "42"
     assert result.remove_headers == ("X-Client-ID",)
@@ -135,6 +135,19 @@ def test_header_marked_remove_is_removed_even_when_another_rule_found_the_identi
 
 def test_header_not_marked_remove_is_kept():
     assert by_header([("X-Id", "7")], [("X-Id", None, False)]).remove_headers == ()
+
+
+def test_copies_of_the_header_naming_different_senders_give_no_identity():
+    """A sender that adds its own copy above (or below) the trusted one would choose its
+    identity, a locked one's way out: copies that disagree are a conflict, not a choice."""
+    rules = [("X-Customer", None, True)]
+    two = by_header([("X-Customer", "anything-else"), ("X-Customer", "spammer")], rules)
+    assert (two.value, two.conflicting) == (None, ("anything-else", "spammer"))
+    assert two.remove_headers == ("X-Customer",)
+    same = by_header([("X-Customer", "Spammer"), ("X-Customer", " spammer")], rules)
+    assert (same.value, same.conflicting) == ("spammer", ())
+    unmatched = by_header([("X-Id", "none"), ("X-Id", "id-7")], [("X-Id", r"^id-(\d+)$", False)])
+    assert (unmatched.value, unmatched.conflicting) == ("7", ())
 
 
 def test_rules_accept_header_rule_objects():
