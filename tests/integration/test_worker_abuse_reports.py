@@ -160,6 +160,18 @@ def test_digest_lists_only_its_own_domains_messages_when_an_id_was_reused(alice,
     assert "bob@other.example" not in text
 
 
+def test_a_report_carrying_8_bit_mail_announces_it_and_ascii_mail_does_not(alice, sink):
+    """The quarantined message goes whole into the report (message/rfc822, which cannot be
+    re-encoded to 7 bits): MAIL says BODY=8BITMIME for it, as RFC 6152 asks."""
+    eight_bit = message(subject="Prix", body="Achetez maintenant, c'est très bon.\n")
+    assert not eight_bit.isascii()
+    report_jobs(worker.add_spam("example.com", alice, raw=eight_bit))
+    report_jobs(worker.add_spam("example.com", alice))
+    worker.burst(sink)
+    announced = sorted("BODY=8BITMIME" in r.mail_options for r in sink.handler.messages)
+    assert announced == [False, True]
+
+
 def test_a_report_to_an_idn_domain_names_the_domain_in_a_label_form(alice, sink):
     worker.set_domain("example.com", abuse_report_address="abuse@bücher.example")
     report_jobs(worker.add_spam("example.com", alice))
