@@ -645,12 +645,10 @@ class LimitedSMTP(SMTP):
         """A refused MAIL starts no transaction, so it counts as a command without progress:
         else a client that never authenticates could send a million of them on one
         connection, each one a 530 and a record in the message log."""
-        if self.envelope.mail_from is not None:  # nested: aiosmtpd's 503, nothing more
-            await super().smtp_MAIL(arg)
-            return
+        nested = self.envelope.mail_from is not None  # aiosmtpd's 503: counted by its DATA
         if not await self._path_refused(arg, "FROM:"):
             await super().smtp_MAIL(arg)
-        if self.envelope.mail_from is None:
+        if not nested and self.envelope.mail_from is None:
             await self._no_progress()
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
