@@ -121,14 +121,15 @@ def sign(
         raise DkimError("message has no From header; DKIM requires signing From")
     include += list(OVERSIGNED_HEADERS)
     domain_bytes = _normalise_domain(domain, error=DkimError).encode("ascii")
+    signed = _without_space_before_colons(message)
     try:
         if algorithm == "rsa":
-            signer = _OpenSslRsaDKIM(message, rsa_key=_private_key(private_pem),
+            signer = _OpenSslRsaDKIM(signed, rsa_key=_private_key(private_pem),
                                      linesep=b"\r\n")
             signature = signer.sign_relaxed(selector.encode("ascii"), domain_bytes,
                                             [h.encode("ascii") for h in include])
         else:
-            signature = dkimpy.DKIM(message, signature_algorithm=signature_algorithm,
+            signature = dkimpy.DKIM(signed, signature_algorithm=signature_algorithm,
                                     linesep=b"\r\n").sign(
                 selector.encode("ascii"), domain_bytes, privkey,
                 signature_algorithm=signature_algorithm,
@@ -138,6 +139,21 @@ def sign(
     except (dkimpy.DKIMException, UnicodeError) as exc:
         raise DkimError(f"DKIM signing failed: {exc}") from exc
     return crlf_lines(signature, message)
+
+
+_SPACE_BEFORE_COLON = re.compile(rb"(?m)^([!-9;-~]+)[ \t]+:")
+
+
+def _without_space_before_colons(message: bytes) -> bytes:
+    """The message with the obsolete white space between a field's name and its colon
+    (RFC 5322 4.5.3, ``Subject : hi``) taken out of its header, which dkimpy cannot parse.
+    Relaxed header canonicalisation (RFC 6376 3.4.2) deletes that white space, so the
+    signature computed over this copy verifies on the message as it is relayed."""
+    end = message.find(b"\r\n\r\n")
+    head = message if end < 0 else message[:end + 2]
+    if not _SPACE_BEFORE_COLON.search(head):
+        return message
+    return _SPACE_BEFORE_COLON.sub(rb"\1:", head) + message[len(head):]
 
 
 @lru_cache(maxsize=256)

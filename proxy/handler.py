@@ -58,6 +58,7 @@ from scoring.message import (
     HeaderLineTooLong,
     crlf_lines,
     fit_long_lines,
+    line_not_a_field,
     lines_end_in_crlf,
     normalise_line_endings,
     parse_headers,
@@ -905,6 +906,9 @@ class OutboundHandler:
             data = endings.data
         if starts_folded(data):  # our Received: field would take that line in as its own
             return outcomes.STARTS_FOLDED
+        not_a_field = line_not_a_field(data)
+        if not_a_field is not None:
+            return outcomes.not_a_header_field(not_a_field)
         try:
             data = fit_long_lines(data)
         except HeaderLineTooLong:

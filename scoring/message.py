@@ -104,6 +104,27 @@ def starts_folded(raw: bytes) -> bool:
     return raw[:1] in (b" ", b"\t")
 
 
+# A header field's first line: a name of printable ASCII but colon, maybe the obsolete
+# white space (RFC 5322 4.5.3), then the colon; or a folded line (SP or HTAB first).
+_FIELD_OR_FOLD = re.compile(rb"[!-9;-~]+[ \t]*:|[ \t]")
+
+
+def line_not_a_field(raw: bytes) -> bytes | None:
+    """The first line of the header block that is neither a header field nor a fold of one
+    (no colon, white space inside the name, a byte outside printable ASCII in it), or None.
+
+    Receivers read such a line differently: Postfix ends the header there and takes it and
+    the fields after it for the body, and DKIM signers refuse to parse the message. So the
+    header that policy checked (From, the identification header) would not be the header
+    delivered, and the message could not be signed."""
+    head, _ = header_block(raw)
+    match = _FIELD_OR_FOLD.match
+    for line in head.split(b"\r\n")[:-1]:
+        if match(line) is None:
+            return line
+    return None
+
+
 def remove_headers(raw: bytes, names: set[str] | frozenset[str] | tuple[str, ...]) -> bytes:
     """Drop every header field whose name is in ``names`` (case-insensitive), with its folds."""
     wanted = {n.lower().encode() for n in names}

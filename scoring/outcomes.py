@@ -63,5 +63,16 @@ HEADER_LINE_TOO_LONG = ("550 5.6.0 A header line of this message is longer than 
                         "(RFC 5322 2.1.1); fold it")
 STARTS_FOLDED = ("550 5.6.0 The message starts with a space or tab: a folded line with no "
                  "header field before it (RFC 5322 2.2.3); remove the leading whitespace")
+
+
+def not_a_header_field(line: bytes) -> str:
+    """A line of the header block that is no field (see ``scoring.message.line_not_a_field``)."""
+    shown = _clean("".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}"
+                           for c in line[:60].decode("latin-1")), 60).replace('"', "'")
+    return ("550 5.6.0 A line of this message's header is not a header field (RFC 5322 "
+            f"2.2): \"{shown}\"; receiving servers would take it and what follows for the "
+            "body, and it cannot be DKIM-signed")
+
+
 TOO_MANY_HEADER_FIELDS = ("550 5.6.0 The message has more than 1000 header fields; "
                           "send fewer")

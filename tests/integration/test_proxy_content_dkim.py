@@ -127,6 +127,28 @@ def test_identity_header_is_removed_before_signing(instance, start_proxy, sink):
     assert dkim.verify(relayed, dnsfunc=dns)
 
 
+def test_a_header_line_that_is_no_field_is_refused_not_relayed_unsigned(instance, start_proxy,
+                                                                        sink):
+    """dkimpy cannot sign such a message and Postfix would end the header at that line; the
+    message used to go out unsigned, for DMARC to reject. Obsolete spacing before a colon
+    is a field, and is signed."""
+    data.add_user("example.com", "user", "alice@example.com", PASSWORD, dkim_selector="og1")
+    dns = publish_key("example.com", "og1", "rsa")
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        smtp.login("alice@example.com", PASSWORD)
+        for bad in (b"no colon here", b"Subj\xc3\xa9ct: hi"):
+            code, reply = send(smtp, message().replace(b"Subject: Hello", bad))
+            assert (code, reply[:6]) == (550, b"5.6.0 "), reply
+            assert bad[:4] in reply
+        code, reply = send(smtp, message().replace(b"Subject: Hello", b"Subject : Hello"))
+        assert code == 250, reply
+    relayed = sink.handler.wait_for(1)[0].data
+    assert b"\r\nSubject : Hello\r\n" in relayed
+    assert dkim.verify(relayed.replace(b"Subject : Hello", b"Subject: Hello"), dnsfunc=dns)
+    assert len(sink.handler.messages) == 1
+
+
 def test_selector_without_a_key_relays_unsigned(instance, start_proxy, sink):
     data.add_user("example.com", "user", "alice@example.com", PASSWORD, dkim_selector="nokey")
     relayed = relay_one(start_proxy, sink)

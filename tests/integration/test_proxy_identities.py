@@ -113,8 +113,9 @@ def test_a_header_to_remove_cannot_hide_where_the_proxy_would_not_remove_it(
         instance, fast_flush, sink):
     """An indented first line was the X-Secret field to the identity check and a fold of
     our Received: field to the removal, so it was relayed; a field past the thousand the
-    check reads was never listed for removal. Both are refused; folds and lines without a
-    colon are read alike by both, and what the check saw is what is removed."""
+    check reads was never listed for removal. Both are refused, as is a line without a
+    colon (receivers would end the header there); folds are read alike by both, and what
+    the check saw is what is removed."""
     user_id = data.add_user("example.com", "ip", "127.0.0.5", identification_method="header",
                             identification_headers=[IdentificationHeader(
                                 position=0, header_name="X-Secret", remove_header=True)])
@@ -128,12 +129,15 @@ def test_a_header_to_remove_cannot_hide_where_the_proxy_would_not_remove_it(
             assert b"space or tab" in reply
         code, reply = send(smtp, many + b"X-Secret: customer-4711\r\n" + plain)
         assert (code, reply[:6]) == (550, b"5.6.0 "), reply
-        folded = b"X-Secret:\r\n\tcustomer-4711\r\nno colon here\r\n folded under it\r\n"
+        code, reply = send(smtp, b"no colon here\r\n folded\r\nX-Secret: customer-1\r\n"
+                           + plain)
+        assert (code, reply[:6]) == (550, b"5.6.0 "), reply
+        folded = b"X-Secret:\r\n\tcustomer-4711\r\nX-Other: a\r\n folded under it\r\n"
         assert send(smtp, folded + plain)[0] == 250
     relayed = sink.handler.wait_for(1)
     assert len(relayed) == 1
     assert b"X-Secret" not in relayed[0].data and b"customer-4711" not in relayed[0].data
-    assert b"\r\nno colon here\r\n folded under it\r\n" in relayed[0].data
+    assert b"\r\nX-Other: a\r\n folded under it\r\n" in relayed[0].data
     assert wait_for_identities(user_id, {"customer-4711": (1, 0)}) == {
         "customer-4711": (1, 0)}
 

@@ -100,6 +100,22 @@ def test_added_subject_above_the_signed_one_fails_verification():
     assert not dkim.verify(tampered, dnsfunc=dns)
 
 
+@pytest.mark.parametrize("algorithm", ["rsa", "ed25519"])
+def test_a_space_before_a_colon_is_signed_and_the_message_relayed_as_it_came(algorithm):
+    """``Subject : hi`` is RFC 5322's obsolete syntax, which dkimpy cannot parse; relaxed
+    canonicalisation deletes that space, so the signature verifies on the message as sent.
+    dkimpy cannot read the relayed message back either, so it verifies the same signature
+    over the message with the space taken out, which relaxed canonicalisation makes equal."""
+    spaced = MESSAGE.replace(b"Subject: Your order", b"Subject \t: Your order")
+    signed, dns = _signed(algorithm, spaced)
+
+    signature = signed[:len(signed) - len(spaced)]
+    assert signed.endswith(spaced) and signature.startswith(b"DKIM-Signature: ")
+    assert b"subject" in signature.lower()
+    assert dkim.verify(signature + MESSAGE, dnsfunc=dns)
+    assert not dkim.verify(signature + MESSAGE.replace(b"Your order", b"Urgent"), dnsfunc=dns)
+
+
 def test_rsa_txt_record_names_selector_under_domainkey():
     key = generate_key("rsa")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scoring.message import parse_headers, remove_headers, starts_folded
+from scoring.message import line_not_a_field, parse_headers, remove_headers, starts_folded
 
 TRACE = b"Received: from client.example.com by proxy.example.net; Mon, 30 Nov 2026\r\n"
 NAMES = ["X-Secret", "x-secret", "X-Other", "From", "", "X Secret"]
@@ -23,6 +23,19 @@ def test_an_indented_first_line_is_no_field_and_the_message_starts_folded():
     assert starts_folded(raw) and starts_folded(b"\t" + raw[1:])
     assert names(raw) == ["From"]
     assert not starts_folded(b"From: a@example.com\r\n\r\n")
+
+
+def test_a_line_that_is_no_field_is_found_and_folds_and_obsolete_spacing_are_fields():
+    fine = (b"From: a@example.com\r\nSubject \t: obsolete but valid\r\n folded\r\n"
+            b"\tmore\r\n\r\nno colon in the body\r\n")
+    assert line_not_a_field(fine) is None
+    assert line_not_a_field(b"\r\nbody without header\r\n") is None
+    for bad in (b"garbage line", b"X Secret: spaced name", b": nameless", b"Subj\xc3\xa9ct: hi",
+                b"From a@example.com Mon Nov 30 10:00:00 2026", b"X-\x00: nul"):
+        raw = b"From: a@example.com\r\n" + bad + b"\r\nX-Secret: b\r\n\r\nbody\r\n"
+        assert line_not_a_field(raw) == bad
+    assert line_not_a_field(b"text without any header line\r\n") == (
+        b"text without any header line")
 
 
 def test_folds_belong_to_the_field_above_them_and_go_with_it():
