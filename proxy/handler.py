@@ -659,7 +659,7 @@ class OutboundHandler:
                 return AuthResult(success=False, handled=True)
         else:
             try:
-                blob = b64decode(args[1].encode(), validate=True)
+                blob = _initial_response(args[1])
             except (binascii.Error, ValueError):
                 return AuthResult(success=False, handled=False,
                                   message=outcomes.AUTH_BAD_BASE64)
@@ -686,7 +686,7 @@ class OutboundHandler:
                 return AuthResult(success=False, handled=True)
         else:
             try:
-                login = b64decode(args[1].encode(), validate=True)
+                login = _initial_response(args[1])
             except (binascii.Error, ValueError):
                 return AuthResult(success=False, handled=False,
                                   message=outcomes.AUTH_BAD_BASE64)
@@ -1131,6 +1131,11 @@ class OutboundHandler:
         if close is not None:
             await close()
         self._scrypt.shutdown(wait=False, cancel_futures=True)
+
+
+def _initial_response(text: str) -> bytes:
+    """An AUTH command's initial response: "=" is an empty one (RFC 4954 4), else base64."""
+    return b"" if text == "=" else b64decode(text.encode(), validate=True)
 
 
 def _in_transaction() -> AuthResult:

@@ -198,6 +198,17 @@ def test_auth_plain_with_initial_response_and_after_a_challenge(alice, start_pro
         assert smtp.docmd(blob)[0] == 235
 
 
+def test_an_initial_response_of_equals_is_an_empty_response_not_bad_base64(alice, start_proxy):
+    """RFC 4954 4: "=" sends an empty initial response; PLAIN cannot be empty, so the reply
+    names the data as malformed, as for any other empty PLAIN response."""
+    proxy = start_proxy()
+    with client(proxy.port) as smtp:
+        code, reply = smtp.docmd("AUTH", "PLAIN =")
+        assert (code, reply) == (501, b"5.5.2 Malformed AUTH data")
+        code, reply = smtp.docmd("AUTH", "PLAIN ==")
+        assert (code, reply) == (501, b"5.5.2 Cannot decode base64")
+
+
 def test_auth_login_with_and_without_initial_response(alice, start_proxy):
     proxy = start_proxy()
     user = base64.b64encode(b"alice@example.com").decode()
