@@ -69,8 +69,10 @@ def build_abuse_report(
         ("Feedback-Type", "abuse"),
         ("User-Agent", user_agent),
         ("Version", "1"),
-        ("Original-Mail-From", f"<{mail_from}>"),
-        *[("Original-Rcpt-To", f"<{rcpt}>") for rcpt in rcpt_tos],
+        # Domains in A-label form, as in the envelope the next hop was given (RFC 5965 3.5
+        # fields are SMTP paths); an ASCII report cannot carry a U-label.
+        ("Original-Mail-From", f"<{a_label_mailbox(mail_from) if mail_from else ''}>"),
+        *[("Original-Rcpt-To", f"<{a_label_mailbox(rcpt)}>") for rcpt in rcpt_tos],
         ("Arrival-Date", arrival_date),
     ]
     if source_ip:

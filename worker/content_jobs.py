@@ -105,7 +105,8 @@ def build_delivery_report(*, sender: str, reporter: str, reporting_mta: str,
         f"--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\n"
         f"Content-Transfer-Encoding: 8bit\r\n\r\n{human}\r\n"
         f"--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n{status_fields}\r\n"
-        f"--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        f"--{boundary}\r\nContent-Type: text/rfc822-headers\r\n"
+        f"Content-Transfer-Encoding: {'7bit' if headers.isascii() else '8bit'}\r\n\r\n"
     ).encode()
     return head.encode() + b"\r\n" + body + headers + f"\r\n\r\n--{boundary}--\r\n".encode()
 

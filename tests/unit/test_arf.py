@@ -166,3 +166,15 @@ def test_an_abuse_address_cannot_write_headers_into_the_report():
 def test_a_plain_abuse_address_is_the_reports_to():
     assert _parse(_report(to='"desk, abuse"@shop.example.com'))["To"] == \
         '"desk, abuse"@shop.example.com'
+
+
+def test_idn_envelope_addresses_are_reported_with_a_labels():
+    """The feedback fields are SMTP paths in an ASCII part: a U-label domain goes in the
+    A-label form the next hop was given."""
+    fields = list(_parse(_report(mail_from="promo@bücher.example",
+                                 rcpt_tos=["kunde@müller.example"])).iter_parts())[1]
+    fields = fields.get_payload(0)
+    assert fields["Original-Mail-From"] == "<promo@xn--bcher-kva.example>"
+    assert fields.get_all("Original-Rcpt-To") == ["<kunde@xn--mller-kva.example>"]
+    assert _parse(_report(mail_from="")).get_payload(1).get_payload(0)[
+        "Original-Mail-From"] == "<>"

@@ -54,3 +54,16 @@ def test_a_line_break_in_a_recipient_or_a_reply_adds_no_header_or_status_field()
             in raw)
     parsed = email.message_from_bytes(raw, policy=email.policy.default)
     assert parsed["Bcc"] is None
+
+
+def test_eight_bit_original_headers_declare_their_encoding():
+    """RFC 2045: a part with 8-bit data says so; without it a 7-bit transport may mangle it."""
+    def headers_part(original):
+        raw = build_delivery_report(
+            sender="alice@example.com", reporter="postmaster@relay.example",
+            reporting_mta="relay.example", refused=[["dave@example.org", 550, "5.1.1 No"]],
+            original_headers=original, arrival=datetime(2026, 12, 2, tzinfo=UTC))
+        return raw.split(b"Content-Type: text/rfc822-headers\r\n")[1].split(b"\r\n\r\n")[0]
+
+    assert headers_part(b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n") == b"Content-Transfer-Encoding: 8bit"
+    assert headers_part(b"Subject: Hi\r\n") == b"Content-Transfer-Encoding: 7bit"
