@@ -731,7 +731,11 @@ def _in_networks(ip: str, networks) -> bool:
         address = ipaddress.ip_address(ip)
     except ValueError:
         return False
-    return any(address.version == net.version and address in net for net in networks)
+    # An IPv4 balancer reaching a dual-stack listener ([::]) is ::ffff:a.b.c.d there.
+    addresses = [address]
+    if address.version == 6 and address.ipv4_mapped is not None:
+        addresses.append(address.ipv4_mapped)
+    return any(a.version == net.version and a in net for a in addresses for net in networks)
 
 
 def protocol_factory(handler, **options) -> Callable[[], LimitedSMTP]:

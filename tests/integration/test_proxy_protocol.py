@@ -149,6 +149,18 @@ def test_a_balancer_connection_without_a_header_is_closed_before_the_greeting(in
     assert reply == b""
 
 
+def test_a_balancer_reaching_a_dual_stack_listener_over_ipv4_is_still_a_balancer(
+        instance, start_proxy, sink):
+    """Listening on [::], an IPv4 balancer's address is ::ffff:127.0.0.2: still the listed
+    127.0.0.2, whose header names the client (it was refused with 554, and the client's
+    mail bounced)."""
+    data.add_user("example.com", "ip", "198.51.100.0/24")
+    proxy = start_proxy(**SETTINGS, SMTP_LISTEN="[::]:0")
+    with proxied(proxy.port, header_v1("198.51.100.7"), starttls=False) as smtp:
+        assert send(smtp, message())[0] == 250
+    assert relayed_received(sink).startswith("from client.example.com ([198.51.100.7]) by ")
+
+
 def test_a_normal_client_from_elsewhere_needs_no_header(instance, start_proxy, sink):
     data.add_user("example.com", "ip", "127.0.0.0/24")
     proxy = start_proxy(**SETTINGS)
