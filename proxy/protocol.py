@@ -261,11 +261,11 @@ class LimitedSMTP(SMTP):
         except (asyncio.IncompleteReadError, ConnectionError):
             return False
         peer = None
-        if data.valid and isinstance(data.src_addr, ipaddress.IPv4Address
-                                     | ipaddress.IPv6Address):
+        if not data.error and data.version == 2 and data.command == V2_CMD.LOCAL:
+            peer = self.session.peer  # whatever addresses it carries (they are to be ignored)
+        elif data.valid and isinstance(data.src_addr, ipaddress.IPv4Address
+                                       | ipaddress.IPv6Address):
             peer = (str(data.src_addr), data.src_port)
-        elif not data.error and data.version == 2 and data.command == V2_CMD.LOCAL:
-            peer = self.session.peer
         if peer is None:
             log.warning("%r: no valid PROXY header from the load balancer (%s)",
                         self.session.peer, data.error or "unsupported address")

@@ -126,6 +126,21 @@ def test_a_v2_local_health_check_gets_the_greeting(instance, start_proxy):
         assert smtp.noop()[0] == 250
 
 
+def test_a_v2_local_header_that_carries_addresses_still_names_the_balancer(
+        instance, start_proxy, sink):
+    """LOCAL means the connection is the balancer's own: the addresses after it are to be
+    ignored (the PROXY protocol's spec), not taken for a client's (they were: here the IP
+    user's address, and its mail was relayed)."""
+    data.add_user("example.com", "ip", "198.51.100.0/24")
+    proxy = start_proxy(**SETTINGS)
+    local = header_v2("198.51.100.7")
+    local = local[:12] + bytes([0x20]) + local[13:]  # the LOCAL command, addresses kept
+    with proxied(proxy.port, local, starttls=False) as smtp:
+        code, _ = smtp.mail("alice@example.com")
+    assert code == 530
+    assert sink.handler.messages == []
+
+
 def test_a_proxy_header_from_elsewhere_is_refused(instance, start_proxy, sink):
     data.add_user("example.com", "ip", "198.51.100.0/24")
     # v1: the PROXY line comes as a command after the greeting; refused and closed.
