@@ -268,6 +268,11 @@ def validate_redis_url(url: str, name: str = "REDIS_URL", cluster: bool = True) 
     return url
 
 
+# The widest block SMTP_PROXY_PROTOCOL_FROM takes: its hosts may name any client, so a
+# block wider than a /8 (IPv6: a /32, an ISP's allocation) is a mistake, not a balancer list.
+NARROWEST_TRUSTED_PREFIX = {4: 8, 6: 32}
+
+
 def parse_networks(name: str, value) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
                                               ...]:
     """Addresses or CIDRs, as a list or one string separated by commas or spaces."""
@@ -275,9 +280,15 @@ def parse_networks(name: str, value) -> tuple[ipaddress.IPv4Network | ipaddress.
     networks = []
     for item in items:
         try:
-            networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
+            network = ipaddress.ip_network(str(item).strip(), strict=False)
         except ValueError:
             raise ConfigError(f"{name}: not an address or CIDR: {item!r}") from None
+        if network.prefixlen < NARROWEST_TRUSTED_PREFIX[network.version]:
+            raise ConfigError(
+                f"{name}: {item!r} is too wide: every host in it could claim to be any client; "
+                f"list your load balancers (at most a /{NARROWEST_TRUSTED_PREFIX[4]} or an "
+                f"IPv6 /{NARROWEST_TRUSTED_PREFIX[6]})")
+        networks.append(network)
     return tuple(networks)
 
 

@@ -190,3 +190,7 @@ def test_smtp_proxy_protocol_from_is_validated(instance):
     assert load_config({"SMTP_PROXY_PROTOCOL_FROM": "10.0.0.1, 192.0.2.0/24 ::1"})
     with pytest.raises(ConfigError, match="SMTP_PROXY_PROTOCOL_FROM"):
         load_config({"SMTP_PROXY_PROTOCOL_FROM": "10.0.0.1,haproxy.example"})
+    for everyone in ("0.0.0.0/0", "10.0.0.1, 128.0.0.0/1", "::/0", "2001:db8::/31"):
+        with pytest.raises(ConfigError, match="SMTP_PROXY_PROTOCOL_FROM: .* too wide"):
+            load_config({"SMTP_PROXY_PROTOCOL_FROM": everyone})
+    assert load_config({"SMTP_PROXY_PROTOCOL_FROM": "10.0.0.0/8 2001:db8::/32"})
