@@ -76,6 +76,7 @@ class Message:
     identity: str | None
     client_ip: str | None
     remove_headers: tuple[str, ...] = ()
+    smtputf8: bool = False  # the client's MAIL said SMTPUTF8
 
     @cached_property
     def on_the_loop(self) -> bool:
@@ -305,7 +306,7 @@ class ContentPipeline:
         started = time.perf_counter()
         data = await self.prepare(msg)
         result = await self.relay.send(mail_from=msg.mail_from, rcpt_tos=list(msg.rcpt_tos),
-                                       data=data)
+                                       data=data, smtputf8=msg.smtputf8)
         elapsed = time.perf_counter() - started
         metrics.RELAY_SECONDS.observe(elapsed)
         record.update(stage="relay", relay_seconds=round(elapsed, 6),

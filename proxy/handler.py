@@ -935,7 +935,8 @@ class OutboundHandler:
         msg = Message(user=user, mail_from=envelope.mail_from or "",
                       rcpt_tos=tuple(envelope.rcpt_tos), data=data, headers=tuple(headers),
                       identity=identity, client_ip=_client_ip(session),
-                      remove_headers=found.remove_headers)
+                      remove_headers=found.remove_headers,
+                      smtputf8=envelope.smtp_utf8)
         started = time.perf_counter()
         inspection = await self.content.inspect(msg)
         metrics.CONTENT_SECONDS.observe(time.perf_counter() - started)

@@ -148,10 +148,11 @@ def _needs_utf8(mail_from: str, rcpt_tos: list[str]) -> bool:
     return any(not s.isascii() for s in [mail_from, *rcpt_tos])
 
 
-def _envelope_options(supports, mail_from: str, rcpt_tos: list[str],
-                      data: bytes) -> tuple[list[str], str] | RelayResult:
+def _envelope_options(supports, mail_from: str, rcpt_tos: list[str], data: bytes,
+                      smtputf8: bool = False) -> tuple[list[str], str] | RelayResult:
     """MAIL's options and the paths' encoding for what the next hop ``supports``; the
-    refusal when it cannot take the addresses."""
+    refusal when it cannot take the addresses. ``smtputf8``: the client's MAIL said
+    SMTPUTF8 (RFC 6531: its header fields may hold UTF-8), passed on where it is offered."""
     options = []
     encoding = "ascii"
     if _needs_utf8(mail_from, rcpt_tos):
@@ -160,6 +161,8 @@ def _envelope_options(supports, mail_from: str, rcpt_tos: list[str],
                                       "internationalised addresses (SMTPUTF8)")
         options.append("SMTPUTF8")
         encoding = "utf-8"
+    elif smtputf8 and supports("smtputf8"):
+        options.append("SMTPUTF8")
     if supports("size"):
         options.append(f"SIZE={len(data)}")
     if not data.isascii() and supports("8bitmime"):
@@ -232,8 +235,10 @@ class Relay:
             except Exception:  # closing anyway
                 client.close()
 
-    async def send(self, *, mail_from: str, rcpt_tos: list[str], data: bytes) -> RelayResult:
-        """Deliver to the next hop; ``delivered`` only when it took the message for someone."""
+    async def send(self, *, mail_from: str, rcpt_tos: list[str], data: bytes,
+                   smtputf8: bool = False) -> RelayResult:
+        """Deliver to the next hop; ``delivered`` only when it took the message for someone.
+        ``smtputf8``: the client asked for SMTPUTF8 at MAIL."""
         for _attempt in range(2):
             try:
                 client, reused = await self._acquire()
@@ -248,7 +253,8 @@ class Relay:
             transaction = (self._pipelined if isinstance(client, PipelinedConnection)
                            else self._transaction)
             try:
-                return await transaction(client, reused, mail_from, rcpt_tos, data)
+                return await transaction(client, reused, mail_from, rcpt_tos, data,
+                                         smtputf8)
             except _Retry:
                 continue
             except asyncio.CancelledError:
@@ -257,9 +263,11 @@ class Relay:
         return RelayResult(False, outcomes.NEXT_HOP_DOWN)
 
     async def _transaction(self, client: aiosmtplib.SMTP, reused: bool, mail_from: str,
-                           rcpt_tos: list[str], data: bytes) -> RelayResult:
+                           rcpt_tos: list[str], data: bytes,
+                           smtputf8: bool = False) -> RelayResult:
         """One command at a time, through aiosmtplib (a next hop without PIPELINING)."""
-        envelope = _envelope_options(client.supports_extension, mail_from, rcpt_tos, data)
+        envelope = _envelope_options(client.supports_extension, mail_from, rcpt_tos, data,
+                                     smtputf8)
         if isinstance(envelope, RelayResult):
             self._release(client)
             return envelope
@@ -298,11 +306,12 @@ class Relay:
         return _taken(response.code, response.message, refused, accepted)
 
     async def _pipelined(self, conn: PipelinedConnection, reused: bool, mail_from: str,
-                         rcpt_tos: list[str], data: bytes) -> RelayResult:
+                         rcpt_tos: list[str], data: bytes,
+                         smtputf8: bool = False) -> RelayResult:
         """MAIL, every RCPT and DATA in one write, the replies read in order (RFC 2920); the
         message only after the 354, so a connection that dies before it is retried once when
         it was a reused one, as in :meth:`_transaction`."""
-        envelope = _envelope_options(conn.supports, mail_from, rcpt_tos, data)
+        envelope = _envelope_options(conn.supports, mail_from, rcpt_tos, data, smtputf8)
         if isinstance(envelope, RelayResult):
             self._release(conn)
             return envelope

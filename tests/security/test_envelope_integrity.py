@@ -278,6 +278,19 @@ def test_legitimate_paths_are_relayed_exactly(proxy, raw_sink, mail_from, rcpt, 
     assert _raw(raw_sink.commands(b"RCPT")[-1], b"RCPT TO:" + relayed_rcpt)
 
 
+def test_a_client_asking_for_smtputf8_with_ascii_paths_gets_it_passed_on(proxy, raw_sink):
+    """RFC 6531: SMTPUTF8 at MAIL says the header fields may be UTF-8 (a From: with a
+    non-ASCII local part), whatever the paths are; a next hop told nothing would relay the
+    message to servers that cannot take it. A client that does not ask gets none added."""
+    smtp = Client(proxy.port)
+    for mail_from, asked in ((b"<alice@a.test> SMTPUTF8", True), (b"<alice@a.test>", False)):
+        code, text = smtp.send_message(mail_from, b"<bob@b.test>")
+        assert code == 250, text
+        relayed = raw_sink.commands(b"MAIL")[-1].upper().split()
+        assert (b"SMTPUTF8" in relayed) is asked, relayed
+    smtp.close()
+
+
 def test_the_worker_relays_the_paths_it_was_given_exactly(raw_sink):
     """Retries and quarantine release (relay_sync) and the delivery report to the sender
     (mail.send) go through smtplib, whose mail()/rcpt() would re-parse each address."""
