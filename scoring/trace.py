@@ -51,7 +51,9 @@ def received_header(*, helo: str | None, client_ip: str | None, by_host: str, pr
 
     ``user_kind`` says how the outgoing user authenticated ("authenticated as" for a login,
     "IP/Range" for an address). ``recipient`` is named only for one-recipient messages, as
-    Postfix does, so a message's other recipients are not disclosed to each other."""
+    Postfix does, so a message's other recipients are not disclosed to each other, and only
+    when it can be written as it is: with a space, a backslash, a parenthesis or a non-ASCII
+    character taken out it would be another mailbox (``bøb@x.test`` read ``bb@x.test``)."""
     if anonymous:
         origin = ""
     else:
@@ -59,8 +61,8 @@ def received_header(*, helo: str | None, client_ip: str | None, by_host: str, pr
     lines = (f"Received: {origin}by {_safe(by_host, 'outbound-guard')} (Outbound Guard) "
              f"with {protocol} id {_safe(queue_id)}\r\n\t"
              f"({user_kind} {_safe(user_name)})")
-    if recipient:
-        lines += f"\r\n\tfor <{_safe(recipient)}>"
+    if recipient and _safe(recipient) == recipient:  # else it would name another mailbox
+        lines += f"\r\n\tfor <{recipient}>"
     return f"{lines}; {_date(when.replace(microsecond=0))}\r\n".encode()
 
 

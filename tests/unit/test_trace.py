@@ -53,6 +53,16 @@ def test_no_recipient_is_named_for_several():
     assert b"for <" not in header(recipient=None)
 
 
+@pytest.mark.parametrize("recipient", ["b\u00f8b@example.org", '"bo b"@example.org',
+                                       '"b\\"ob"@example.org', "bob(x)@example.org",
+                                       "b" * 300 + "@example.org"])
+def test_a_recipient_that_cannot_be_written_as_it_is_is_not_named(recipient):
+    """Taking out what the header cannot hold would name another mailbox (bøb -> bb)."""
+    raw = header(recipient=recipient)
+    assert b"for <" not in raw and raw.endswith(b"(authenticated as alice@example.com); "
+                                                b"Sun, 29 Nov 2026 10:00:00 +0000\r\n")
+
+
 @pytest.mark.parametrize("hostile", ["evil\r\nBcc: x@y", "a (b) \\c", "x" * 2000, "\x00\x7f",
                                      "ünïcode"])
 def test_client_supplied_text_cannot_break_the_header(hostile):
