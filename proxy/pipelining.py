@@ -58,7 +58,9 @@ class _Replies(asyncio.Protocol):
                 self._fail(NextHopGone("reply too long"))
                 return
             if line[3:4] != b"-":
-                text = b"\n".join(self._lines).decode("utf-8", "surrogateescape")
+                # bytes that are not UTF-8 (a Latin-1 "ü") are U+FFFD: the text goes on to
+                # our client's reply and the sender's delivery report, which cannot hold them
+                text = b"\n".join(self._lines).decode("utf-8", "replace")
                 self._lines, self._reply_bytes = [], 0
                 self.replies.append((int(line[:3]), text))
                 if len(self.replies) > MAX_QUEUED_REPLIES:  # more than anything asked

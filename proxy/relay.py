@@ -82,6 +82,13 @@ def _all_refused(refused: dict[str, tuple[int, str]]) -> str:
     return outcomes.next_hop_refused(code, message)
 
 
+def _readable(text: str) -> str:
+    """A next hop's reply text as aiosmtplib decoded it, with what was not UTF-8 (a
+    Latin-1 "ü") as U+FFFD, as ``proxy.pipelining`` reads it: the text goes on to our
+    client's reply and the sender's delivery report, which cannot hold lone surrogates."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _path(address: str, encoding: str) -> bytes:
     """The path exactly as the client's MAIL or RCPT gave it (the null path stays ``<>``)."""
     return b"<>" if address == "<>" else b"<" + address.encode(encoding) + b">"
@@ -282,7 +289,7 @@ class Relay:
                     await _rcpt(client, rcpt, encoding)
                     accepted.append(rcpt)
                 except aiosmtplib.SMTPRecipientRefused as exc:
-                    refused[rcpt] = (exc.code, exc.message)
+                    refused[rcpt] = (exc.code, _readable(exc.message))
             if not accepted:
                 await self._reset(client)
                 code, text = next(iter(refused.values()), (451, ""))
@@ -293,8 +300,9 @@ class Relay:
         except aiosmtplib.SMTPResponseException as exc:
             # A real answer (MAIL or DATA refused): the connection is still good after RSET.
             await self._reset(client)
-            return RelayResult(False, outcomes.next_hop_refused(exc.code, exc.message),
-                               next_hop_reply=_said(exc.code, exc.message))
+            message = _readable(exc.message)
+            return RelayResult(False, outcomes.next_hop_refused(exc.code, message),
+                               next_hop_reply=_said(exc.code, message))
         except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
             client.close()
             if reused and not started and not isinstance(exc, ValueError):
@@ -303,7 +311,7 @@ class Relay:
                         " during DATA" if started else "", exc)
             return RelayResult(False, outcomes.NEXT_HOP_DOWN)
         self._release(client)
-        return _taken(response.code, response.message, refused, accepted)
+        return _taken(response.code, _readable(response.message), refused, accepted)
 
     async def _pipelined(self, conn: PipelinedConnection, reused: bool, mail_from: str,
                          rcpt_tos: list[str], data: bytes,

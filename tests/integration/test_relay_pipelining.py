@@ -23,8 +23,9 @@ class ScriptedHop:
     """Greets, answers EHLO with PIPELINING, then runs ``transaction(reader, writer)`` for
     each connection; records what each connection received."""
 
-    def __init__(self, transaction):
+    def __init__(self, transaction, pipelining: bool = True):
         self.transaction = transaction
+        self.pipelining = pipelining
         self.connections = 0
         self.received: list[bytes] = []
         self.quits = 0
@@ -41,7 +42,8 @@ class ScriptedHop:
         self.connections += 1
         writer.write(b"220-hop.test ESMTP\r\n220 ready\r\n")
         await reader.readline()
-        writer.write(b"250-hop.test\r\n250-PIPELINING\r\n250-SIZE 1000000\r\n250 8BITMIME\r\n")
+        writer.write(b"250-hop.test\r\n" + (b"250-PIPELINING\r\n" if self.pipelining else b"")
+                     + b"250-SIZE 1000000\r\n250 8BITMIME\r\n")
         try:
             await self.transaction(self, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -71,12 +73,13 @@ class ScriptedHop:
                          else b"500 what\r\n")
 
 
-def exchange(transaction, *envelopes: tuple[str, list[str]], timeout: float = 5.0):
+def exchange(transaction, *envelopes: tuple[str, list[str]], timeout: float = 5.0,
+             pipelining: bool = True):
     """``transaction`` plays the next hop; MESSAGE goes through one Relay once per (sender,
     recipients); then the relay closes and the hop has a moment to see the connection end.
     Returns (hop, relay, results)."""
     async def main():
-        async with ScriptedHop(transaction) as hop:
+        async with ScriptedHop(transaction, pipelining) as hop:
             relay = Relay(Upstream(host="127.0.0.1", port=hop.port, timeout=timeout,
                                    pool_size=2))
             results = [await relay.send(mail_from=sender, rcpt_tos=rcpts, data=MESSAGE)
@@ -246,3 +249,31 @@ def test_no_recipients_is_a_temporary_refusal_not_a_crash():
 
     _, _, (result,) = exchange(transaction, ("a@x.test", []))
     assert not result.delivered and result.reply.startswith("451")
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_a_reply_that_is_not_utf8_is_passed_on_readable(pipelining):
+    """A next hop's refusal in Latin-1 ("ungültig" with an 0xFC) is still its refusal: the
+    client hears the 554 (it got 451, the proxy failing to write the reply), and the
+    recipient refused in Latin-1 has a text its delivery report can carry."""
+    async def transaction(hop, reader, writer):
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"RCPT" and b"<c@y.test>" in line:
+                writer.write(b"550 5.1.1 unbekannt \xe9\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go\r\n")
+                await hop.until(reader, b"\r\n.\r\n")
+                first = len(hop.received) == 1  # the first message is taken, the second not
+                writer.write(b"250 2.0.0 taken\r\n" if first else b"554 5.7.1 ung\xfcltig\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                return
+            else:
+                writer.write(b"250 ok\r\n")
+
+    _, _, (partial, refused) = exchange(transaction, ("a@x.test", ["b@y.test", "c@y.test"]),
+                                        ("a@x.test", ["b@y.test"]), pipelining=pipelining)
+    assert partial.delivered and partial.refused == {"c@y.test": (550, "5.1.1 unbekannt \ufffd")}
+    assert not refused.delivered and refused.reply == "554 5.7.1 ung\ufffdltig"
+    assert refused.reply.encode("utf-8") and refused.next_hop_reply.encode("utf-8")
