@@ -139,6 +139,29 @@ def test_refused_alert_is_retried_and_arrives_once_the_next_hop_takes_it(alice, 
         "alice@example.com", "postmaster@example.com"]
 
 
+def test_a_notice_the_next_hop_defers_does_not_hold_back_the_alert(alice, sink, redis_client):
+    async def defer_alice(server, session, envelope, address, rcpt_options):
+        if address == "alice@example.com":
+            return "450 4.2.0 Mailbox busy, try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    sink.handler.handle_RCPT = defer_alice
+    worker.lock("user", alice)
+    worker.burst(sink)
+    assert [m.rcpt_tos for m in sink.handler.messages] == [["postmaster@example.com"]]
+    registry = Queue("outgoing", connection=redis_client).scheduled_job_registry
+    retries = [job.id for job in Job.fetch_many(registry.get_job_ids(), redis_client)
+               if job.func_name == "worker.jobs.notify_lock"]
+    assert len(retries) == 1  # the notice is tried again, the alert is not sent twice
+
+    del sink.handler.handle_RCPT
+    redis_client.zadd(registry.key, {retries[0]: 0}, xx=True)
+    worker.burst(sink)
+    assert [m.rcpt_tos for m in sink.handler.messages] == [["postmaster@example.com"],
+                                                           ["alice@example.com"]]
+
+
 def test_identity_lock_tells_the_identity_and_names_it_in_the_alert(instance, redis_client,
                                                                     sink):
     user_id = data.add_user("example.com", "domain", "example.com", "Domain-pass-123")
