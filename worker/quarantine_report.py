@@ -3,6 +3,7 @@ domain's contact when the domain has it switched on."""
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
@@ -10,6 +11,8 @@ from sqlalchemy import func, select
 from outgoing.models import Domain, OutgoingUser, QuarantinedMessage
 from outgoing.notify_addresses import may_notify
 from worker import mail
+
+log = logging.getLogger(__name__)
 
 TOP_SUBJECTS = 10
 TOP_ROWS = 25
@@ -77,6 +80,7 @@ def send_reports(db, redis, config: dict, end: datetime) -> list[str]:
     """Report the 24 hours before ``end`` (naive UTC) to every domain that wants it."""
     start = end - timedelta(days=1)
     notes = []
+    failed: Exception | None = None
     domains = db.scalars(select(Domain).where(Domain.quarantine_report_enabled.is_(True),
                                               Domain.abuse_report_address.is_not(None))
                          .order_by(Domain.name))
@@ -101,5 +105,15 @@ def send_reports(db, redis, config: dict, end: datetime) -> list[str]:
         except mail.MailRefused as exc:
             notes.append(f"{domain.name}: refused ({exc})")
             continue
+        except Exception as exc:
+            # One domain's contact deferred (or the next hop away just then) must not hold
+            # back the domains after it: the run goes on, then fails for RQ's retry, which
+            # sends only what is not marked sent.
+            log.warning("quarantine report of %s not sent yet (%s)", domain.name, exc)
+            notes.append(f"{domain.name}: not sent yet ({exc})")
+            failed = failed or exc
+            continue
         notes.append(f"{domain.name}: {'sent' if sent else 'already sent'}")
+    if failed is not None:
+        raise failed
     return notes

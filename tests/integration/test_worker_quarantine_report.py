@@ -11,6 +11,8 @@ import email.policy
 from datetime import timedelta
 
 import pytest
+from rq import Queue
+from rq.job import Job
 
 from outgoing.jobs import enqueue
 from outgoing.models import utcnow
@@ -79,3 +81,35 @@ def test_the_same_day_is_reported_once(example, sink):
     worker.add_spam("example.com", alice, received_at=due - timedelta(hours=1))
     assert len(run_report(sink, due)) == 1
     assert len(run_report(sink, due)) == 1  # the sink still holds only the first one
+
+
+def test_a_domain_whose_contact_the_next_hop_defers_holds_back_no_other_domains_report(
+        example, sink, redis_client):
+    alice, _shop = example
+    data.add_user("aaa.example", "domain", "aaa.example", "Aaa-pass-123")
+    worker.set_domain("aaa.example", abuse_report_address="postmaster@aaa.example",
+                      quarantine_report_enabled=True)
+    due = utcnow().replace(microsecond=0)
+    worker.add_spam("aaa.example", None, subject="First in line",
+                    received_at=due - timedelta(hours=1))
+    worker.add_spam("example.com", alice, subject="Cheap pills",
+                    received_at=due - timedelta(hours=1))
+
+    async def defer_aaa(server, session, envelope, address, rcpt_options):
+        if address == "postmaster@aaa.example":
+            return "450 4.2.0 Mailbox busy, try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    sink.handler.handle_RCPT = defer_aaa
+    [report] = run_report(sink, due)
+    assert report["To"] == CONTACT  # reported although aaa.example, before it, was deferred
+    registry = Queue("outgoing", connection=redis_client).scheduled_job_registry
+    [retry] = [job.id for job in Job.fetch_many(registry.get_job_ids(), redis_client)
+               if job.func_name == "worker.jobs.send_quarantine_reports"]
+
+    del sink.handler.handle_RCPT
+    redis_client.zadd(registry.key, {retry: 0}, xx=True)
+    worker.burst(sink)
+    assert [m.rcpt_tos for m in sink.handler.messages] == [[CONTACT],
+                                                           ["postmaster@aaa.example"]]
