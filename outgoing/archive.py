@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import Select, select
 
 from outgoing.models import ArchivedMessage, Domain, utcnow
-from outgoing.quarantine import purge_older_than
+from outgoing.quarantine import purge_older_than, stored_text
 from outgoing.storage import commit_with_bodies
 
 AREA = "archive"
@@ -70,7 +70,8 @@ def archive_messages(session, store, messages: list[ToArchive]) -> list[Archived
     rows = [ArchivedMessage(
         domain_id=domain_id, user_id=m.user_id, mail_from=m.mail_from[:320],
         rcpt_tos=json.dumps(list(m.rcpt_tos), ensure_ascii=False),
-        subject=(m.subject or "")[:500], size=len(m.data), received_at=m.received_at or utcnow(),
+        subject=stored_text(m.subject or "", 500), size=len(m.data),
+        received_at=m.received_at or utcnow(),
     ) for m, domain_id in zip(messages, domains, strict=True)]
     store.attach_many([(row, m.data) for row, m in zip(rows, messages, strict=True)], AREA)
     session.add_all(rows)

@@ -34,7 +34,7 @@ from outgoing.models import (
     OutgoingUser,
     utcnow,
 )
-from outgoing.quarantine import purge_where, remove_messages, store_durably
+from outgoing.quarantine import purge_where, remove_messages, store_durably, stored_text
 from scoring import risk
 
 AREA = "held"
@@ -59,8 +59,8 @@ def hold_message(session, store, *, domain_id: int, user_id: int, mail_from: str
     row = HeldMessage(
         domain_id=domain_id, user_id=user_id, mail_from=mail_from[:320],
         rcpt_tos=json.dumps(list(rcpt_tos), ensure_ascii=False),
-        subject=(subject or "")[:500], size=len(data),
-        identity=(identity or None) and identity[:255], client_ip=client_ip,
+        subject=stored_text(subject or "", 500), size=len(data),
+        identity=stored_text(identity or None, 255), client_ip=client_ip,
         risk=float(risk_value), signals=json.dumps(signals), state=HELD, attempts=0,
         received_at=received_at or utcnow())
     return store_durably(session, store, row, data, AREA, wanted)

@@ -29,6 +29,16 @@ def _durable_commits(session) -> None:
         dbapi.execute("PRAGMA synchronous=FULL")
 
 
+def stored_text(value: str | None, limit: int) -> str | None:
+    """A header's text (a Subject, an identity) as the database can store it: a NUL, which
+    PostgreSQL refuses in text ("=?utf-8?q?a=00b?=" decodes to one), and a lone surrogate
+    are U+FFFD; at most ``limit`` characters. None stays None."""
+    if value is None:
+        return None
+    text = str(value).replace("\x00", "\ufffd")
+    return text.encode("utf-8", "replace").decode("utf-8")[:limit]
+
+
 def quarantine_message(session, store, *, domain_id: int, user_id: int | None,
                        mail_from: str, rcpt_tos: list[str], data: bytes, subject: str,
                        identity: str | None, client_ip: str | None, reason: str,
@@ -39,9 +49,9 @@ def quarantine_message(session, store, *, domain_id: int, user_id: int | None,
     row = QuarantinedMessage(
         domain_id=domain_id, user_id=user_id, mail_from=mail_from[:320],
         rcpt_tos=json.dumps(list(rcpt_tos), ensure_ascii=False),
-        subject=(subject or "")[:500], size=len(data),
-        identity=(identity or None) and identity[:255], client_ip=client_ip,
-        reason=reason[:500], score=float(score), rules=json.dumps(list(rules)),
+        subject=stored_text(subject or "", 500), size=len(data),
+        identity=stored_text(identity or None, 255), client_ip=client_ip,
+        reason=stored_text(reason, 500), score=float(score), rules=json.dumps(list(rules)),
         received_at=received_at or utcnow(),
     )
     return store_durably(session, store, row, data, AREA, wanted)

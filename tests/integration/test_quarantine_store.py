@@ -97,6 +97,21 @@ def test_failing_to_enqueue_the_report_does_not_change_the_reply(instance, start
     assert len(stored_rows()) == 1
 
 
+def test_a_subject_holding_a_nul_is_quarantined_and_archived_with_u_fffd_for_it(
+        instance, start_proxy, sink):
+    """PostgreSQL refuses NUL in text: the spam got 451 and was never quarantined, the clean
+    message was relayed but not archived."""
+    add_alice(message_archiving=True)
+    proxy = start_proxy()
+    nul = "=?utf-8?q?a=00b?="
+    assert submit(proxy, message(subject=nul, body=GTUBE))[0] == 550
+    assert submit(proxy, message(subject=nul))[0] == 250
+    assert data.query(lambda s: [(r.subject, r.identity) for r in s.scalars(
+        select(QuarantinedMessage))]) == [("a\ufffdb", "alice@example.com")]
+    assert data.query(lambda s: [r.subject for r in s.scalars(select(ArchivedMessage))]) == [
+        "a\ufffdb"]
+
+
 def test_database_store_keeps_the_body_in_the_row(instance, start_proxy, sink):
     add_alice()
     proxy = start_proxy(MESSAGE_STORE="database")
