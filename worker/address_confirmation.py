@@ -66,9 +66,15 @@ def send(db, redis, config: dict, domain_id: int, address: str) -> str:
     if mail.was_sent(redis, marker):
         return f"confirmation already sent today to {address}"
     counter = redis_keys.confirmation_mails(domain.id, day)
-    sent_today = redis.incr(counter)
-    redis.expire(counter, 2 * 86400)
-    if sent_today > DAILY_LIMIT:
+    # An address takes its place in the day's ration once: RQ's retries of a link the next
+    # hop deferred are not more links, and keep the place they had.
+    place_key = f"{counter}:{address_key(address)}"
+    place = redis.get(place_key)
+    if place is None:
+        place = redis.incr(counter)
+        redis.expire(counter, 2 * 86400)
+        redis.set(place_key, place, ex=2 * 86400)
+    if int(place) > DAILY_LIMIT:
         return f"{domain.name} had {DAILY_LIMIT} confirmation mails today; nothing sent"
     subject, body = text(domain, address, link(config, domain.id, address))
     message = mail.compose(sender=config["NOTIFY_FROM"], to=address, subject=subject,

@@ -247,3 +247,27 @@ def test_an_expired_a_foreign_or_a_garbage_link_confirms_nothing(instance, app):
     assert data.query(lambda s: s.scalars(select(ConfirmedAddress)).all()) == []
     assert data.query(lambda s: s.scalar(select(DomainRow.id).where(
         DomainRow.name == "example.com"))) == domain_id()
+
+
+def test_retries_of_a_deferred_link_count_once_toward_the_days_ration(instance, app, sink):
+    """A link the next hop deferred through all of RQ's retries is one of the domain's ten a
+    day, not six of them."""
+    client = worker.redis_client()
+    data.add_user("example.com", "user", "alice@example.com", "Alice-pass-123")
+    customer(app).post(f"/outgoing/settings/{domain_id()}", {"abuse_report_address": OUTSIDE})
+    sink.handler.refuse_with = "451 4.3.0 Try again later"
+    registry = Queue("outgoing", connection=client).scheduled_job_registry
+    for _ in range(6):  # the first run and its five retries
+        worker.burst(sink)
+        for job_id in registry.get_job_ids():
+            client.zadd(registry.key, {job_id: 0}, xx=True)
+    assert sink.handler.messages == [] and registry.get_job_ids() == []
+
+    sink.handler.refuse_with = None
+    for n in range(9):
+        address = f"list{n}@elsewhere.example"
+        data.add_user("example.com", "ip", f"192.0.2.{n}", contact_email=address)
+        enqueue(client, "worker.jobs.send_address_confirmation", domain_id(), address)
+    worker.burst(sink)
+    assert [n for n in range(9) if mails_to(sink, f"list{n}@elsewhere.example")] == \
+        list(range(9))
