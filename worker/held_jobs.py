@@ -56,7 +56,7 @@ from outgoing.models import (
     OutgoingUser,
 )
 from outgoing.quarantine import recipients
-from outgoing.storage import read_body, store_for
+from outgoing.storage import StorageError, read_body, store_for
 from scoring import risk
 from scoring.message import header_block, parse_headers, subject_of
 from scoring.retry import next_attempt_at, parse_delays, split_refusals
@@ -160,9 +160,20 @@ def _send(db, config: dict, redis, user, row: HeldMessage, token: str) -> str:
     """Relay one claimed message over the normal path and record the next hop's answer, per
     recipient; returns the state the row is left in (or "lost claim")."""
     rcpts = recipients(row)
-    stored = read_body(config, row)
-    data = prepared_for_relay(db, user, stored)
     refused = _relayed(redis, row)
+    try:
+        stored = read_body(config, row)
+    except StorageError as exc:
+        # Its sender was told 250: the body may come back (a storage mount), so it is tried
+        # again on the usual schedule, as if every recipient were deferred, and given up on,
+        # with a report to the sender, after DEFER_GIVE_UP_SECONDS; never a claim stuck in
+        # "sending" and a job failing each minute.
+        log.error("held message %s: %s", row.id, exc)
+        stored = data = b""
+        if refused is None:
+            refused = {rcpt: (451, "4.3.0 the stored message cannot be read") for rcpt in rcpts}
+    else:
+        data = prepared_for_relay(db, user, stored)
     if refused is None:
         with _keep_claim(config, row.id, token):
             refused = try_relay(config, row.mail_from, rcpts, data)
@@ -249,7 +260,7 @@ def _after_answer(db, config: dict, redis, user, row: HeldMessage, accepted: lis
     the delivery, so a failure is logged, not raised."""
     if user is None:
         return
-    if accepted and user.message_archiving:
+    if accepted and data and user.message_archiving:  # no data: its body could not be read
         try:
             archive_message(db, store_for(config), domain_id=row.domain_id, user_id=user.id,
                             mail_from=row.mail_from, rcpt_tos=accepted, data=data,
@@ -315,8 +326,15 @@ def release_when_calm(due: str | None = None) -> str:
         # Queued mail, stale claims and retries (each job claims only what is due).
         users.update(db.scalars(select(HeldMessage.user_id).where(
             HeldMessage.state.in_((QUEUED, SENDING, RETRYING))).distinct()).all())
+    failed = []
     for user_id in sorted(u for u in users if u is not None):
-        release_for_user(user_id)
+        try:  # one user's failure holds back no other user's release
+            release_for_user(user_id)
+        except Exception:
+            log.exception("releasing the held mail of user %s failed", user_id)
+            failed.append(user_id)
+    if failed:
+        raise RuntimeError(f"releasing the held mail of user(s) {failed} failed")
     return f"released held mail of {len(users)} user(s)"
 
 

@@ -303,3 +303,61 @@ def test_a_release_that_fails_after_the_next_hop_answered_is_finished_without_re
     assert data.query(lambda s: sorted((r.state, r.rcpt_tos, r.attempts) for r in s.scalars(
         select(HeldMessage)))) == [("released", '["took@dest.example", "later@dest.example"]', 1),
                                    ("retrying", '["later@dest.example"]', 1)]
+
+
+def hold_one_of_alice_and_one_of_bob(start_proxy) -> int:
+    """One held message of each of two users of example.com; alice's user id."""
+    alice = data.add_user("example.com", "user", "alice@example.com", PW, **HOLD_ALL)
+    data.add_user("example.com", "user", "bob@example.com", "Bob-pass-1234", **HOLD_ALL)
+    proxy = start_proxy()
+    for login, password in (("alice@example.com", PW), ("bob@example.com", "Bob-pass-1234")):
+        with client(proxy.port) as smtp:
+            smtp.login(login, password)
+            assert send(smtp, message(sender=login, subject=f"Held of {login}"), sender=login,
+                        rcpts=["r@dest.example"])[0] == 250
+    return alice
+
+
+def test_a_held_message_whose_body_is_gone_is_retried_and_holds_back_no_other_user(
+        instance, start_proxy, sink, monkeypatch):
+    """Its stored file was removed (a disk, a clean-up). Before, the claim stayed "sending"
+    for ever and each minute's release failed at it, skipping the users after it; now it is
+    retried on the deferral schedule, and the other user's mail goes out."""
+    from outgoing.config import load_config
+    from tests.support import worker
+    from worker import held_jobs
+
+    alice = hold_one_of_alice_and_one_of_bob(start_proxy)
+    key = data.query(lambda s: s.scalar(select(HeldMessage.storage_key).where(
+        HeldMessage.user_id == alice)))
+    os.remove(os.path.join(load_config()["STORAGE_DIR"], key))
+    queue_all()
+    with worker.jobs_in_this_process(monkeypatch, UPSTREAM_SMTP=f"127.0.0.1:{sink.port}"):
+        assert held_jobs.release_when_calm() == "released held mail of 2 user(s)"
+    assert delivered_subjects(sink) == ["Held of bob@example.com"]
+    alices = data.query(lambda s: [(r.state, r.last_error) for r in s.scalars(
+        select(HeldMessage).where(HeldMessage.user_id == alice))])
+    assert alices == [("retrying", "attempt 1 deferred: r@dest.example: 451 4.3.0 the stored "
+                                    "message cannot be read")]
+
+
+def test_one_users_failing_release_holds_back_no_other_users(instance, start_proxy, sink,
+                                                            monkeypatch):
+    """The periodic release goes on to the next user when one user's release fails, and
+    fails afterwards (so the failure is seen); before, every user after it waited."""
+    from tests.support import worker
+    from worker import held_jobs
+
+    alice = hold_one_of_alice_and_one_of_bob(start_proxy)
+    queue_all()
+    release = held_jobs.release_for_user
+
+    def failing_for_alice(user_id):
+        if user_id == alice:
+            raise OSError("alice's release fails")
+        return release(user_id)
+    monkeypatch.setattr(held_jobs, "release_for_user", failing_for_alice)
+    with worker.jobs_in_this_process(monkeypatch, UPSTREAM_SMTP=f"127.0.0.1:{sink.port}"):
+        with pytest.raises(RuntimeError, match=f"user\\(s\\) \\[{alice}\\] failed"):
+            held_jobs.release_when_calm()
+    assert delivered_subjects(sink) == ["Held of bob@example.com"]
