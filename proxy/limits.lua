@@ -18,9 +18,10 @@
 --
 -- The estimate is scoring/limits.py's: previous * (1 - elapsed / seconds) + current,
 -- same operations in the same order so both sides agree to the last bit.
--- Fields of the given windows that are neither the current nor the previous bucket are
--- deleted on every call, and the key expires two of its longest windows after last use,
--- so a user's hash holds at most two fields per window.
+-- A field of the bucket after the current one (a proxy whose clock runs ahead) counts as
+-- current. Other fields of the given windows that are neither the current nor the previous
+-- bucket are deleted on every call, and the key expires two of its longest windows after
+-- last use, so a user's hash holds two fields per window (three while clocks disagree).
 
 local key = KEYS[1]
 local now = tonumber(ARGV[1])
@@ -45,48 +46,62 @@ for i = 1, #stored, 2 do
   values[stored[i]] = tonumber(stored[i + 1])
 end
 
-local names, windows, keep = {}, {}, {}
-local result = { 1, "", "" }
+-- Each window's bucket first: the fields of a window are then sorted into its previous and
+-- current bucket, the next one (counted as current: written by a proxy whose clock runs up to
+-- one bucket ahead of this caller's, e.g. another host a second ahead at a bucket's turn) and
+-- the stale rest (older than the previous bucket, or further ahead), which is deleted.
+local specs, buckets = {}, {}
 local longest = 0
 for i = 3, #ARGV, 4 do
   local name = ARGV[i]
   local seconds = tonumber(ARGV[i + 1])
-  local limit = tonumber(ARGV[i + 2])
-  local optional = ARGV[i + 3] == "1"
   local bucket = math.floor(now / seconds)
-  local current_field = string.format("%s:%d", name, bucket)
-  local previous_field = string.format("%s:%d", name, bucket - 1)
-  local previous = values[previous_field] or 0
-  local current = values[current_field] or 0
-  local fits = true
-  names[name] = true
-  keep[current_field] = true
-  keep[previous_field] = true
+  specs[#specs + 1] = { name = name, seconds = seconds, bucket = bucket,
+                        limit = tonumber(ARGV[i + 2]), optional = ARGV[i + 3] == "1" }
+  buckets[name] = bucket
   if seconds > longest then
     longest = seconds
   end
-  if limit ~= nil then
+end
+
+local ahead, stale = {}, {}
+for field, value in pairs(values) do
+  local name, index = string.match(field, "^(.*):(%-?%d+)$")
+  local bucket = name and buckets[name]
+  if bucket ~= nil then
+    index = tonumber(index)
+    if index == bucket + 1 then
+      ahead[name] = value
+    elseif index < bucket - 1 or index > bucket + 1 then
+      stale[#stale + 1] = field
+    end
+  end
+end
+
+local windows = {}
+local result = { 1, "", "" }
+for _, spec in ipairs(specs) do
+  local name, seconds, bucket = spec.name, spec.seconds, spec.bucket
+  local current_field = string.format("%s:%d", name, bucket)
+  local previous_field = string.format("%s:%d", name, bucket - 1)
+  local previous = values[previous_field] or 0
+  local current = (values[current_field] or 0) + (ahead[name] or 0)
+  local fits = true
+  if spec.limit ~= nil then
     local elapsed = now - bucket * seconds
     local estimate = previous * (1 - elapsed / seconds) + current
-    fits = estimate + 1 <= limit
+    fits = estimate + 1 <= spec.limit
   end
-  if not fits and not optional and result[1] == 1 then
+  if not fits and not spec.optional and result[1] == 1 then
     result[1] = 0
     result[2] = name
   end
-  windows[#windows + 1] = { field = current_field, fits = fits, optional = optional }
+  windows[#windows + 1] = { field = current_field, fits = fits, optional = spec.optional }
   result[#result + 1] = previous
   result[#result + 1] = current
   result[#result + 1] = 0
 end
 
-local stale = {}
-for field in pairs(values) do
-  local name = string.match(field, "^(.*):%-?%d+$")
-  if name ~= nil and names[name] and not keep[field] then
-    stale[#stale + 1] = field
-  end
-end
 if #stale > 0 then
   redis.call("HDEL", key, unpack(stale))
 end

@@ -212,13 +212,15 @@ def _falls_to(target: float, previous: int, current: int, now: float,
 
 
 def counts_from_hash(fields: Mapping[bytes | str, bytes | str | int], now: float) -> Counts:
-    """Pick every window's previous and current bucket out of a user's limits hash."""
+    """Pick every window's previous and current bucket out of a user's limits hash; the
+    bucket after the current one (written by a proxy whose clock runs ahead) counts as
+    current, as in ``proxy/limits.lua``."""
     values = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in fields.items()}
     counts = {}
     for window, seconds in WINDOW_SECONDS.items():
         bucket = bucket_index(now, seconds)
         counts[window] = (
             values.get(f"{window}:{bucket - 1}", 0),
-            values.get(f"{window}:{bucket}", 0),
+            values.get(f"{window}:{bucket}", 0) + values.get(f"{window}:{bucket + 1}", 0),
         )
     return counts

@@ -198,6 +198,24 @@ def test_concurrent_connections_from_two_instances_never_overshoot_the_limit():
     assert usage["minute"] == (0, 20)
 
 
+def test_proxies_whose_clocks_differ_at_a_buckets_turn_still_share_one_limit():
+    """Host A's clock runs 2 s ahead of host B's: for a second at the turn of the hour A
+    counts in the new bucket while B still counts in the old one. B's calls deleted A's
+    field as stale (neither B's current nor its previous bucket), so both filled the
+    limit: 20 connections in one second at a limit of 10."""
+    async def scenario(a, b):
+        results = []
+        for i in range(40):
+            real = T0 - 1.5 + i * 0.025
+            host, now = (a, real + 2.0) if i % 2 == 0 else (b, real)
+            results.append((await count_connection(host, USER, {"hour": 10}, now)).allowed)
+        return results, await read_usage(a, USER, T0 + 1)
+
+    results, usage = run(scenario, clients=2, decode=True)
+    assert sum(results) == 10
+    assert usage["hour"] == (5, 5)  # B's in the hour before, A's in this one: none lost
+
+
 def test_redis_and_python_policy_agree_on_every_decision():
     """The Lua script and scoring.limits.decide must refuse exactly the same attempts."""
     rng = random.Random(7)
