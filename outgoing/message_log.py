@@ -33,7 +33,7 @@ FIRST_RECIPIENTS = 10  # recipients kept per record (the count is always kept)
 PAGE_SIZE = 50
 # The panel's Log Search (webapp/message_log.py is mounted here): the worker links to it from
 # lock alerts without importing the web app. Its filters: from, to (UTC, YYYY-MM-DDTHH:MM),
-# user, identity, sender, recipient, message_id, subject, verdict.
+# user, identity, sender, recipient, message_id, queue_id, subject, verdict.
 SEARCH_PATH = "/outgoing/log"
 
 # Where the transaction ended, and what became of it.
@@ -291,6 +291,7 @@ class LogSearch:
     sender: str = ""
     recipient: str = ""
     message_id: str = ""
+    queue_id: str = ""  # ours, from the Received: field we add ("id 3F2A9C01B7")
     subject: str = ""
     verdict: str = ""
     client_ip: str = ""
@@ -353,6 +354,8 @@ def search_query(criteria: LogSearch, *, domain_id: int | None, after: str | Non
         bare = value.strip("<>")
         query = query.where(entry.message_id.in_(list(dict.fromkeys((value, f"<{bare}>",
                                                                         bare)))))
+    if criteria.queue_id:
+        query = query.where(entry.queue_id == criteria.queue_id.strip().upper())
     if criteria.identity:
         query = query.where(entry.identity == criteria.identity)
     if criteria.verdict:

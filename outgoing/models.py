@@ -428,6 +428,7 @@ class MessageLogEntry(Base):
         Index("ix_message_log_sender_at", "mail_from", "at", "id"),
         Index("ix_message_log_user_at", "user_id", "at", "id"),
         Index("ix_message_log_message_id", "message_id"),
+        Index("ix_message_log_queue_id", "queue_id"),
         Index("uq_message_log_stream_id", "stream_id", "at", unique=True),
     )
 

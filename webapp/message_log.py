@@ -22,8 +22,8 @@ from webapp.extensions import db, htmx
 bp = Blueprint("message_log", __name__, url_prefix=message_log.SEARCH_PATH)
 
 PAGE_SIZE = message_log.PAGE_SIZE
-FIELDS = ("from", "to", "user", "identity", "sender", "recipient", "message_id", "subject",
-          "verdict")
+FIELDS = ("from", "to", "user", "identity", "sender", "recipient", "message_id", "queue_id",
+          "subject", "verdict")
 
 
 def _moment(name: str, *, end: bool) -> tuple[datetime | None, str | None]:
@@ -67,6 +67,7 @@ def _criteria() -> tuple[message_log.LogSearch, list[str]]:
         sender=request.args.get("sender", "").strip()[:320],
         recipient=request.args.get("recipient", "").strip()[:320],
         message_id=request.args.get("message_id", "").strip()[:320],
+        queue_id=request.args.get("queue_id", "").strip()[:32],
         subject=request.args.get("subject", "").strip()[:200],
         verdict=verdict if verdict in message_log.VERDICTS else "")
     return criteria, [e for e in (error_from, error_to) if e]

@@ -44,7 +44,8 @@ def logged(instance):
              "user_name": "mallory@other.example"}
     store(
         record(1, 0, mail_from="alice@example.com", subject="Quarterly figures for you",
-               message_id="<q1@example.com>", identity="alice@example.com", **own),
+               message_id="<q1@example.com>", identity="alice@example.com",
+               queue_id="3F2A9C01B7", **own),
         record(2, 10, mail_from="news@example.com", subject="Newsletter", verdict="quarantined",
                stage="content", recipients=["carol@example.org", "dave@example.org"],
                rcpt_count=2, identity="news@example.com", stored_kind="quarantine",
@@ -83,6 +84,10 @@ def test_super_admin_finds_transactions_by_every_filter(app, logged):
     assert ids_on(client, recipient="dave@example.org") == by_n(2)
     assert ids_on(client, recipient="ave@example.org") == []  # whole addresses only
     assert ids_on(client, message_id="q1@example.com") == by_n(1)
+    # The queue id of our Received: field, as a customer quotes it from the headers.
+    assert ids_on(client, queue_id="3F2A9C01B7") == by_n(1)
+    assert ids_on(client, queue_id=" 3f2a9c01b7") == by_n(1)
+    assert ids_on(client, queue_id="3F2A9C01B8") == []
     assert ids_on(client, subject="quarterly") == by_n(3, 1)
     assert ids_on(client, subject="quarterly figures") == by_n(1)
     assert ids_on(client, verdict="quarantined") == by_n(2)
