@@ -76,16 +76,24 @@ def signals_of(row: HeldMessage) -> dict:
 
 def queue_release(session, rows, now: datetime | None = None) -> list[int]:
     """Mark held rows for release; returns the users whose release job should run."""
+    return sorted({row.user_id for row in queue_held(session, rows, now) if row.user_id})
+
+
+def queue_held(session, rows, now: datetime | None = None) -> list[HeldMessage]:
+    """Mark for release the rows still held, and return them. The UPDATE ... WHERE state is
+    held decides, not the state read before: a row another admin (or the automatic release)
+    queued meanwhile, which a worker may have sent since, is neither queued again (sent
+    twice) nor counted as this release."""
     now = now or utcnow()
-    users: set[int] = set()
+    queued = []
     for row in rows:
-        if row.state == HELD:
-            row.state = QUEUED
-            row.queued_at = now
-            if row.user_id:
-                users.add(row.user_id)
+        done = session.execute(
+            update(HeldMessage).where(HeldMessage.id == row.id, HeldMessage.state == HELD)
+            .values(state=QUEUED, queued_at=now), execution_options={"synchronize_session": False})
+        if done.rowcount == 1:
+            queued.append(row)
     session.commit()
-    return sorted(users)
+    return queued
 
 
 def delete_held(session, config: dict, rows) -> int:

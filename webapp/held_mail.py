@@ -70,15 +70,20 @@ def view(message_id: int):
 
 
 def _release(rows: list[HeldMessage], what: str) -> None:
-    users = held.queue_release(db.session, rows)
-    for row in rows:
+    """Release what is still held: a message released already (or being sent) is neither
+    queued again nor audited as released again."""
+    queued = held.queue_held(db.session, rows)
+    for row in queued:
         audit.record(db.session, actor=actor(), action="release_held", target_type="held",
                      target_id=row.id, domain_id=row.domain_id, identity=row.identity,
                      what=what)
     db.session.commit()
-    for user_id in users:
+    for user_id in sorted({row.user_id for row in queued if row.user_id}):
         enqueue(redis_client(), RELEASE_JOB, user_id, retry=None)
-    flash(f"Releasing {len(rows)} message(s) at the user's release pace.", "success")
+    if queued:
+        flash(f"Releasing {len(queued)} message(s) at the user's release pace.", "success")
+    else:
+        flash("Nothing to release: released already, or on its way.", "error")
 
 
 @bp.post("/<int:message_id>/release")

@@ -361,3 +361,53 @@ def test_one_users_failing_release_holds_back_no_other_users(instance, start_pro
         with pytest.raises(RuntimeError, match=f"user\\(s\\) \\[{alice}\\] failed"):
             held_jobs.release_when_calm()
     assert delivered_subjects(sink) == ["Held of bob@example.com"]
+
+
+def released_in_the_audit_log() -> int:
+    from outgoing.models import AuditEvent
+
+    return data.query(lambda s: len(s.scalars(select(AuditEvent).where(
+        AuditEvent.action == "release_held")).all()))
+
+
+def test_a_second_release_of_a_released_message_is_neither_queued_nor_audited_again(
+        instance, app, start_proxy, sink):
+    from tests.support.web import csrf_token, log_in
+
+    data.add_user("example.com", "user", "alice@example.com", PW, **HOLD_ALL)
+    hold_messages(start_proxy, 1)
+    data.add_admin("ops@example.com", "Ops-pass-1234", domain="example.com")
+    first = data.query(lambda s: s.scalars(select(HeldMessage.id)).first())
+    web = app.test_client()
+    log_in(web, "ops@example.com", "Ops-pass-1234")
+    token = csrf_token(web, "/outgoing/held")
+    web.post(f"/outgoing/held/{first}/release", data={"csrf_token": token})
+    web.post(f"/outgoing/held/{first}/release", data={"csrf_token": token})  # a double click
+    result = run_worker_burst(process_env(UPSTREAM_SMTP=f"127.0.0.1:{sink.port}"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert states() == {"released": 1}
+    assert released_in_the_audit_log() == 1
+    page = web.post(f"/outgoing/held/{first}/release", data={"csrf_token": token},
+                    follow_redirects=True).get_data(as_text=True)
+    assert "Nothing to release" in page
+    assert states() == {"released": 1}
+    assert released_in_the_audit_log() == 1
+
+
+def test_a_release_read_before_another_one_sent_the_message_does_not_queue_it_again(
+        instance, start_proxy):
+    from sqlalchemy import update
+
+    from outgoing import held
+    from outgoing.models import RELEASED
+
+    data.add_user("example.com", "user", "alice@example.com", PW, **HOLD_ALL)
+    hold_messages(start_proxy, 1)
+
+    def stale_release(s):
+        row = s.scalars(select(HeldMessage)).one()  # the panel read it: held
+        data.query(lambda other: (other.execute(update(HeldMessage).values(state=RELEASED)),
+                                  other.commit()))  # meanwhile queued and sent by another
+        return held.queue_release(s, [row])
+    assert data.query(stale_release) == []
+    assert states() == {"released": 1}
