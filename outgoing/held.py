@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, delete, func, select, update
 
 from outgoing import audit, redis_keys
 from outgoing.models import (
@@ -34,7 +34,8 @@ from outgoing.models import (
     OutgoingUser,
     utcnow,
 )
-from outgoing.quarantine import purge_where, remove_messages, store_durably, stored_text
+from outgoing.quarantine import purge_where, store_durably, stored_text
+from outgoing.storage import discard_body
 from scoring import risk
 
 AREA = "held"
@@ -97,8 +98,20 @@ def queue_held(session, rows, now: datetime | None = None) -> list[HeldMessage]:
 
 
 def delete_held(session, config: dict, rows) -> int:
-    """Delete held rows that no worker is sending right now."""
-    return remove_messages(session, config, [r for r in rows if r.state != SENDING])
+    """Delete held rows that no worker is sending right now. The DELETE ... WHERE state is
+    not sending decides, not the state read before: a worker may have claimed the row since
+    (its body would go from under it, its message relayed while the log says deleted)."""
+    keys = []
+    for row in rows:
+        done = session.execute(
+            delete(HeldMessage).where(HeldMessage.id == row.id, HeldMessage.state != SENDING),
+            execution_options={"synchronize_session": False})
+        if done.rowcount == 1:
+            keys.append(row.storage_key)
+    session.commit()
+    for key in keys:
+        discard_body(config, key)
+    return len(keys)
 
 
 def next_try_at(row: HeldMessage, delays: tuple[int, ...]) -> datetime | None:

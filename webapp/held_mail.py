@@ -109,12 +109,13 @@ def release_identity(message_id: int):
 @login_required
 def delete(message_id: int):
     row = message_or_404(message_id)
-    audit.record(db.session, actor=actor(), action="delete_held", target_type="held",
-                 target_id=row.id, domain_id=row.domain_id, identity=row.identity,
+    event = dict(target_id=row.id, domain_id=row.domain_id, identity=row.identity,
                  subject=row.subject)
     count = held.delete_held(db.session, current_app.config, [row])
-    if not count:
-        db.session.rollback()
+    if count:  # a message being sent is not deleted, and its audit log says nothing of it
+        audit.record(db.session, actor=actor(), action="delete_held", target_type="held",
+                     **event)
+        db.session.commit()
     flash("Deleted." if count else "It is being sent right now; not deleted.",
           "success" if count else "error")
     if request.form.get("back") == "view" and not count:

@@ -411,3 +411,35 @@ def test_a_release_read_before_another_one_sent_the_message_does_not_queue_it_ag
         return held.queue_release(s, [row])
     assert data.query(stale_release) == []
     assert states() == {"released": 1}
+
+
+def test_a_delete_read_before_a_worker_claimed_the_message_leaves_it_to_the_worker(
+        instance, app, start_proxy):
+    from sqlalchemy import update
+
+    from outgoing import held
+    from outgoing.models import SENDING, AuditEvent
+    from tests.support.web import csrf_token, log_in
+
+    data.add_user("example.com", "user", "alice@example.com", PW, **HOLD_ALL)
+    hold_messages(start_proxy, 1)
+
+    def stale_delete(s):
+        row = s.scalars(select(HeldMessage)).one()  # the panel read it: held
+        data.query(lambda other: (other.execute(update(HeldMessage).values(state=SENDING)),
+                                  other.commit()))  # meanwhile a worker claimed it
+        return held.delete_held(s, app.config, [row])
+    assert data.query(stale_delete) == 0
+    assert states() == {"sending": 1}
+    # Through the page: not deleted, and the audit log says nothing was.
+    data.add_admin("ops@example.com", "Ops-pass-1234", domain="example.com")
+    first = data.query(lambda s: s.scalars(select(HeldMessage.id)).first())
+    web = app.test_client()
+    log_in(web, "ops@example.com", "Ops-pass-1234")
+    page = web.post(f"/outgoing/held/{first}/delete",
+                    data={"csrf_token": csrf_token(web, "/outgoing/held")},
+                    follow_redirects=True).get_data(as_text=True)
+    assert "being sent right now" in page
+    assert states() == {"sending": 1}
+    assert data.query(lambda s: s.scalars(select(AuditEvent.action).where(
+        AuditEvent.action == "delete_held")).all()) == []
