@@ -95,9 +95,9 @@ def _scoped(query, target: OutgoingUser | Identity):
 
 def log_search_url(public_url: str, user: str, identity: str | None, since: datetime,
                    until: datetime) -> str:
-    """Log Search filtered to the sender and the pack's time range (whole minutes, the
-    end rounded up so the newest transaction is inside)."""
-    end = until.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    """Log Search filtered to the sender and the pack's time range (whole minutes: a "to"
+    minute takes in that whole minute, so the newest transaction is inside)."""
+    end = until.replace(second=0, microsecond=0)
     args = {"user": user}
     if identity:
         args["identity"] = identity

@@ -26,9 +26,15 @@ FIELDS = ("from", "to", "user", "identity", "sender", "recipient", "message_id",
           "subject", "verdict")
 
 
+# How much a "to" of each form takes in: a date its whole day, a minute its whole minute
+# (the list shows minutes: a transaction listed at 12:25 is found with "to 12:25").
+_TO_TAKES_IN = {"%Y-%m-%dT%H:%M": timedelta(minutes=1), "%Y-%m-%d %H:%M": timedelta(minutes=1),
+                "%Y-%m-%dT%H:%M:%S": timedelta(seconds=1), "%Y-%m-%d": timedelta(days=1)}
+
+
 def _moment(name: str, *, end: bool) -> tuple[datetime | None, str | None]:
-    """A time from a ``datetime-local`` or date field (UTC); a bare date as "to" means the
-    whole day."""
+    """A time from a ``datetime-local`` or date field (UTC); as "to", the whole of the day,
+    minute or second it names."""
     value = request.args.get(name, "").strip()
     if not value:
         return None, None
@@ -37,9 +43,9 @@ def _moment(name: str, *, end: bool) -> tuple[datetime | None, str | None]:
             moment = datetime.strptime(value, pattern)
         except ValueError:
             continue
-        if end and pattern == "%Y-%m-%d":
+        if end:
             try:
-                moment += timedelta(days=1)
+                moment += _TO_TAKES_IN[pattern]
             except OverflowError:
                 return None, f"{value} is past the last time that can be searched."
         return moment, None

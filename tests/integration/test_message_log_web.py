@@ -96,6 +96,12 @@ def test_super_admin_finds_transactions_by_every_filter(app, logged):
     assert ids_on(client, **{"from": "2026-11-20T12:05", "to": "2026-11-20T12:25"}) == \
         by_n(3, 2)
     assert ids_on(client, to="2026-11-20") == by_n(4, 3, 2, 1)  # a date: the whole day
+    # A minute: the whole minute, as the list shows it (12:20:30 is listed at 12:20).
+    store(record(6, 20.5, mail_from="late@example.com"))
+    assert ids_on(client, **{"from": "2026-11-20T12:20", "to": "2026-11-20T12:20"}) == \
+        by_n(6, 3)
+    assert ids_on(client, **{"from": "2026-11-20T12:20", "to": "2026-11-20T12:20:15"}) == \
+        by_n(3)
     html = client.get("/outgoing/log?from=yesterday").get_data(as_text=True)
     assert "yesterday is not a time" in html
 
