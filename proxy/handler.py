@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 
+from aiosmtpd.proxy_protocol import V2_CMD
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from redis.exceptions import RedisError
 
@@ -125,6 +126,13 @@ def _verify(password_hash: str | None, password: str) -> bool:
 def _client_ip(session) -> str:
     peer = session.peer
     return peer[0] if isinstance(peer, tuple) else "127.0.0.1"
+
+
+def _balancers_own(session) -> bool:
+    """A connection the load balancer opened for itself (PROXY v2 LOCAL: its health check);
+    its address is the balancer's, no customer's."""
+    data = getattr(session, "proxy_data", None)
+    return data is not None and getattr(data, "command", None) == V2_CMD.LOCAL
 
 
 class RateLimitedLog:
@@ -269,7 +277,7 @@ class OutboundHandler:
         try:
             if not self.directory.ready:
                 return None
-            user = self.directory.user_for_ip(_client_ip(session))
+            user = self._ip_user(session)
             if user is None:
                 return None
             refusal = await self._count_connection(session, user, 421)
@@ -284,8 +292,7 @@ class OutboundHandler:
     def connection_refused(self, session, reply: str) -> None:
         """Refused before ``handle_connect`` (too many connections from one address)."""
         try:
-            user = self.directory.user_for_ip(_client_ip(session)) if self.directory.ready \
-                else None
+            user = self._ip_user(session) if self.directory.ready else None
         except Exception:
             user = None
         self._log_refusal(session, "connect", reply, user)
@@ -712,11 +719,20 @@ class OutboundHandler:
         return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     # -- MAIL ------------------------------------------------------------------------------
+    def _ip_user(self, session) -> UserPolicy | None:
+        """The IP/Range user whose range holds the client; none for the load balancer's own
+        connections. A customer's range that held the balancer's address had every health
+        check counted as its connection: at its connection limit the checks got 421 and the
+        balancer took every proxy out of service, for all customers."""
+        if _balancers_own(session):
+            return None
+        return self.directory.user_for_ip(_client_ip(session))
+
     def _resolve_user(self, session, mail_from: str) -> UserPolicy | None:
         state = _state(session)
         if state.auth_user_id is not None:
             return self.directory.user(state.auth_user_id)
-        ip_user = self.directory.user_for_ip(_client_ip(session))
+        ip_user = self._ip_user(session)
         if ip_user is None:
             return None
         return self.directory.reauthentication_target(ip_user, mail_from) or ip_user

@@ -141,6 +141,23 @@ def test_a_v2_local_header_that_carries_addresses_still_names_the_balancer(
     assert sink.handler.messages == []
 
 
+def test_health_checks_are_no_customers_connections_whose_range_holds_the_balancer(
+        instance, start_proxy, sink):
+    """The balancer's checks (v2 LOCAL, from its own address) were counted as the
+    connections of the IP user whose range holds that address: at its connection limit the
+    checks got 421 and the balancer took every proxy out of service."""
+    data.add_user("example.com", "ip", "127.0.0.0/24", connection_limits_enabled=True,
+                  limit_per_minute=2)
+    proxy = start_proxy(**SETTINGS)
+    for _ in range(4):  # HAProxy's option smtpchk: EHLO, then QUIT
+        reply = raw_exchange(proxy.port, header_v2("0.0.0.0", local=True)
+                             + b"EHLO haproxy.localhost\r\nQUIT\r\n", source=BALANCER)
+        assert reply.startswith(b"220 ") and b"\r\n250 " in reply, reply
+    with proxied(proxy.port, header_v2("127.0.0.9"), starttls=False) as smtp:
+        assert send(smtp, message())[0] == 250  # the customer's own first connection
+    assert len(sink.handler.wait_for(1)) == 1
+
+
 def test_a_proxy_header_from_elsewhere_is_refused(instance, start_proxy, sink):
     data.add_user("example.com", "ip", "198.51.100.0/24")
     # v1: the PROXY line comes as a command after the greeting; refused and closed.
@@ -190,7 +207,8 @@ def test_smtp_proxy_protocol_from_is_validated(instance):
     assert load_config({"SMTP_PROXY_PROTOCOL_FROM": "10.0.0.1, 192.0.2.0/24 ::1"})
     with pytest.raises(ConfigError, match="SMTP_PROXY_PROTOCOL_FROM"):
         load_config({"SMTP_PROXY_PROTOCOL_FROM": "10.0.0.1,haproxy.example"})
-    for everyone in ("0.0.0.0/0", "10.0.0.1, 128.0.0.0/1", "::/0", "2001:db8::/31"):
+    for everyone in ("0.0.0.0/0", "10.0.0.1, 128.0.0.0/1", "::/0", "2001:db8::/31",
+                     "::ffff:0.0.0.0/96", "::ffff:0.0.0.0/100", "::fffe:0:0/95"):
         with pytest.raises(ConfigError, match="SMTP_PROXY_PROTOCOL_FROM: .* too wide"):
             load_config({"SMTP_PROXY_PROTOCOL_FROM": everyone})
-    assert load_config({"SMTP_PROXY_PROTOCOL_FROM": "10.0.0.0/8 2001:db8::/32"})
+    assert load_config({"SMTP_PROXY_PROTOCOL_FROM": "10.0.0.0/8 2001:db8::/32 ::ffff:10.0.0.0/104"})
