@@ -271,6 +271,7 @@ def validate_redis_url(url: str, name: str = "REDIS_URL", cluster: bool = True) 
 # The widest block SMTP_PROXY_PROTOCOL_FROM takes: its hosts may name any client, so a
 # block wider than a /8 (IPv6: a /32, an ISP's allocation) is a mistake, not a balancer list.
 NARROWEST_TRUSTED_PREFIX = {4: 8, 6: 32}
+_IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
 
 
 def parse_networks(name: str, value) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
@@ -283,7 +284,10 @@ def parse_networks(name: str, value) -> tuple[ipaddress.IPv4Network | ipaddress.
             network = ipaddress.ip_network(str(item).strip(), strict=False)
         except ValueError:
             raise ConfigError(f"{name}: not an address or CIDR: {item!r}") from None
-        if network.prefixlen < NARROWEST_TRUSTED_PREFIX[network.version]:
+        # ::ffff:a.b.c.d/n is an IPv4 block (a dual-stack listener sees IPv4 peers so)
+        as_ipv4 = network.version == 6 and network.overlaps(_IPV4_MAPPED)
+        if (network.prefixlen < NARROWEST_TRUSTED_PREFIX[network.version]
+                or as_ipv4 and network.prefixlen - 96 < NARROWEST_TRUSTED_PREFIX[4]):
             raise ConfigError(
                 f"{name}: {item!r} is too wide: every host in it could claim to be any client; "
                 f"list your load balancers (at most a /{NARROWEST_TRUSTED_PREFIX[4]} or an "
