@@ -221,6 +221,12 @@ def run() -> int:
                                    "-p", port, "-d", str(ROOT)],
                                   env=env, cwd=ROOT, start_new_session=True)
         return _wait_and_stop(honcho)
+    except subprocess.CalledProcessError as exc:  # it said why (a setting, the database)
+        if exc.stderr:
+            print(exc.stderr.strip(), file=sys.stderr)
+        say(f"not started: {Path(exc.cmd[0]).name} {' '.join(map(str, exc.cmd[1:4]))} "
+            f"exited with {exc.returncode}")
+        return exc.returncode or 1
     finally:
         if redis_proc is not None:
             redis_proc.terminate()

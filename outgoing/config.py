@@ -395,6 +395,9 @@ def load_config(overrides: dict | None = None, environ=None) -> dict:
     parse_hostport("UPSTREAM_SMTP", config["UPSTREAM_SMTP"])
     if config["METRICS_LISTEN"]:
         parse_hostport("METRICS_LISTEN", config["METRICS_LISTEN"])
+    if str(config["MESSAGE_STORE"] or "file").strip().lower() not in ("file", "database"):
+        raise ConfigError(f"MESSAGE_STORE: expected 'file' or 'database', got "
+                          f"{config['MESSAGE_STORE']!r}")
     if config["BARE_LINE_ENDINGS"] not in ("normalise", "reject"):
         raise ConfigError("BARE_LINE_ENDINGS: expected 'normalise' or 'reject'")
     if config["RECEIVED_HEADER"] not in ("full", "anonymous"):

@@ -41,6 +41,7 @@ def test_unknown_setting_in_instance_config_is_named(tmp_path, monkeypatch):
     ("SMTP_DRAIN_SECONDS", "-5"),
     ("SMTP_DATA_BUDGET", "256M"),
     ("SMTP_DATA_BUDGET", "1000000"),  # less than one message of MAX_MESSAGE_SIZE: 452 for ever
+    ("MESSAGE_STORE", "databse"),  # the panel started; the proxy died at its first store
 ])
 def test_malformed_setting_is_named(tmp_path, name, value):
     with pytest.raises(ConfigError, match=name):

@@ -76,3 +76,18 @@ def test_one_signal_to_dev_py_stops_the_whole_product(tmp_path, sig):
             except ProcessLookupError:
                 pass
         log.close()
+
+
+def test_a_typo_in_the_settings_stops_dev_py_run_with_its_one_line(tmp_path):
+    """What the README promises: one line naming the setting; dev.py added a traceback of
+    its own (CalledProcessError of the database upgrade) after it."""
+    instance = tmp_path / "instance"
+    instance.mkdir()
+    (instance / "config.py").write_text("SMTP_WORKRS = 2\n")
+    env = dict(os.environ, INSTANCE_PATH=str(instance), REDIS_URL="redis://127.0.0.1:1/0")
+    result = subprocess.run([sys.executable, str(ROOT / "dev.py"), "run"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "unknown setting SMTP_WORKRS" in output
+    assert "Traceback" not in output, output

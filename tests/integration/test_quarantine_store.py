@@ -125,8 +125,9 @@ def test_database_store_keeps_the_body_in_the_row(instance, start_proxy, sink):
 def test_unknown_message_store_stops_with_a_clear_error(instance):
     from outgoing.storage import StorageError
 
+    config = dict(load_config(), MESSAGE_STORE="s3")  # load_config itself refuses it
     with pytest.raises(StorageError, match="MESSAGE_STORE"):
-        store_for(load_config({"MESSAGE_STORE": "s3"}))
+        store_for(config)
 
 
 def hold(config: dict, *, days_ago: float, subject: str) -> tuple[int, str]:
