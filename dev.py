@@ -209,7 +209,7 @@ def run() -> int:
         listen, upstream, database = lines[0].split()
         for problem in lines[1:]:
             say(f"WARNING (listening beyond loopback): {problem}")
-        say(f"control panel   http://127.0.0.1:{port}/")
+        say(f"control panel   http://{env.get('WEB_BIND') or f'127.0.0.1:{port}'}/")
         say(f"SMTP proxy      {listen}  ->  next hop {upstream}")
         say(f"database        {database}")
         if not _listening(upstream):

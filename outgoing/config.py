@@ -354,6 +354,10 @@ def going_live_problems(config: dict, web_bind: str) -> list[str]:
     if Path(config["TLS_CERT"]) == instance / "tls" / "cert.pem":
         problems.append("TLS_CERT/TLS_KEY are the self-signed pair; use a certificate for "
                         "SMTP_HOSTNAME")
+    if "." not in config["SMTP_HOSTNAME"].strip("."):
+        problems.append(f"SMTP_HOSTNAME is {config['SMTP_HOSTNAME']!r}, not a fully qualified "
+                        "name: set the proxy's public name (its greeting and Received: "
+                        "fields carry it)")
     if config["NOTIFY_FROM"].endswith("@localhost"):
         problems.append("NOTIFY_FROM is outbound-guard@localhost; use an address at your "
                         "domain that receives replies")

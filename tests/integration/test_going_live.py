@@ -31,9 +31,9 @@ def test_nothing_is_said_on_loopback(tmp_path):
                                            ("[::]:25", "127.0.0.1:5000")])
 def test_every_unsafe_default_is_named_once_listening_beyond_loopback(tmp_path, smtp, web):
     problems = " | ".join(going_live_problems(
-        defaults(tmp_path, SMTP_LISTEN=smtp, SMTP_TRUSTED="true"), web))
+        defaults(tmp_path, SMTP_LISTEN=smtp, SMTP_TRUSTED="true", SMTP_HOSTNAME="vm"), web))
     for name in ("SECRET_KEY", "SMTP_TRUSTED", "PUBLIC_URL", "TLS_CERT", "NOTIFY_FROM",
-                 "DATABASE_URL", "REDIS_URL"):
+                 "DATABASE_URL", "REDIS_URL", "SMTP_HOSTNAME"):
         assert name in problems
 
 
@@ -41,5 +41,6 @@ def test_a_configured_deployment_has_nothing_to_fix(tmp_path):
     config = defaults(tmp_path, SMTP_LISTEN="0.0.0.0:25", SECRET_KEY="x" * 40,
                       PUBLIC_URL="https://og.example.net", TLS_CERT="/etc/og/cert.pem",
                       TLS_KEY="/etc/og/key.pem", NOTIFY_FROM="postmaster@example.net",
-                      DATABASE_URL="postgresql://og@db/og", REDIS_URL="redis://redis:6379/0")
+                      DATABASE_URL="postgresql://og@db/og", REDIS_URL="redis://redis:6379/0",
+                      SMTP_HOSTNAME="og.example.net")
     assert going_live_problems(config, "0.0.0.0:5000") == []
