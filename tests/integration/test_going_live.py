@@ -33,7 +33,7 @@ def test_every_unsafe_default_is_named_once_listening_beyond_loopback(tmp_path, 
     problems = " | ".join(going_live_problems(
         defaults(tmp_path, SMTP_LISTEN=smtp, SMTP_TRUSTED="true", SMTP_HOSTNAME="vm"), web))
     for name in ("SECRET_KEY", "SMTP_TRUSTED", "PUBLIC_URL", "TLS_CERT", "NOTIFY_FROM",
-                 "DATABASE_URL", "REDIS_URL", "SMTP_HOSTNAME"):
+                 "DATABASE_URL", "REDIS_URL", "SMTP_HOSTNAME is 'vm'"):
         assert name in problems
 
 
