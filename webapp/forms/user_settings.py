@@ -65,15 +65,15 @@ HELP = {
                      "domain. Empty: the username, when it is an address.",
     "connection_limits_enabled": "Cap SMTP connections per period, spam or not, to stop "
                                  "sudden bulk mailing.",
-    "limit_per_month": "Connections allowed in any 30 days; empty means no cap.",
-    "limit_per_week": "Connections allowed in any 7 days; empty means no cap.",
-    "limit_per_day": "Connections allowed in any 24 hours; empty means no cap.",
-    "limit_per_hour": "Connections allowed in any hour; empty means no cap.",
-    "limit_per_minute": "Connections allowed in any minute; empty means no cap.",
+    "limit_per_month": "Connections allowed in a sliding 30 days; empty means no cap.",
+    "limit_per_week": "Connections allowed in a sliding 7 days; empty means no cap.",
+    "limit_per_day": "Connections allowed in a sliding 24 hours; empty means no cap.",
+    "limit_per_hour": "Connections allowed in a sliding hour; empty means no cap.",
+    "limit_per_minute": "Connections allowed in a sliding minute; empty means no cap.",
     "dkim_selector": "Sign this user's mail with the domain's key of this selector: the "
                      "default one once its TXT record is published (see the DKIM page), or "
                      "another key generated there.",
-    "maximum_recipients_per_day": "Recipients this user may address in any 24 hours; empty "
+    "maximum_recipients_per_day": "Recipients this user may address in a sliding 24 hours; empty "
                                   "means no cap.",
     "quarantine_response": "What the sending server hears when a message is quarantined: a "
                            "bounce (550) or a silent accept (250).",
