@@ -31,8 +31,9 @@ def _durable_commits(session) -> None:
 
 def stored_text(value: str | None, limit: int) -> str | None:
     """A header's text (a Subject, an identity) as the database can store it: a NUL, which
-    PostgreSQL refuses in text ("=?utf-8?q?a=00b?=" decodes to one), and a lone surrogate
-    are U+FFFD; at most ``limit`` characters. None stays None."""
+    PostgreSQL refuses in text ("=?utf-8?q?a=00b?=" decodes to one), is U+FFFD, and a lone
+    surrogate, which UTF-8 cannot hold, is "?"; at most ``limit`` characters. None stays
+    None."""
     if value is None:
         return None
     text = str(value).replace("\x00", "\ufffd")
