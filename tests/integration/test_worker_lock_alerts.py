@@ -140,13 +140,7 @@ def test_refused_alert_is_retried_and_arrives_once_the_next_hop_takes_it(alice, 
 
 
 def test_a_notice_the_next_hop_defers_does_not_hold_back_the_alert(alice, sink, redis_client):
-    async def defer_alice(server, session, envelope, address, rcpt_options):
-        if address == "alice@example.com":
-            return "450 4.2.0 Mailbox busy, try again later"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    sink.handler.handle_RCPT = defer_alice
+    worker.defer_recipient(sink, "alice@example.com")
     worker.lock("user", alice)
     worker.burst(sink)
     assert [m.rcpt_tos for m in sink.handler.messages] == [["postmaster@example.com"]]

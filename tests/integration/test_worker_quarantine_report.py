@@ -95,13 +95,7 @@ def test_a_domain_whose_contact_the_next_hop_defers_holds_back_no_other_domains_
     worker.add_spam("example.com", alice, subject="Cheap pills",
                     received_at=due - timedelta(hours=1))
 
-    async def defer_aaa(server, session, envelope, address, rcpt_options):
-        if address == "postmaster@aaa.example":
-            return "450 4.2.0 Mailbox busy, try again later"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    sink.handler.handle_RCPT = defer_aaa
+    worker.defer_recipient(sink, "postmaster@aaa.example")
     [report] = run_report(sink, due)
     assert report["To"] == CONTACT  # reported although aaa.example, before it, was deferred
     registry = Queue("outgoing", connection=redis_client).scheduled_job_registry

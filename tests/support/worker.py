@@ -153,3 +153,14 @@ def database_cut_while_relaying(monkeypatch, cable, sink, **env):
     with jobs_in_this_process(monkeypatch, DATABASE_URL=url,
                               UPSTREAM_SMTP=f"127.0.0.1:{sink.port}", **env):
         yield back
+
+
+def defer_recipient(sink, deferred: str) -> None:
+    """The sink answers 450 to ``RCPT TO:<deferred>`` (and takes the others) until
+    ``del sink.handler.handle_RCPT``."""
+    async def defer(server, session, envelope, address, rcpt_options):
+        if address == deferred:
+            return "450 4.2.0 Mailbox busy, try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+    sink.handler.handle_RCPT = defer
