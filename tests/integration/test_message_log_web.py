@@ -51,7 +51,7 @@ def logged(instance):
                rcpt_count=2, identity="news@example.com", stored_kind="quarantine",
                stored_id=7, rules=["GTUBE"], score=1000.0, **own),
         record(3, 20, mail_from="mallory@other.example", subject="Quarterly secrets",
-               message_id="<m1@other.example>", **other),
+               message_id="<m1@other.example>", queue_id="0D0E0F0A0B", **other),
         record(4, 30, stage="auth", verdict="refused", login="alice@example.com",
                reply="535 5.7.8 Authentication credentials invalid"),
         record(5, 24 * 60, mail_from="alice@example.com", subject="Next day", **own),
@@ -87,7 +87,13 @@ def test_super_admin_finds_transactions_by_every_filter(app, logged):
     # The queue id of our Received: field, as a customer quotes it from the headers.
     assert ids_on(client, queue_id="3F2A9C01B7") == by_n(1)
     assert ids_on(client, queue_id=" 3f2a9c01b7") == by_n(1)
+    assert ids_on(client, queue_id="0d0e0f0a0b") == by_n(3)
     assert ids_on(client, queue_id="3F2A9C01B8") == []
+    for hostile in ("%", "3F2A9C01B_", "3F2A9C01B7\r\nX: y", "Z" * 5000):  # nothing, no 500
+        response = client.get("/outgoing/log", query_string={"queue_id": hostile})
+        assert response.status_code == 200 and ids_on(client, queue_id=hostile) == []
+    nul = client.get("/outgoing/log", query_string={"queue_id": "3F2A9C01B7\x00"})
+    assert nul.status_code == 400 and "NUL" in nul.get_data(as_text=True)
     assert ids_on(client, subject="quarterly") == by_n(3, 1)
     assert ids_on(client, subject="quarterly figures") == by_n(1)
     assert ids_on(client, verdict="quarantined") == by_n(2)
@@ -138,6 +144,7 @@ def test_domain_admin_sees_only_their_domain_and_never_the_unauthenticated(app, 
     assert ids_on(client, subject="quarterly") == by_n(1)
     assert ids_on(client, sender="mallory@other.example") == []
     assert ids_on(client, user="mallory@other.example") == []
+    assert ids_on(client, queue_id="0D0E0F0A0B") == []  # another domain's queue id
     assert ids_on(client, verdict="refused") == []
     mallory, nobody = by_n(3, 4)
     assert client.get(f"/outgoing/log/{mallory}").status_code == 404
